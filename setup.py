@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="skymoe-jax",
+    version="0.1.0",
+    description="A JAX/Flax trainer for Mixture-of-Experts language models implementing Skywork-MoE's techniques",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["skymoe_jax", "skymoe_jax.*"]) + ["skymoe_jax.configs"],
+    # configs/ lives at the top level of the repository; wheels carry it inside the package.
+    package_dir={"skymoe_jax.configs": "configs"},
+    package_data={"skymoe_jax.configs": ["*.py", "experiments/*.py"]},
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "ml-collections>=1.0",
+        "absl-py",
+        "numpy",
+        "rich",
+        "tokenizers",
+    ],
+    extras_require={"test": ["pytest", "pytest-xdist"]},
+    entry_points={"console_scripts": ["skymoe = skymoe_jax.cli:main"]},
+)

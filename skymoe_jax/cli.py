@@ -1,0 +1,196 @@
+"""The `skymoe` command.
+
+    skymoe train  [--config=PATH] [--config.a.b=VALUE ...] [--workdir=DIR]
+    skymoe eval   --workdir=DIR [--config.a.b=VALUE ...]
+    skymoe params [--config=PATH] [--config.a.b=VALUE ...] [--json]
+    skymoe bench step [--config=PATH] [--config.a.b=VALUE ...] [--steps=N] [--json]
+
+User mistakes (bad flag, config, data file, checkpoint) print one line to stderr
+and exit with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+from skymoe_jax.errors import ConfigError, UserError
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+class Args:
+    """Flags of one subcommand: --config, --config.* overrides, and the named options it accepts."""
+
+    def __init__(self, argv: Sequence[str], options: dict[str, object]):
+        self.config = None
+        self.overrides: list[str] = []
+        self.options = dict(options)
+        argv = list(argv)
+        while argv:
+            arg = argv.pop(0)
+            if not arg.startswith("--"):
+                raise ConfigError(f"unexpected argument {arg!r}; flags look like --name=value")
+            name, has_value, value = arg[2:].partition("=")
+            if name.startswith("config."):
+                if not has_value:
+                    if not argv:
+                        raise ConfigError(f"--{name} needs a value")
+                    value = argv.pop(0)
+                self.overrides.append(f"--{name}={value}")
+                continue
+            if name != "config" and name not in self.options:
+                known = ", ".join(f"--{o}" for o in ["config", *self.options])
+                raise ConfigError(f"unknown flag --{name}; this command takes {known} and --config.a.b=value")
+            default = self.config if name == "config" else self.options[name]
+            if isinstance(default, bool) and not has_value:
+                value = "true"
+            elif not has_value:
+                if not argv:
+                    raise ConfigError(f"--{name} needs a value")
+                value = argv.pop(0)
+            if name == "config":
+                self.config = value
+            else:
+                self.options[name] = _typed(name, value, default)
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["options"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _typed(name: str, value: str, default: object):
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"--{name}={value!r} must be true or false")
+        return value.lower() in ("true", "1")
+    if isinstance(default, int):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"--{name}={value!r} must be an integer") from None
+    return value
+
+
+def _config(args: Args):
+    from skymoe_jax.config import DEFAULT_CONFIG, load_config
+
+    return load_config(args.config or DEFAULT_CONFIG, args.overrides)
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    from skymoe_jax.checkpoint.manager import checkpoint_dir, saved_config
+    from skymoe_jax.config import apply_overrides, shape_changes
+    from skymoe_jax.training.loop import train
+
+    args = Args(argv, {"workdir": ""})
+    config = _config(args)
+    workdir = args.workdir or os.path.join("runs", config.name)
+    if os.path.isdir(checkpoint_dir(workdir)) and any(d.isdigit() for d in os.listdir(checkpoint_dir(workdir))):
+        # Resume: the saved config wins; overrides may change how the run continues, not the model's shapes.
+        saved = saved_config(workdir)
+        resumed = apply_overrides(saved, args.overrides)
+        changed = shape_changes(saved, resumed) or (shape_changes(saved, config) if args.config else "")
+        config = resumed
+        if changed:
+            raise ConfigError(f"{workdir} holds checkpoints of another model shape ({changed}); "
+                              "use a new --workdir or drop the override")
+    train(config, workdir)
+    return 0
+
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    from skymoe_jax.checkpoint.manager import saved_config
+    from skymoe_jax.config import apply_overrides
+    from skymoe_jax.training.loop import evaluate
+
+    args = Args(argv, {"workdir": "", "json": False})
+    if not args.workdir:
+        raise ConfigError("skymoe eval needs --workdir=DIR (a directory written by skymoe train)")
+    if args.config:
+        raise ConfigError("skymoe eval reads the config saved in --workdir; pass --config.a.b=value overrides only")
+    config = apply_overrides(saved_config(args.workdir), args.overrides)
+    result = evaluate(config, args.workdir)
+    if args.json:
+        print(json.dumps({"step": result["step"], "eval_loss": result["eval_loss"],
+                          "eval_drop_rate": [float(x) for x in result.get("eval_drop_rate", [])]}))
+    else:
+        line = f"step {result['step']}: eval loss {result['eval_loss']:.4f}"
+        if "eval_drop_rate" in result:
+            line += f", eval drop rate {100 * float(result['eval_drop_rate'].mean()):.2f}%"
+        print(line)
+    return 0
+
+
+def cmd_params(argv: Sequence[str]) -> int:
+    from skymoe_jax.metrics.flops import flops_per_token, param_counts
+    from skymoe_jax.model.spec import ModelSpec
+
+    args = Args(argv, {"json": False})
+    config = _config(args)
+    spec = ModelSpec.from_config(config)
+    counts = param_counts(spec)
+    flops = flops_per_token(spec, config.data.seq_len, counts)
+    if args.json:
+        print(json.dumps({"total_params": counts.total, "active_params": counts.active, "flops_per_token": flops,
+                          "expert_params": counts.expert, "embedding_params": counts.embedding,
+                          "seq_len": config.data.seq_len}))
+    else:
+        print(f"{config.name}: {_count(counts.total)} total parameters, {_count(counts.active)} activated per token "
+              f"({100 * counts.expert / counts.total:.1f}% in experts); "
+              f"{_count(flops, billion='G')}FLOP per training token at sequence length {config.data.seq_len}")
+    return 0
+
+
+def _count(n: float, billion: str = "B") -> str:
+    for unit, scale in (("T", 1e12), (billion, 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    if not argv or argv[0] not in BENCHES:
+        raise ConfigError(f"skymoe bench needs one of: {', '.join(BENCHES)} (e.g. skymoe bench step)")
+    return BENCHES[argv[0]](argv[1:])
+
+
+def bench_step(argv: Sequence[str]) -> int:
+    from skymoe_jax.bench import step_benchmark
+
+    args = Args(argv, {"steps": 10, "json": False})
+    result = step_benchmark(_config(args), steps=args.steps)
+    print(json.dumps(result) if args.json else result["summary"])
+    return 0
+
+
+BENCHES: dict[str, Callable[[Sequence[str]], int]] = {"step": bench_step}
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "train": cmd_train, "eval": cmd_eval, "params": cmd_params, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"skymoe: unknown command {argv[0]!r}; commands are {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return command(argv[1:])
+    except UserError as e:
+        print(f"skymoe {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"skymoe {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

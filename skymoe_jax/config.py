@@ -1,0 +1,311 @@
+"""Run configuration: the defaults every config file starts from, loading with
+command-line overrides, and validation before anything compiles.
+
+Every field a run needs lives here with its default. Config files under configs/
+call `base_config()` and change what they need; `load_config` applies
+`--config.a.b=value` overrides the ml-collections way; `validate` turns every
+mistake a user can type into one `ConfigError` sentence naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+from typing import Iterable, Sequence
+
+import ml_collections
+
+from skymoe_jax.errors import ConfigError
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# configs/ sits beside the package in a checkout (editable install) and inside it when installed from a wheel.
+BUILTIN_CONFIG_DIR = next((d for d in (os.path.join(os.path.dirname(_PACKAGE_DIR), "configs"),
+                                       os.path.join(_PACKAGE_DIR, "configs")) if os.path.isdir(d)), "configs")
+DEFAULT_CONFIG = "configs/default.py"
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field with its default: a tiny MoE that trains on the built-in corpus."""
+    c = ml_collections.ConfigDict()
+    c.name = "default"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 256
+    c.model.d_model = 128
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.ffn_dim = 512  # width of dense (non-MoE) feed-forward layers
+    c.model.rope_theta = 10000.0
+    c.model.norm_eps = 1e-6
+    c.model.init_std = 0.02
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (router always float32)
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"  # none | full | dots: activation rematerialization per layer
+
+    c.moe = ml_collections.ConfigDict()
+    c.moe.num_experts = 8  # 0 = dense model
+    c.moe.top_k = 2
+    c.moe.expert_ffn_dim = 256
+    c.moe.first_k_dense = 0  # the first k layers use a dense FFN
+    c.moe.moe_every = 1  # after those, every n-th layer is MoE (the others dense)
+    c.moe.router_init_std = 0.02
+    c.moe.gate_norm = True  # Skywork gating logit normalization
+    c.moe.gate_norm_lambda = 1.0
+    c.moe.gate_norm_ddof = 0  # 0: population std; 1: unbiased (the released inference code)
+    c.moe.gate_norm_eps = 1e-6
+    c.moe.renormalize = True  # renormalize the top-k gate weights to sum to 1
+    c.moe.aux_loss = "paper"  # paper: sum_j (1/n - mean_t g_tj)^2 | switch: n sum_j f_j P_j
+    c.moe.z_loss_coef = 0.0
+    c.moe.capacity_factor = 1.25
+    c.moe.eval_capacity_factor = 2.0
+    c.moe.group_size = 512  # tokens per routing group (capacity is per expert per group); 0 = one sequence
+    c.moe.drop_policy = "position"  # position: earliest tokens keep their slot | probs: highest gate prob
+    c.moe.dropless = False
+    c.moe.dropless_impl = "ragged"  # ragged: jax.lax.ragged_dot | padded: every expert sized for the whole group
+
+    c.aux_coef = ml_collections.ConfigDict()
+    c.aux_coef.mode = "adaptive"  # adaptive (paper) | fixed
+    c.aux_coef.initial_alpha = 0.001
+    c.aux_coef.xi = 0.2
+    c.aux_coef.beta = 0.99
+    c.aux_coef.alpha_max = 0.01
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-3
+    c.optim.schedule = "cosine"  # cosine | wsd | constant (all with linear warmup)
+    c.optim.warmup_steps = 30
+    c.optim.min_lr_ratio = 0.1
+    c.optim.decay_fraction = 0.2  # wsd: fraction of steps spent decaying at the end
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.decay_embeddings = False  # weight decay on embedding and output head
+    c.optim.grad_clip = 1.0  # global-norm clipping; 0 disables
+    c.optim.expert_lr_multiplier = 1.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "builtin"  # builtin (Python standard library sources) | files
+    c.data.train_files = ""  # files: comma-separated globs
+    c.data.val_files = ""  # files: comma-separated globs; empty = split train_files by document
+    c.data.format = "text"  # text (one document per file) | jsonl (one document per line)
+    c.data.jsonl_field = "text"
+    c.data.tokenizer = "byte"  # byte | path to a Hugging Face tokenizers JSON file
+    c.data.val_fraction = 0.05  # share of documents held out when no val_files are given
+    c.data.seq_len = 256
+    c.data.batch_size = 16
+    c.data.shuffle_seed = 0
+    c.data.shuffle_window = 4096  # packed sequences shuffled together; 0 or 1 = no sequence shuffling
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 300
+    c.train.log_every = 10
+    c.train.eval_every = 100
+    c.train.eval_batches = 8
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 2
+    c.train.progress = True  # progress bar on a terminal
+    return c
+
+
+def resolve_config_path(path: str) -> str:
+    """A path as given, or else a built-in config of that name (so `configs/x.py` works anywhere)."""
+    if os.path.isfile(path):
+        return path
+    builtin = os.path.join(BUILTIN_CONFIG_DIR, os.path.relpath(path, "configs") if path.startswith("configs") else path)
+    if os.path.isfile(builtin):
+        return builtin
+    available = sorted(n for n in os.listdir(BUILTIN_CONFIG_DIR) if n.endswith(".py") and not n.startswith("_"))
+    raise ConfigError(f"config file {path!r} not found; give a path to a .py file with get_config() "
+                      f"or one of the built-in configs: {', '.join('configs/' + n for n in available)}")
+
+
+def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load a config file, apply `--config.a.b=value` overrides, and validate."""
+    return apply_overrides(_load_file(resolve_config_path(path)), overrides)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """A copy of config with `--config.a.b=value` overrides applied (typed as the field), validated."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    for arg in overrides:
+        _check_override_key(config, arg)
+    argv = ["skymoe", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", copy.deepcopy(config), flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    try:
+        fv(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+        raise ConfigError(_first_line(e)) from None
+    result = fv.config
+    validate(result)
+    return result
+
+
+def _load_file(path: str) -> ml_collections.ConfigDict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_skymoe_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the file is user code: report it, don't crash on it
+        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {_first_line(e)}") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config() function")
+    return module.get_config()
+
+
+def _check_override_key(config: ml_collections.ConfigDict, arg: str) -> None:
+    if not arg.startswith("--config."):
+        raise ConfigError(f"unrecognised flag {arg.split('=')[0]!r}; config overrides look like --config.moe.top_k=2")
+    key = arg[len("--config."):].split("=", 1)[0]
+    node = config
+    walked = []
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            options = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            guess = difflib.get_close_matches(part, options, n=1)
+            prefix = ".".join(walked)
+            hint = f"; did you mean '{'.'.join(walked + guess)}'?" if guess else (
+                f"; fields of '{prefix or 'config'}' are: {', '.join(options)}" if options else "")
+            raise ConfigError(f"unknown config field '{key}'{hint}")
+        node = node[part]
+        walked.append(part)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return " ".join(text.splitlines()[:2]) if text else type(e).__name__
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "moe.aux_loss": ("paper", "switch"),
+    "moe.drop_policy": ("position", "probs"),
+    "moe.dropless_impl": ("ragged", "padded"),
+    "aux_coef.mode": ("adaptive", "fixed"),
+    "optim.schedule": ("cosine", "wsd", "constant"),
+    "data.source": ("builtin", "files"),
+    "data.format": ("text", "jsonl"),
+}
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError naming the first field that cannot work."""
+
+    def get(key):
+        node = c
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    for key, choices in _CHOICES.items():
+        need(get(key) in choices, f"{key}={get(key)!r} is not one of {', '.join(choices)}")
+    for key in ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
+                "model.ffn_dim", "data.seq_len", "data.batch_size", "train.steps", "train.log_every",
+                "train.eval_batches", "moe.moe_every"):
+        need(isinstance(get(key), int) and get(key) > 0, f"{key}={get(key)!r} must be a positive integer")
+    for key in ("train.eval_every", "train.checkpoint_every", "optim.warmup_steps", "moe.first_k_dense",
+                "moe.group_size", "train.keep_checkpoints", "data.shuffle_window"):
+        need(isinstance(get(key), int) and get(key) >= 0, f"{key}={get(key)!r} must be a non-negative integer")
+
+    m = c.model
+    need(m.d_model % m.num_heads == 0,
+         f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; pick a head count that divides it")
+    head_dim = m.d_model // m.num_heads
+    need(head_dim % 2 == 0, f"model.d_model / model.num_heads = {head_dim} must be even for rotary embeddings")
+    need(m.num_heads % m.num_kv_heads == 0,
+         f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} (grouped-query attention)")
+    need(m.init_std > 0 and m.norm_eps > 0 and m.rope_theta > 0,
+         "model.init_std, model.norm_eps and model.rope_theta must be positive")
+
+    e = c.moe
+    need(isinstance(e.num_experts, int) and e.num_experts >= 0,
+         f"moe.num_experts={e.num_experts!r} must be 0 (dense) or a positive integer")
+    if e.num_experts > 0:
+        need(e.num_experts >= 2, f"moe.num_experts={e.num_experts} must be at least 2 (or 0 for a dense model)")
+        need(isinstance(e.top_k, int) and 1 <= e.top_k <= e.num_experts,
+             f"moe.top_k={e.top_k} must be between 1 and moe.num_experts={e.num_experts}")
+        need(isinstance(e.expert_ffn_dim, int) and e.expert_ffn_dim > 0,
+             f"moe.expert_ffn_dim={e.expert_ffn_dim!r} must be a positive integer")
+        need(e.capacity_factor > 0, f"moe.capacity_factor={e.capacity_factor} must be > 0 (1.0 = exactly balanced "
+                                    "capacity; use moe.dropless=True for no dropping)")
+        need(e.eval_capacity_factor > 0, f"moe.eval_capacity_factor={e.eval_capacity_factor} must be > 0")
+        need(e.gate_norm_ddof in (0, 1), f"moe.gate_norm_ddof={e.gate_norm_ddof} must be 0 or 1")
+        need(not (e.gate_norm_ddof == 1 and e.num_experts < 2), "moe.gate_norm_ddof=1 needs at least 2 experts")
+        need(e.gate_norm_lambda > 0 and e.gate_norm_eps > 0,
+             "moe.gate_norm_lambda and moe.gate_norm_eps must be positive")
+        need(e.z_loss_coef >= 0, f"moe.z_loss_coef={e.z_loss_coef} must be >= 0")
+        need(e.router_init_std > 0, f"moe.router_init_std={e.router_init_std} must be > 0")
+        need(e.first_k_dense < m.num_layers,
+             f"moe.first_k_dense={e.first_k_dense} leaves no MoE layer in model.num_layers={m.num_layers}; "
+             "set moe.num_experts=0 for a dense model")
+        need((m.num_layers - e.first_k_dense) % e.moe_every == 0,
+             f"moe.moe_every={e.moe_every} must divide the {m.num_layers - e.first_k_dense} layers after "
+             f"moe.first_k_dense={e.first_k_dense}")
+        tokens = c.data.batch_size * c.data.seq_len
+        need(tokens % (e.group_size or c.data.seq_len) == 0,
+             f"moe.group_size={e.group_size} must divide the {tokens} tokens of a batch "
+             "(data.batch_size * data.seq_len); 0 means one sequence per group")
+
+    a = c.aux_coef
+    need(a.initial_alpha >= 0 and a.alpha_max >= 0 and a.xi >= 0,
+         "aux_coef.initial_alpha, aux_coef.alpha_max and aux_coef.xi must be >= 0")
+    need(0 <= a.beta < 1, f"aux_coef.beta={a.beta} must be in [0, 1)")
+
+    o = c.optim
+    need(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    need(0 < o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    need(o.warmup_steps < c.train.steps or o.schedule == "constant",
+         f"optim.warmup_steps={o.warmup_steps} must be smaller than train.steps={c.train.steps}")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
+    need(o.weight_decay >= 0 and o.grad_clip >= 0 and o.eps > 0,
+         "optim.weight_decay and optim.grad_clip must be >= 0, optim.eps > 0")
+    need(o.expert_lr_multiplier > 0, f"optim.expert_lr_multiplier={o.expert_lr_multiplier} must be > 0")
+
+    d = c.data
+    need(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    if d.source == "files":
+        need(bool(d.train_files.strip()), "data.source='files' needs data.train_files (comma-separated globs)")
+    need(d.tokenizer == "byte" or os.path.isfile(d.tokenizer),
+         f"data.tokenizer={d.tokenizer!r}: no such file; give 'byte' or a Hugging Face tokenizer.json path")
+
+
+# Fields that change parameter shapes or the layer layout: a checkpoint only fits the same values.
+SHAPE_FIELDS = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
+                "model.ffn_dim", "model.param_dtype", "moe.num_experts", "moe.expert_ffn_dim",
+                "moe.first_k_dense", "moe.moe_every")
+
+
+def shape_changes(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> str:
+    """'field old -> new' for each shape field that differs; empty if none."""
+    flat_old, flat_new = dict(flatten(old)), dict(flatten(new))
+    return ", ".join(f"{k} {flat_old[k]} -> {flat_new[k]}" for k in SHAPE_FIELDS if flat_old[k] != flat_new[k])
+
+
+def capacity(tokens_per_group: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Slots per expert per group: ceil(capacity_factor * tokens * k / n)."""
+    return max(1, math.ceil(capacity_factor * tokens_per_group * top_k / num_experts))
+
+
+def flatten(c: ml_collections.ConfigDict, prefix: str = "") -> Iterable[tuple[str, object]]:
+    for k, v in c.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v

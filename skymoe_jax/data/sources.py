@@ -1,0 +1,113 @@
+"""Documents for training and validation: the built-in corpus (this interpreter's
+standard-library sources) or local text / JSONL files, split deterministically."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+import zlib
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+
+from skymoe_jax.errors import DataError
+
+
+def builtin_corpus_files() -> tuple[str, list[str]]:
+    """(root, sorted .py paths under it): the running Python's standard library, without site-packages."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
+        files.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
+    if not files:
+        raise DataError(f"the built-in corpus is empty: no .py files under {root}; use data.source='files'")
+    return root, sorted(files)
+
+
+def expand_globs(spec: str, field: str) -> list[str]:
+    paths = []
+    for pattern in (p.strip() for p in spec.split(",") if p.strip()):
+        matches = sorted(m for m in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(m))
+        if not matches:
+            raise DataError(f"{field}: no file matches {pattern!r}; check the path")
+        paths.extend(matches)
+    return paths
+
+
+def in_validation(key: str, fraction: float) -> bool:
+    """Stable hash split, independent of file order and machine."""
+    return zlib.crc32(key.encode("utf-8")) % 10_000 < fraction * 10_000
+
+
+class Documents:
+    """A random-access list of documents (grain data source): item i is its token ids, int32."""
+
+    def __init__(self, items: Sequence[tuple[str, str | None]], tokenizer):
+        self._items = list(items)  # (path, None) reads the whole file; (path, text) holds a JSONL document
+        self._tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        path, text = self._items[index]
+        if text is None:
+            with open(path, "rb") as f:
+                text = f.read()
+        try:
+            return self._tokenizer.encode(text)
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not valid UTF-8 text; convert it or use data.tokenizer='byte'") from None
+
+
+def _jsonl_documents(path: str, field: str) -> list[tuple[str, str]]:
+    docs = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise DataError(f"{where} is not valid JSON; fix the line or remove it") from None
+            if not isinstance(record, dict) or field not in record:
+                raise DataError(f"{where} has no {field!r} field; set data.jsonl_field to the field holding the text")
+            if not isinstance(record[field], str):
+                raise DataError(f"{where}: field {field!r} is not a string")
+            if record[field]:
+                docs.append((where, record[field]))
+    return docs
+
+
+def _items(paths: list[str], data: ml_collections.ConfigDict) -> list[tuple[str, str | None]]:
+    if data.format == "jsonl":
+        return [doc for p in paths for doc in _jsonl_documents(p, data.jsonl_field)]
+    return [(p, None) for p in paths if os.path.getsize(p) > 0]
+
+
+def load_documents(data: ml_collections.ConfigDict, tokenizer) -> tuple[Documents, Documents]:
+    """(train, validation) documents. Without val_files, documents are split by a hash of their name."""
+    if data.source == "builtin":
+        root, paths = builtin_corpus_files()
+        items = [(p, None) for p in paths if os.path.getsize(p) > 0]
+        key = lambda item: os.path.relpath(item[0], root)
+        train = [it for it in items if not in_validation(key(it), data.val_fraction)]
+        val = [it for it in items if in_validation(key(it), data.val_fraction)]
+    else:
+        items = _items(expand_globs(data.train_files, "data.train_files"), data)
+        if data.val_files.strip():
+            train, val = items, _items(expand_globs(data.val_files, "data.val_files"), data)
+        else:
+            train = [it for it in items if not in_validation(it[0], data.val_fraction)]
+            val = [it for it in items if in_validation(it[0], data.val_fraction)]
+    if not train:
+        raise DataError("no training documents: the data files are empty or all went to validation "
+                        "(lower data.val_fraction)")
+    if not val:
+        raise DataError("no validation documents: give data.val_files or raise data.val_fraction")
+    return Documents(train, tokenizer), Documents(val, tokenizer)

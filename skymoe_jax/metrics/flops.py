@@ -1,0 +1,85 @@
+"""Parameter counts, model FLOPs per token, and MFU: the one place these formulas live.
+
+Counts come from the model itself (abstract shapes, no memory), so they cannot
+drift from the code. Training FLOPs per token = 3 x forward (backward is twice the
+forward), with forward = 2 x (activated matmul parameters) + causal attention:
+2 * L * H * head_dim * S (QK^T and AV over the causal half of an S x S score
+matrix, i.e. an average context of S/2). The embedding lookup and norm scales are
+not matmuls and count zero FLOPs; dropped or padded expert slots are not model
+FLOPs either, so MFU measures useful work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+from flax import nnx
+
+from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.model.transformer import build_model
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    active: int  # per token: all non-expert parameters plus k/E of the expert parameters
+    embedding: int  # input embedding table (a lookup, no FLOPs)
+    expert: int  # all routed-expert parameters
+    norm: int  # RMSNorm scales (elementwise, no FLOPs)
+
+    @property
+    def active_matmul(self) -> int:
+        return self.active - self.embedding - self.norm
+
+
+def param_counts(spec: ModelSpec) -> ParamCounts:
+    abstract = nnx.eval_shape(lambda: build_model(spec))
+    params = nnx.state(abstract, nnx.Param)
+    total = expert = embedding = norm = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda v: isinstance(v, nnx.Variable)):
+        size = math.prod(leaf.shape)
+        total += size
+        axes = leaf.axes
+        if "expert" in axes:
+            expert += size
+        elif axes == ("vocab", "embed"):
+            embedding += size
+        elif [a for a in axes if a != "layers"] == ["embed"]:
+            norm += size
+    active = total - expert + (expert * spec.top_k // spec.num_experts if spec.num_experts else 0)
+    return ParamCounts(total=total, active=active, embedding=embedding, expert=expert, norm=norm)
+
+
+def attention_flops_per_token(spec: ModelSpec, seq_len: int) -> int:
+    """Forward FLOPs of QK^T and AV per token under a causal mask (average context S/2)."""
+    return 2 * spec.num_layers * spec.num_heads * spec.head_dim * seq_len
+
+
+def flops_per_token(spec: ModelSpec, seq_len: int, counts: ParamCounts | None = None) -> int:
+    """Training (forward + backward) model FLOPs per token."""
+    counts = counts or param_counts(spec)
+    return 3 * (2 * counts.active_matmul + attention_flops_per_token(spec, seq_len))
+
+
+# Dense bf16 peak FLOP/s per device (tensor cores, no sparsity), from the vendors' data sheets.
+PEAK_FLOPS = {
+    "h100": 989e12,  # H100 SXM
+    "h200": 989e12,
+    "a100": 312e12,
+    "a800": 312e12,
+}
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+    """Table peak for the device kind, or None when it is not in the table (measure instead)."""
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    for name, peak in PEAK_FLOPS.items():
+        if name in kind:
+            return peak
+    return None
+
+
+def mfu(tokens_per_sec_per_device: float, flops_per_tok: float, peak: float) -> float:
+    return tokens_per_sec_per_device * flops_per_tok / peak

@@ -1,0 +1,76 @@
+"""Metric writers: metrics.jsonl (one JSON object per logged step) and the console
+progress bar. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def to_json_value(value: Any) -> Any:
+    """numpy / jax values -> JSON; non-finite floats become null (JSON has no NaN)."""
+    value = np.asarray(value)
+    if value.ndim:
+        return [to_json_value(v) for v in value]
+    item = value.item()
+    if isinstance(item, float) and not math.isfinite(item):
+        return None
+    return item
+
+
+class JsonlWriter:
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8") if jax.process_index() == 0 else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps({k: to_json_value(v) for k, v in record.items()}) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Console:
+    """Lines on stdout from process 0, with a rich progress bar (ETA, live loss / drop rate / alpha)
+    when stdout is a terminal and the bar is wanted."""
+
+    def __init__(self, total_steps: int, start_step: int, progress_bar: bool = True):
+        self.enabled = jax.process_index() == 0
+        self._progress = None
+        if self.enabled and progress_bar and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                      TextColumn("{task.fields[live]}"))
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, live="compiling")
+            self._progress.start()
+
+    def update(self, step: int, live: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, live=live)
+
+    def print(self, line: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(line, highlight=False)
+        elif self.enabled:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -1,0 +1,75 @@
+"""Building blocks of the decoder: parameters with logical axes, RMSNorm, rotary
+embeddings, SwiGLU feed-forward, token embedding and output head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from skymoe_jax.model.spec import ModelSpec
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float,
+          dtype: jnp.dtype) -> nnx.Param:
+    """A normal(std) parameter tagged with logical axis names (mapped to mesh axes in parallel/mesh.py)."""
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, spec: ModelSpec):
+        self.scale = nnx.Param(jnp.ones((spec.d_model,), spec.weight_dtype), axes=("embed",))
+        self.eps = spec.norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form) of x [B, S, heads, head_dim] at integer positions [B, S]."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, S, 1, half]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """Dense feed-forward: down(silu(x W_gate) * (x W_up))."""
+
+    def __init__(self, spec: ModelSpec, width: int, rngs: nnx.Rngs):
+        d, std, dt = spec.d_model, spec.init_std, spec.weight_dtype
+        self.w_gate = param(rngs, (d, width), ("embed", "mlp"), std, dt)
+        self.w_up = param(rngs, (d, width), ("embed", "mlp"), std, dt)
+        self.w_down = param(rngs, (width, d), ("mlp", "embed"), std, dt)
+        self.dtype = spec.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
+        return h @ self.w_down[...].astype(dt)
+
+
+class Embed(nnx.Module):
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+        self.table = param(rngs, (spec.vocab_size, spec.d_model), ("vocab", "embed"), spec.init_std,
+                           spec.weight_dtype)
+        self.dtype = spec.compute_dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)
+
+
+class Head(nnx.Module):
+    """Untied output projection; logits are float32 for a stable softmax cross-entropy."""
+
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+        self.w = param(rngs, (spec.d_model, spec.vocab_size), ("embed", "vocab"), spec.init_std, spec.weight_dtype)
+        self.dtype = spec.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x, self.w[...].astype(self.dtype), preferred_element_type=jnp.float32)

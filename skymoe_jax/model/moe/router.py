@@ -1,0 +1,90 @@
+"""Router math as pure functions: gating logit normalization, softmax, top-k,
+renormalization, the two auxiliary-loss forms, z-loss and router statistics.
+
+All functions take and return float32 arrays with tokens flattened to [T, E];
+the caller owns the gate matmul (always float32, see block.py).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+    probs: jax.Array  # [T, E] gate probabilities g (after normalization and softmax)
+    weights: jax.Array  # [T, k] combine weights of the chosen experts (renormalized if configured)
+    experts: jax.Array  # [T, k] int32 chosen experts, best first
+    logits: jax.Array  # [T, E] the logits fed to the softmax (z' with normalization, z without)
+
+
+def normalize_logits(z: jax.Array, lam: float, ddof: int, eps: float) -> jax.Array:
+    """Skywork gating logit normalization: lam * (z - mean(z)) / (std(z) + eps), per token over experts.
+
+    Subtracting the mean does not change the softmax but keeps z' well scaled for the z-loss.
+    eps guards tokens whose logits are all equal (std = 0).
+    """
+    mean = jnp.mean(z, axis=-1, keepdims=True)
+    std = jnp.std(z, axis=-1, keepdims=True, ddof=ddof)
+    return lam * (z - mean) / (std + eps)
+
+
+def route(z: jax.Array, top_k: int, *, gate_norm: bool, lam: float = 1.0, ddof: int = 0, eps: float = 1e-6,
+          renormalize: bool = True) -> Routing:
+    """Gate logits [T, E] -> probabilities, top-k experts and their combine weights."""
+    z = z.astype(jnp.float32)
+    if gate_norm:
+        z = normalize_logits(z, lam, ddof, eps)
+    probs = jax.nn.softmax(z, axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(probs, weights, experts.astype(jnp.int32), z)
+
+
+def expert_fractions(experts: jax.Array, num_experts: int) -> jax.Array:
+    """f_j: the share of all top-k assignments that chose expert j (sums to 1), before any dropping."""
+    counts = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+    return counts / experts.size
+
+
+def aux_loss_paper(probs: jax.Array) -> jax.Array:
+    """Skywork eq. 4: sum_j (1/n - mean_t g_tj)^2."""
+    n = probs.shape[-1]
+    return jnp.sum((1.0 / n - jnp.mean(probs, axis=0)) ** 2)
+
+
+def aux_loss_switch(probs: jax.Array, experts: jax.Array) -> jax.Array:
+    """Switch Transformer form n * sum_j f_j * P_j, with f_j over all k choices (1.0 when balanced).
+
+    f_j is a count and carries no gradient; the gradient flows through P_j.
+    """
+    n = probs.shape[-1]
+    f = jax.lax.stop_gradient(expert_fractions(experts, n))
+    return n * jnp.sum(f * jnp.mean(probs, axis=0))
+
+
+def z_loss(logits: jax.Array) -> jax.Array:
+    """Router z-loss (ST-MoE): mean_t logsumexp(z_t)^2 over the logits fed to the softmax."""
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+
+
+def router_stats(probs: jax.Array, experts: jax.Array) -> dict[str, jax.Array]:
+    """Paper metrics, averaged over tokens: Max1/Max2, Max2/Max3, entropy, expert load.
+
+    Max2/Max3 needs three experts; with two it is NaN (reported as null).
+    """
+    n = probs.shape[-1]
+    top = jax.lax.top_k(probs, min(3, n))[0]
+    tiny = jnp.finfo(jnp.float32).tiny
+    max1_max2 = jnp.mean(top[:, 0] / jnp.maximum(top[:, 1], tiny))
+    max2_max3 = jnp.mean(top[:, 1] / jnp.maximum(top[:, 2], tiny)) if n >= 3 else jnp.float32(jnp.nan)
+    entropy = jnp.mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, tiny)), axis=-1))
+    return {
+        "max1_max2": max1_max2,
+        "max2_max3": max2_max3,
+        "router_entropy": entropy,
+        "expert_load": expert_fractions(experts, n),
+    }

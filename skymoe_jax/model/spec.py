@@ -1,0 +1,96 @@
+"""ModelSpec: the hashable, static view of the model part of a config.
+
+Modules keep a ModelSpec instead of a ConfigDict so that the NNX graph definition
+is hashable and a jit cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import ml_collections
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_dim: int
+    rope_theta: float
+    norm_eps: float
+    init_std: float
+    dtype: str
+    param_dtype: str
+    remat: str
+    first_k_dense: int
+    moe_every: int
+    num_experts: int
+    top_k: int
+    expert_ffn_dim: int
+    router_init_std: float
+    gate_norm: bool
+    gate_norm_lambda: float
+    gate_norm_ddof: int
+    gate_norm_eps: float
+    renormalize: bool
+    aux_loss: str
+    capacity_factor: float
+    eval_capacity_factor: float
+    group_size: int
+    drop_policy: str
+    dropless: bool
+    dropless_impl: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layers)
+
+    def stacks(self) -> tuple[tuple[tuple[bool, ...], int], ...]:
+        """Layers as scan stacks of identical super-blocks: ((pattern, repeats), ...), True = MoE layer.
+
+        The first k dense layers form one stack; the rest repeat a pattern of
+        (moe_every - 1) dense layers and one MoE layer. Compile time then depends
+        on the number of stacks (at most two), not on depth.
+        """
+        if self.num_experts == 0:
+            return (((False,), self.num_layers),)
+        out = [((False,), self.first_k_dense)] if self.first_k_dense else []
+        pattern = (False,) * (self.moe_every - 1) + (True,)
+        out.append((pattern, (self.num_layers - self.first_k_dense) // self.moe_every))
+        return tuple(out)
+
+    @property
+    def moe_layers(self) -> tuple[bool, ...]:
+        return tuple(is_moe for pattern, repeats in self.stacks() for _ in range(repeats) for is_moe in pattern)
+
+    @classmethod
+    def from_config(cls, c: ml_collections.ConfigDict) -> "ModelSpec":
+        m, e = c.model, c.moe
+        return cls(
+            vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads, ffn_dim=m.ffn_dim, rope_theta=float(m.rope_theta),
+            norm_eps=float(m.norm_eps), init_std=float(m.init_std), dtype=m.dtype, param_dtype=m.param_dtype,
+            remat=m.remat, first_k_dense=e.first_k_dense, moe_every=e.moe_every, num_experts=e.num_experts,
+            top_k=e.top_k, expert_ffn_dim=e.expert_ffn_dim, router_init_std=float(e.router_init_std),
+            gate_norm=bool(e.gate_norm), gate_norm_lambda=float(e.gate_norm_lambda),
+            gate_norm_ddof=int(e.gate_norm_ddof), gate_norm_eps=float(e.gate_norm_eps),
+            renormalize=bool(e.renormalize), aux_loss=e.aux_loss, capacity_factor=float(e.capacity_factor),
+            eval_capacity_factor=float(e.eval_capacity_factor), group_size=e.group_size,
+            drop_policy=e.drop_policy, dropless=bool(e.dropless), dropless_impl=e.dropless_impl)

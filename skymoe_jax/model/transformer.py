@@ -1,0 +1,120 @@
+"""The decoder: embedding, layer stacks scanned over stacked parameters, final
+norm and untied head. Returns logits and the per-MoE-layer statistics."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from skymoe_jax.model.attention import Attention, attention_mask
+from skymoe_jax.model.layers import Embed, Head, RMSNorm, SwiGLU
+from skymoe_jax.model.moe.block import MoEBlock
+from skymoe_jax.model.spec import ModelSpec
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, S, V] float32
+    moe: dict[str, jax.Array]  # per MoE layer, in layer order: scalars -> [L_moe], expert_load -> [L_moe, E]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, spec: ModelSpec, is_moe: bool, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(spec)
+        self.attn = Attention(spec, rngs)
+        self.ffn_norm = RMSNorm(spec)
+        self.ffn = MoEBlock(spec, rngs) if is_moe else SwiGLU(spec, spec.ffn_dim, rngs)
+        self.is_moe = is_moe
+
+    def __call__(self, x, positions, mask, *, train: bool):
+        x = x + self.attn(self.attn_norm(x), positions, mask)
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            y, stats = self.ffn(h, train=train)
+            return x + y, stats
+        return x + self.ffn(h), None
+
+
+class SuperBlock(nnx.Module):
+    """A fixed pattern of layers (e.g. dense, MoE); a stack scans over copies of it."""
+
+    def __init__(self, spec: ModelSpec, pattern: tuple[bool, ...], rngs: nnx.Rngs):
+        self.layers = nnx.List([DecoderLayer(spec, is_moe, rngs) for is_moe in pattern])
+
+    def __call__(self, x, positions, mask, *, train: bool):
+        stats = []
+        for layer in self.layers:
+            x, s = layer(x, positions, mask, train=train)
+            if s is not None:
+                stats.append(s)
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats else {}
+        return x, stacked
+
+
+def _stacked_axes(state: nnx.State) -> nnx.State:
+    """Prefix the logical axes of vmapped (stacked) parameters with 'layers'."""
+    return jax.tree.map(lambda v: v.replace(axes=("layers", *v.axes)) if isinstance(v, nnx.Param) else v,
+                        state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+class Stack(nnx.Module):
+    """`repeats` copies of a SuperBlock with parameters stacked on a leading 'layers' axis, applied by lax.scan."""
+
+    def __init__(self, spec: ModelSpec, pattern: tuple[bool, ...], repeats: int, rngs: nnx.Rngs):
+        keys = jax.random.split(rngs.params(), repeats)
+
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make(key):
+            return SuperBlock(spec, pattern, nnx.Rngs(params=key))
+
+        blocks = make(keys)
+        graphdef, state = nnx.split(blocks)
+        self.blocks = nnx.merge(graphdef, _stacked_axes(state))
+        self.remat = spec.remat
+
+    def __call__(self, x, positions, mask, *, train: bool):
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(carry, layer_state):
+            return nnx.merge(graphdef, layer_state)(carry, positions, mask, train=train)
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
+        return jax.lax.scan(body, x, state)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+        self.spec = spec
+        self.embed = Embed(spec, rngs)
+        self.stacks = nnx.List([Stack(spec, pattern, repeats, rngs) for pattern, repeats in spec.stacks()])
+        self.final_norm = RMSNorm(spec)
+        self.head = Head(spec, rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 *, train: bool = False) -> ModelOutput:
+        """tokens int32 [B, S]; positions and segment_ids [B, S] for packed documents (default: one document)."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        mask = attention_mask(segment_ids)
+        x = self.embed(tokens)
+        per_stack = []
+        for stack in self.stacks:
+            x, stats = stack(x, positions, mask, train=train)
+            if stats:  # [repeats, moe layers per block, ...] -> [moe layers of the stack, ...]
+                per_stack.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats))
+        moe = jax.tree.map(lambda *a: jnp.concatenate(a), *per_stack) if per_stack else {}
+        return ModelOutput(self.head(self.final_norm(x)), moe)
+
+
+def build_model(spec: ModelSpec, seed: int = 0) -> Transformer:
+    return Transformer(spec, nnx.Rngs(params=seed))

@@ -1,0 +1,41 @@
+"""TrainState: everything a step reads and writes, including the adaptive aux coefficients."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+
+from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.model.transformer import build_model
+from skymoe_jax.training import aux_coef, optim
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of optimizer updates applied
+    params: nnx.State
+    opt_state: optax.OptState
+    alpha: jax.Array  # [num MoE layers] float32 aux-loss coefficients, updated inside the step
+
+
+def create(config: ml_collections.ConfigDict
+           ) -> tuple[nnx.GraphDef, Callable[[], TrainState], optax.GradientTransformation]:
+    """(graphdef, init, optimizer). init() makes a fresh state from config.seed inside jit, so
+    parameters never exist on the host first; jax.eval_shape(init) gives the abstract state."""
+    spec = ModelSpec.from_config(config)
+    abstract = nnx.eval_shape(lambda: build_model(spec, config.seed))
+    graphdef, abstract_params = nnx.split(abstract)
+    tx = optim.make_optimizer(config, abstract_params)
+
+    @jax.jit
+    def init() -> TrainState:
+        params = nnx.state(build_model(spec, config.seed))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          alpha=aux_coef.initial_alpha(config, spec.num_moe_layers))
+
+    return graphdef, init, tx

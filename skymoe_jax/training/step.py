@@ -1,0 +1,80 @@
+"""Loss, train step and eval step: pure functions of pytrees, jitted by the loop.
+
+One train step: forward -> CE + sum_l alpha_l * aux_l (+ z-loss) -> grads ->
+optax update -> new alpha_l from this step's drop rates, all in one jit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from skymoe_jax.training import aux_coef
+from skymoe_jax.training.optim import schedule
+from skymoe_jax.training.state import TrainState
+
+Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids [B, S] int32; loss_mask [B, S] float32
+
+# Per-MoE-layer statistics copied into the metrics, under these names.
+LAYER_METRICS = {"drop_rate": "drop_rate", "aux_loss": "layer_aux_loss", "z_loss": "layer_z_loss",
+                 "max1_max2": "max1_max2", "max2_max3": "max2_max3", "router_entropy": "router_entropy",
+                 "expert_load": "expert_load"}
+
+
+def cross_entropy(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, number of counted tokens) over loss_mask."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, alpha: jax.Array, z_loss_coef: float,
+            *, train: bool):
+    model = nnx.merge(graphdef, params)
+    out = model(batch["inputs"], batch["positions"], batch["segment_ids"], train=train)
+    ce_sum, count = cross_entropy(out.logits, batch)
+    ce = ce_sum / jnp.maximum(count, 1.0)
+    aux = jnp.sum(alpha * out.moe["aux_loss"]) if out.moe else jnp.float32(0)
+    z = z_loss_coef * jnp.sum(out.moe["z_loss"]) if out.moe else jnp.float32(0)
+    return ce + aux + z, (ce, aux, z, out.moe)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    lr_schedule = schedule(config)
+    a = config.aux_coef
+    z_coef = float(config.moe.z_loss_coef)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (ce, aux, z, moe)), grads = grad_fn(state.params, graphdef, batch, state.alpha, z_coef, train=True)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        alpha = (aux_coef.update_alpha(state.alpha, moe["drop_rate"], mode=a.mode, xi=a.xi, beta=a.beta,
+                                       alpha_max=a.alpha_max) if moe else state.alpha)
+        metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z, "lr": lr_schedule(state.step),
+                   "grad_norm": optax.tree.norm(grads), "alpha": alpha}
+        metrics.update({name: moe[key] for key, name in LAYER_METRICS.items() if moe})
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, alpha=alpha), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, Batch], dict]:
+    """Token-summed CE (so several batches average per token) and eval-capacity drop rates."""
+
+    def eval_step(params: nnx.State, batch: Batch) -> dict:
+        model = nnx.merge(graphdef, params)
+        out = model(batch["inputs"], batch["positions"], batch["segment_ids"], train=False)
+        ce_sum, count = cross_entropy(out.logits, batch)
+        result = {"ce_sum": ce_sum, "tokens": count}
+        if out.moe:
+            result["drop_rate"] = out.moe["drop_rate"]
+        return result
+
+    return eval_step

@@ -1,0 +1,80 @@
+"""The `skymoe` command: bad input gives one line and a non-zero exit; params; a short train + eval."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from skymoe_jax.cli import main
+from skymoe_jax.metrics.writers import read_jsonl
+
+TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
+        "--config.model.num_kv_heads=1", "--config.model.ffn_dim=64", "--config.moe.expert_ffn_dim=32",
+        "--config.moe.num_experts=4", "--config.moe.group_size=0", "--config.data.seq_len=32", "--config.data.batch_size=4",
+        "--config.data.shuffle_window=64", "--config.train.steps=6", "--config.train.log_every=2",
+        "--config.train.eval_every=3", "--config.train.eval_batches=2", "--config.train.checkpoint_every=3",
+        "--config.optim.warmup_steps=2", "--config.train.progress=False"]
+
+
+def _skymoe(*args, cwd=None):
+    """Run the installed console script the way a user does."""
+    return subprocess.run([sys.executable, "-m", "skymoe_jax.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--config.moe.top_k=99"], "moe.top_k=99"),
+    (["train", "--config.moe.capacity_factor=0"], "moe.capacity_factor"),
+    (["train", "--config.moe.num_expert=16"], "did you mean 'moe.num_experts'"),
+    (["train", "--config.model.num_heads=5"], "model.num_heads=5 does not divide"),
+    (["train", "--config.data.source=files", "--config.data.train_files=/no/such/file.txt"],
+     "data.train_files: no file matches '/no/such/file.txt'"),
+    (["train", "--config=configs/missing.py"], "config file 'configs/missing.py' not found"),
+    (["train", "--bogus=1"], "unknown flag --bogus"),
+    (["eval"], "needs --workdir"),
+    (["frobnicate"], "unknown command"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, needle, tmp_path):
+    result = _skymoe(*args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_params_json_for_the_paper_model(capsys):
+    assert main(["params", "--config=configs/skywork_moe_146b.py", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # The paper reports about 146B total and 22B activated parameters.
+    assert 145e9 < out["total_params"] < 147e9
+    assert 21.5e9 < out["active_params"] < 23e9
+    assert out["flops_per_token"] > 6 * out["active_params"]
+
+
+def test_train_then_eval_then_resume(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    assert main(["train", f"--workdir={workdir}", *TINY]) == 0
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for key in ("loss", "ce_loss", "aux_loss", "lr", "grad_norm", "tokens_per_sec"):
+        assert isinstance(records[-1][key], float), key
+    for key in ("drop_rate", "alpha", "max1_max2", "max2_max3", "expert_load"):
+        assert len(records[-1][key]) == 2, key  # one entry per MoE layer
+    assert "eval_loss" in records[-1] and "eval_loss" not in records[0]
+    assert "done: 6 steps" in capsys.readouterr().out
+
+    assert main(["eval", f"--workdir={workdir}", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 6
+    # Same params, same cached validation batches: eval reproduces the final in-training eval.
+    assert abs(result["eval_loss"] - records[-1]["eval_loss"]) < 1e-5
+
+    # More steps in the same workdir continue from the step-6 checkpoint.
+    assert main(["train", f"--workdir={workdir}", *TINY, "--config.train.steps=8"]) == 0
+    assert [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))] == [2, 4, 6, 8]
+    capsys.readouterr()
+    assert main(["train", f"--workdir={workdir}", *TINY, "--config.moe.num_experts=8"]) == 2
+    assert "moe.num_experts 4 -> 8" in capsys.readouterr().err

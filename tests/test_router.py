@@ -1,0 +1,134 @@
+"""Router math (skymoe_jax/model/moe/router.py) against numpy formulas written out here:
+gating logit normalization, softmax, top-k with renormalization, both auxiliary-loss
+forms, the z-loss and the paper's router statistics."""
+
+import numpy as np
+import pytest
+
+from skymoe_jax.model.moe import router
+
+T, E = 16, 8
+
+
+def _logits(seed: int, scale: float = 1.0) -> np.ndarray:
+    return (scale * np.random.default_rng(seed).normal(size=(T, E))).astype(np.float32)
+
+
+def _np_normalize(z, lam, ddof, eps):
+    z = z.astype(np.float64)
+    return lam * (z - z.mean(-1, keepdims=True)) / (np.std(z, axis=-1, ddof=ddof, keepdims=True) + eps)
+
+
+def _np_softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _np_logsumexp(z):
+    m = z.max(-1)
+    return m + np.log(np.exp(z - m[:, None]).sum(-1))
+
+
+# float32 mean/std/divide over 8 logits of size O(1) is good to a few 1e-7; 1e-5 is far below
+# what a wrong ddof (a factor sqrt(8/7) ~ 1.07), a missing mean or a misplaced lambda would give.
+RTOL = 1e-5
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+@pytest.mark.parametrize("lam", [0.5, 1.0, 2.0])
+def test_normalize_logits_matches_numpy(ddof, lam):
+    z = _logits(0, scale=3.0)
+    got = router.normalize_logits(z, lam, ddof, 1e-6)
+    np.testing.assert_allclose(got, _np_normalize(z, lam, ddof, 1e-6), rtol=RTOL, atol=RTOL)
+
+
+def test_normalize_logits_of_equal_logits_is_finite():
+    # std = 0 for a token whose logits are all equal: eps must keep the gate uniform, not NaN.
+    # (z - mean is a float32 rounding residue here, so z' is a constant, not exactly 0.)
+    z = np.full((2, E), 0.7, np.float32)
+    r = router.route(z, 2, gate_norm=True, lam=1.0, ddof=1, eps=1e-6)
+    assert np.all(np.isfinite(r.logits))
+    np.testing.assert_allclose(r.probs, 1.0 / E, rtol=1e-6)
+
+
+@pytest.mark.parametrize("gate_norm", [True, False])
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_route_probs_are_softmax_of_fed_logits(gate_norm, ddof):
+    # Small raw logits: the near-uniform regime where normalization changes the gate the most.
+    z = _logits(1, scale=0.1)
+    lam = 2.0
+    r = router.route(z, 2, gate_norm=gate_norm, lam=lam, ddof=ddof, eps=1e-6)
+    fed = _np_normalize(z, lam, ddof, 1e-6) if gate_norm else z.astype(np.float64)
+    np.testing.assert_allclose(r.logits, fed, rtol=RTOL, atol=RTOL)
+    np.testing.assert_allclose(r.probs, _np_softmax(fed), rtol=RTOL, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_topk_weights_and_experts(k, renormalize):
+    z = _logits(2)
+    r = router.route(z, k, gate_norm=True, renormalize=renormalize)
+    probs = _np_softmax(_np_normalize(z, 1.0, 0, 1e-6))
+    # Continuous random logits have no ties, so the order is unambiguous.
+    experts = np.argsort(-probs, axis=-1)[:, :k]
+    np.testing.assert_array_equal(r.experts, experts)
+    top = np.take_along_axis(probs, experts, axis=-1)
+    expected = top / top.sum(-1, keepdims=True) if renormalize else top
+    np.testing.assert_allclose(r.weights, expected, rtol=RTOL)
+
+
+def _probs_and_choices(seed: int, k: int = 2):
+    # Skewed logits so the gate is far from balanced and both losses are far from their minima.
+    z = _logits(seed, scale=2.0) + np.linspace(0.0, 2.0, E, dtype=np.float32)
+    probs = _np_softmax(z.astype(np.float64))
+    return probs.astype(np.float32), np.argsort(-probs, axis=-1)[:, :k].astype(np.int32)
+
+
+def test_aux_loss_paper_matches_numpy():
+    probs, _ = _probs_and_choices(3)
+    expected = np.sum((1.0 / E - probs.astype(np.float64).mean(0)) ** 2)
+    np.testing.assert_allclose(router.aux_loss_paper(probs), expected, rtol=RTOL)
+
+
+def test_aux_loss_switch_matches_numpy():
+    probs, experts = _probs_and_choices(4, k=2)
+    f = np.bincount(experts.ravel(), minlength=E) / experts.size  # share of all T*k assignments
+    expected = E * np.sum(f * probs.astype(np.float64).mean(0))
+    np.testing.assert_allclose(router.aux_loss_switch(probs, experts), expected, rtol=RTOL)
+
+
+def test_aux_losses_at_a_uniform_gate():
+    probs = np.full((E, E), 1.0 / E, np.float32)
+    experts = np.stack([np.arange(E), (np.arange(E) + 1) % E], axis=1).astype(np.int32)  # each expert chosen twice
+    np.testing.assert_allclose(router.aux_loss_paper(probs), 0.0, atol=1e-12)
+    np.testing.assert_allclose(router.aux_loss_switch(probs, experts), 1.0, rtol=1e-6)
+
+
+def test_z_loss_matches_numpy():
+    z = _logits(5, scale=3.0)
+    expected = np.mean(_np_logsumexp(z.astype(np.float64)) ** 2)
+    np.testing.assert_allclose(router.z_loss(z), expected, rtol=RTOL)
+
+
+def test_router_stats_on_a_hand_built_gate():
+    probs = np.array([[0.5, 0.25, 0.125, 0.125],  # Max1/Max2 = 2,   Max2/Max3 = 2
+                      [0.4, 0.1, 0.4, 0.1],  # 1,   4
+                      [0.1, 0.2, 0.3, 0.4]], np.float32)  # 4/3, 3/2
+    experts = np.array([[0, 1], [0, 2], [3, 2]], np.int32)
+    stats = router.router_stats(probs, experts)
+    np.testing.assert_allclose(stats["max1_max2"], (2 + 1 + 4 / 3) / 3, rtol=1e-6)
+    np.testing.assert_allclose(stats["max2_max3"], (2 + 4 + 1.5) / 3, rtol=1e-6)
+    np.testing.assert_allclose(stats["expert_load"], [2 / 6, 1 / 6, 2 / 6, 1 / 6], rtol=1e-6)
+    entropy = np.mean(-np.sum(probs * np.log(probs), axis=-1))
+    np.testing.assert_allclose(stats["router_entropy"], entropy, rtol=1e-6)
+
+
+def test_router_stats_edge_cases():
+    # A zero probability contributes 0 * log 0 = 0 to the entropy, not NaN.
+    probs = np.array([[0.5, 0.5, 0.0]], np.float32)
+    stats = router.router_stats(probs, np.array([[0, 1]], np.int32))
+    np.testing.assert_allclose(stats["router_entropy"], np.log(2.0), rtol=1e-6)
+    # Two experts have no third-largest probability.
+    two = router.router_stats(np.array([[0.75, 0.25]], np.float32), np.array([[0, 1]], np.int32))
+    np.testing.assert_allclose(two["max1_max2"], 3.0, rtol=1e-6)
+    assert np.isnan(two["max2_max3"])
