@@ -15,8 +15,7 @@ import numpy as np
 
 from skymoe_jax.metrics.flops import device_peak_flops, flops_per_token, param_counts
 from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.training import state as state_lib
-from skymoe_jax.training.step import make_train_step
+from skymoe_jax.training import runtime as runtime_lib
 
 
 def measured_matmul_peak(dtype: str, size: int | None = None, repeats: int = 5) -> float:
@@ -50,26 +49,26 @@ def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def time_steps(config: ml_collections.ConfigDict, steps: int) -> dict[str, float]:
     """Median seconds per train step (after compile) on random tokens, and the compile time."""
-    graphdef, init, tx = state_lib.create(config)
-    state = init()
+    runtime = runtime_lib.build(config)
     b, s, v = config.data.batch_size, config.data.seq_len, config.model.vocab_size
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, v, (b, s + 1), dtype=np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
              "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
              "segment_ids": np.ones((b, s), np.int32), "loss_mask": np.ones((b, s), np.float32)}
-    batch = jax.device_put(batch)
-    start = time.perf_counter()
-    step_fn = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=0).lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    state, metrics = step_fn(state, batch)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
+    with jax.set_mesh(runtime.mesh):
+        state, batch = runtime.init(), runtime.batch(batch)
         start = time.perf_counter()
-        state, metrics = step_fn(state, batch)
+        step_fn = runtime.train_step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - start
+        state, metrics = step_fn(state, batch)  # warm-up
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
     return {"step_s": float(np.median(times)), "compile_s": compile_s}
 
 

@@ -2,7 +2,7 @@
 
     skymoe train  [--config=PATH] [--config.a.b=VALUE ...] [--workdir=DIR]
     skymoe eval   --workdir=DIR [--config.a.b=VALUE ...]
-    skymoe params [--config=PATH] [--config.a.b=VALUE ...] [--json]
+    skymoe params [--config=PATH] [--config.a.b=VALUE ...] [--mesh=PIPE,DATA,EXPERT] [--json]
     skymoe bench step [--config=PATH] [--config.a.b=VALUE ...] [--steps=N] [--json]
 
 User mistakes (bad flag, config, data file, checkpoint) print one line to stderr
@@ -130,19 +130,31 @@ def cmd_params(argv: Sequence[str]) -> int:
     from skymoe_jax.metrics.flops import flops_per_token, param_counts
     from skymoe_jax.model.spec import ModelSpec
 
-    args = Args(argv, {"json": False})
+    args = Args(argv, {"json": False, "mesh": ""})
     config = _config(args)
     spec = ModelSpec.from_config(config)
     counts = param_counts(spec)
     flops = flops_per_token(spec, config.data.seq_len, counts)
-    if args.json:
-        print(json.dumps({"total_params": counts.total, "active_params": counts.active, "flops_per_token": flops,
-                          "expert_params": counts.expert, "embedding_params": counts.embedding,
-                          "seq_len": config.data.seq_len}))
-    else:
-        print(f"{config.name}: {_count(counts.total)} total parameters, {_count(counts.active)} activated per token "
-              f"({100 * counts.expert / counts.total:.1f}% in experts); "
-              f"{_count(flops, billion='G')}FLOP per training token at sequence length {config.data.seq_len}")
+    out = {"total_params": counts.total, "active_params": counts.active, "flops_per_token": flops,
+           "expert_params": counts.expert, "embedding_params": counts.embedding, "seq_len": config.data.seq_len}
+    lines = [f"{config.name}: {_count(counts.total)} total parameters, {_count(counts.active)} activated per token "
+             f"({100 * counts.expert / counts.total:.1f}% in experts); "
+             f"{_count(flops, billion='G')}FLOP per training token at sequence length {config.data.seq_len}"]
+    if args.mesh:
+        from skymoe_jax.parallel.plan import parse_mesh, plan
+
+        p = plan(config, parse_mesh(args.mesh))
+        out["plan"] = {"mesh": p.mesh, "layout": p.layout, "params_bytes": p.params_bytes,
+                       "grads_bytes": p.grads_bytes, "optimizer_bytes": p.optimizer_bytes,
+                       "all_to_all_bytes_per_step": p.all_to_all_bytes, "tokens_per_device": p.tokens_per_device}
+        opts = "+".join(o for o in ("zero1", "fsdp") if config.parallel[o]) or "no ZeRO/FSDP"
+        gib = 2 ** 30
+        lines.append(f"per device on mesh {'x'.join(map(str, p.mesh))} (pipeline x data x expert), layout "
+                     f"{p.layout}, {opts}: parameters {p.params_bytes / gib:.2f} GiB, gradients "
+                     f"{p.grads_bytes / gib:.2f} GiB, Adam state {p.optimizer_bytes / gib:.2f} GiB "
+                     f"(total {p.total_bytes / gib:.2f} GiB); all-to-all {p.all_to_all_bytes / gib:.2f} GiB sent "
+                     f"per step for {p.tokens_per_device} tokens")
+    print(json.dumps(out) if args.json else "\n".join(lines))
     return 0
 
 
@@ -171,6 +183,8 @@ def bench_step(argv: Sequence[str]) -> int:
 BENCHES: dict[str, Callable[[Sequence[str]], int]] = {"step": bench_step}
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train, "eval": cmd_eval, "params": cmd_params, "bench": cmd_bench}
+# Commands that run on devices join a multi-process run when the environment describes one.
+DISTRIBUTED = {"train", "eval", "bench"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,6 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skymoe: unknown command {argv[0]!r}; commands are {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
+        if argv[0] in DISTRIBUTED:
+            from skymoe_jax.parallel.distributed import initialize
+
+            initialize()
         return command(argv[1:])
     except UserError as e:
         print(f"skymoe {argv[0]}: error: {e}", file=sys.stderr)

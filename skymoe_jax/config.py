@@ -100,6 +100,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 16
     c.data.shuffle_seed = 0
     c.data.shuffle_window = 4096  # packed sequences shuffled together; 0 or 1 = no sequence shuffling
+    c.data.num_streams = 8  # independent packing streams, each filling batch_size / num_streams rows
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.mesh = (1, -1, 1)  # (pipeline, data, expert) sizes; one may be -1 for the remaining devices
+    c.parallel.layout = "gshard"  # gshard: expert axis doubles as data parallelism | edp: Skywork EDP
+    c.parallel.zero1 = False  # split the optimizer state over `data`
+    c.parallel.fsdp = False  # split the parameters (and optimizer state) over `data`
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 300
@@ -197,6 +204,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "wsd", "constant"),
     "data.source": ("builtin", "files"),
     "data.format": ("text", "jsonl"),
+    "parallel.layout": ("gshard", "edp"),
 }
 
 
@@ -280,6 +288,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     d = c.data
     need(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    need(isinstance(d.num_streams, int) and d.num_streams > 0 and d.batch_size % d.num_streams == 0,
+         f"data.num_streams={d.num_streams} must be a positive divisor of data.batch_size={d.batch_size}")
     if d.source == "files":
         need(bool(d.train_files.strip()), "data.source='files' needs data.train_files (comma-separated globs)")
     need(d.tokenizer == "byte" or os.path.isfile(d.tokenizer),

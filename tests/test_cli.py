@@ -12,7 +12,7 @@ from skymoe_jax.metrics.writers import read_jsonl
 
 TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
         "--config.model.num_kv_heads=1", "--config.model.ffn_dim=64", "--config.moe.expert_ffn_dim=32",
-        "--config.moe.num_experts=4", "--config.moe.group_size=0", "--config.data.seq_len=32", "--config.data.batch_size=4",
+        "--config.moe.num_experts=4", "--config.moe.group_size=0", "--config.data.seq_len=32", "--config.data.batch_size=8",
         "--config.data.shuffle_window=64", "--config.train.steps=6", "--config.train.log_every=2",
         "--config.train.eval_every=3", "--config.train.eval_batches=2", "--config.train.checkpoint_every=3",
         "--config.optim.warmup_steps=2", "--config.train.progress=False"]

@@ -42,7 +42,7 @@ def test_to_model_batch_masks_document_boundaries_and_padding():
 
 def test_packed_batches_reassemble_the_documents(tmp_path):
     docs = [f"document {i} " + "x" * (7 * i + 3) for i in range(12)]
-    c = _files_config(tmp_path, docs, seq_len=16, batch_size=2, val_fraction=0.0, shuffle_window=0)
+    c = _files_config(tmp_path, docs, seq_len=16, batch_size=2, val_fraction=0.0, shuffle_window=0, num_streams=1)
     c.data.val_files = str(tmp_path / "doc0.txt")
     train, _ = load_documents(c.data, ByteTokenizer())
     it = iter(make_dataset(train, c.data, seed=0))
@@ -118,3 +118,15 @@ def test_hf_tokenizer_from_local_file(tmp_path):
     assert loaded.decode(ids).replace(" ", "") == "deffoo():returnbar"
     with pytest.raises(DataError, match="no such file"):
         make_tokenizer(str(tmp_path / "absent.json"))
+
+
+def test_processes_together_see_the_single_process_batches():
+    c = base_config()
+    train, _ = load_documents(c.data, ByteTokenizer())
+    whole = list(itertools.islice(iter(make_dataset(train, c.data, seed=0)), 3))
+    for count in (2, 4):
+        parts = [list(itertools.islice(iter(make_dataset(train, c.data, seed=0, process_index=i,
+                                                         process_count=count)), 3)) for i in range(count)]
+        for step, batch in enumerate(whole):
+            for key in batch:
+                np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), batch[key])

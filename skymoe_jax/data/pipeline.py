@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from skymoe_jax.data.sources import Documents
+from skymoe_jax.errors import DataError
 
 
 def to_model_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -28,21 +29,37 @@ def to_model_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def make_dataset(docs: Documents, data: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-    """An endless, deterministic stream of this process's share of each global batch.
-
-    Documents are reshuffled every epoch (grain seeds each epoch from `seed`); each
-    process packs a disjoint 1/process_count of the documents. Packed sequences are
-    then shuffled in windows of data.shuffle_window, so the rows of a batch come from
-    many documents rather than consecutive pieces of one long file.
-    """
-    ds = grain.MapDataset.source(docs)
-    if process_count > 1:
-        ds = ds[process_index::process_count]
+def _stream(docs: Documents, data: ml_collections.ConfigDict, seed: int, index: int,
+            streams: int) -> grain.IterDataset:
+    """Packed sequences of documents index, index + streams, ... in a per-epoch shuffled order."""
+    ds = grain.MapDataset.source(docs)[index::streams]
     ds = ds.shuffle(seed=seed).repeat().map(lambda tokens: {"tokens": tokens}).to_iter_dataset()
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": data.seq_len + 1})
-    if data.shuffle_window > 1:
-        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=data.shuffle_window, seed=seed)
-    ds = ds.batch(data.batch_size // process_count, drop_remainder=True)
+    window = data.shuffle_window // streams
+    if window > 1:
+        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=window, seed=seed + index)
+    return ds.batch(data.batch_size // streams, drop_remainder=True)
+
+
+def make_dataset(docs: Documents, data: ml_collections.ConfigDict, *, seed: int, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+    """An endless, deterministic stream of this process's rows of each global batch.
+
+    The documents are dealt into data.num_streams streams; stream j packs its documents
+    (reshuffled every epoch) and fills rows [j*r, (j+1)*r) of every batch, r = batch_size /
+    num_streams. A process reads only the streams of its rows, so each process reads a
+    disjoint share of the data and the global batch is the same for any process count
+    that divides num_streams. Packed sequences are shuffled in windows
+    (data.shuffle_window in all), so a batch's rows come from many documents rather than
+    consecutive pieces of one long file.
+    """
+    streams = data.num_streams
+    if len(docs) < streams:
+        raise DataError(f"{len(docs)} documents cannot fill data.num_streams={streams} streams; "
+                        "lower data.num_streams or add data")
+    per_process = streams // process_count
+    mine = [_stream(docs, data, seed, j, streams)
+            for j in range(process_index * per_process, (process_index + 1) * per_process)]
+    ds = mine[0] if len(mine) == 1 else grain.experimental.ZipIterDataset(mine).map(
+        lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     return ds.map(to_model_batch)

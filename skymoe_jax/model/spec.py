@@ -45,6 +45,7 @@ class ModelSpec:
     drop_policy: str
     dropless: bool
     dropless_impl: str
+    layout: str = "gshard"  # parallel.layout: how the MoE layer is laid out over a mesh
 
     @property
     def head_dim(self) -> int:
@@ -93,4 +94,5 @@ class ModelSpec:
             gate_norm_ddof=int(e.gate_norm_ddof), gate_norm_eps=float(e.gate_norm_eps),
             renormalize=bool(e.renormalize), aux_loss=e.aux_loss, capacity_factor=float(e.capacity_factor),
             eval_capacity_factor=float(e.eval_capacity_factor), group_size=e.group_size,
-            drop_policy=e.drop_policy, dropless=bool(e.dropless), dropless_impl=e.dropless_impl)
+            drop_policy=e.drop_policy, dropless=bool(e.dropless), dropless_impl=e.dropless_impl,
+            layout=c.parallel.layout)

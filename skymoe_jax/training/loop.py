@@ -19,8 +19,7 @@ from skymoe_jax.errors import DataError
 from skymoe_jax.metrics.flops import flops_per_token
 from skymoe_jax.metrics.writers import Console, JsonlWriter
 from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.training import state as state_lib
-from skymoe_jax.training.step import make_eval_step, make_train_step
+from skymoe_jax.training import runtime as runtime_lib
 
 
 def _datasets(config: ml_collections.ConfigDict):
@@ -58,34 +57,38 @@ def _live(record: dict[str, Any]) -> str:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or resume) in workdir; returns the final summary. Writes WORKDIR/metrics.jsonl."""
     t = config.train
-    train_ds, val_ds = _datasets(config)  # bad data stops here, before anything is written
+    runtime = runtime_lib.build(config)  # a mesh that does not fit stops here
+    train_ds, val_ds = _datasets(config)  # and bad data here, before anything is written
     os.makedirs(workdir, exist_ok=True)
     val_batches = list(itertools.islice(iter(val_ds), t.eval_batches))
     train_iter = iter(train_ds)
+    with jax.set_mesh(runtime.mesh):
+        return _train(config, workdir, runtime, train_iter, [runtime.batch(b) for b in val_batches])
 
-    graphdef, init, tx = state_lib.create(config)
+
+def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
+    t = config.train
     ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
     start = ckpt.latest_step() or 0
-    state = ckpt.restore(start, jax.eval_shape(init), train_iter) if start else init()
-
-    train_step = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef))
+    state = ckpt.restore(start, runtime.abstract_state(), train_iter) if start else runtime.init()
     tokens_per_step = config.data.batch_size * config.data.seq_len
     spec = ModelSpec.from_config(config)
     writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
     console = Console(t.steps, start, progress_bar=t.progress)
+    mesh = "x".join(str(n) for n in runtime.mesh.shape.values())
     console.print(f"{config.name}: {spec.num_layers} layers, {spec.num_experts or 'no'} experts, "
-                  f"{flops_per_token(spec, config.data.seq_len) / 1e6:.1f} MFLOP/token; workdir {workdir}"
+                  f"{flops_per_token(spec, config.data.seq_len) / 1e6:.1f} MFLOP/token; mesh {mesh} "
+                  f"(pipeline x data x expert, layout {runtime.layout}); workdir {workdir}"
                   + (f"; resuming at step {start}" if start else ""))
 
     compile_start = time.perf_counter()
-    first = next(train_iter)
-    train_step = train_step.lower(state, first).compile()
+    batch = runtime.batch(next(train_iter))
+    train_step = runtime.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - compile_start
-    pending, last_time, last_step, record, evals = first, time.perf_counter(), start, None, {}
+    last_time, last_step, record, evals = time.perf_counter(), start, None, {}
     for step in range(start + 1, t.steps + 1):
-        batch = pending if pending is not None else next(train_iter)
-        pending = None
+        if step > start + 1:
+            batch = runtime.batch(next(train_iter))
         state, metrics = train_step(state, batch)
         if step % t.log_every == 0 or step == t.steps:
             record = {"step": step, **jax.device_get(metrics)}
@@ -93,7 +96,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             record["tokens_per_sec"] = (step - last_step) * tokens_per_step / (now - last_time)
             last_time, last_step = now, step
             if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                evals = _evaluate(eval_step, state.params, val_batches)
+                evals = _evaluate(runtime.eval_step, state.params, val_batches)
                 record.update(evals)
                 console.print(f"step {step}: {_live(record)}  eval loss {evals['eval_loss']:.3f}")
                 last_time = time.perf_counter()  # eval time is not training throughput
@@ -133,10 +136,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Validation loss of the latest checkpoint in workdir."""
     _, val_ds = _datasets(config)
     val_batches = list(itertools.islice(iter(val_ds), config.train.eval_batches))
-    graphdef, init, _ = state_lib.create(config)
+    runtime = runtime_lib.build(config)
     ckpt = Checkpointer(workdir, 0, 0)
     step = ckpt.latest_step()
-    state = ckpt.restore(step, jax.eval_shape(init))
+    with jax.set_mesh(runtime.mesh):
+        state = ckpt.restore(step, runtime.abstract_state())
+        result = _evaluate(runtime.eval_step, state.params, [runtime.batch(b) for b in val_batches])
     ckpt.close()
-    result = _evaluate(jax.jit(make_eval_step(graphdef)), state.params, val_batches)
     return {"step": step, **result}

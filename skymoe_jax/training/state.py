@@ -25,14 +25,13 @@ class TrainState:
 
 def create(config: ml_collections.ConfigDict
            ) -> tuple[nnx.GraphDef, Callable[[], TrainState], optax.GradientTransformation]:
-    """(graphdef, init, optimizer). init() makes a fresh state from config.seed inside jit, so
-    parameters never exist on the host first; jax.eval_shape(init) gives the abstract state."""
+    """(graphdef, init, optimizer). init() makes a fresh state from config.seed; jit it with
+    out_shardings so parameters never exist whole on one device (see training/runtime.py)."""
     spec = ModelSpec.from_config(config)
     abstract = nnx.eval_shape(lambda: build_model(spec, config.seed))
     graphdef, abstract_params = nnx.split(abstract)
     tx = optim.make_optimizer(config, abstract_params)
 
-    @jax.jit
     def init() -> TrainState:
         params = nnx.state(build_model(spec, config.seed))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),

@@ -44,8 +44,9 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, alpha: jax.
     return ce + aux + z, (ce, aux, z, out.moe)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    grad_shardings=None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """grad_shardings (ZeRO-1 / FSDP): constrain gradients to the optimizer-state sharding."""
     lr_schedule = schedule(config)
     a = config.aux_coef
     z_coef = float(config.moe.z_loss_coef)
@@ -53,6 +54,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (ce, aux, z, moe)), grads = grad_fn(state.params, graphdef, batch, state.alpha, z_coef, train=True)
+        if grad_shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         alpha = (aux_coef.update_alpha(state.alpha, moe["drop_rate"], mode=a.mode, xi=a.xi, beta=a.beta,

@@ -1,6 +1,12 @@
 """The MoE feed-forward block: float32 router, capacity or dropless dispatch,
 experts, combine, and the per-layer statistics the trainer needs (aux loss,
-z-loss, drop rate, router metrics)."""
+z-loss, drop rate, router metrics).
+
+`moe_tokens` is the whole layer on one shard of tokens. Without a device mesh it
+sees every token; under a mesh, parallel/expert_parallel.py runs it inside
+shard_map and `Comm` tells it how to reach the other shards (all-to-all of slot
+buffers over the expert axis, means over the token axes).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,11 @@ from flax import nnx
 
 from skymoe_jax.config import capacity
 from skymoe_jax.model.layers import param
-from skymoe_jax.model.moe import dispatch, router
-from skymoe_jax.model.moe.experts import Experts
+from skymoe_jax.model.moe import dispatch, experts, router
+from skymoe_jax.model.moe.experts import Experts, ExpertWeights
 from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.parallel import expert_parallel
+from skymoe_jax.parallel.expert_parallel import Comm
 
 
 class MoEBlock(nnx.Module):
@@ -22,58 +30,99 @@ class MoEBlock(nnx.Module):
         self.spec = spec
 
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """x [B, S, d] -> (y [B, S, d], stats). Stats are over all tokens of x (the global batch under jit).
-
-        drop_rate = assignments beyond capacity / (k * tokens). In dropless mode nothing
-        is dropped; drop_rate is what the configured capacity factor would have dropped,
-        so the adaptive aux coefficients get the same signal either way.
-        """
+        """x [B, S, d] -> (y [B, S, d], stats over every token of the global batch)."""
         spec = self.spec
-        b, s, d = x.shape
-        n, k = spec.num_experts, spec.top_k
-        tokens = x.reshape(b * s, d)
-        logits = jnp.dot(tokens.astype(jnp.float32), self.gate[...].astype(jnp.float32))
-        r = router.route(logits, k, gate_norm=spec.gate_norm, lam=spec.gate_norm_lambda, ddof=spec.gate_norm_ddof,
-                         eps=spec.gate_norm_eps, renormalize=spec.renormalize)
+        group = spec.group_size or x.shape[1]
 
-        group = spec.group_size or s
-        if (b * s) % group:
-            raise ValueError(f"moe.group_size={group} does not divide the {b * s} tokens of this batch")
-        num_groups = b * s // group
-        cap = capacity(group, n, k, spec.capacity_factor if train else spec.eval_capacity_factor)
-        experts_g = r.experts.reshape(num_groups, group, k)
-        weights_g = r.weights.reshape(num_groups, group, k)
-        if spec.drop_policy == "probs":
-            priority = jnp.take_along_axis(r.probs, r.experts, axis=-1).reshape(num_groups, group, k)
-            positions = jax.vmap(lambda e, p: dispatch.expert_positions(e, n, p).positions)(experts_g, priority)
-        else:
-            positions = jax.vmap(lambda e: dispatch.expert_positions(e, n).positions)(experts_g)
-        dropped = jnp.sum(positions >= cap)
+        def layer(tokens: jax.Array, gate: jax.Array, weights: ExpertWeights, comm: Comm):
+            return moe_tokens(tokens, gate, weights, spec, train=train, group=group, comm=comm)
 
-        if not spec.dropless:
-            y = self._through_slots(tokens.reshape(num_groups, group, d), experts_g, positions, weights_g, cap)
-        elif spec.dropless_impl == "padded":
-            # Every expert gets room for the whole group: nothing can drop, at n/k times the expert FLOPs.
-            y = self._through_slots(tokens.reshape(num_groups, group, d), experts_g, positions, weights_g, group)
-        else:
-            order = dispatch.sort_by_expert(r.experts, n)
-            rows = dispatch.gather_sorted(tokens, order, k)
-            y = dispatch.combine_sorted(self.experts.ragged(rows, order.group_sizes), order, r.weights)
+        y, stats = expert_parallel.apply(layer, x, self.gate[...], self.experts.weights(), spec.layout)
+        return y.astype(x.dtype), stats
 
-        aux = router.aux_loss_paper(r.probs) if spec.aux_loss == "paper" else router.aux_loss_switch(r.probs,
-                                                                                                      r.experts)
-        stats = router.router_stats(r.probs, r.experts)
-        stats.update(aux_loss=aux, z_loss=router.z_loss(r.logits), drop_rate=dropped / (b * s * k))
-        return y.reshape(b, s, d).astype(x.dtype), stats
 
-    def _through_slots(self, x_g: jax.Array, experts_g: jax.Array, positions: jax.Array, weights_g: jax.Array,
-                       cap: int) -> jax.Array:
-        """Capacity path: groups [G, S_g, d] -> slot buffers [E, G*cap, d] -> experts -> combine."""
-        g, _, d = x_g.shape
-        n = self.spec.num_experts
-        slots = dispatch.slot_indices(experts_g, positions, cap)
-        buf = jax.vmap(dispatch.dispatch, in_axes=(0, 0, None))(x_g, slots, n * cap)  # [G, E*cap, d]
-        buf = buf.reshape(g, n, cap, d).transpose(1, 0, 2, 3).reshape(n, g * cap, d)
-        out = self.experts.batched(buf)
-        out = out.reshape(n, g, cap, d).transpose(1, 0, 2, 3).reshape(g, n * cap, d)
-        return jax.vmap(dispatch.combine)(out, slots, weights_g)
+def moe_tokens(tokens: jax.Array, gate: jax.Array, weights: ExpertWeights, spec: ModelSpec, *, train: bool,
+               group: int, comm: Comm = Comm()) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The MoE layer on tokens [T, d] -> (y [T, d], stats).
+
+    drop_rate = assignments beyond capacity / (k * tokens). In dropless mode nothing
+    is dropped; drop_rate is what the configured capacity factor would have dropped,
+    so the adaptive aux coefficients get the same signal either way.
+    """
+    t, d = tokens.shape
+    n, k = spec.num_experts, spec.top_k
+    logits = jnp.dot(tokens.astype(jnp.float32), gate.astype(jnp.float32))
+    r = router.route(logits, k, gate_norm=spec.gate_norm, lam=spec.gate_norm_lambda, ddof=spec.gate_norm_ddof,
+                     eps=spec.gate_norm_eps, renormalize=spec.renormalize)
+
+    if t % group:
+        raise ValueError(f"moe.group_size={group} does not divide the {t} tokens of this shard")
+    num_groups = t // group
+    cap = capacity(group, n, k, spec.capacity_factor if train else spec.eval_capacity_factor)
+    experts_g = r.experts.reshape(num_groups, group, k)
+    weights_g = r.weights.reshape(num_groups, group, k)
+    if spec.drop_policy == "probs":
+        priority = jnp.take_along_axis(r.probs, r.experts, axis=-1).reshape(num_groups, group, k)
+        positions = jax.vmap(lambda e, p: dispatch.expert_positions(e, n, p).positions)(experts_g, priority)
+    else:
+        positions = jax.vmap(lambda e: dispatch.expert_positions(e, n).positions)(experts_g)
+    dropped = jnp.sum(positions >= cap, axis=-1).reshape(t).astype(jnp.float32)
+
+    tokens_g = tokens.reshape(num_groups, group, d)
+    if not spec.dropless:
+        y = _through_slots(tokens_g, experts_g, positions, weights_g, cap, n, weights, comm, compact=False)
+    elif spec.dropless_impl == "padded" or comm.expert_axis:
+        # Room for the whole group in every expert: nothing can drop. Across devices this is the
+        # capacity-bounded exchange (worst-case slots); `ragged` then computes only the used ones.
+        y = _through_slots(tokens_g, experts_g, positions, weights_g, group, n, weights, comm,
+                           compact=spec.dropless_impl == "ragged")
+    else:
+        order = dispatch.sort_by_expert(r.experts, n)
+        rows = dispatch.gather_sorted(tokens, order, k)
+        y = dispatch.combine_sorted(experts.ragged(weights, rows, order.group_sizes), order, r.weights)
+
+    mean = comm.mean
+    aux = (router.aux_loss_paper(r.probs, mean) if spec.aux_loss == "paper"
+           else router.aux_loss_switch(r.probs, r.experts, mean))
+    stats = router.router_stats(r.probs, r.experts, mean)
+    stats.update(aux_loss=aux, z_loss=router.z_loss(r.logits, mean), drop_rate=mean(dropped) / k)
+    return y.reshape(t, d), stats
+
+
+def _expert_major(a: jax.Array, num_experts: int) -> jax.Array:
+    """[G, E*cap, ...] -> [E, G*cap, ...]: each expert's slots from every group, contiguous."""
+    g, slots = a.shape[:2]
+    cap = slots // num_experts
+    a = a.reshape(g, num_experts, cap, *a.shape[2:])
+    return jnp.moveaxis(a, 1, 0).reshape(num_experts, g * cap, *a.shape[3:])
+
+
+def _group_major(a: jax.Array, groups: int) -> jax.Array:
+    """Inverse of _expert_major."""
+    e, rows = a.shape[:2]
+    cap = rows // groups
+    a = a.reshape(e, groups, cap, *a.shape[2:])
+    return jnp.moveaxis(a, 0, 1).reshape(groups, e * cap, *a.shape[3:])
+
+
+def _through_slots(tokens_g: jax.Array, experts_g: jax.Array, positions: jax.Array, weights_g: jax.Array, cap: int,
+                   num_experts: int, weights: ExpertWeights, comm: Comm, *, compact: bool) -> jax.Array:
+    """Capacity path: groups [G, S_g, d] -> slot buffers [E, G*cap, d] -> experts -> combine.
+
+    With an expert axis, an all-to-all sends each expert's slots to the device holding
+    it ([E, R, d] -> [E/ep, ep*R, d]) and a second one brings the outputs back.
+    """
+    g = tokens_g.shape[0]
+    slots = dispatch.slot_indices(experts_g, positions, cap)
+    buf = _expert_major(jax.vmap(dispatch.dispatch, in_axes=(0, 0, None))(tokens_g, slots, num_experts * cap),
+                        num_experts)
+    filled = (_expert_major(jax.vmap(dispatch.filled_slots, in_axes=(0, None))(slots, num_experts * cap),
+                            num_experts) if compact else None)
+    if comm.expert_axis:
+        buf = jax.lax.all_to_all(buf, comm.expert_axis, 0, 1, tiled=True)
+        if compact:
+            filled = jax.lax.all_to_all(filled, comm.expert_axis, 0, 1, tiled=True)
+    out = experts.compact_ragged(weights, buf, filled) if compact else experts.batched(weights, buf)
+    if comm.expert_axis:
+        out = jax.lax.all_to_all(out, comm.expert_axis, 1, 0, tiled=True)
+    return jax.vmap(dispatch.combine)(_group_major(out, g), slots, weights_g)

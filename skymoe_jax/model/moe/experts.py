@@ -1,8 +1,10 @@
-"""Stacked expert feed-forward weights [E, ...] and the two ways to apply them:
-to fixed-capacity slot buffers (batched matmul) or to expert-sorted rows
-(grouped matmul with jax.lax.ragged_dot)."""
+"""Stacked expert feed-forward weights [E, ...] and the ways to apply them: to
+fixed-capacity slot buffers (batched matmul), to expert-sorted rows (grouped
+matmul with jax.lax.ragged_dot), or to partly filled slot buffers compacted first."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,12 @@ from flax import nnx
 
 from skymoe_jax.model.layers import param
 from skymoe_jax.model.spec import ModelSpec
+
+
+class ExpertWeights(NamedTuple):
+    gate: jax.Array  # [E, d, f]
+    up: jax.Array  # [E, d, f]
+    down: jax.Array  # [E, f, d]
 
 
 class Experts(nnx.Module):
@@ -22,16 +30,33 @@ class Experts(nnx.Module):
         self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), std, dt)
         self.dtype = spec.compute_dtype
 
-    def batched(self, x: jax.Array) -> jax.Array:
-        """x [E, C, d]: row block e goes through expert e."""
-        dt = self.dtype
-        h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x, self.w_gate[...].astype(dt)))
-        h = h * jnp.einsum("ecd,edf->ecf", x, self.w_up[...].astype(dt))
-        return jnp.einsum("ecf,efd->ecd", h, self.w_down[...].astype(dt))
+    def weights(self) -> ExpertWeights:
+        """The weights in the compute dtype, as plain arrays (they cross shard_map boundaries)."""
+        return ExpertWeights(*(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down)))
 
-    def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        """x [A, d] sorted by expert, group_sizes [E] rows per expert."""
-        dt = self.dtype
-        h = jax.nn.silu(jax.lax.ragged_dot(x, self.w_gate[...].astype(dt), group_sizes))
-        h = h * jax.lax.ragged_dot(x, self.w_up[...].astype(dt), group_sizes)
-        return jax.lax.ragged_dot(h, self.w_down[...].astype(dt), group_sizes)
+
+def batched(w: ExpertWeights, x: jax.Array) -> jax.Array:
+    """x [E, C, d]: row block e goes through expert e."""
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x, w.gate)) * jnp.einsum("ecd,edf->ecf", x, w.up)
+    return jnp.einsum("ecf,efd->ecd", h, w.down)
+
+
+def ragged(w: ExpertWeights, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [A, d] sorted by expert, group_sizes [E] rows per expert (rows past their sum are not computed)."""
+    h = jax.nn.silu(jax.lax.ragged_dot(x, w.gate, group_sizes)) * jax.lax.ragged_dot(x, w.up, group_sizes)
+    return jax.lax.ragged_dot(h, w.down, group_sizes)
+
+
+def compact_ragged(w: ExpertWeights, x: jax.Array, filled: jax.Array) -> jax.Array:
+    """x [E, R, d] slot buffers of which `filled` [E, R] are in use: only the used rows are computed.
+
+    Used rows are moved to the front in expert order (a stable sort), run through the grouped
+    matmul, and moved back; unused rows come out zero.
+    """
+    e, r, d = x.shape
+    expert = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32)[:, None], (e, r))
+    key = jnp.where(filled, expert, e).reshape(-1)  # unused rows sort after every expert's rows
+    order = jnp.argsort(key, stable=True)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    y = ragged(w, x.reshape(e * r, d)[order], jnp.sum(filled, axis=1, dtype=jnp.int32))
+    return jnp.where(filled[..., None], y[inverse].reshape(e, r, d), 0)

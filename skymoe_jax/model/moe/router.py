@@ -2,15 +2,25 @@
 renormalization, the two auxiliary-loss forms, z-loss and router statistics.
 
 All functions take and return float32 arrays with tokens flattened to [T, E];
-the caller owns the gate matmul (always float32, see block.py).
+the caller owns the gate matmul (always float32, see block.py). Every statistic
+over tokens goes through `mean` (default: the mean over axis 0), so under expert
+parallelism the block passes a mean that also averages across the devices holding
+the other tokens, and losses and metrics stay those of the global batch.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+
+TokenMean = Callable[[jax.Array], jax.Array]
+
+
+def local_mean(a: jax.Array) -> jax.Array:
+    return jnp.mean(a, axis=0)
 
 
 class Routing(NamedTuple):
@@ -44,34 +54,34 @@ def route(z: jax.Array, top_k: int, *, gate_norm: bool, lam: float = 1.0, ddof: 
     return Routing(probs, weights, experts.astype(jnp.int32), z)
 
 
-def expert_fractions(experts: jax.Array, num_experts: int) -> jax.Array:
+def expert_fractions(experts: jax.Array, num_experts: int, mean: TokenMean = local_mean) -> jax.Array:
     """f_j: the share of all top-k assignments that chose expert j (sums to 1), before any dropping."""
-    counts = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
-    return counts / experts.size
+    per_token = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32).sum(axis=1)  # [T, E]
+    return mean(per_token) / experts.shape[-1]
 
 
-def aux_loss_paper(probs: jax.Array) -> jax.Array:
+def aux_loss_paper(probs: jax.Array, mean: TokenMean = local_mean) -> jax.Array:
     """Skywork eq. 4: sum_j (1/n - mean_t g_tj)^2."""
     n = probs.shape[-1]
-    return jnp.sum((1.0 / n - jnp.mean(probs, axis=0)) ** 2)
+    return jnp.sum((1.0 / n - mean(probs)) ** 2)
 
 
-def aux_loss_switch(probs: jax.Array, experts: jax.Array) -> jax.Array:
+def aux_loss_switch(probs: jax.Array, experts: jax.Array, mean: TokenMean = local_mean) -> jax.Array:
     """Switch Transformer form n * sum_j f_j * P_j, with f_j over all k choices (1.0 when balanced).
 
     f_j is a count and carries no gradient; the gradient flows through P_j.
     """
     n = probs.shape[-1]
-    f = jax.lax.stop_gradient(expert_fractions(experts, n))
-    return n * jnp.sum(f * jnp.mean(probs, axis=0))
+    f = jax.lax.stop_gradient(expert_fractions(experts, n, mean))
+    return n * jnp.sum(f * mean(probs))
 
 
-def z_loss(logits: jax.Array) -> jax.Array:
+def z_loss(logits: jax.Array, mean: TokenMean = local_mean) -> jax.Array:
     """Router z-loss (ST-MoE): mean_t logsumexp(z_t)^2 over the logits fed to the softmax."""
-    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+    return mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
 
 
-def router_stats(probs: jax.Array, experts: jax.Array) -> dict[str, jax.Array]:
+def router_stats(probs: jax.Array, experts: jax.Array, mean: TokenMean = local_mean) -> dict[str, jax.Array]:
     """Paper metrics, averaged over tokens: Max1/Max2, Max2/Max3, entropy, expert load.
 
     Max2/Max3 needs three experts; with two it is NaN (reported as null).
@@ -79,12 +89,12 @@ def router_stats(probs: jax.Array, experts: jax.Array) -> dict[str, jax.Array]:
     n = probs.shape[-1]
     top = jax.lax.top_k(probs, min(3, n))[0]
     tiny = jnp.finfo(jnp.float32).tiny
-    max1_max2 = jnp.mean(top[:, 0] / jnp.maximum(top[:, 1], tiny))
-    max2_max3 = jnp.mean(top[:, 1] / jnp.maximum(top[:, 2], tiny)) if n >= 3 else jnp.float32(jnp.nan)
-    entropy = jnp.mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, tiny)), axis=-1))
+    max1_max2 = mean(top[:, 0] / jnp.maximum(top[:, 1], tiny))
+    max2_max3 = mean(top[:, 1] / jnp.maximum(top[:, 2], tiny)) if n >= 3 else jnp.float32(jnp.nan)
+    entropy = mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, tiny)), axis=-1))
     return {
         "max1_max2": max1_max2,
         "max2_max3": max2_max3,
         "router_entropy": entropy,
-        "expert_load": expert_fractions(experts, n),
+        "expert_load": expert_fractions(experts, n, mean),
     }

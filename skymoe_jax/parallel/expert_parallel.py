@@ -1,0 +1,67 @@
+"""Running the MoE layer over a device mesh with shard_map.
+
+Each device routes its own shard of tokens; slot buffers travel to the devices
+holding their experts by all-to-all over the `expert` axis and come back the same
+way (block.py). Under the Skywork EDP layout the tokens arrive replicated over the
+expert axis (attention there is tensor-parallel); each expert-axis device then
+takes a 1/ep share of them, as sequence parallelism does, runs the same
+all-to-all path, and the outputs are all-gathered back. Statistics are averaged
+over every token axis, so losses, drop rates and metrics do not depend on the mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from skymoe_jax.parallel.mesh import batch_axes
+
+
+class Comm(NamedTuple):
+    """How one shard of tokens reaches the rest: axes its tokens are split over, and the expert axis."""
+
+    token_axes: tuple[str, ...] = ()
+    expert_axis: str | None = None
+
+    def mean(self, a: jax.Array) -> jax.Array:
+        """Mean over all tokens of the global batch (shards hold equal token counts)."""
+        m = jnp.mean(a, axis=0)
+        return jax.lax.pmean(m, self.token_axes) if self.token_axes else m
+
+
+Layer = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def apply(layer: Layer, x: jax.Array, gate: jax.Array, weights, layout: str):
+    """layer(tokens [T, d], gate, weights, comm) on x [B, S, d], sharded when a mesh is set (jax.set_mesh)."""
+    b, s, d = x.shape
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        y, stats = layer(x.reshape(b * s, d), gate, weights, Comm())
+        return y.reshape(b, s, d), stats
+    ep = mesh.shape["expert"]
+    split_tokens = layout == "edp" and ep > 1
+    token_axes = batch_axes(layout) + (("expert",) if split_tokens else ())
+    comm = Comm(token_axes=token_axes, expert_axis="expert" if ep > 1 else None)
+
+    def local(x, gate, weights):
+        lb = x.shape[0]
+        tokens = x.reshape(lb * s, d)
+        if split_tokens:
+            share = lb * s // ep
+            start = jax.lax.axis_index("expert") * share
+            y, stats = layer(jax.lax.dynamic_slice_in_dim(tokens, start, share), gate, weights, comm)
+            # Back to replicated over the expert axis. A psum of the zero-padded shares (rather than
+            # an all-gather) keeps the result typed as invariant, as the out_specs say it is.
+            y = jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(tokens, y.dtype), y, start, 0),
+                             "expert")
+        else:
+            y, stats = layer(tokens, gate, weights, comm)
+        return y.reshape(lb, s, d), stats
+
+    batch = P(batch_axes(layout))
+    experts = type(weights)(*(P("expert" if ep > 1 else None) for _ in weights))
+    return jax.shard_map(local, mesh=mesh, in_specs=(batch, P(), experts), out_specs=(batch, P()))(x, gate, weights)

@@ -1,0 +1,93 @@
+"""Per-device memory and communication of a config on a mesh that need not exist here.
+
+Bytes per device of parameters, gradients and Adam state follow the sharding rules
+of parallel/mesh.py applied to the model's abstract parameter shapes. With a
+pipeline axis, layers are assumed split evenly (rounded up) over stages; the first
+stage also holds the embedding, the last the final norm and head, and the heavier
+of the two is reported. All-to-all bytes are what one device sends per step: each
+MoE layer exchanges its slot buffer four times (dispatch and return, forward and
+backward), six with full rematerialization (the forward runs twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from skymoe_jax.config import capacity
+from skymoe_jax.errors import ConfigError
+from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.model.transformer import build_model
+from skymoe_jax.parallel.mesh import AXES, optimizer_rules, param_rules, partition_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    mesh: tuple[int, int, int]
+    layout: str
+    params_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    all_to_all_bytes: float  # sent per device per step
+    tokens_per_device: int
+
+    @property
+    def total_bytes(self) -> float:
+        return self.params_bytes + self.grads_bytes + self.optimizer_bytes
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--mesh={text!r} must be three positive sizes PIPELINE,DATA,EXPERT, e.g. 12,32,4")
+    return shape  # type: ignore[return-value]
+
+
+def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
+    pipeline, data, expert = mesh
+    spec = ModelSpec.from_config(config)
+    sizes = dict(zip(AXES, mesh))
+    if spec.num_experts and spec.num_experts % expert:
+        raise ConfigError(f"moe.num_experts={spec.num_experts} must be divisible by the expert axis ({expert})")
+    stage_layers = math.ceil(spec.num_layers / pipeline)
+    params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
+
+    def per_device(rules, bytes_per_value):
+        layers, first, last = 0.0, 0.0, 0.0
+        for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+            pspec = partition_spec(v.axes, v.shape, sizes, rules)
+            split = math.prod(sizes[a] for a in pspec if a)
+            size = math.prod(v.shape) / split * bytes_per_value(v)
+            if v.axes[0] == "layers":
+                layers += size * stage_layers / spec.num_layers
+            elif v.axes == ("vocab", "embed"):
+                first += size
+            else:
+                last += size
+        return layers + (first + last if pipeline == 1 else max(first, last))
+
+    param_bytes = per_device(param_rules(config.parallel), lambda v: v.dtype.itemsize)
+    split_grads = config.parallel.zero1 or config.parallel.fsdp
+    grad_rules = optimizer_rules(config.parallel) if split_grads else param_rules(config.parallel)
+    grad_bytes = per_device(grad_rules, lambda v: v.dtype.itemsize)
+    opt_bytes = per_device(optimizer_rules(config.parallel), lambda v: 2 * jnp.dtype(jnp.float32).itemsize)
+
+    tokens = config.data.batch_size * config.data.seq_len // (data * expert)
+    a2a = 0.0
+    if spec.num_experts and expert > 1:
+        group = spec.group_size or config.data.seq_len
+        cap = group if spec.dropless else capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
+        buffer = spec.num_experts * (tokens // group) * cap * spec.d_model * spec.compute_dtype.itemsize
+        moe_layers_per_stage = math.ceil(spec.num_moe_layers / pipeline)
+        exchanges = 6 if spec.remat == "full" else 4
+        a2a = moe_layers_per_stage * exchanges * buffer * (expert - 1) / expert
+    return Plan(mesh=mesh, layout=config.parallel.layout, params_bytes=param_bytes, grads_bytes=grad_bytes,
+                optimizer_bytes=opt_bytes, all_to_all_bytes=a2a, tokens_per_device=tokens)

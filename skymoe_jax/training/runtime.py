@@ -1,0 +1,67 @@
+"""Everything compiled for one mesh: sharded init, train step and eval step.
+
+The train loop, `skymoe eval` and `skymoe bench step` all run through here, so they
+compile the same functions with the same shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from skymoe_jax.parallel import mesh as mesh_lib
+from skymoe_jax.training import state as state_lib
+from skymoe_jax.training.state import TrainState
+from skymoe_jax.training.step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class Runtime:
+    mesh: Mesh
+    layout: str
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    shardings: TrainState  # a TrainState of NamedShardings
+    init: Callable[[], TrainState]
+    train_step: Callable  # (state, batch) -> (state, metrics); donates state
+    eval_step: Callable  # (params, batch) -> sums
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and target shardings of the state, for restoring a checkpoint onto this mesh."""
+        def with_sharding(sharding, leaf):
+            if isinstance(leaf, nnx.Variable):
+                return leaf.replace(value=with_sharding(sharding, leaf.get_value()))
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+        return jax.tree.map(with_sharding, self.shardings, jax.eval_shape(self.init))
+
+    def batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return mesh_lib.global_batch(local, self.mesh, self.layout)
+
+
+def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Runtime:
+    """Compile-ready functions for config on a mesh over devices (default: all). Trace them under
+    `jax.set_mesh(runtime.mesh)`: the MoE layer finds the mesh there."""
+    mesh = mesh_lib.make_mesh(config, devices)
+    mesh_lib.check_process_rows(mesh, config.parallel.layout, config.data.batch_size, config.data.num_streams)
+    graphdef, init, tx = state_lib.create(config)
+    with jax.set_mesh(mesh):
+        shardings = mesh_lib.state_shardings(jax.eval_shape(init), mesh, config)
+    replicated = NamedSharding(mesh, P())
+    batch = mesh_lib.batch_sharding(mesh, config.parallel.layout)
+    # ZeRO-1 / FSDP: gradients take the optimizer state's sharding, so XLA reduce-scatters them.
+    split_grads = config.parallel.zero1 or config.parallel.fsdp
+    grad_shardings = mesh_lib.tree_shardings(jax.eval_shape(init).params, mesh,
+                                             mesh_lib.optimizer_rules(config.parallel)) if split_grads else None
+    train_step = jax.jit(make_train_step(graphdef, tx, config, grad_shardings), in_shardings=(shardings, batch),
+                         out_shardings=(shardings, replicated), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings.params, batch), out_shardings=replicated)
+    return Runtime(mesh=mesh, layout=config.parallel.layout, graphdef=graphdef, tx=tx, shardings=shardings,
+                   init=jax.jit(init, out_shardings=shardings), train_step=train_step, eval_step=eval_step)

@@ -1,0 +1,153 @@
+"""SPMD over (pipeline, data, expert) meshes on 8 simulated devices: one train step on
+every mesh and layout equals the single-device step; the compiled step really
+exchanges tokens with all-to-all and really splits what it should."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from skymoe_jax.config import base_config
+from skymoe_jax.errors import ConfigError
+from skymoe_jax.parallel.mesh import make_mesh
+from skymoe_jax.training import runtime as runtime_lib
+from skymoe_jax.training.step import loss_fn
+
+
+def _config(mesh=(1, 1, 1), layout="gshard", zero1=False, fsdp=False, **moe):
+    c = base_config()
+    c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=64)
+    c.moe.update(num_experts=8, top_k=2, expert_ffn_dim=16, group_size=16, capacity_factor=1.0, **moe)
+    c.data.update(seq_len=16, batch_size=16)
+    c.optim.warmup_steps = 0  # a non-zero first update, so the new parameters are compared too
+    c.aux_coef.initial_alpha = 0.005
+    c.parallel.update(mesh=mesh, layout=layout, zero1=zero1, fsdp=fsdp)
+    return c
+
+
+def _batch(c):
+    rng = np.random.default_rng(0)
+    b, s = c.data.batch_size, c.data.seq_len
+    tokens = rng.integers(0, c.model.vocab_size, (b, s + 1)).astype(np.int32)
+    segments = np.where(np.arange(s) < s // 2, 1, 2)[None].repeat(b, 0).astype(np.int32)  # two documents a row
+    positions = np.where(segments == 1, np.arange(s), np.arange(s) - s // 2).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions, "segment_ids": segments,
+            "loss_mask": np.ones((b, s), np.float32)}
+
+
+def _step(c, devices):
+    """(grads, new state, metrics) of one train step on a mesh over `devices`."""
+    rt = runtime_lib.build(c, devices)
+    with jax.set_mesh(rt.mesh):
+        state, batch = rt.init(), rt.batch(_batch(c))
+        grad_fn = jax.grad(lambda p, b, a: loss_fn(p, rt.graphdef, b, a, 0.0, train=True)[0])
+        # One compile for both: the gradients, and the runtime's own (sharded) train step.
+        both = jax.jit(lambda st, b: (grad_fn(st.params, b, st.alpha), rt.train_step(st, b)))
+        grads, (new_state, metrics) = both(state, batch)
+        return jax.device_get((grads, new_state, metrics))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return {moe: _step(_config(**dict(moe)), jax.devices()[:1])
+            for moe in [(), (("dropless", True),)]}
+
+
+CASES = [(mesh, layout, opts) for layout in ("gshard", "edp") for mesh in [(1, 8, 1), (1, 4, 2), (1, 2, 4), (1, 1, 8)]
+         for opts in [{}]] + [
+    ((1, 4, 2), layout, opts) for layout in ("gshard", "edp") for opts in [{"zero1": True}, {"fsdp": True}]] + [
+    ((1, 2, 4), layout, {"dropless": True}) for layout in ("gshard", "edp")]
+
+
+@pytest.mark.parametrize("mesh,layout,opts", CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_sharded_step_equals_single_device(reference, mesh, layout, opts):
+    moe = {k: v for k, v in opts.items() if k == "dropless"}
+    par = {k: v for k, v in opts.items() if k != "dropless"}
+    grads0, state0, metrics0 = reference[tuple(moe.items())]
+    grads, state, metrics = _step(_config(mesh, layout, **par, **moe), jax.devices())
+    # Routing decisions are discrete and must agree exactly.
+    np.testing.assert_array_equal(metrics["drop_rate"], metrics0["drop_rate"])
+    np.testing.assert_array_equal(metrics["expert_load"], metrics0["expert_load"])
+    # fp32 sums in another order: relative differences of a few ulps per reduction level.
+    np.testing.assert_allclose(metrics["loss"], metrics0["loss"], rtol=2e-6)
+    np.testing.assert_allclose(metrics["alpha"], metrics0["alpha"], rtol=1e-6)
+    for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+        np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-7)
+    # After one Adam step each parameter moved by ~lr*sign(g); a sign flip would show as 2*lr.
+    for p, p0 in zip(jax.tree.leaves(state.params), jax.tree.leaves(state0.params)):
+        np.testing.assert_allclose(p, p0, atol=1e-5)
+
+
+def _compiled(c):
+    rt = runtime_lib.build(c)
+    with jax.set_mesh(rt.mesh):
+        state, batch = rt.init(), rt.batch(_batch(c))
+        return rt, state, rt.train_step.lower(state, batch).compile().as_text()
+
+
+def _leaf(tree, *path):
+    node = tree
+    for key in path:
+        node = node[key]
+    return node
+
+
+def test_expert_parallel_step_uses_all_to_all_and_splits_experts():
+    rt, state, hlo = _compiled(_config((1, 4, 2), zero1=True))
+    assert "all-to-all" in hlo
+    experts = _leaf(state.params, "stacks", 0, "blocks", "layers", 0, "ffn", "experts")
+    w_up = experts["w_up"][...]
+    assert w_up.shape == (2, 8, 32, 16)
+    assert {s.data.shape for s in w_up.addressable_shards} == {(2, 4, 32, 16)}  # 8 experts over expert=2
+    mu = state.opt_state[1][0].mu  # clip, then adamw's ScaleByAdamState
+    mu_up = _leaf(mu, "stacks", 0, "blocks", "layers", 0, "ffn", "experts", "w_up")[...]
+    assert {s.data.shape for s in mu_up.addressable_shards} == {(2, 4, 8, 16)}  # ZeRO-1: embed over data=4
+    wq = _leaf(state.params, "stacks", 0, "blocks", "layers", 0, "attn", "wq")[...]
+    assert {s.data.shape for s in wq.addressable_shards} == {wq.shape}  # gshard: attention replicated
+
+
+def test_edp_layout_is_tensor_parallel_over_the_expert_axis():
+    rt, state, hlo = _compiled(_config((1, 2, 4), layout="edp"))
+    assert "all-to-all" in hlo
+    wq = _leaf(state.params, "stacks", 0, "blocks", "layers", 0, "attn", "wq")[...]
+    assert {s.data.shape for s in wq.addressable_shards} == {(2, 32, 1, 8)}  # 4 heads over expert=4
+    w_up = _leaf(state.params, "stacks", 0, "blocks", "layers", 0, "ffn", "experts", "w_up")[...]
+    assert {s.data.shape for s in w_up.addressable_shards} == {(2, 2, 32, 16)}  # whole experts per device
+
+
+@pytest.mark.parametrize("mesh,needle", [
+    ((1, 3, 1), "needs 3 devices but 8 are available"),
+    ((1, -1, 3), "do not split"),
+    ((2, 4, 1), "pipeline parallelism is not built yet"),
+    ((1, 1, 8), None),
+])
+def test_mesh_errors(mesh, needle):
+    c = _config(mesh)
+    if needle is None:
+        c.moe.num_experts = 4
+        needle = "moe.num_experts=4 must be divisible by the expert mesh axis (8)"
+    with pytest.raises(ConfigError) as err:
+        make_mesh(c)
+    assert needle in str(err.value)
+
+
+def test_plan_splits_bytes_by_the_rules():
+    from skymoe_jax.metrics.flops import param_counts
+    from skymoe_jax.model.spec import ModelSpec
+    from skymoe_jax.parallel.plan import plan
+
+    c = _config()
+    counts = param_counts(ModelSpec.from_config(c))
+    whole = plan(c, (1, 1, 1))
+    assert whole.params_bytes == 4 * counts.total and whole.optimizer_bytes == 8 * counts.total
+    assert whole.all_to_all_bytes == 0
+    ep = plan(c, (1, 4, 2))
+    assert ep.params_bytes == 4 * (counts.total - counts.expert / 2)  # experts split over expert=2
+    c.parallel.zero1 = True
+    zero = plan(c, (1, 4, 2))
+    assert zero.params_bytes == ep.params_bytes and zero.optimizer_bytes < ep.optimizer_bytes / 3
+    # Slot buffer: 8 experts x (tokens per device / group) groups x capacity x d_model, fp32, 4 exchanges a layer.
+    tokens = 16 * 16 // 8
+    buffer = 8 * (tokens // 16) * 4 * 32 * 4  # capacity ceil(1.0 * 16 * 2 / 8) = 4
+    assert ep.all_to_all_bytes == 2 * 4 * buffer * (2 - 1) / 2
