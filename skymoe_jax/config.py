@@ -114,7 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 100
     c.train.eval_batches = 8
     c.train.checkpoint_every = 100
-    c.train.keep_checkpoints = 2
+    c.train.keep_checkpoints = 2  # the last K checkpoints are kept
+    c.train.keep_every = 0  # and every checkpoint at a multiple of M steps (0: none)
+    c.train.nonfinite = "stop"  # non-finite loss or gradients: stop | skip the step (counted in the metrics)
     c.train.progress = True  # progress bar on a terminal
     return c
 
@@ -205,6 +207,7 @@ _CHOICES = {
     "data.source": ("builtin", "files"),
     "data.format": ("text", "jsonl"),
     "parallel.layout": ("gshard", "edp"),
+    "train.nonfinite": ("stop", "skip"),
 }
 
 
@@ -228,7 +231,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 "train.eval_batches", "moe.moe_every"):
         need(isinstance(get(key), int) and get(key) > 0, f"{key}={get(key)!r} must be a positive integer")
     for key in ("train.eval_every", "train.checkpoint_every", "optim.warmup_steps", "moe.first_k_dense",
-                "moe.group_size", "train.keep_checkpoints", "data.shuffle_window"):
+                "moe.group_size", "train.keep_checkpoints", "data.shuffle_window", "train.keep_every"):
         need(isinstance(get(key), int) and get(key) >= 0, f"{key}={get(key)!r} must be a non-negative integer")
 
     m = c.model

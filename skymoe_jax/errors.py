@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, partial or does not fit the config."""
+
+
+class TrainingError(UserError):
+    """The run stopped on purpose (e.g. non-finite loss); the message says why and what was kept."""

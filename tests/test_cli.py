@@ -58,7 +58,7 @@ def test_train_then_eval_then_resume(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     assert main(["train", f"--workdir={workdir}", *TINY]) == 0
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    assert [r["step"] for r in records] == [2, 4, 6]
+    assert [r["step"] for r in records] == [2, 3, 4, 6]  # log steps, plus the eval at 3
     for key in ("loss", "ce_loss", "aux_loss", "lr", "grad_norm", "tokens_per_sec"):
         assert isinstance(records[-1][key], float), key
     for key in ("drop_rate", "alpha", "max1_max2", "max2_max3", "expert_load"):
@@ -74,7 +74,7 @@ def test_train_then_eval_then_resume(tmp_path, capsys):
 
     # More steps in the same workdir continue from the step-6 checkpoint.
     assert main(["train", f"--workdir={workdir}", *TINY, "--config.train.steps=8"]) == 0
-    assert [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))] == [2, 4, 6, 8]
+    assert [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))] == [2, 3, 4, 6, 8]
     capsys.readouterr()
     assert main(["train", f"--workdir={workdir}", *TINY, "--config.moe.num_experts=8"]) == 2
     assert "moe.num_experts 4 -> 8" in capsys.readouterr().err

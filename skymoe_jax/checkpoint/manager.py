@@ -1,9 +1,15 @@
 """Checkpoints under WORKDIR/checkpoints with orbax: the train state, the data
-iterator position (grain) and the run's config, saved together every N steps."""
+iterator position (grain) and the run's config, saved together.
+
+Saves are asynchronous (training continues while tensorstore writes) and atomic:
+orbax writes into a temporary directory and renames it when complete, so a process
+killed mid-save leaves the previous checkpoints as they were, and an unfinished
+one is never picked as the latest. Restores take target shardings, so each process
+reads only the shards its devices hold, on whatever mesh the run uses now.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -21,35 +27,63 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, every: int, keep: int):
-        options = ocp.CheckpointManagerOptions(save_interval_steps=max(every, 1), max_to_keep=keep or None,
+    """Save every `every` steps; keep the last `keep` plus every checkpoint at a multiple of `keep_every`."""
+
+    def __init__(self, workdir: str, every: int = 0, keep: int = 0, keep_every: int = 0):
+        self.directory = checkpoint_dir(workdir)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, keep_period=keep_every or None,
                                                enable_async_checkpointing=True, create=True)
-        self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.every = every
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state, data_iter, config: ml_collections.ConfigDict, *, force: bool = False) -> bool:
-        """Asynchronous save when step is due (or forced); returns whether a save started."""
-        if not force and (not self.every or step % self.every):
-            return False
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, state, data_iter, config: ml_collections.ConfigDict) -> None:
+        """Start an asynchronous save of state, data position and config at `step`."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iter),
                                   config=ocp.args.JsonSave(config.to_dict()))
-        return self._manager.save(step, args=args, force=force)
+        self._manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state, data_iter=None):
         """State (placed like abstract_state's shardings) and, if given, the data iterator's position."""
+        where = self.path(step)
+        if not os.path.isdir(os.path.join(where, "state")):
+            raise CheckpointError(f"checkpoint {where} has no saved state (partial or deleted); remove the "
+                                  "directory to resume from an earlier checkpoint")
+        self._check_shapes(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"checkpoint step {step} in {self._manager.directory} cannot be restored into "
-                                  f"this model: {str(e).splitlines()[0]}") from None
-        return restored.state
+            return self._manager.restore(step, args=ocp.args.Composite(**items)).state
+        except Exception as e:  # tensorstore and orbax raise many types for damaged files
+            raise CheckpointError(f"checkpoint {where} is damaged and cannot be read ({_first_line(e)}); remove "
+                                  "it to resume from an earlier checkpoint") from None
+
+    def _check_shapes(self, step: int, abstract_state) -> None:
+        """Name the first tensor whose shape differs between the checkpoint and this run's model."""
+        try:
+            saved = ocp.StandardCheckpointer().metadata(os.path.join(self.path(step), "state")).item_metadata
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {self.path(step)} has unreadable metadata ({_first_line(e)}); "
+                                  "remove it to resume from an earlier checkpoint") from None
+        saved_shapes = {_name(path): tuple(leaf.shape) for path, leaf in _leaves(saved) if hasattr(leaf, "shape")}
+        for path, leaf in _leaves(abstract_state):
+            name = _name(path)
+            if name not in saved_shapes:
+                raise CheckpointError(f"checkpoint {self.path(step)} has no tensor {name} that this config's "
+                                      "model needs; it was written by another model")
+            if saved_shapes[name] != tuple(leaf.shape):
+                raise CheckpointError(f"parameter {name} has shape {saved_shapes[name]} in checkpoint "
+                                      f"{self.path(step)} but {tuple(leaf.shape)} in the config")
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -59,20 +93,40 @@ class Checkpointer:
         self._manager.close()
 
 
+def _leaves(tree):
+    return jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)
+
+
+def _name(path) -> str:
+    """'params/stacks/0/.../w_up' from a key path (attribute, dict and sequence keys; Variable '.value' dropped)."""
+    parts = []
+    for key in path:
+        part = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+        if part not in ("value", "raw_value"):
+            parts.append(str(part))
+    return "/".join(parts)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def saved_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
     """The config saved with a checkpoint (the latest one by default), on top of today's defaults."""
-    directory = checkpoint_dir(workdir)
-    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {directory}; train first with `skymoe train --workdir={workdir}`")
-    step = steps[-1] if step is None else step
-    path = os.path.join(directory, str(step), "config", "metadata")
+    manager = Checkpointer(workdir)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {manager.directory}; train first with "
+                              f"`skymoe train --workdir={workdir}`")
     try:
-        with open(path, encoding="utf-8") as f:
-            saved: dict[str, Any] = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} has no readable config ({e})") \
+        saved: dict[str, Any] = manager._manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore())).config
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {manager.path(step)} has no readable config ({_first_line(e)})") \
             from None
+    finally:
+        manager.close()
     config = base_config()
     with config.unlocked():
         _merge(config, saved, "")
@@ -86,5 +140,7 @@ def _merge(config: ml_collections.ConfigDict, saved: dict[str, Any], prefix: str
             raise CheckpointError(f"checkpoint config has field '{prefix}{key}' that this version does not know")
         if isinstance(value, dict):
             _merge(config[key], value, f"{prefix}{key}.")
+        elif isinstance(config[key], tuple):
+            config[key] = tuple(value)
         else:
             config[key] = type(config[key])(value) if isinstance(config[key], float) else value

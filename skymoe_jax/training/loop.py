@@ -15,11 +15,12 @@ from skymoe_jax.checkpoint.manager import Checkpointer
 from skymoe_jax.data.pipeline import make_dataset
 from skymoe_jax.data.sources import load_documents
 from skymoe_jax.data.tokenizers import make_tokenizer
-from skymoe_jax.errors import DataError
+from skymoe_jax.errors import DataError, TrainingError
 from skymoe_jax.metrics.flops import flops_per_token
 from skymoe_jax.metrics.writers import Console, JsonlWriter
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.training import runtime as runtime_lib
+from skymoe_jax.training.preemption import StopSignals
 
 
 def _datasets(config: ml_collections.ConfigDict):
@@ -68,7 +69,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     t = config.train
-    ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
+    ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints, t.keep_every)
     start = ckpt.latest_step() or 0
     state = ckpt.restore(start, runtime.abstract_state(), train_iter) if start else runtime.init()
     tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -85,29 +86,48 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     batch = runtime.batch(next(train_iter))
     train_step = runtime.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - compile_start
-    last_time, last_step, record, evals = time.perf_counter(), start, None, {}
-    for step in range(start + 1, t.steps + 1):
-        if step > start + 1:
-            batch = runtime.batch(next(train_iter))
-        state, metrics = train_step(state, batch)
-        if step % t.log_every == 0 or step == t.steps:
-            record = {"step": step, **jax.device_get(metrics)}
-            now = time.perf_counter()
-            record["tokens_per_sec"] = (step - last_step) * tokens_per_step / (now - last_time)
-            last_time, last_step = now, step
-            if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                evals = _evaluate(runtime.eval_step, state.params, val_batches)
-                record.update(evals)
-                console.print(f"step {step}: {_live(record)}  eval loss {evals['eval_loss']:.3f}")
-                last_time = time.perf_counter()  # eval time is not training throughput
-            writer.write(record)
-            console.update(step, _live(record))
-        ckpt.save(step, state, train_iter, config, force=step == t.steps)
-    ckpt.close()
-    writer.close()
-    console.close()
+    last_time, last_step, record, evals, skipped = time.perf_counter(), start, None, {}, 0
+    unchecked: list[tuple[int, jax.Array]] = []  # (step, finite flag) not yet read back from the device
+    try:
+        with StopSignals() as signals:
+            for step in range(start + 1, t.steps + 1):
+                if step > start + 1:
+                    batch = runtime.batch(next(train_iter))
+                state, metrics = train_step(state, batch)
+                unchecked.append((step, metrics["finite"]))
+                eval_now = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
+                save_now = ckpt.due(step) or step == t.steps
+                stop_now = signals.requested()
+                if step % t.log_every == 0 or eval_now or save_now or stop_now or step == t.steps:
+                    skipped += _check_finite(unchecked, t.nonfinite, ckpt, workdir)
+                    unchecked = []
+                if step % t.log_every == 0 or eval_now or step == t.steps:
+                    record = {"step": step, **jax.device_get(metrics)}
+                    del record["finite"]
+                    now = time.perf_counter()
+                    record["tokens_per_sec"] = (step - last_step) * tokens_per_step / (now - last_time)
+                    record["skipped_steps"] = skipped
+                    last_time, last_step = now, step
+                    if eval_now:
+                        evals = _evaluate(runtime.eval_step, state.params, val_batches)
+                        record.update(evals)
+                        console.print(f"step {step}: {_live(record)}  eval loss {evals['eval_loss']:.3f}")
+                        last_time = time.perf_counter()  # eval time is not training throughput
+                    writer.write(record)
+                    console.update(step, _live(record))
+                if save_now or stop_now:
+                    ckpt.save(step, state, train_iter, config)
+                if stop_now:
+                    ckpt.wait()
+                    console.print(f"stopped by {signals.signal_name or 'another process'} after step {step}; "
+                                  f"saved checkpoint {ckpt.path(step)}; run the same command to resume")
+                    return {"steps": step, "stopped": True, "workdir": workdir}
+    finally:
+        ckpt.close()
+        writer.close()
+        console.close()
 
-    summary = {"steps": t.steps, "compile_s": compile_s, "workdir": workdir}
+    summary = {"steps": t.steps, "compile_s": compile_s, "workdir": workdir, "skipped_steps": skipped}
     if record is not None:
         summary.update(loss=float(record["loss"]), tokens_per_sec=float(record["tokens_per_sec"]), **evals)
         if "drop_rate" in record:
@@ -115,6 +135,18 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
                            alpha=np.asarray(record["alpha"]).tolist())
     console.print(summary_line(summary))
     return summary
+
+
+def _check_finite(unchecked: list[tuple[int, jax.Array]], policy: str, ckpt: Checkpointer, workdir: str) -> int:
+    """Number of skipped (non-finite) steps among `unchecked`; raises under the `stop` policy."""
+    bad = [step for step, finite in unchecked if not bool(finite)]
+    if bad and policy == "stop":
+        kept = ckpt.latest_step()
+        where = f"the last checkpoint, step {kept} in {ckpt.directory}, is untouched" if kept else \
+            "no checkpoint was written"
+        raise TrainingError(f"non-finite loss or gradients at step {bad[0]} (its update was not applied); "
+                            f"stopped: {where}. Set --config.train.nonfinite=skip to skip such steps instead")
+    return len(bad)
 
 
 def summary_line(s: dict[str, Any]) -> str:
@@ -128,6 +160,8 @@ def summary_line(s: dict[str, Any]) -> str:
         parts.append(f"alpha {min(s['alpha']):.4f}-{max(s['alpha']):.4f}")
     if "tokens_per_sec" in s:
         parts.append(f"{s['tokens_per_sec']:,.0f} tokens/s")
+    if s.get("skipped_steps"):
+        parts.append(f"{s['skipped_steps']} non-finite steps skipped")
     parts.append(f"compile {s['compile_s']:.0f}s")
     return ", ".join(parts) + f"; metrics in {os.path.join(s['workdir'], 'metrics.jsonl')}"
 
@@ -137,7 +171,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _, val_ds = _datasets(config)
     val_batches = list(itertools.islice(iter(val_ds), config.train.eval_batches))
     runtime = runtime_lib.build(config)
-    ckpt = Checkpointer(workdir, 0, 0)
+    ckpt = Checkpointer(workdir)
     step = ckpt.latest_step()
     with jax.set_mesh(runtime.mesh):
         state = ckpt.restore(step, runtime.abstract_state())

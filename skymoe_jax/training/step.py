@@ -56,12 +56,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         (loss, (ce, aux, z, moe)), grads = grad_fn(state.params, graphdef, batch, state.alpha, z_coef, train=True)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         alpha = (aux_coef.update_alpha(state.alpha, moe["drop_rate"], mode=a.mode, xi=a.xi, beta=a.beta,
                                        alpha_max=a.alpha_max) if moe else state.alpha)
+        # A non-finite loss or gradient never reaches the state: the step's update is dropped
+        # (the loop then stops or counts the skip, per train.nonfinite).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state, alpha = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                (params, opt_state, alpha),
+                                                (state.params, state.opt_state, state.alpha))
         metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z, "lr": lr_schedule(state.step),
-                   "grad_norm": optax.tree.norm(grads), "alpha": alpha}
+                   "grad_norm": grad_norm, "alpha": alpha, "finite": finite}
         metrics.update({name: moe[key] for key, name in LAYER_METRICS.items() if moe})
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, alpha=alpha), metrics
 
