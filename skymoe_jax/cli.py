@@ -2,6 +2,7 @@
 
     skymoe train  [--config=PATH] [--config.a.b=VALUE ...] [--workdir=DIR]
     skymoe eval   --workdir=DIR [--config.a.b=VALUE ...]
+    skymoe upcycle --dense=DIR --out=DIR [--config=MOE_CONFIG] [--config.a.b=VALUE ...]
     skymoe params [--config=PATH] [--config.a.b=VALUE ...] [--mesh=PIPE,DATA,EXPERT] [--json]
     skymoe bench step [--config=PATH] [--config.a.b=VALUE ...] [--steps=N] [--json]
 
@@ -84,21 +85,22 @@ def _config(args: Args):
 
 def cmd_train(argv: Sequence[str]) -> int:
     from skymoe_jax.checkpoint.manager import checkpoint_dir, saved_config
-    from skymoe_jax.config import apply_overrides, shape_changes
+    from skymoe_jax.config import DEFAULT_CONFIG, apply_overrides, load_file, resolve_config_path, shape_changes
     from skymoe_jax.training.loop import train
 
     args = Args(argv, {"workdir": ""})
-    config = _config(args)
-    workdir = args.workdir or os.path.join("runs", config.name)
-    if os.path.isdir(checkpoint_dir(workdir)) and any(d.isdigit() for d in os.listdir(checkpoint_dir(workdir))):
+    workdir = args.workdir or os.path.join("runs", load_file(resolve_config_path(args.config or DEFAULT_CONFIG)).name)
+    ckpts = checkpoint_dir(workdir)
+    if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
         # Resume: the saved config wins; overrides may change how the run continues, not the model's shapes.
         saved = saved_config(workdir)
-        resumed = apply_overrides(saved, args.overrides)
-        changed = shape_changes(saved, resumed) or (shape_changes(saved, config) if args.config else "")
-        config = resumed
+        config = apply_overrides(saved, args.overrides)
+        changed = shape_changes(saved, config) or (shape_changes(saved, _config(args)) if args.config else "")
         if changed:
             raise ConfigError(f"{workdir} holds checkpoints of another model shape ({changed}); "
                               "use a new --workdir or drop the override")
+    else:
+        config = _config(args)
     train(config, workdir)
     return 0
 
@@ -123,6 +125,35 @@ def cmd_eval(argv: Sequence[str]) -> int:
         if "eval_drop_rate" in result:
             line += f", eval drop rate {100 * float(result['eval_drop_rate'].mean()):.2f}%"
         print(line)
+    return 0
+
+
+def cmd_upcycle(argv: Sequence[str]) -> int:
+    import jax
+
+    from skymoe_jax.checkpoint.manager import Checkpointer, checkpoint_dir
+    from skymoe_jax.checkpoint.upcycle import upcycled_state
+    from skymoe_jax.config import apply_overrides
+    from skymoe_jax.metrics.flops import param_counts
+    from skymoe_jax.model.spec import ModelSpec
+    from skymoe_jax.training import runtime as runtime_lib
+
+    args = Args(argv, {"dense": "", "out": ""})
+    if not args.dense or not args.out:
+        raise ConfigError("skymoe upcycle needs --dense=DIR (a dense run's workdir) and --out=DIR (a new workdir)")
+    if os.path.isdir(checkpoint_dir(args.out)) and os.listdir(checkpoint_dir(args.out)):
+        raise ConfigError(f"--out={args.out} already holds checkpoints; choose a new directory")
+    config = apply_overrides(_config(args), [f"--config.init.upcycle_from={args.dense}"])
+    runtime = runtime_lib.build(config)
+    with jax.set_mesh(runtime.mesh):
+        state = upcycled_state(config, runtime)
+        out = Checkpointer(args.out)
+        out.save(0, state, config)
+        out.close()
+    counts = param_counts(ModelSpec.from_config(config))
+    print(f"upcycled {args.dense} into {out.path(0)}: {config.moe.num_experts} experts top-{config.moe.top_k} "
+          f"({config.init.upcycle_mode}), {_count(counts.total)} parameters ({_count(counts.active)} activated); "
+          f"train it with: skymoe train --workdir={args.out}")
     return 0
 
 
@@ -182,9 +213,9 @@ def bench_step(argv: Sequence[str]) -> int:
 
 BENCHES: dict[str, Callable[[Sequence[str]], int]] = {"step": bench_step}
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "train": cmd_train, "eval": cmd_eval, "params": cmd_params, "bench": cmd_bench}
+    "train": cmd_train, "eval": cmd_eval, "upcycle": cmd_upcycle, "params": cmd_params, "bench": cmd_bench}
 # Commands that run on devices join a multi-process run when the environment describes one.
-DISTRIBUTED = {"train", "eval", "bench"}
+DISTRIBUTED = {"train", "eval", "upcycle", "bench"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

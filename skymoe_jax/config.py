@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.moe.drop_policy = "position"  # position: earliest tokens keep their slot | probs: highest gate prob
     c.moe.dropless = False
     c.moe.dropless_impl = "ragged"  # ragged: jax.lax.ragged_dot | padded: every expert sized for the whole group
+    c.moe.routing_impl = "auto"  # auto: Pallas kernels on GPU, XLA elsewhere | xla | pallas (interpreted off GPU)
 
     c.aux_coef = ml_collections.ConfigDict()
     c.aux_coef.mode = "adaptive"  # adaptive (paper) | fixed
@@ -102,6 +103,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shuffle_window = 4096  # packed sequences shuffled together; 0 or 1 = no sequence shuffling
     c.data.num_streams = 8  # independent packing streams, each filling batch_size / num_streams rows
 
+    c.init = ml_collections.ConfigDict()
+    c.init.upcycle_from = ""  # workdir of a dense run: upcycle its latest checkpoint at start-up
+    c.init.upcycle_mode = "copy"  # copy: experts copy the dense FFN | fine_grained: experts are slices of it
+    c.init.upcycle_noise = 0.0  # Gaussian noise on the expert copies, in units of each tensor's std
+    c.init.from_checkpoint = ""  # workdir whose latest parameters start this run (fresh optimizer)
+
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mesh = (1, -1, 1)  # (pipeline, data, expert) sizes; one may be -1 for the remaining devices
     c.parallel.layout = "gshard"  # gshard: expert axis doubles as data parallelism | edp: Skywork EDP
@@ -135,7 +142,7 @@ def resolve_config_path(path: str) -> str:
 
 def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load a config file, apply `--config.a.b=value` overrides, and validate."""
-    return apply_overrides(_load_file(resolve_config_path(path)), overrides)
+    return apply_overrides(load_file(resolve_config_path(path)), overrides)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
@@ -158,7 +165,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     return result
 
 
-def _load_file(path: str) -> ml_collections.ConfigDict:
+def load_file(path: str) -> ml_collections.ConfigDict:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_skymoe_config_file", path)
@@ -202,12 +209,14 @@ _CHOICES = {
     "moe.aux_loss": ("paper", "switch"),
     "moe.drop_policy": ("position", "probs"),
     "moe.dropless_impl": ("ragged", "padded"),
+    "moe.routing_impl": ("auto", "xla", "pallas"),
     "aux_coef.mode": ("adaptive", "fixed"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "data.source": ("builtin", "files"),
     "data.format": ("text", "jsonl"),
     "parallel.layout": ("gshard", "edp"),
     "train.nonfinite": ("stop", "skip"),
+    "init.upcycle_mode": ("copy", "fine_grained"),
 }
 
 
@@ -288,6 +297,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(o.weight_decay >= 0 and o.grad_clip >= 0 and o.eps > 0,
          "optim.weight_decay and optim.grad_clip must be >= 0, optim.eps > 0")
     need(o.expert_lr_multiplier > 0, f"optim.expert_lr_multiplier={o.expert_lr_multiplier} must be > 0")
+
+    i = c.init
+    need(not (i.upcycle_from and i.from_checkpoint), "set init.upcycle_from or init.from_checkpoint, not both")
+    need(not i.upcycle_from or c.moe.num_experts > 0, "init.upcycle_from needs an MoE config (moe.num_experts > 0)")
+    for key in ("init.upcycle_from", "init.from_checkpoint"):
+        need(not get(key) or os.path.isdir(os.path.join(get(key), "checkpoints")),
+             f"{key}={get(key)!r} has no checkpoints/ directory; give the workdir of a finished run")
+    need(math.isfinite(i.upcycle_noise) and i.upcycle_noise >= 0, f"init.upcycle_noise={i.upcycle_noise} must be >= 0")
 
     d = c.data
     need(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")

@@ -131,7 +131,7 @@ def test_restore_onto_other_meshes_gives_the_same_next_step(tmp_path):
         for b in batches[:3]:
             state, _ = rt.train_step(state, rt.batch(b))
         ckpt = Checkpointer(tmp_path)
-        ckpt.save(3, state, data, c)
+        ckpt.save(3, state, c, data)
         ckpt.close()
         _, expected = rt.train_step(state, rt.batch(batches[3]))
     for mesh, devices in [((1, 8, 1), jax.devices()), ((1, 1, 1), jax.devices()[:1])]:

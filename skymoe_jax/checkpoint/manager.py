@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from skymoe_jax.config import base_config, validate
 from skymoe_jax.errors import CheckpointError
+from skymoe_jax.parallel.mesh import with_shardings
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -45,22 +46,25 @@ class Checkpointer:
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def save(self, step: int, state, data_iter, config: ml_collections.ConfigDict) -> None:
-        """Start an asynchronous save of state, data position and config at `step`."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iter),
-                                  config=ocp.args.JsonSave(config.to_dict()))
-        self._manager.save(step, args=args, force=True)
+    def save(self, step: int, state, config: ml_collections.ConfigDict, data_iter=None) -> None:
+        """Start an asynchronous save of state, config and (if given) data position at `step`."""
+        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state, data_iter=None):
-        """State (placed like abstract_state's shardings) and, if given, the data iterator's position."""
+        """State (placed like abstract_state's shardings) and, if given and saved, the data iterator's position.
+
+        A checkpoint without a data position (e.g. written by `skymoe upcycle`) leaves the iterator at its start.
+        """
         where = self.path(step)
         if not os.path.isdir(os.path.join(where, "state")):
             raise CheckpointError(f"checkpoint {where} has no saved state (partial or deleted); remove the "
                                   "directory to resume from an earlier checkpoint")
         self._check_shapes(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
+        if data_iter is not None and os.path.isdir(os.path.join(where, "data")):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items)).state
@@ -68,16 +72,32 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} is damaged and cannot be read ({_first_line(e)}); remove "
                                   "it to resume from an earlier checkpoint") from None
 
-    def _check_shapes(self, step: int, abstract_state) -> None:
-        """Name the first tensor whose shape differs between the checkpoint and this run's model."""
+    def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """{'params/embed/table': shape, ...} of the train state saved at step, from its metadata."""
         try:
             saved = ocp.StandardCheckpointer().metadata(os.path.join(self.path(step), "state")).item_metadata
         except Exception as e:
             raise CheckpointError(f"checkpoint {self.path(step)} has unreadable metadata ({_first_line(e)}); "
                                   "remove it to resume from an earlier checkpoint") from None
-        saved_shapes = {_name(path): tuple(leaf.shape) for path, leaf in _leaves(saved) if hasattr(leaf, "shape")}
+        return {tree_path_name(path): tuple(leaf.shape) for path, leaf in _leaves(saved) if hasattr(leaf, "shape")}
+
+    def restore_params(self, step: int, abstract_params, shardings):
+        """Only the parameters of the state saved at step, placed by `shardings` (each process reads its shards)."""
+        restore_args = with_shardings(abstract_params, shardings, lambda v, s: ocp.ArrayRestoreArgs(
+            sharding=s, global_shape=v.shape, dtype=v.dtype))
+        item = with_shardings(abstract_params, shardings)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item={"params": item}, restore_args={"params": restore_args}, partial_restore=True)))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {self.path(step)} cannot be read ({_first_line(e)})") from None
+        return restored.state["params"]
+
+    def _check_shapes(self, step: int, abstract_state) -> None:
+        """Name the first tensor whose shape differs between the checkpoint and this run's model."""
+        saved_shapes = self.saved_shapes(step)
         for path, leaf in _leaves(abstract_state):
-            name = _name(path)
+            name = tree_path_name(path)
             if name not in saved_shapes:
                 raise CheckpointError(f"checkpoint {self.path(step)} has no tensor {name} that this config's "
                                       "model needs; it was written by another model")
@@ -97,7 +117,7 @@ def _leaves(tree):
     return jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)
 
 
-def _name(path) -> str:
+def tree_path_name(path) -> str:
     """'params/stacks/0/.../w_up' from a key path (attribute, dict and sequence keys; Variable '.value' dropped)."""
     parts = []
     for key in path:

@@ -127,6 +127,22 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
     return jax.tree.map(one, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
+def with_shardings(abstract: Any, shardings: Any, make=None) -> Any:
+    """abstract (shapes and dtypes, Variables kept) with each leaf replaced by make(leaf, sharding).
+
+    `shardings` is a prefix of `abstract` (a NamedSharding where `abstract` has a Variable);
+    the default `make` gives ShapeDtypeStructs carrying the sharding, i.e. restore targets.
+    """
+    make = make or (lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding))
+
+    def one(sharding, leaf):
+        if isinstance(leaf, nnx.Variable):
+            return leaf.replace(value=make(leaf.get_value(), sharding))
+        return make(leaf, sharding)
+
+    return jax.tree.map(one, shardings, abstract)
+
+
 def state_shardings(abstract_state, mesh: Mesh, config: ml_collections.ConfigDict):
     """Shardings of a TrainState: parameters and optimizer state by the rules, scalars replicated."""
     replicated = NamedSharding(mesh, P())

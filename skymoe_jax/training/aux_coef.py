@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import ml_collections
 
 
-def initial_alpha(config: ml_collections.ConfigDict, num_moe_layers: int) -> jax.Array:
+def initial_alpha(config: ml_collections.ConfigDict, num_moe_layers: int) -> jax.Array | None:
+    """[num_moe_layers] initial coefficients; None for a dense model (checkpoints cannot hold empty arrays)."""
+    if not num_moe_layers:
+        return None
     return jnp.full((num_moe_layers,), config.aux_coef.initial_alpha, jnp.float32)
 
 

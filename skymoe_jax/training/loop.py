@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from skymoe_jax.checkpoint.initial import initial_state
 from skymoe_jax.checkpoint.manager import Checkpointer
 from skymoe_jax.data.pipeline import make_dataset
 from skymoe_jax.data.sources import load_documents
@@ -70,8 +71,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     t = config.train
     ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints, t.keep_every)
-    start = ckpt.latest_step() or 0
-    state = ckpt.restore(start, runtime.abstract_state(), train_iter) if start else runtime.init()
+    latest = ckpt.latest_step()
+    if latest is None:
+        state, origin = initial_state(config, runtime)
+    else:
+        state, origin = ckpt.restore(latest, runtime.abstract_state(), train_iter), f"resuming at step {latest}"
+    start = latest or 0
     tokens_per_step = config.data.batch_size * config.data.seq_len
     spec = ModelSpec.from_config(config)
     writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
@@ -79,8 +84,7 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     mesh = "x".join(str(n) for n in runtime.mesh.shape.values())
     console.print(f"{config.name}: {spec.num_layers} layers, {spec.num_experts or 'no'} experts, "
                   f"{flops_per_token(spec, config.data.seq_len) / 1e6:.1f} MFLOP/token; mesh {mesh} "
-                  f"(pipeline x data x expert, layout {runtime.layout}); workdir {workdir}"
-                  + (f"; resuming at step {start}" if start else ""))
+                  f"(pipeline x data x expert, layout {runtime.layout}); {origin}; workdir {workdir}")
 
     compile_start = time.perf_counter()
     batch = runtime.batch(next(train_iter))
@@ -116,7 +120,7 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
                     writer.write(record)
                     console.update(step, _live(record))
                 if save_now or stop_now:
-                    ckpt.save(step, state, train_iter, config)
+                    ckpt.save(step, state, config, train_iter)
                 if stop_now:
                     ckpt.wait()
                     console.print(f"stopped by {signals.signal_name or 'another process'} after step {step}; "

@@ -35,12 +35,7 @@ class Runtime:
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and target shardings of the state, for restoring a checkpoint onto this mesh."""
-        def with_sharding(sharding, leaf):
-            if isinstance(leaf, nnx.Variable):
-                return leaf.replace(value=with_sharding(sharding, leaf.get_value()))
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-        return jax.tree.map(with_sharding, self.shardings, jax.eval_shape(self.init))
+        return mesh_lib.with_shardings(jax.eval_shape(self.init), self.shardings)
 
     def batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return mesh_lib.global_batch(local, self.mesh, self.layout)

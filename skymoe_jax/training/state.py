@@ -20,7 +20,7 @@ class TrainState:
     step: jax.Array  # int32 scalar: number of optimizer updates applied
     params: nnx.State
     opt_state: optax.OptState
-    alpha: jax.Array  # [num MoE layers] float32 aux-loss coefficients, updated inside the step
+    alpha: jax.Array | None  # [num MoE layers] float32 aux-loss coefficients, updated inside the step
 
 
 def create(config: ml_collections.ConfigDict

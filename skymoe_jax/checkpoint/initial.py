@@ -1,0 +1,43 @@
+"""Where a fresh run's state comes from: random init, an upcycled dense checkpoint
+(init.upcycle_from), or the parameters of another checkpoint (init.from_checkpoint,
+e.g. an imported Hugging Face model) with a fresh optimizer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from skymoe_jax.checkpoint.manager import Checkpointer, saved_config
+from skymoe_jax.checkpoint.upcycle import upcycled_state
+from skymoe_jax.config import shape_changes
+from skymoe_jax.errors import CheckpointError
+from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.training import aux_coef
+from skymoe_jax.training.state import TrainState
+
+
+def initial_state(config: ml_collections.ConfigDict, runtime) -> tuple[TrainState, str]:
+    """(state, a few words on where it came from) for step 0, on the runtime's mesh."""
+    init = config.init
+    if init.upcycle_from:
+        return upcycled_state(config, runtime), f"upcycled ({init.upcycle_mode}) from {init.upcycle_from}"
+    if init.from_checkpoint:
+        return params_from(init.from_checkpoint, config, runtime), f"parameters from {init.from_checkpoint}"
+    return runtime.init(), "random init"
+
+
+def params_from(workdir: str, config: ml_collections.ConfigDict, runtime) -> TrainState:
+    source_config = saved_config(workdir)
+    changed = shape_changes(source_config, config)
+    if changed:
+        raise CheckpointError(f"init.from_checkpoint={workdir} holds another model shape ({changed})")
+    source = Checkpointer(workdir)
+    step = source.latest_step()
+    params = source.restore_params(step, runtime.abstract_state().params, runtime.shardings.params)
+    source.close()
+    fresh = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=runtime.tx.init(p),
+                                         alpha=aux_coef.initial_alpha(config,
+                                                                      ModelSpec.from_config(config).num_moe_layers)),
+                    out_shardings=runtime.shardings)
+    return fresh(params)

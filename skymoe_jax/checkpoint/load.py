@@ -1,0 +1,51 @@
+"""`load_model(path)`: a trained (or imported, or upcycled) model, ready to call."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+from flax import nnx
+
+from skymoe_jax.checkpoint.manager import Checkpointer, saved_config
+from skymoe_jax.errors import CheckpointError
+from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.model.transformer import Transformer, build_model
+from skymoe_jax.parallel import mesh as mesh_lib
+
+
+def _split(path: str) -> tuple[str, int | None]:
+    """A workdir, or one of its checkpoints (WORKDIR/checkpoints/STEP) -> (workdir, step or None for latest)."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    if name.isdigit() and os.path.basename(parent) == "checkpoints":
+        return os.path.dirname(parent), int(name)
+    return path, None
+
+
+def load_model(path: str) -> tuple[Transformer, ml_collections.ConfigDict]:
+    """(model, config) from a workdir (its latest checkpoint) or a checkpoint directory.
+
+    `model(tokens)` with int32 tokens [batch, seq] returns an output with `.logits`
+    [batch, seq, vocab] (and `.moe`, the per-layer routing statistics). Parameters are
+    placed by the run's config on this machine's devices. Each sequence is one routing
+    group with moe.eval_capacity_factor, so any batch shape works.
+    """
+    workdir, step = _split(path)
+    if not os.path.isdir(workdir):
+        raise CheckpointError(f"{path}: no such directory; give a workdir or WORKDIR/checkpoints/STEP")
+    config = saved_config(workdir, step)
+    source = Checkpointer(workdir)
+    step = source.latest_step() if step is None else step
+    spec = ModelSpec.from_config(config)
+    abstract = nnx.eval_shape(lambda: build_model(dataclasses.replace(spec, group_size=0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    mesh = mesh_lib.make_mesh(config)
+    restored = source.restore_params(step, params, mesh_lib.tree_shardings(params, mesh,
+                                                                          mesh_lib.param_rules(config.parallel)))
+    source.close()
+    return nnx.merge(graphdef, restored), config
+
+
+__all__ = ["load_model"]

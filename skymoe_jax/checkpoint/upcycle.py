@@ -1,0 +1,151 @@
+"""Upcycling a dense checkpoint of this trainer into an MoE train state.
+
+Attention, norms, embeddings and head are copied; each MoE layer's experts start
+from that layer's dense FFN; the router is freshly initialised; optimizer state,
+step and aux coefficients start fresh. Two modes:
+
+- copy: every expert is a copy of the dense FFN (optionally with Gaussian noise of
+  `init.upcycle_noise` times each tensor's std). With renormalized top-k weights
+  and no drops the MoE computes exactly the dense function at step 0.
+- fine_grained: the dense FFN width F is cut into G = F / moe.expert_ffn_dim slices;
+  expert e is slice e mod G. The router starts at zero, so every token's gate is
+  uniform and top-k (ties go to the lowest index) picks experts 0..k-1 = every slice
+  once when top_k == G; their down projections are scaled by 1 / combine weight
+  (k with renormalization, n without), so the sum of slices is again the dense FFN.
+
+The dense tensors are restored with target shardings (each process reads only the
+slices its devices hold) and turned into the MoE state inside one jit whose
+outputs carry the MoE shardings: no host ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from skymoe_jax.checkpoint.manager import Checkpointer, saved_config, tree_path_name
+from skymoe_jax.errors import CheckpointError, ConfigError
+from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.model.transformer import build_model
+from skymoe_jax.parallel import mesh as mesh_lib
+from skymoe_jax.training import aux_coef
+from skymoe_jax.training.state import TrainState
+
+def slices(config: ml_collections.ConfigDict, dense_ffn: int) -> int:
+    """G: dense FFN slices per expert set (1 for copy mode); validates the MoE config against the dense width."""
+    e = config.moe
+    if config.init.upcycle_mode == "copy":
+        if e.expert_ffn_dim != dense_ffn:
+            raise ConfigError(f"copy upcycling needs moe.expert_ffn_dim equal to the dense FFN width {dense_ffn} "
+                              f"(got {e.expert_ffn_dim}); or use --config.init.upcycle_mode=fine_grained")
+        return 1
+    if dense_ffn % e.expert_ffn_dim:
+        raise ConfigError(f"fine-grained upcycling needs moe.expert_ffn_dim={e.expert_ffn_dim} to divide the dense "
+                          f"FFN width {dense_ffn}")
+    g = dense_ffn // e.expert_ffn_dim
+    if e.top_k != g or e.num_experts % g:
+        raise ConfigError(f"fine-grained upcycling into {g} slices keeps the dense function only with "
+                          f"moe.top_k={g} and moe.num_experts a multiple of {g} (got top_k={e.top_k}, "
+                          f"num_experts={e.num_experts})")
+    return g
+
+
+def _dense_counterpart(config: ml_collections.ConfigDict, dense_ffn: int) -> ml_collections.ConfigDict:
+    dense = config.copy_and_resolve_references()
+    dense.moe.num_experts = 0
+    dense.model.ffn_dim = dense_ffn
+    return dense
+
+
+def _paths(tree) -> dict[str, nnx.Variable]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return {tree_path_name(path): leaf for path, leaf in leaves}
+
+
+def load_dense(dense_dir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[nnx.State, int]:
+    """The dense checkpoint's parameters, restored onto `mesh`, and G (see `slices`)."""
+    dense_config = saved_config(dense_dir)
+    if dense_config.moe.num_experts:
+        raise CheckpointError(f"{dense_dir} holds an MoE checkpoint ({dense_config.moe.num_experts} experts); "
+                              "upcycling starts from a dense one (moe.num_experts=0)")
+    source = Checkpointer(dense_dir)
+    step = source.latest_step()
+    directory = source.path(step)
+    shapes = {name[len("params/"):]: shape for name, shape in source.saved_shapes(step).items()
+              if name.startswith("params/")}
+    ffn_key = "stacks/0/blocks/layers/0/ffn/w_up"
+    if ffn_key not in shapes:
+        raise CheckpointError(f"{directory} has no dense FFN ({ffn_key}); is it a checkpoint of this trainer?")
+    g = slices(config, shapes[ffn_key][-1])
+    dense = _dense_counterpart(config, shapes[ffn_key][-1])
+    if any(not is_moe for is_moe in ModelSpec.from_config(config).moe_layers) and config.model.ffn_dim != \
+            shapes[ffn_key][-1]:
+        raise ConfigError(f"the MoE config's dense layers have model.ffn_dim={config.model.ffn_dim} but the dense "
+                          f"checkpoint's FFN width is {shapes[ffn_key][-1]}")
+    params = nnx.state(nnx.eval_shape(lambda: build_model(ModelSpec.from_config(dense))), nnx.Param)
+    for name, leaf in _paths(params).items():
+        if name not in shapes:
+            raise CheckpointError(f"dense checkpoint {directory} has no parameter {name}, which the MoE config needs")
+        if shapes[name] != tuple(leaf.shape):
+            raise CheckpointError(f"dense parameter {name} has shape {shapes[name]} in {directory} but the MoE "
+                                  f"config needs {tuple(leaf.shape)}")
+    rules = mesh_lib.param_rules(config.parallel)
+    if g > 1:
+        rules = {**rules, "mlp": ("expert",)}  # each device reads only the slices its experts are made of
+    return source.restore_params(step, params, mesh_lib.tree_shardings(params, mesh, rules)), g
+
+
+def upcycle_fn(config: ml_collections.ConfigDict, g: int, tx, shardings: TrainState):
+    """jit(dense params -> fresh MoE TrainState) with the MoE state's shardings on its outputs."""
+    spec = ModelSpec.from_config(config)
+    n, k = spec.num_experts, spec.top_k
+    noise = config.init.upcycle_noise
+    scale = 1.0 if g == 1 else float(k if spec.renormalize else n)
+
+    def experts(ffn, key):
+        r, d, width = ffn["w_gate"].shape
+        f = width // g
+        split_in = lambda w: jnp.tile(w.reshape(r, d, g, f).transpose(0, 2, 1, 3), (1, n // g, 1, 1))
+        down = jnp.tile(ffn["w_down"].reshape(r, g, f, d), (1, n // g, 1, 1)) * scale
+        out = {"w_gate": split_in(ffn["w_gate"]), "w_up": split_in(ffn["w_up"]), "w_down": down}
+        if noise:
+            keys = jax.random.split(key, 3)
+            out = {name: w + noise * jnp.std(w) * jax.random.normal(kk, w.shape, w.dtype)
+                   for kk, (name, w) in zip(keys, sorted(out.items()))}
+        return out
+
+    def build(dense: nnx.State) -> TrainState:
+        src = nnx.to_pure_dict(dense)
+        layers = src["stacks"][0]["blocks"]["layers"][0]
+        key = jax.random.key(config.seed)
+        out = {name: src[name] for name in ("embed", "final_norm", "head")}
+        out["stacks"] = {}
+        offset = 0
+        for s, (pattern, repeats) in enumerate(spec.stacks()):
+            stack = {}
+            for p, is_moe in enumerate(pattern):
+                idx = offset + np.arange(repeats) * len(pattern) + p
+                layer = jax.tree.map(lambda a: a[idx], layers)
+                if is_moe:
+                    key, k_router, k_noise = jax.random.split(key, 3)
+                    router = (jnp.zeros((repeats, spec.d_model, n), jnp.float32) if g > 1 else
+                              spec.router_init_std * jax.random.normal(k_router, (repeats, spec.d_model, n)))
+                    layer["ffn"] = {"gate": router, "experts": experts(layer["ffn"], k_noise)}
+                stack[p] = layer
+            out["stacks"][s] = {"blocks": {"layers": stack}}
+            offset += len(pattern) * repeats
+        params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
+        nnx.replace_by_pure_dict(params, out)  # in place
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          alpha=aux_coef.initial_alpha(config, spec.num_moe_layers))
+
+    return jax.jit(build, out_shardings=shardings)
+
+
+def upcycled_state(config: ml_collections.ConfigDict, runtime) -> TrainState:
+    """The MoE train state upcycled from config.init.upcycle_from, on the runtime's mesh."""
+    dense, g = load_dense(config.init.upcycle_from, config, runtime.mesh)
+    return upcycle_fn(config, g, runtime.tx, runtime.shardings)(dense)

@@ -1,0 +1,124 @@
+"""Upcycling dense checkpoints into MoE: the dense function at step 0, sharded loading,
+training and resuming the result, the online form, and shape mismatches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from skymoe_jax import load_model
+from skymoe_jax.checkpoint.manager import Checkpointer
+from skymoe_jax.checkpoint.upcycle import load_dense
+from skymoe_jax.cli import main
+from skymoe_jax.config import apply_overrides, base_config
+from skymoe_jax.errors import CheckpointError
+from skymoe_jax.metrics.writers import read_jsonl
+from skymoe_jax.parallel.mesh import make_mesh
+from skymoe_jax.training import runtime as runtime_lib
+
+BASE = ["--config.model.d_model=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
+        "--config.model.num_kv_heads=1", "--config.model.ffn_dim=64", "--config.data.seq_len=32",
+        "--config.data.batch_size=8", "--config.moe.group_size=0", "--config.train.eval_every=0",
+        "--config.train.progress=False", "--config.optim.warmup_steps=1"]
+DENSE = BASE + ["--config.moe.num_experts=0"]
+# Ample eval capacity: nothing drops, so upcycled experts see every token the dense FFN saw.
+MOE = BASE + ["--config.moe.num_experts=8", "--config.moe.top_k=2", "--config.moe.expert_ffn_dim=64",
+              "--config.moe.eval_capacity_factor=8.0", "--config.parallel.mesh=(1,4,2)"]
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    """A dense run trained 3 steps (so its weights are not just the init)."""
+    workdir = tmp_path_factory.mktemp("dense") / "run"
+    assert main(["train", f"--workdir={workdir}", *DENSE, "--config.train.steps=3"]) == 0
+    return workdir
+
+
+def _tokens():
+    return jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 32)), jnp.int32)
+
+
+@pytest.mark.parametrize("flags", [
+    [],
+    ["--config.moe.gate_norm=False"],
+    ["--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=16", "--config.moe.top_k=4"],
+    ["--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=32", "--config.moe.top_k=2",
+     "--config.moe.renormalize=False", "--config.moe.gate_norm=False"],
+], ids=["copy", "copy-no-gate-norm", "fine-4-slices", "fine-2-slices-no-renorm"])
+def test_upcycled_model_computes_the_dense_function(dense_dir, tmp_path, flags):
+    out = tmp_path / "moe"
+    assert main(["upcycle", f"--dense={dense_dir}", f"--out={out}", *MOE, *flags]) == 0
+    dense, _ = load_model(str(dense_dir))
+    moe, config = load_model(str(out))
+    assert config.moe.num_experts == 8
+    want, got = dense(_tokens()), moe(_tokens())
+    assert float(jnp.max(got.moe["drop_rate"])) == 0.0
+    # Same function, summed in another order (k weighted copies, or slices): fp32 rounding only.
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-4, rtol=0)
+
+
+def test_experts_are_split_over_the_expert_axis(dense_dir):
+    config = apply_overrides(base_config(), [*MOE, "--config.init.upcycle_mode=fine_grained",
+                                             "--config.moe.expert_ffn_dim=32"])
+    mesh = make_mesh(config)
+    dense, g = load_dense(str(dense_dir), config, mesh)
+    assert g == 2
+    w_up = dense["stacks"][0]["blocks"]["layers"][0]["ffn"]["w_up"][...]
+    # Fine-grained: each device reads only the FFN slices its experts come from (width 64 over expert=2).
+    assert {s.data.shape for s in w_up.addressable_shards} == {(3, 32, 32)}
+    from skymoe_jax.checkpoint.upcycle import upcycled_state
+
+    rt = runtime_lib.build(config)
+    with jax.set_mesh(rt.mesh):
+        state = upcycled_state(apply_overrides(config, [f"--config.init.upcycle_from={dense_dir}"]), rt)
+    experts = state.params["stacks"][0]["blocks"]["layers"][0]["ffn"]["experts"]["w_up"][...]
+    assert {s.data.shape for s in experts.addressable_shards} == {(3, 4, 32, 32)}  # 8 experts over expert=2
+
+
+def test_upcycled_checkpoint_trains_and_resumes(dense_dir, tmp_path):
+    out = tmp_path / "moe"
+    assert main(["upcycle", f"--dense={dense_dir}", f"--out={out}", *MOE]) == 0
+    assert main(["train", f"--workdir={out}", "--config.train.steps=4", "--config.train.log_every=2",
+                 "--config.train.checkpoint_every=2"]) == 0
+    assert main(["train", f"--workdir={out}", "--config.train.steps=6", "--config.train.log_every=2"]) == 0
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [2, 4, 6]
+    assert Checkpointer(out).latest_step() == 6
+
+
+def test_online_upcycling_matches_offline(dense_dir, tmp_path):
+    offline, online = tmp_path / "offline", tmp_path / "online"
+    assert main(["upcycle", f"--dense={dense_dir}", f"--out={offline}", *MOE]) == 0
+    assert main(["train", f"--workdir={offline}", "--config.train.steps=2", "--config.train.log_every=1"]) == 0
+    assert main(["train", f"--workdir={online}", *MOE, f"--config.init.upcycle_from={dense_dir}",
+                 "--config.train.steps=2", "--config.train.log_every=1"]) == 0
+    a, b = read_jsonl(offline / "metrics.jsonl"), read_jsonl(online / "metrics.jsonl")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_shape_mismatch_names_the_parameter(dense_dir, tmp_path, capsys):
+    code = main(["upcycle", f"--dense={dense_dir}", f"--out={tmp_path / 'moe'}", *MOE,
+                 "--config.model.num_heads=4", "--config.model.num_kv_heads=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "dense parameter stacks/0/blocks/layers/0/attn/wk has shape (3, 32, 1, 16)" in err
+    assert "needs (3, 32, 2, 8)" in err
+    assert not (tmp_path / "moe" / "checkpoints").exists() or not list((tmp_path / "moe" / "checkpoints").iterdir())
+
+
+def test_fine_grained_needs_matching_top_k(dense_dir, tmp_path, capsys):
+    code = main(["upcycle", f"--dense={dense_dir}", f"--out={tmp_path / 'moe'}", *MOE,
+                 "--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=16"])
+    assert code == 2 and "moe.top_k=4" in capsys.readouterr().err
+
+
+def test_upcycling_an_moe_checkpoint_is_refused(tmp_path, capsys):
+    moe_run = tmp_path / "moe_run"
+    assert main(["train", f"--workdir={moe_run}", *MOE, "--config.train.steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["upcycle", f"--dense={moe_run}", f"--out={tmp_path / 'x'}", *MOE]) == 2
+    assert "holds an MoE checkpoint" in capsys.readouterr().err
+
+
+def test_load_model_rejects_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="no such directory"):
+        load_model(str(tmp_path / "nothing"))
