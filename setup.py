@@ -22,7 +22,12 @@ setup(
         "numpy",
         "rich",
         "tokenizers",
+        "safetensors",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={
+        "test": ["pytest"],
+        # Only for tests/test_hf_import.py, which compares imported models with transformers' PyTorch ones.
+        "hf": ["torch>=2.4", "transformers>=4.45"],
+    },
     entry_points={"console_scripts": ["skymoe = skymoe_jax.cli:main"]},
 )

@@ -3,6 +3,8 @@
     skymoe train  [--config=PATH] [--config.a.b=VALUE ...] [--workdir=DIR]
     skymoe eval   --workdir=DIR [--config.a.b=VALUE ...]
     skymoe upcycle --dense=DIR --out=DIR [--config=MOE_CONFIG] [--config.a.b=VALUE ...]
+    skymoe import-hf --hf_dir=DIR --out=DIR
+    skymoe advise --dense_params=N --dense_tokens=D --moe_tokens=D [--top_k=2] [--no_dense] [--json]
     skymoe params [--config=PATH] [--config.a.b=VALUE ...] [--mesh=PIPE,DATA,EXPERT] [--json]
     skymoe bench step [--config=PATH] [--config.a.b=VALUE ...] [--steps=N] [--json]
 
@@ -157,6 +159,53 @@ def cmd_upcycle(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_import_hf(argv: Sequence[str]) -> int:
+    from skymoe_jax.checkpoint.hf import import_hf
+    from skymoe_jax.metrics.flops import param_counts
+    from skymoe_jax.model.spec import ModelSpec
+
+    args = Args(argv, {"hf_dir": "", "out": ""})
+    if not args.hf_dir or not args.out or args.config or args.overrides:
+        raise ConfigError("skymoe import-hf takes --hf_dir=DIR (config.json + safetensors) and --out=DIR")
+    config = import_hf(args.hf_dir, args.out)
+    counts = param_counts(ModelSpec.from_config(config))
+    print(f"imported {args.hf_dir} ({config.name}, {_count(counts.total)} parameters) into "
+          f"{os.path.join(args.out, 'checkpoints', '0')} with its config {os.path.join(args.out, 'config.py')}; "
+          f"use it with skymoe upcycle --dense={args.out} ... or skymoe train --config={args.out}/config.py "
+          f"--config.init.from_checkpoint={args.out}")
+    return 0
+
+
+def cmd_advise(argv: Sequence[str]) -> int:
+    from skymoe_jax.advise import advise, describe
+
+    args = Args(argv, {"dense_params": "", "dense_tokens": "", "moe_tokens": "", "top_k": 2, "ffn_share": "",
+                       "comm_overhead": "", "no_dense": False, "json": False})
+    if args.config or args.overrides:
+        raise ConfigError("skymoe advise takes no config; give --dense_params, --dense_tokens and --moe_tokens")
+    numbers = {name: _number(name, getattr(args, name)) for name in ("dense_params", "dense_tokens", "moe_tokens")}
+    extra = {name: _number(name, getattr(args, name)) for name in ("ffn_share", "comm_overhead")
+             if getattr(args, name)}
+    a = advise(**numbers, top_k=args.top_k, have_dense=not args.no_dense, **extra)
+    if args.json:
+        print(json.dumps({"recommendation": a.recommendation, "reason": a.reason, "dense_cost_flops": a.dense_cost,
+                          "moe_cost_flops": a.moe_cost, "cost_factor": a.cost_factor, "ratio": a.ratio}))
+    else:
+        print(describe(a))
+    return 0
+
+
+def _number(name: str, text: str) -> float:
+    """1e9, 300e9, 0.3B, 100B, 2T: parameter and token counts the way people write them."""
+    if not text:
+        raise ConfigError(f"skymoe advise needs --{name}")
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}.get(text[-1].upper(), 1.0)
+    try:
+        return float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        raise ConfigError(f"--{name}={text!r} is not a number (e.g. 3e8, 300M, 0.3B, 1.2T)") from None
+
+
 def cmd_params(argv: Sequence[str]) -> int:
     from skymoe_jax.metrics.flops import flops_per_token, param_counts
     from skymoe_jax.model.spec import ModelSpec
@@ -211,9 +260,14 @@ def bench_step(argv: Sequence[str]) -> int:
     return 0
 
 
-BENCHES: dict[str, Callable[[Sequence[str]], int]] = {"step": bench_step}
+BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
+    "step": bench_step,
+    "routing": lambda argv: __import__("skymoe_jax.kernels.bench", fromlist=["main"]).main(argv),
+}
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "train": cmd_train, "eval": cmd_eval, "upcycle": cmd_upcycle, "params": cmd_params, "bench": cmd_bench}
+    "train": cmd_train, "eval": cmd_eval, "upcycle": cmd_upcycle, "import-hf": cmd_import_hf,
+    "advise": cmd_advise,
+    "params": cmd_params, "bench": cmd_bench}
 # Commands that run on devices join a multi-process run when the environment describes one.
 DISTRIBUTED = {"train", "eval", "upcycle", "bench"}
 

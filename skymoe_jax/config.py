@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init_std = 0.02
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (router always float32)
     c.model.param_dtype = "float32"
+    c.model.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
     c.model.remat = "none"  # none | full | dots: activation rematerialization per layer
 
     c.moe = ml_collections.ConfigDict()
@@ -302,8 +303,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(not (i.upcycle_from and i.from_checkpoint), "set init.upcycle_from or init.from_checkpoint, not both")
     need(not i.upcycle_from or c.moe.num_experts > 0, "init.upcycle_from needs an MoE config (moe.num_experts > 0)")
     for key in ("init.upcycle_from", "init.from_checkpoint"):
-        need(not get(key) or os.path.isdir(os.path.join(get(key), "checkpoints")),
-             f"{key}={get(key)!r} has no checkpoints/ directory; give the workdir of a finished run")
+        path = get(key)
+        need(not path or os.path.isdir(os.path.join(path, "checkpoints"))
+             or os.path.basename(os.path.dirname(os.path.abspath(path))) == "checkpoints" and os.path.isdir(path),
+             f"{key}={path!r} is neither a run's workdir (with checkpoints/) nor WORKDIR/checkpoints/STEP")
     need(math.isfinite(i.upcycle_noise) and i.upcycle_noise >= 0, f"init.upcycle_noise={i.upcycle_noise} must be >= 0")
 
     d = c.data
@@ -318,7 +321,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 # Fields that change parameter shapes or the layer layout: a checkpoint only fits the same values.
 SHAPE_FIELDS = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-                "model.ffn_dim", "model.param_dtype", "moe.num_experts", "moe.expert_ffn_dim",
+                "model.ffn_dim", "model.param_dtype", "model.qkv_bias", "moe.num_experts", "moe.expert_ffn_dim",
                 "moe.first_k_dense", "moe.moe_every")
 
 

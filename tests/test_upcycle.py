@@ -122,3 +122,19 @@ def test_upcycling_an_moe_checkpoint_is_refused(tmp_path, capsys):
 def test_load_model_rejects_missing_path(tmp_path):
     with pytest.raises(CheckpointError, match="no such directory"):
         load_model(str(tmp_path / "nothing"))
+
+
+def test_from_checkpoint_starts_from_a_chosen_step(dense_dir):
+    """init.from_checkpoint=WORKDIR/checkpoints/STEP: that step's parameters, a fresh optimizer and step."""
+    from skymoe_jax.checkpoint.initial import initial_state
+    from flax import nnx
+
+    config = apply_overrides(base_config(), [*DENSE, f"--config.init.from_checkpoint={dense_dir}/checkpoints/3"])
+    rt = runtime_lib.build(config)
+    with jax.set_mesh(rt.mesh):
+        state, origin = initial_state(config, rt)
+    assert "parameters from" in origin and int(state.step) == 0
+    saved, _ = load_model(str(dense_dir / "checkpoints" / "3"))
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(nnx.state(saved, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert all(float(jnp.max(jnp.abs(m))) == 0 for m in jax.tree.leaves(state.opt_state[1][0].mu))

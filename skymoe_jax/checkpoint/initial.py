@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from skymoe_jax.checkpoint.manager import Checkpointer, saved_config
+from skymoe_jax.checkpoint.manager import Checkpointer, saved_config, split_checkpoint_path
 from skymoe_jax.checkpoint.upcycle import upcycled_state
 from skymoe_jax.config import shape_changes
 from skymoe_jax.errors import CheckpointError
@@ -27,13 +27,15 @@ def initial_state(config: ml_collections.ConfigDict, runtime) -> tuple[TrainStat
     return runtime.init(), "random init"
 
 
-def params_from(workdir: str, config: ml_collections.ConfigDict, runtime) -> TrainState:
-    source_config = saved_config(workdir)
+def params_from(path: str, config: ml_collections.ConfigDict, runtime) -> TrainState:
+    """A fresh state around the parameters saved at path (a workdir's latest, or WORKDIR/checkpoints/STEP)."""
+    workdir, step = split_checkpoint_path(path)
+    source_config = saved_config(workdir, step)
     changed = shape_changes(source_config, config)
     if changed:
-        raise CheckpointError(f"init.from_checkpoint={workdir} holds another model shape ({changed})")
+        raise CheckpointError(f"init.from_checkpoint={path} holds another model shape ({changed})")
     source = Checkpointer(workdir)
-    step = source.latest_step()
+    step = source.latest_step() if step is None else step
     params = source.restore_params(step, runtime.abstract_state().params, runtime.shardings.params)
     source.close()
     fresh = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=runtime.tx.init(p),

@@ -8,20 +8,11 @@ import os
 import ml_collections
 from flax import nnx
 
-from skymoe_jax.checkpoint.manager import Checkpointer, saved_config
+from skymoe_jax.checkpoint.manager import Checkpointer, saved_config, split_checkpoint_path
 from skymoe_jax.errors import CheckpointError
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import Transformer, build_model
 from skymoe_jax.parallel import mesh as mesh_lib
-
-
-def _split(path: str) -> tuple[str, int | None]:
-    """A workdir, or one of its checkpoints (WORKDIR/checkpoints/STEP) -> (workdir, step or None for latest)."""
-    path = os.path.abspath(path)
-    parent, name = os.path.split(path)
-    if name.isdigit() and os.path.basename(parent) == "checkpoints":
-        return os.path.dirname(parent), int(name)
-    return path, None
 
 
 def load_model(path: str) -> tuple[Transformer, ml_collections.ConfigDict]:
@@ -32,7 +23,7 @@ def load_model(path: str) -> tuple[Transformer, ml_collections.ConfigDict]:
     placed by the run's config on this machine's devices. Each sequence is one routing
     group with moe.eval_capacity_factor, so any batch shape works.
     """
-    workdir, step = _split(path)
+    workdir, step = split_checkpoint_path(path)
     if not os.path.isdir(workdir):
         raise CheckpointError(f"{path}: no such directory; give a workdir or WORKDIR/checkpoints/STEP")
     config = saved_config(workdir, step)

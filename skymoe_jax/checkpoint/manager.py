@@ -27,6 +27,15 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def split_checkpoint_path(path: str) -> tuple[str, int | None]:
+    """A workdir, or one of its checkpoints (WORKDIR/checkpoints/STEP) -> (workdir, step or None for latest)."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    if name.isdigit() and os.path.basename(parent) == "checkpoints":
+        return os.path.dirname(parent), int(name)
+    return path, None
+
+
 class Checkpointer:
     """Save every `every` steps; keep the last `keep` plus every checkpoint at a multiple of `keep_every`."""
 

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from skymoe_jax.checkpoint.manager import Checkpointer, saved_config, tree_path_name
+from skymoe_jax.checkpoint.manager import Checkpointer, saved_config, split_checkpoint_path, tree_path_name
 from skymoe_jax.errors import CheckpointError, ConfigError
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import build_model
@@ -66,13 +66,15 @@ def _paths(tree) -> dict[str, nnx.Variable]:
 
 
 def load_dense(dense_dir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[nnx.State, int]:
-    """The dense checkpoint's parameters, restored onto `mesh`, and G (see `slices`)."""
-    dense_config = saved_config(dense_dir)
+    """The dense checkpoint's parameters (a workdir's latest, or WORKDIR/checkpoints/STEP), restored onto
+    `mesh`, and G (see `slices`)."""
+    dense_dir, step = split_checkpoint_path(dense_dir)
+    dense_config = saved_config(dense_dir, step)
     if dense_config.moe.num_experts:
         raise CheckpointError(f"{dense_dir} holds an MoE checkpoint ({dense_config.moe.num_experts} experts); "
                               "upcycling starts from a dense one (moe.num_experts=0)")
     source = Checkpointer(dense_dir)
-    step = source.latest_step()
+    step = source.latest_step() if step is None else step
     directory = source.path(step)
     shapes = {name[len("params/"):]: shape for name, shape in source.saved_shapes(step).items()
               if name.startswith("params/")}

@@ -26,13 +26,21 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std, dt)
         self.wv = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std, dt)
         self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), std, dt)
+        if spec.qkv_bias:
+            self.bq = nnx.Param(jnp.zeros((h, hd), dt), axes=("heads", "head_dim"))
+            self.bk = nnx.Param(jnp.zeros((kv, hd), dt), axes=("kv_heads", "head_dim"))
+            self.bv = nnx.Param(jnp.zeros((kv, hd), dt), axes=("kv_heads", "head_dim"))
+        self.qkv_bias = spec.qkv_bias
         self.theta = spec.rope_theta
         self.dtype = spec.compute_dtype
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         dt = self.dtype
-        q = rotary(jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt)), positions, self.theta)
-        k = rotary(jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt)), positions, self.theta)
+        q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
+        k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
         v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
+        if self.qkv_bias:
+            q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt))

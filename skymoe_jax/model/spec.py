@@ -27,6 +27,7 @@ class ModelSpec:
     dtype: str
     param_dtype: str
     remat: str
+    qkv_bias: bool
     first_k_dense: int
     moe_every: int
     num_experts: int
@@ -46,6 +47,7 @@ class ModelSpec:
     dropless: bool
     dropless_impl: str
     layout: str = "gshard"  # parallel.layout: how the MoE layer is laid out over a mesh
+    routing_impl: str = "auto"  # moe.routing_impl: XLA or Pallas routing kernels (kernels/ops.py)
 
     @property
     def head_dim(self) -> int:
@@ -88,11 +90,12 @@ class ModelSpec:
             vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
             num_kv_heads=m.num_kv_heads, ffn_dim=m.ffn_dim, rope_theta=float(m.rope_theta),
             norm_eps=float(m.norm_eps), init_std=float(m.init_std), dtype=m.dtype, param_dtype=m.param_dtype,
-            remat=m.remat, first_k_dense=e.first_k_dense, moe_every=e.moe_every, num_experts=e.num_experts,
+            remat=m.remat, qkv_bias=bool(m.qkv_bias),
+            first_k_dense=e.first_k_dense, moe_every=e.moe_every, num_experts=e.num_experts,
             top_k=e.top_k, expert_ffn_dim=e.expert_ffn_dim, router_init_std=float(e.router_init_std),
             gate_norm=bool(e.gate_norm), gate_norm_lambda=float(e.gate_norm_lambda),
             gate_norm_ddof=int(e.gate_norm_ddof), gate_norm_eps=float(e.gate_norm_eps),
             renormalize=bool(e.renormalize), aux_loss=e.aux_loss, capacity_factor=float(e.capacity_factor),
             eval_capacity_factor=float(e.eval_capacity_factor), group_size=e.group_size,
             drop_policy=e.drop_policy, dropless=bool(e.dropless), dropless_impl=e.dropless_impl,
-            layout=c.parallel.layout)
+            layout=c.parallel.layout, routing_impl=e.routing_impl)

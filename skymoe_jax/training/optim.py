@@ -27,10 +27,11 @@ def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def decay_mask(params: nnx.State, decay_embeddings: bool) -> nnx.State:
-    """Decay matrices (>= 2 logical axes); never norms or the router; embeddings/head only if asked."""
+    """Decay weight matrices (those with an `embed` axis and another); never norm scales, biases or the
+    router; the embedding and head only if asked."""
     def wants_decay(v):
         axes = v.axes
-        if len([a for a in axes if a != "layers"]) < 2 or None in axes:  # norm scales; router gate (embed, None)
+        if "embed" not in axes or len([a for a in axes if a != "layers"]) < 2 or None in axes:
             return False
         return decay_embeddings or "vocab" not in axes
     return jax.tree.map(wants_decay, params, is_leaf=lambda v: isinstance(v, nnx.Variable))
