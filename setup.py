@@ -23,9 +23,15 @@ setup(
         "rich",
         "tokenizers",
         "safetensors",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (protobuf only)
     ],
     extras_require={
-        "test": ["pytest"],
+        # `skymoe report` and the figures in the notebook.
+        "report": ["matplotlib>=3.8"],
+        # notebooks/quickstart.ipynb: figures, and ipywidgets for rich's progress bar in Jupyter.
+        "notebook": ["matplotlib>=3.8", "ipywidgets>=8"],
+        # The tests also execute the notebook headless (nbclient on an ipykernel).
+        "test": ["pytest", "matplotlib>=3.8", "ipywidgets>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
         # Only for tests/test_hf_import.py, which compares imported models with transformers' PyTorch ones.
         "hf": ["torch>=2.4", "transformers>=4.45"],
     },

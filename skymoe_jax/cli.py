@@ -7,6 +7,10 @@
     skymoe advise --dense_params=N --dense_tokens=D --moe_tokens=D [--top_k=2] [--no_dense] [--json]
     skymoe params [--config=PATH] [--config.a.b=VALUE ...] [--mesh=PIPE,DATA,EXPERT] [--json]
     skymoe bench step [--config=PATH] [--config.a.b=VALUE ...] [--steps=N] [--json]
+    skymoe bench data [--config=PATH] [--config.a.b=VALUE ...] [--workers=N] [--batches=N] [--json]
+    skymoe prepare-data --input=GLOB --tokenizer=PATH|byte --out=DIR [--format=text|jsonl] [--field=text]
+                        [--workers=N] [--shard_docs=N]
+    skymoe report --workdir=DIR [--compare DIR ...] [--out=DIR]
 
 User mistakes (bad flag, config, data file, checkpoint) print one line to stderr
 and exit with status 2; nothing is written.
@@ -14,6 +18,7 @@ and exit with status 2; nothing is written.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -210,7 +215,12 @@ def cmd_params(argv: Sequence[str]) -> int:
     from skymoe_jax.metrics.flops import flops_per_token, param_counts
     from skymoe_jax.model.spec import ModelSpec
 
+    from skymoe_jax.parallel.plan import parse_mesh, plan
+
     args = Args(argv, {"json": False, "mesh": ""})
+    mesh = parse_mesh(args.mesh) if args.mesh else None
+    if mesh:  # the planned mesh is the config's, so pipeline settings validate against it
+        args.overrides.append(f"--config.parallel.mesh={mesh}")
     config = _config(args)
     spec = ModelSpec.from_config(config)
     counts = param_counts(spec)
@@ -220,13 +230,14 @@ def cmd_params(argv: Sequence[str]) -> int:
     lines = [f"{config.name}: {_count(counts.total)} total parameters, {_count(counts.active)} activated per token "
              f"({100 * counts.expert / counts.total:.1f}% in experts); "
              f"{_count(flops, billion='G')}FLOP per training token at sequence length {config.data.seq_len}"]
-    if args.mesh:
-        from skymoe_jax.parallel.plan import parse_mesh, plan
-
-        p = plan(config, parse_mesh(args.mesh))
+    if mesh:
+        p = plan(config, mesh)
         out["plan"] = {"mesh": p.mesh, "layout": p.layout, "params_bytes": p.params_bytes,
                        "grads_bytes": p.grads_bytes, "optimizer_bytes": p.optimizer_bytes,
-                       "all_to_all_bytes_per_step": p.all_to_all_bytes, "tokens_per_device": p.tokens_per_device}
+                       "all_to_all_bytes_per_step": p.all_to_all_bytes, "tokens_per_device": p.tokens_per_device,
+                       "stage_layers": p.stage_layers, "stage_flops_per_token": p.stage_flops_per_token,
+                       "microbatches": p.microbatches, "pipeline_utilization": p.pipeline_utilization,
+                       "bubble": 1 - p.pipeline_utilization}
         opts = "+".join(o for o in ("zero1", "fsdp") if config.parallel[o]) or "no ZeRO/FSDP"
         gib = 2 ** 30
         lines.append(f"per device on mesh {'x'.join(map(str, p.mesh))} (pipeline x data x expert), layout "
@@ -234,6 +245,14 @@ def cmd_params(argv: Sequence[str]) -> int:
                      f"{p.grads_bytes / gib:.2f} GiB, Adam state {p.optimizer_bytes / gib:.2f} GiB "
                      f"(total {p.total_bytes / gib:.2f} GiB); all-to-all {p.all_to_all_bytes / gib:.2f} GiB sent "
                      f"per step for {p.tokens_per_device} tokens")
+        if p.mesh[0] > 1:
+            per_stage = p.stage_flops_per_token
+            flops = ", ".join(f"{f / 1e9:.2f}" for f in per_stage)
+            imbalance = max(per_stage) * len(per_stage) / sum(per_stage)
+            lines.append(f"pipeline stages {p.stage_layers} (layers); training GFLOP per token by stage [{flops}] "
+                         f"(head on the last); slowest / mean {imbalance:.3f}; with {p.microbatches} microbatches: "
+                         f"utilization {100 * p.pipeline_utilization:.1f}%, bubble "
+                         f"{100 * (1 - p.pipeline_utilization):.1f}%")
     print(json.dumps(out) if args.json else "\n".join(lines))
     return 0
 
@@ -260,14 +279,81 @@ def bench_step(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_report(argv: Sequence[str]) -> int:
+    from skymoe_jax.metrics.report import write_report
+    from skymoe_jax.metrics.runs import load_runs, summary_table
+
+    compare, rest = _multi_flag(argv, "compare")
+    args = Args(rest, {"workdir": "", "out": ""})
+    if not args.workdir or args.config or args.overrides:
+        raise ConfigError("skymoe report takes --workdir=DIR (a run's workdir), optionally --compare DIR ... "
+                          "(runs to overlay) and --out=DIR (default: WORKDIR/report)")
+    runs = load_runs([args.workdir, *compare])  # bad input stops here, before anything is written
+    written = write_report(runs, args.out or os.path.join(args.workdir, "report"))
+    print(summary_table(runs))
+    figures = len(written) - 1
+    print(f"wrote {figures} figure{'s' * (figures != 1)} (PNG) and {written[-1]}")
+    return 0
+
+
+def _multi_flag(argv: Sequence[str], name: str) -> tuple[list[str], list[str]]:
+    """Values of a flag given as --name=A and/or --name A B ... (up to the next flag); and the other args."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if arg == f"--{name}":
+            taken = list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i:]))
+            i += len(taken)
+        elif arg.startswith(f"--{name}="):
+            taken = [arg.partition("=")[2]] if arg.partition("=")[2] else []
+        else:
+            rest.append(arg)
+            continue
+        if not taken:
+            raise ConfigError(f"--{name} needs at least one directory")
+        values += taken
+    return values, rest
+
+
+def bench_data(argv: Sequence[str]) -> int:
+    from skymoe_jax.data.bench import data_benchmark
+
+    args = Args(argv, {"workers": os.cpu_count() or 1, "batches": 512, "step_tokens_per_sec": "", "json": False})
+    if args.workers < 0 or args.batches < 1:
+        raise ConfigError("skymoe bench data needs --workers >= 0 (0: none) and --batches >= 1")
+    step_rate = _number("step_tokens_per_sec", args.step_tokens_per_sec) if args.step_tokens_per_sec else 0.0
+    result = data_benchmark(_config(args), args.batches, args.workers, step_rate)
+    print(json.dumps(result) if args.json else result["summary"])
+    return 0
+
+
+def cmd_prepare_data(argv: Sequence[str]) -> int:
+    from skymoe_jax.data.prepare import prepare
+
+    args = Args(argv, {"input": "", "tokenizer": "", "out": "", "format": "text", "field": "text",
+                       "workers": os.cpu_count() or 1, "shard_docs": 10_000})
+    if args.config or args.overrides or not (args.input and args.tokenizer and args.out):
+        raise ConfigError("skymoe prepare-data takes --input=GLOB, --tokenizer=PATH|byte and --out=DIR "
+                          "(and optionally --format, --field, --workers, --shard_docs)")
+    if args.format not in ("text", "jsonl"):
+        raise ConfigError(f"--format={args.format!r} is not one of text (one document per file), jsonl")
+    if args.workers < 1 or args.shard_docs < 1:
+        raise ConfigError("--workers and --shard_docs must be positive integers")
+    result = prepare(args.input, args.tokenizer, args.out, fmt=args.format, field=args.field, workers=args.workers,
+                     shard_docs=args.shard_docs)
+    print(result["summary"])
+    return 0
+
+
 BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
     "step": bench_step,
+    "data": bench_data,
     "routing": lambda argv: __import__("skymoe_jax.kernels.bench", fromlist=["main"]).main(argv),
 }
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train, "eval": cmd_eval, "upcycle": cmd_upcycle, "import-hf": cmd_import_hf,
     "advise": cmd_advise,
-    "params": cmd_params, "bench": cmd_bench}
+    "params": cmd_params, "bench": cmd_bench, "report": cmd_report, "prepare-data": cmd_prepare_data}
 # Commands that run on devices join a multi-process run when the environment describes one.
 DISTRIBUTED = {"train", "eval", "upcycle", "bench"}
 
@@ -281,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         print(f"skymoe: unknown command {argv[0]!r}; commands are {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's progress chatter is not for the console
     try:
         if argv[0] in DISTRIBUTED:
             from skymoe_jax.parallel.distributed import initialize

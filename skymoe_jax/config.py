@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.expert_lr_multiplier = 1.0
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "builtin"  # builtin (Python standard library sources) | files
+    c.data.source = "builtin"  # builtin (Python standard library sources) | files | prepared (skymoe prepare-data)
     c.data.train_files = ""  # files: comma-separated globs
     c.data.val_files = ""  # files: comma-separated globs; empty = split train_files by document
     c.data.format = "text"  # text (one document per file) | jsonl (one document per line)
@@ -103,6 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shuffle_seed = 0
     c.data.shuffle_window = 4096  # packed sequences shuffled together; 0 or 1 = no sequence shuffling
     c.data.num_streams = 8  # independent packing streams, each filling batch_size / num_streams rows
+    # prepared: "DIR:WEIGHT,DIR:WEIGHT" (weights normalized; DIR/val, if present, is that source's validation set)
+    c.data.sources = ""
 
     c.init = ml_collections.ConfigDict()
     c.init.upcycle_from = ""  # workdir of a dense run: upcycle its latest checkpoint at start-up
@@ -115,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.layout = "gshard"  # gshard: expert axis doubles as data parallelism | edp: Skywork EDP
     c.parallel.zero1 = False  # split the optimizer state over `data`
     c.parallel.fsdp = False  # split the parameters (and optimizer state) over `data`
+    c.parallel.pipeline_stage_layers = ()  # layers per pipeline stage, e.g. (5, 5, 5, 5, 4); () = even split
+    c.parallel.num_microbatches = 1  # pipeline microbatches per step (GPipe schedule)
+    c.parallel.stage_remat = ()  # per-stage activation rematerialization (none | full | dots); () = model.remat
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 300
@@ -125,7 +130,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2  # the last K checkpoints are kept
     c.train.keep_every = 0  # and every checkpoint at a multiple of M steps (0: none)
     c.train.nonfinite = "stop"  # non-finite loss or gradients: stop | skip the step (counted in the metrics)
-    c.train.progress = True  # progress bar on a terminal
+    c.train.progress = True  # progress bar on a terminal or in a notebook
+
+    c.metrics = ml_collections.ConfigDict()
+    c.metrics.similarity_every = 100  # expert similarity every N steps and at the last; 0 = never
+    c.metrics.tensorboard = True  # TensorBoard event files under WORKDIR/tensorboard
+    # MFU denominator; 0 = the data-sheet table in metrics/flops.py by device kind (no MFU where unknown, e.g. CPU)
+    c.metrics.peak_flops_per_device = 0.0
     return c
 
 
@@ -213,7 +224,7 @@ _CHOICES = {
     "moe.routing_impl": ("auto", "xla", "pallas"),
     "aux_coef.mode": ("adaptive", "fixed"),
     "optim.schedule": ("cosine", "wsd", "constant"),
-    "data.source": ("builtin", "files"),
+    "data.source": ("builtin", "files", "prepared"),
     "data.format": ("text", "jsonl"),
     "parallel.layout": ("gshard", "edp"),
     "train.nonfinite": ("stop", "skip"),
@@ -241,7 +252,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 "train.eval_batches", "moe.moe_every"):
         need(isinstance(get(key), int) and get(key) > 0, f"{key}={get(key)!r} must be a positive integer")
     for key in ("train.eval_every", "train.checkpoint_every", "optim.warmup_steps", "moe.first_k_dense",
-                "moe.group_size", "train.keep_checkpoints", "data.shuffle_window", "train.keep_every"):
+                "moe.group_size", "train.keep_checkpoints", "data.shuffle_window", "train.keep_every",
+                "metrics.similarity_every"):
         need(isinstance(get(key), int) and get(key) >= 0, f"{key}={get(key)!r} must be a non-negative integer")
 
     m = c.model
@@ -309,20 +321,61 @@ def validate(c: ml_collections.ConfigDict) -> None:
              f"{key}={path!r} is neither a run's workdir (with checkpoints/) nor WORKDIR/checkpoints/STEP")
     need(math.isfinite(i.upcycle_noise) and i.upcycle_noise >= 0, f"init.upcycle_noise={i.upcycle_noise} must be >= 0")
 
+    peak = c.metrics.peak_flops_per_device
+    need(isinstance(peak, (int, float)) and math.isfinite(peak) and peak >= 0,
+         f"metrics.peak_flops_per_device={peak!r} must be >= 0 (FLOP/s of one device, e.g. 989e12; 0 = table)")
+
+    _validate_pipeline(c)
+
     d = c.data
     need(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     need(isinstance(d.num_streams, int) and d.num_streams > 0 and d.batch_size % d.num_streams == 0,
          f"data.num_streams={d.num_streams} must be a positive divisor of data.batch_size={d.batch_size}")
     if d.source == "files":
         need(bool(d.train_files.strip()), "data.source='files' needs data.train_files (comma-separated globs)")
+    if d.source == "prepared":
+        from skymoe_jax.data.prepared import parse_sources
+
+        for directory, _ in parse_sources(d.sources):
+            need(os.path.isdir(directory), f"data.sources: no directory {directory!r}; prepare it with "
+                                           f"skymoe prepare-data --out={directory}")
     need(d.tokenizer == "byte" or os.path.isfile(d.tokenizer),
          f"data.tokenizer={d.tokenizer!r}: no such file; give 'byte' or a Hugging Face tokenizer.json path")
+
+
+def _validate_pipeline(c: ml_collections.ConfigDict) -> None:
+    p = c.parallel
+    stages = p.mesh[0] if len(p.mesh) == 3 else 1
+    m = p.num_microbatches
+    if not (isinstance(m, int) and m >= 1 and c.data.batch_size % m == 0):
+        raise ConfigError(f"parallel.num_microbatches={m} must be a positive divisor of data.batch_size="
+                          f"{c.data.batch_size}")
+    if stages == -1:
+        raise ConfigError("parallel.mesh: the pipeline size cannot be -1; give it explicitly (1 for none)")
+    if stages == 1:
+        if p.pipeline_stage_layers or p.stage_remat:
+            raise ConfigError("parallel.pipeline_stage_layers and parallel.stage_remat need a pipeline axis "
+                              "(parallel.mesh=(STAGES, ..., ...) with STAGES > 1)")
+        return
+    layers = tuple(p.pipeline_stage_layers)
+    if layers and (len(layers) != stages or sum(layers) != c.model.num_layers or min(layers) < 1):
+        raise ConfigError(f"parallel.pipeline_stage_layers={layers} must give {stages} stages (the pipeline axis) "
+                          f"of at least one layer summing to model.num_layers={c.model.num_layers}")
+    if c.model.num_layers < stages:
+        raise ConfigError(f"model.num_layers={c.model.num_layers} cannot fill {stages} pipeline stages")
+    if c.moe.num_experts and (c.moe.first_k_dense or c.moe.moe_every != 1):
+        raise ConfigError("pipeline parallelism needs identical layers: moe.first_k_dense=0 and moe.moe_every=1 "
+                          "(or a dense model)")
+    remat = tuple(p.stage_remat)
+    if remat and (len(remat) != stages or any(r not in ("none", "full", "dots") for r in remat)):
+        raise ConfigError(f"parallel.stage_remat={remat} must give one of none | full | dots for each of the "
+                          f"{stages} stages")
 
 
 # Fields that change parameter shapes or the layer layout: a checkpoint only fits the same values.
 SHAPE_FIELDS = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
                 "model.ffn_dim", "model.param_dtype", "model.qkv_bias", "moe.num_experts", "moe.expert_ffn_dim",
-                "moe.first_k_dense", "moe.moe_every")
+                "moe.first_k_dense", "moe.moe_every", "parallel.pipeline_stage_layers")
 
 
 def shape_changes(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> str:

@@ -12,7 +12,7 @@ from skymoe_jax.config import base_config
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.parallel.mesh import make_mesh
 from skymoe_jax.training import runtime as runtime_lib
-from skymoe_jax.training.step import loss_fn
+from skymoe_jax.training.step import LossSettings, loss_fn
 
 
 def _config(mesh=(1, 1, 1), layout="gshard", zero1=False, fsdp=False, **moe):
@@ -41,7 +41,8 @@ def _step(c, devices):
     rt = runtime_lib.build(c, devices)
     with jax.set_mesh(rt.mesh):
         state, batch = rt.init(), rt.batch(_batch(c))
-        grad_fn = jax.grad(lambda p, b, a: loss_fn(p, rt.graphdef, b, a, 0.0, train=True)[0])
+        settings = LossSettings.from_config(c)
+        grad_fn = jax.grad(lambda p, b, a: loss_fn(p, rt.graphdef, b, a, settings, train=True)[0])
         # One compile for both: the gradients, and the runtime's own (sharded) train step.
         both = jax.jit(lambda st, b: (grad_fn(st.params, b, st.alpha), rt.train_step(st, b)))
         grads, (new_state, metrics) = both(state, batch)
@@ -119,11 +120,12 @@ def test_edp_layout_is_tensor_parallel_over_the_expert_axis():
 @pytest.mark.parametrize("mesh,needle", [
     ((1, 3, 1), "needs 3 devices but 8 are available"),
     ((1, -1, 3), "do not split"),
-    ((2, 4, 1), "pipeline parallelism is not built yet"),
+    ((2, 4, 1), "= 2 rows must be divisible by the 4 devices"),  # 8 microbatches of 16 rows
     ((1, 1, 8), None),
 ])
 def test_mesh_errors(mesh, needle):
     c = _config(mesh)
+    c.parallel.num_microbatches = 8
     if needle is None:
         c.moe.num_experts = 4
         needle = "moe.num_experts=4 must be divisible by the expert mesh axis (8)"

@@ -8,7 +8,7 @@ import json
 import os
 import sysconfig
 import zlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -46,9 +46,10 @@ def in_validation(key: str, fraction: float) -> bool:
 class Documents:
     """A random-access list of documents (grain data source): item i is its token ids, int32."""
 
-    def __init__(self, items: Sequence[tuple[str, str | None]], tokenizer):
+    def __init__(self, items: Sequence[tuple[str, str | None]], tokenizer, tokenizer_setting: str = "data.tokenizer"):
         self._items = list(items)  # (path, None) reads the whole file; (path, text) holds a JSONL document
         self._tokenizer = tokenizer
+        self._tokenizer_setting = tokenizer_setting  # named in errors: a config field or a command-line flag
 
     def __len__(self) -> int:
         return len(self._items)
@@ -61,11 +62,11 @@ class Documents:
         try:
             return self._tokenizer.encode(text)
         except UnicodeDecodeError:
-            raise DataError(f"{path} is not valid UTF-8 text; convert it or use data.tokenizer='byte'") from None
+            raise DataError(f"{path} is not valid UTF-8 text; convert it or use {self._tokenizer_setting}=byte") from None
 
 
-def _jsonl_documents(path: str, field: str) -> list[tuple[str, str]]:
-    docs = []
+def jsonl_documents(path: str, field: str, field_setting: str = "data.jsonl_field") -> Iterator[tuple[str, str]]:
+    """(path:line, text) for each line of a JSONL file with a non-empty `field`, read one line at a time."""
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -76,17 +77,16 @@ def _jsonl_documents(path: str, field: str) -> list[tuple[str, str]]:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise DataError(f"{where} is not valid JSON; fix the line or remove it") from None
             if not isinstance(record, dict) or field not in record:
-                raise DataError(f"{where} has no {field!r} field; set data.jsonl_field to the field holding the text")
+                raise DataError(f"{where} has no {field!r} field; set {field_setting} to the field holding the text")
             if not isinstance(record[field], str):
                 raise DataError(f"{where}: field {field!r} is not a string")
             if record[field]:
-                docs.append((where, record[field]))
-    return docs
+                yield where, record[field]
 
 
 def _items(paths: list[str], data: ml_collections.ConfigDict) -> list[tuple[str, str | None]]:
     if data.format == "jsonl":
-        return [doc for p in paths for doc in _jsonl_documents(p, data.jsonl_field)]
+        return [doc for p in paths for doc in jsonl_documents(p, data.jsonl_field)]
     return [(p, None) for p in paths if os.path.getsize(p) > 0]
 
 

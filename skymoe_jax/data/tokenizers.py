@@ -26,13 +26,13 @@ class ByteTokenizer:
 class HFTokenizer:
     """A tokenizer.json from the Hugging Face `tokenizers` library, loaded from local disk."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, setting: str = "data.tokenizer"):
         from tokenizers import Tokenizer
 
         try:
             self._tok = Tokenizer.from_file(path)
         except Exception as e:  # the library raises plain Exceptions for malformed files
-            raise DataError(f"data.tokenizer={path!r} is not a readable Hugging Face tokenizer.json ({e})") from None
+            raise DataError(f"{setting}={path!r} is not a readable Hugging Face tokenizer.json ({e})") from None
         self.vocab_size = self._tok.get_vocab_size()
         self.name = os.path.abspath(path)
 
@@ -44,9 +44,10 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
 
-def make_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
+def make_tokenizer(spec: str, setting: str = "data.tokenizer") -> ByteTokenizer | HFTokenizer:
+    """`setting` names where spec came from (a config field or a command-line flag) in error messages."""
     if spec == "byte":
         return ByteTokenizer()
     if not os.path.isfile(spec):
-        raise DataError(f"data.tokenizer={spec!r}: no such file; give 'byte' or a path to a tokenizer.json")
-    return HFTokenizer(spec)
+        raise DataError(f"{setting}={spec!r}: no such file; give 'byte' or a path to a tokenizer.json")
+    return HFTokenizer(spec, setting)

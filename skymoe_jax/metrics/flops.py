@@ -35,6 +35,7 @@ class ParamCounts:
 
 
 def param_counts(spec: ModelSpec) -> ParamCounts:
+    spec = dataclasses.replace(spec, stage_layers=())  # count layers, not a pipeline's padded slots
     abstract = nnx.eval_shape(lambda: build_model(spec))
     params = nnx.state(abstract, nnx.Param)
     total = expert = embedding = norm = 0
@@ -63,6 +64,29 @@ def flops_per_token(spec: ModelSpec, seq_len: int, counts: ParamCounts | None = 
     return 3 * (2 * counts.active_matmul + attention_flops_per_token(spec, seq_len))
 
 
+def stage_flops_per_token(spec: ModelSpec, seq_len: int, stage_layers: tuple[int, ...],
+                          counts: ParamCounts | None = None) -> list[float]:
+    """Training FLOPs per token of each pipeline stage: its layers, plus the head on the last stage.
+
+    Needs identical layers (as pipelining does): a layer is the activated matmul work minus the
+    head, divided evenly, plus its attention. The embedding on stage 0 is a lookup (no FLOPs).
+    """
+    counts = counts or param_counts(spec)
+    head = spec.d_model * spec.vocab_size
+    layer = 3 * (2 * (counts.active_matmul - head) / spec.num_layers
+                 + attention_flops_per_token(spec, seq_len) / spec.num_layers)
+    out = [n * layer for n in stage_layers]
+    out[-1] += 3 * 2 * head
+    return out
+
+
+def pipeline_utilization(stage_flops: list[float], microbatches: int) -> float:
+    """Busy share of a GPipe schedule: M microbatches take M + P - 1 ticks of the slowest stage each,
+    while the useful work is M times the sum of all stages (1 - this = bubble, imbalance included)."""
+    stages = len(stage_flops)
+    return microbatches * sum(stage_flops) / (stages * (microbatches + stages - 1) * max(stage_flops))
+
+
 # Dense bf16 peak FLOP/s per device (tensor cores, no sparsity), from the vendors' data sheets.
 PEAK_FLOPS = {
     "h100": 989e12,  # H100 SXM
@@ -81,5 +105,11 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
     return None
 
 
+def peak_flops(override: float = 0.0, device: jax.Device | None = None) -> float | None:
+    """The MFU denominator: `metrics.peak_flops_per_device` when set (> 0), else the table peak or None."""
+    return float(override) if override > 0 else device_peak_flops(device)
+
+
 def mfu(tokens_per_sec_per_device: float, flops_per_tok: float, peak: float) -> float:
+    """Model FLOPs utilization: achieved model FLOP/s of one device over its peak."""
     return tokens_per_sec_per_device * flops_per_tok / peak

@@ -1,5 +1,5 @@
 """Metric writers: metrics.jsonl (one JSON object per logged step) and the console
-progress bar. Only process 0 writes."""
+progress bar (TensorBoard: tensorboard.py). Only process 0 writes."""
 
 from __future__ import annotations
 
@@ -46,12 +46,12 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 class Console:
     """Lines on stdout from process 0, with a rich progress bar (ETA, live loss / drop rate / alpha)
-    when stdout is a terminal and the bar is wanted."""
+    when stdout is a terminal or a Jupyter notebook and the bar is wanted."""
 
     def __init__(self, total_steps: int, start_step: int, progress_bar: bool = True):
         self.enabled = jax.process_index() == 0
         self._progress = None
-        if self.enabled and progress_bar and sys.stdout.isatty():
+        if self.enabled and progress_bar and (sys.stdout.isatty() or _in_jupyter()):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
                 TimeRemainingColumn
 
@@ -74,3 +74,10 @@ class Console:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def _in_jupyter() -> bool:
+    """A Jupyter kernel, where rich draws the bar as a widget although stdout is not a terminal."""
+    from rich.console import Console as RichConsole
+
+    return RichConsole().is_jupyter

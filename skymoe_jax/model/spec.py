@@ -10,6 +10,7 @@ import dataclasses
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 
 
@@ -48,6 +49,9 @@ class ModelSpec:
     dropless_impl: str
     layout: str = "gshard"  # parallel.layout: how the MoE layer is laid out over a mesh
     routing_impl: str = "auto"  # moe.routing_impl: XLA or Pallas routing kernels (kernels/ops.py)
+    # Layers per pipeline stage when the `pipeline` mesh axis is > 1, else (). The layer stack is then
+    # stored stage by stage, each stage padded to the longest (parallel/pipeline.py).
+    stage_layers: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -80,6 +84,22 @@ class ModelSpec:
         return tuple(out)
 
     @property
+    def pipelined(self) -> bool:
+        return len(self.stage_layers) > 1
+
+    @property
+    def stored_layers(self) -> int:
+        """Length of the stored layer stack: num_layers, or stages x the longest stage when pipelined."""
+        return len(self.stage_layers) * max(self.stage_layers) if self.pipelined else self.num_layers
+
+    def layer_slots(self) -> np.ndarray:
+        """For each layer (in order), its index in the stored stack."""
+        if not self.pipelined:
+            return np.arange(self.num_layers)
+        longest = max(self.stage_layers)
+        return np.concatenate([s * longest + np.arange(n) for s, n in enumerate(self.stage_layers)])
+
+    @property
     def moe_layers(self) -> tuple[bool, ...]:
         return tuple(is_moe for pattern, repeats in self.stacks() for _ in range(repeats) for is_moe in pattern)
 
@@ -98,4 +118,16 @@ class ModelSpec:
             renormalize=bool(e.renormalize), aux_loss=e.aux_loss, capacity_factor=float(e.capacity_factor),
             eval_capacity_factor=float(e.eval_capacity_factor), group_size=e.group_size,
             drop_policy=e.drop_policy, dropless=bool(e.dropless), dropless_impl=e.dropless_impl,
-            layout=c.parallel.layout, routing_impl=e.routing_impl)
+            layout=c.parallel.layout, routing_impl=e.routing_impl, stage_layers=pipeline_stage_layers(c))
+
+
+def pipeline_stage_layers(c: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Layers per pipeline stage: parallel.pipeline_stage_layers, or as even as possible (earlier
+    stages take the remainder); () without a pipeline axis."""
+    stages = c.parallel.mesh[0]
+    if stages <= 1:
+        return ()
+    if c.parallel.pipeline_stage_layers:
+        return tuple(c.parallel.pipeline_stage_layers)
+    base, extra = divmod(c.model.num_layers, stages)
+    return tuple(base + (i < extra) for i in range(stages))

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from skymoe_jax.model.attention import Attention, attention_mask
@@ -14,7 +15,7 @@ from skymoe_jax.model.layers import Embed, Head, RMSNorm, SwiGLU
 from skymoe_jax.model.moe.block import MoEBlock
 from skymoe_jax.model.spec import ModelSpec
 
-_REMAT_POLICIES = {
+REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -67,7 +68,10 @@ def _stacked_axes(state: nnx.State) -> nnx.State:
 class Stack(nnx.Module):
     """`repeats` copies of a SuperBlock with parameters stacked on a leading 'layers' axis, applied by lax.scan."""
 
-    def __init__(self, spec: ModelSpec, pattern: tuple[bool, ...], repeats: int, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, pattern: tuple[bool, ...], repeats: int, rngs: nnx.Rngs,
+                 stored: tuple[int, np.ndarray] | None = None):
+        """stored=(length, slots): keep the blocks in a longer stack at these slots, zeros elsewhere (the
+        pipelined layout); the blocks themselves are drawn exactly as without it."""
         keys = jax.random.split(rngs.params(), repeats)
 
         @nnx.vmap(in_axes=0, out_axes=0)
@@ -76,17 +80,23 @@ class Stack(nnx.Module):
 
         blocks = make(keys)
         graphdef, state = nnx.split(blocks)
+        if stored is not None:
+            length, slots = stored
+            state = jax.tree.map(lambda a: jnp.zeros((length, *a.shape[1:]), a.dtype).at[slots].set(a), state)
         self.blocks = nnx.merge(graphdef, _stacked_axes(state))
         self.remat = spec.remat
 
-    def __call__(self, x, positions, mask, *, train: bool):
+    def __call__(self, x, positions, mask, *, train: bool, slots: np.ndarray | None = None):
+        """Apply the stacked blocks in order; `slots` picks and orders stored blocks (pipelined layouts)."""
         graphdef, state = nnx.split(self.blocks)
+        if slots is not None:
+            state = jax.tree.map(lambda a: a[slots], state)
 
         def body(carry, layer_state):
             return nnx.merge(graphdef, layer_state)(carry, positions, mask, train=train)
 
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
         return jax.lax.scan(body, x, state)
 
 
@@ -94,7 +104,9 @@ class Transformer(nnx.Module):
     def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
         self.spec = spec
         self.embed = Embed(spec, rngs)
-        self.stacks = nnx.List([Stack(spec, pattern, repeats, rngs) for pattern, repeats in spec.stacks()])
+        # Pipelined: one stack (validated), stored stage by stage with each stage padded to the longest.
+        stored = (spec.stored_layers, spec.layer_slots()) if spec.pipelined else None
+        self.stacks = nnx.List([Stack(spec, pattern, repeats, rngs, stored) for pattern, repeats in spec.stacks()])
         self.final_norm = RMSNorm(spec)
         self.head = Head(spec, rngs)
 
@@ -109,7 +121,8 @@ class Transformer(nnx.Module):
         x = self.embed(tokens)
         per_stack = []
         for stack in self.stacks:
-            x, stats = stack(x, positions, mask, train=train)
+            x, stats = stack(x, positions, mask, train=train,
+                             slots=self.spec.layer_slots() if self.spec.pipelined else None)
             if stats:  # [repeats, moe layers per block, ...] -> [moe layers of the stack, ...]
                 per_stack.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats))
         moe = jax.tree.map(lambda *a: jnp.concatenate(a), *per_stack) if per_stack else {}

@@ -8,6 +8,7 @@ Mesh axes are ("pipeline", "data", "expert"). Two layouts:
   attention heads, dense FFN width and the vocabulary are tensor-parallel over the
   expert axis, the same devices that each hold whole experts; experts are
   replicated over data.
+In both, the layer stack is split over `pipeline`, stage by stage (parallel/pipeline.py).
 ZeRO-1 splits the optimizer state over data; FSDP splits the parameters too
 (their `embed` dimension), gathered where they are used.
 """
@@ -31,9 +32,9 @@ LAYOUTS = ("gshard", "edp")
 # Logical axis -> candidate mesh axes, tried in order. A mesh axis shards at most one
 # dimension of a tensor, and only one it divides; otherwise that dimension is replicated.
 _LAYOUT_RULES = {
-    "gshard": {"expert": ("expert",)},
+    "gshard": {"expert": ("expert",), "layers": ("pipeline",)},
     "edp": {"expert": ("expert",), "heads": ("expert",), "kv_heads": ("expert",), "mlp": ("expert",),
-            "vocab": ("expert",)},
+            "vocab": ("expert",), "layers": ("pipeline",)},
 }
 _DATA_SPLIT = {"embed": ("data",)}
 
@@ -62,17 +63,14 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
 def check_fits(config: ml_collections.ConfigDict, shape: Sequence[int]) -> None:
     """The model and batch split over this mesh; a ConfigError names what does not."""
     pipeline, data, expert = shape
-    if pipeline > 1:
-        raise ConfigError(f"parallel.mesh has pipeline={pipeline}, but pipeline parallelism is not built yet; "
-                          "use 1")
     layout = config.parallel.layout
-    e, b = config.moe.num_experts, config.data.batch_size
+    e, b = config.moe.num_experts, config.data.batch_size // config.parallel.num_microbatches
     if e and e % expert:
         raise ConfigError(f"moe.num_experts={e} must be divisible by the expert mesh axis ({expert})")
     batch_split = data * expert if layout == "gshard" else data
     if b % batch_split:
-        raise ConfigError(f"data.batch_size={b} must be divisible by the {batch_split} devices the batch is "
-                          f"split over in layout {layout!r}")
+        raise ConfigError(f"data.batch_size / parallel.num_microbatches = {b} rows must be divisible by the "
+                          f"{batch_split} devices the batch is split over in layout {layout!r}")
     if e:
         shard_tokens = b // batch_split * config.data.seq_len // (expert if layout == "edp" else 1)
         group = config.moe.group_size or config.data.seq_len

@@ -2,9 +2,10 @@
 
 Bytes per device of parameters, gradients and Adam state follow the sharding rules
 of parallel/mesh.py applied to the model's abstract parameter shapes. With a
-pipeline axis, layers are assumed split evenly (rounded up) over stages; the first
-stage also holds the embedding, the last the final norm and head, and the heavier
-of the two is reported. All-to-all bytes are what one device sends per step: each
+pipeline axis, the heaviest stage is reported (parallel.pipeline_stage_layers, or
+an even split): the first stage also holds the embedding, the last the final norm
+and head. Per-stage training FLOPs per token and the GPipe utilization (1 - bubble,
+with stage imbalance) come from metrics/flops.py for parallel.num_microbatches. All-to-all bytes are what one device sends per step: each
 MoE layer exchanges its slot buffer four times (dispatch and return, forward and
 backward), six with full rematerialization (the forward runs twice).
 """
@@ -19,9 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from skymoe_jax.config import capacity
+from skymoe_jax.config import capacity, validate
 from skymoe_jax.errors import ConfigError
-from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.metrics.flops import pipeline_utilization, stage_flops_per_token
+from skymoe_jax.model.spec import ModelSpec, pipeline_stage_layers
 from skymoe_jax.model.transformer import build_model
 from skymoe_jax.parallel.mesh import AXES, optimizer_rules, param_rules, partition_spec
 
@@ -35,6 +37,10 @@ class Plan:
     optimizer_bytes: float
     all_to_all_bytes: float  # sent per device per step
     tokens_per_device: int
+    stage_layers: tuple[int, ...]
+    stage_flops_per_token: tuple[float, ...]  # training FLOPs per token of each stage (head on the last)
+    microbatches: int
+    pipeline_utilization: float  # 1 - bubble (GPipe, stage imbalance included)
 
     @property
     def total_bytes(self) -> float:
@@ -53,11 +59,15 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
     pipeline, data, expert = mesh
+    planned = config.copy_and_resolve_references()
+    planned.parallel.mesh = tuple(mesh)
+    validate(planned)
+    stages = pipeline_stage_layers(planned) or (config.model.num_layers,)
     spec = ModelSpec.from_config(config)
     sizes = dict(zip(AXES, mesh))
     if spec.num_experts and spec.num_experts % expert:
         raise ConfigError(f"moe.num_experts={spec.num_experts} must be divisible by the expert axis ({expert})")
-    stage_layers = math.ceil(spec.num_layers / pipeline)
+    stage_layers = max(stages)
     params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
 
     def per_device(rules, bytes_per_value):
@@ -86,8 +96,12 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
         group = spec.group_size or config.data.seq_len
         cap = group if spec.dropless else capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
         buffer = spec.num_experts * (tokens // group) * cap * spec.d_model * spec.compute_dtype.itemsize
-        moe_layers_per_stage = math.ceil(spec.num_moe_layers / pipeline)
+        moe_layers_per_stage = max(stages) if spec.num_moe_layers else 0
         exchanges = 6 if spec.remat == "full" else 4
         a2a = moe_layers_per_stage * exchanges * buffer * (expert - 1) / expert
+    microbatches = config.parallel.num_microbatches
+    per_stage = stage_flops_per_token(spec, config.data.seq_len, stages) if pipeline > 1 else []
     return Plan(mesh=mesh, layout=config.parallel.layout, params_bytes=param_bytes, grads_bytes=grad_bytes,
-                optimizer_bytes=opt_bytes, all_to_all_bytes=a2a, tokens_per_device=tokens)
+                optimizer_bytes=opt_bytes, all_to_all_bytes=a2a, tokens_per_device=tokens, stage_layers=stages,
+                stage_flops_per_token=tuple(per_stage), microbatches=microbatches,
+                pipeline_utilization=pipeline_utilization(per_stage, microbatches) if per_stage else 1.0)

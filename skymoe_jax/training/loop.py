@@ -13,28 +13,21 @@ import numpy as np
 
 from skymoe_jax.checkpoint.initial import initial_state
 from skymoe_jax.checkpoint.manager import Checkpointer
-from skymoe_jax.data.pipeline import make_dataset
-from skymoe_jax.data.sources import load_documents
-from skymoe_jax.data.tokenizers import make_tokenizer
-from skymoe_jax.errors import DataError, TrainingError
-from skymoe_jax.metrics.flops import flops_per_token
+from skymoe_jax.data.inputs import make_datasets
+from skymoe_jax.errors import TrainingError
+from skymoe_jax.metrics.flops import (flops_per_token, mfu, peak_flops, pipeline_utilization,
+                                      stage_flops_per_token)
+from skymoe_jax.metrics.similarity import similarity_fn
+from skymoe_jax.metrics.tensorboard import TensorBoardWriter
 from skymoe_jax.metrics.writers import Console, JsonlWriter
 from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.parallel.pipeline import bubble_fraction
 from skymoe_jax.training import runtime as runtime_lib
 from skymoe_jax.training.preemption import StopSignals
 
 
 def _datasets(config: ml_collections.ConfigDict):
-    tokenizer = make_tokenizer(config.data.tokenizer)
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                        f"{config.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")
-    train_docs, val_docs = load_documents(config.data, tokenizer)
-    seed = config.data.shuffle_seed
-    return (make_dataset(train_docs, config.data, seed=seed, process_index=jax.process_index(),
-                         process_count=jax.process_count()),
-            make_dataset(val_docs, config.data, seed=seed + 1, process_index=jax.process_index(),
-                         process_count=jax.process_count()))
+    return make_datasets(config, process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def _evaluate(eval_step, params, batches) -> dict[str, Any]:
@@ -53,6 +46,8 @@ def _live(record: dict[str, Any]) -> str:
         parts.append(f"drop {100 * float(np.mean(record['drop_rate'])):.2f}%")
         parts.append(f"alpha {float(np.mean(record['alpha'])):.4f}")
     parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
+    if "mfu" in record:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
     return "  ".join(parts)
 
 
@@ -79,12 +74,20 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     start = latest or 0
     tokens_per_step = config.data.batch_size * config.data.seq_len
     spec = ModelSpec.from_config(config)
-    writer = JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+    writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+    if config.metrics.tensorboard:
+        writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
     console = Console(t.steps, start, progress_bar=t.progress)
+    flops_tok = flops_per_token(spec, config.data.seq_len)
+    peak = peak_flops(config.metrics.peak_flops_per_device)
+    similarity = similarity_fn(spec, runtime.mesh) if spec.num_experts else None
+    similarity_every = config.metrics.similarity_every if similarity else 0
     mesh = "x".join(str(n) for n in runtime.mesh.shape.values())
     console.print(f"{config.name}: {spec.num_layers} layers, {spec.num_experts or 'no'} experts, "
-                  f"{flops_per_token(spec, config.data.seq_len) / 1e6:.1f} MFLOP/token; mesh {mesh} "
+                  f"{flops_tok / 1e6:.1f} MFLOP/token; mesh {mesh} "
                   f"(pipeline x data x expert, layout {runtime.layout}); {origin}; workdir {workdir}")
+    if spec.pipelined:
+        console.print(pipeline_summary(spec, config))
 
     compile_start = time.perf_counter()
     batch = runtime.batch(next(train_iter))
@@ -100,24 +103,31 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
                 state, metrics = train_step(state, batch)
                 unchecked.append((step, metrics["finite"]))
                 eval_now = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
+                similarity_now = similarity_every and (step % similarity_every == 0 or step == t.steps)
                 save_now = ckpt.due(step) or step == t.steps
                 stop_now = signals.requested()
                 if step % t.log_every == 0 or eval_now or save_now or stop_now or step == t.steps:
                     skipped += _check_finite(unchecked, t.nonfinite, ckpt, workdir)
                     unchecked = []
-                if step % t.log_every == 0 or eval_now or step == t.steps:
+                if step % t.log_every == 0 or eval_now or similarity_now or step == t.steps:
                     record = {"step": step, **jax.device_get(metrics)}
                     del record["finite"]
                     now = time.perf_counter()
                     record["tokens_per_sec"] = (step - last_step) * tokens_per_step / (now - last_time)
+                    if peak:
+                        record["mfu"] = mfu(record["tokens_per_sec"] / runtime.mesh.size, flops_tok, peak)
                     record["skipped_steps"] = skipped
                     last_time, last_step = now, step
+                    if similarity_now:
+                        record["expert_similarity"] = jax.device_get(similarity(state.params))
                     if eval_now:
                         evals = _evaluate(runtime.eval_step, state.params, val_batches)
                         record.update(evals)
                         console.print(f"step {step}: {_live(record)}  eval loss {evals['eval_loss']:.3f}")
-                        last_time = time.perf_counter()  # eval time is not training throughput
-                    writer.write(record)
+                    if eval_now or similarity_now:
+                        last_time = time.perf_counter()  # eval and similarity time is not training throughput
+                    for writer in writers:
+                        writer.write(record)
                     console.update(step, _live(record))
                 if save_now or stop_now:
                     ckpt.save(step, state, config, train_iter)
@@ -128,12 +138,15 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
                     return {"steps": step, "stopped": True, "workdir": workdir}
     finally:
         ckpt.close()
-        writer.close()
+        for writer in writers:
+            writer.close()
         console.close()
 
     summary = {"steps": t.steps, "compile_s": compile_s, "workdir": workdir, "skipped_steps": skipped}
     if record is not None:
         summary.update(loss=float(record["loss"]), tokens_per_sec=float(record["tokens_per_sec"]), **evals)
+        if "mfu" in record:
+            summary["mfu"] = float(record["mfu"])
         if "drop_rate" in record:
             summary.update(drop_rate=np.asarray(record["drop_rate"]).tolist(),
                            alpha=np.asarray(record["alpha"]).tolist())
@@ -153,6 +166,15 @@ def _check_finite(unchecked: list[tuple[int, jax.Array]], policy: str, ckpt: Che
     return len(bad)
 
 
+def pipeline_summary(spec: ModelSpec, config: ml_collections.ConfigDict) -> str:
+    per_stage = stage_flops_per_token(spec, config.data.seq_len, spec.stage_layers)
+    m = config.parallel.num_microbatches
+    return (f"pipeline: stages {spec.stage_layers}, {m} microbatches; training MFLOP/token by stage "
+            f"[{', '.join(f'{f / 1e6:.2f}' for f in per_stage)}] (head on the last); bubble "
+            f"{100 * bubble_fraction(len(per_stage), m):.1f}% for equal stages, "
+            f"{100 * (1 - pipeline_utilization(per_stage, m)):.1f}% with this split's imbalance")
+
+
 def summary_line(s: dict[str, Any]) -> str:
     parts = [f"done: {s['steps']} steps"]
     if "loss" in s:
@@ -164,6 +186,8 @@ def summary_line(s: dict[str, Any]) -> str:
         parts.append(f"alpha {min(s['alpha']):.4f}-{max(s['alpha']):.4f}")
     if "tokens_per_sec" in s:
         parts.append(f"{s['tokens_per_sec']:,.0f} tokens/s")
+    if "mfu" in s:
+        parts.append(f"MFU {100 * s['mfu']:.1f}%")
     if s.get("skipped_steps"):
         parts.append(f"{s['skipped_steps']} non-finite steps skipped")
     parts.append(f"compile {s['compile_s']:.0f}s")

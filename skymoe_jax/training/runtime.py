@@ -57,6 +57,6 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
                                              mesh_lib.optimizer_rules(config.parallel)) if split_grads else None
     train_step = jax.jit(make_train_step(graphdef, tx, config, grad_shardings), in_shardings=(shardings, batch),
                          out_shardings=(shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings.params, batch), out_shardings=replicated)
+    eval_step = jax.jit(make_eval_step(graphdef, config), in_shardings=(shardings.params, batch), out_shardings=replicated)
     return Runtime(mesh=mesh, layout=config.parallel.layout, graphdef=graphdef, tx=tx, shardings=shardings,
                    init=jax.jit(init, out_shardings=shardings), train_step=train_step, eval_step=eval_step)

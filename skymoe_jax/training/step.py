@@ -6,7 +6,7 @@ optax update -> new alpha_l from this step's drop rates, all in one jit.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,10 @@ import ml_collections
 import optax
 from flax import nnx
 
+from skymoe_jax.model.loss import cross_entropy
+from skymoe_jax.model.moe import router
+from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.parallel import pipeline
 from skymoe_jax.training import aux_coef
 from skymoe_jax.training.optim import schedule
 from skymoe_jax.training.state import TrainState
@@ -26,22 +30,41 @@ LAYER_METRICS = {"drop_rate": "drop_rate", "aux_loss": "layer_aux_loss", "z_loss
                  "expert_load": "expert_load"}
 
 
-def cross_entropy(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of token losses, number of counted tokens) over loss_mask."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"]
-    return jnp.sum(losses * mask), jnp.sum(mask)
+class LossSettings(NamedTuple):
+    aux_form: str  # moe.aux_loss
+    z_loss_coef: float
+    microbatches: int  # parallel.num_microbatches (pipelined models)
+    stage_remat: tuple[str, ...]  # per pipeline stage
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "LossSettings":
+        stages = len(ModelSpec.from_config(config).stage_layers)
+        remat = tuple(config.parallel.stage_remat) or (config.model.remat,) * stages
+        return cls(config.moe.aux_loss, float(config.moe.z_loss_coef), config.parallel.num_microbatches, remat)
 
 
-def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, alpha: jax.Array, z_loss_coef: float,
-            *, train: bool):
+def forward(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, settings: LossSettings, *, train: bool):
+    """(sum of token cross-entropies, counted tokens, per-MoE-layer token means), pipelined when the model is."""
     model = nnx.merge(graphdef, params)
+    if model.spec.pipelined:
+        return pipeline.forward(model, batch, train=train, microbatches=settings.microbatches,
+                                stage_remat=settings.stage_remat)
     out = model(batch["inputs"], batch["positions"], batch["segment_ids"], train=train)
-    ce_sum, count = cross_entropy(out.logits, batch)
+    return (*cross_entropy(out.logits, batch), out.moe)
+
+
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, alpha: jax.Array, settings: LossSettings,
+            *, train: bool):
+    """CE + sum_l alpha_l * aux_l (+ z-loss); aux_l from the layer's batch means, so microbatching does not
+    change it."""
+    ce_sum, count, moe = forward(params, graphdef, batch, settings, train=train)
     ce = ce_sum / jnp.maximum(count, 1.0)
-    aux = jnp.sum(alpha * out.moe["aux_loss"]) if out.moe else jnp.float32(0)
-    z = z_loss_coef * jnp.sum(out.moe["z_loss"]) if out.moe else jnp.float32(0)
-    return ce + aux + z, (ce, aux, z, out.moe)
+    if not moe:
+        return ce, (ce, jnp.float32(0), jnp.float32(0), moe)
+    moe = {**moe, "aux_loss": router.aux_loss_from_means(moe["mean_probs"], moe["expert_load"], settings.aux_form)}
+    aux = jnp.sum(alpha * moe["aux_loss"])
+    z = settings.z_loss_coef * jnp.sum(moe["z_loss"])
+    return ce + aux + z, (ce, aux, z, moe)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
@@ -49,11 +72,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
     """grad_shardings (ZeRO-1 / FSDP): constrain gradients to the optimizer-state sharding."""
     lr_schedule = schedule(config)
     a = config.aux_coef
-    z_coef = float(config.moe.z_loss_coef)
+    settings = LossSettings.from_config(config)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (ce, aux, z, moe)), grads = grad_fn(state.params, graphdef, batch, state.alpha, z_coef, train=True)
+        (loss, (ce, aux, z, moe)), grads = grad_fn(state.params, graphdef, batch, state.alpha, settings, train=True)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         grad_norm = optax.tree.norm(grads)
@@ -75,16 +98,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, Batch], dict]:
+def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable[[nnx.State, Batch], dict]:
     """Token-summed CE (so several batches average per token) and eval-capacity drop rates."""
+    settings = LossSettings.from_config(config)
 
     def eval_step(params: nnx.State, batch: Batch) -> dict:
-        model = nnx.merge(graphdef, params)
-        out = model(batch["inputs"], batch["positions"], batch["segment_ids"], train=False)
-        ce_sum, count = cross_entropy(out.logits, batch)
+        ce_sum, count, moe = forward(params, graphdef, batch, settings, train=False)
         result = {"ce_sum": ce_sum, "tokens": count}
-        if out.moe:
-            result["drop_rate"] = out.moe["drop_rate"]
+        if moe:
+            result["drop_rate"] = moe["drop_rate"]
         return result
 
     return eval_step

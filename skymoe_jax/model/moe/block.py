@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from skymoe_jax.config import capacity
+from skymoe_jax.kernels.ops import RoutingOps, routing_ops
 from skymoe_jax.model.layers import param
 from skymoe_jax.model.moe import dispatch, experts, router
 from skymoe_jax.model.moe.experts import Experts, ExpertWeights
@@ -52,8 +53,9 @@ def moe_tokens(tokens: jax.Array, gate: jax.Array, weights: ExpertWeights, spec:
     t, d = tokens.shape
     n, k = spec.num_experts, spec.top_k
     logits = jnp.dot(tokens.astype(jnp.float32), gate.astype(jnp.float32))
-    r = router.route(logits, k, gate_norm=spec.gate_norm, lam=spec.gate_norm_lambda, ddof=spec.gate_norm_ddof,
-                     eps=spec.gate_norm_eps, renormalize=spec.renormalize)
+    ops = routing_ops(spec.routing_impl)
+    r = ops.route(logits, k, gate_norm=spec.gate_norm, lam=spec.gate_norm_lambda, ddof=spec.gate_norm_ddof,
+                  eps=spec.gate_norm_eps, renormalize=spec.renormalize)
 
     if t % group:
         raise ValueError(f"moe.group_size={group} does not divide the {t} tokens of this shard")
@@ -63,29 +65,28 @@ def moe_tokens(tokens: jax.Array, gate: jax.Array, weights: ExpertWeights, spec:
     weights_g = r.weights.reshape(num_groups, group, k)
     if spec.drop_policy == "probs":
         priority = jnp.take_along_axis(r.probs, r.experts, axis=-1).reshape(num_groups, group, k)
-        positions = jax.vmap(lambda e, p: dispatch.expert_positions(e, n, p).positions)(experts_g, priority)
+        positions = jax.vmap(lambda e, p: ops.expert_positions(e, n, p).positions)(experts_g, priority)
     else:
-        positions = jax.vmap(lambda e: dispatch.expert_positions(e, n).positions)(experts_g)
+        positions = jax.vmap(lambda e: ops.expert_positions(e, n).positions)(experts_g)
     dropped = jnp.sum(positions >= cap, axis=-1).reshape(t).astype(jnp.float32)
 
     tokens_g = tokens.reshape(num_groups, group, d)
     if not spec.dropless:
-        y = _through_slots(tokens_g, experts_g, positions, weights_g, cap, n, weights, comm, compact=False)
+        y = _through_slots(tokens_g, experts_g, positions, weights_g, cap, n, weights, comm, compact=False, ops=ops)
     elif spec.dropless_impl == "padded" or comm.expert_axis:
         # Room for the whole group in every expert: nothing can drop. Across devices this is the
         # capacity-bounded exchange (worst-case slots); `ragged` then computes only the used ones.
         y = _through_slots(tokens_g, experts_g, positions, weights_g, group, n, weights, comm,
-                           compact=spec.dropless_impl == "ragged")
+                           compact=spec.dropless_impl == "ragged", ops=ops)
     else:
         order = dispatch.sort_by_expert(r.experts, n)
         rows = dispatch.gather_sorted(tokens, order, k)
         y = dispatch.combine_sorted(experts.ragged(weights, rows, order.group_sizes), order, r.weights)
 
     mean = comm.mean
-    aux = (router.aux_loss_paper(r.probs, mean) if spec.aux_loss == "paper"
-           else router.aux_loss_switch(r.probs, r.experts, mean))
     stats = router.router_stats(r.probs, r.experts, mean)
-    stats.update(aux_loss=aux, z_loss=router.z_loss(r.logits, mean), drop_rate=mean(dropped) / k)
+    stats.update(aux_loss=router.aux_loss_from_means(stats["mean_probs"], stats["expert_load"], spec.aux_loss),
+                 z_loss=router.z_loss(r.logits, mean), drop_rate=mean(dropped) / k)
     return y.reshape(t, d), stats
 
 
@@ -106,7 +107,8 @@ def _group_major(a: jax.Array, groups: int) -> jax.Array:
 
 
 def _through_slots(tokens_g: jax.Array, experts_g: jax.Array, positions: jax.Array, weights_g: jax.Array, cap: int,
-                   num_experts: int, weights: ExpertWeights, comm: Comm, *, compact: bool) -> jax.Array:
+                   num_experts: int, weights: ExpertWeights, comm: Comm, *, compact: bool,
+                   ops: RoutingOps) -> jax.Array:
     """Capacity path: groups [G, S_g, d] -> slot buffers [E, G*cap, d] -> experts -> combine.
 
     With an expert axis, an all-to-all sends each expert's slots to the device holding
@@ -114,7 +116,7 @@ def _through_slots(tokens_g: jax.Array, experts_g: jax.Array, positions: jax.Arr
     """
     g = tokens_g.shape[0]
     slots = dispatch.slot_indices(experts_g, positions, cap)
-    buf = _expert_major(jax.vmap(dispatch.dispatch, in_axes=(0, 0, None))(tokens_g, slots, num_experts * cap),
+    buf = _expert_major(jax.vmap(ops.dispatch, in_axes=(0, 0, None))(tokens_g, slots, num_experts * cap),
                         num_experts)
     filled = (_expert_major(jax.vmap(dispatch.filled_slots, in_axes=(0, None))(slots, num_experts * cap),
                             num_experts) if compact else None)
@@ -125,4 +127,4 @@ def _through_slots(tokens_g: jax.Array, experts_g: jax.Array, positions: jax.Arr
     out = experts.compact_ragged(weights, buf, filled) if compact else experts.batched(weights, buf)
     if comm.expert_axis:
         out = jax.lax.all_to_all(out, comm.expert_axis, 1, 0, tiled=True)
-    return jax.vmap(dispatch.combine)(_group_major(out, g), slots, weights_g)
+    return jax.vmap(ops.combine)(_group_major(out, g), slots, weights_g)

@@ -60,20 +60,27 @@ def expert_fractions(experts: jax.Array, num_experts: int, mean: TokenMean = loc
     return mean(per_token) / experts.shape[-1]
 
 
+def aux_loss_from_means(mean_probs: jax.Array, fractions: jax.Array, form: str) -> jax.Array:
+    """The aux loss from its two token means, P_j = mean_t g_tj and f_j (see expert_fractions).
+
+    paper (Skywork eq. 4): sum_j (1/n - P_j)^2. switch: n * sum_j f_j * P_j (1.0 when balanced),
+    f_j a count that carries no gradient. Both are functions of means over the batch, so
+    microbatches can be averaged first and the loss taken once, as for the whole batch.
+    """
+    n = mean_probs.shape[-1]
+    if form == "paper":
+        return jnp.sum((1.0 / n - mean_probs) ** 2, axis=-1)
+    return n * jnp.sum(jax.lax.stop_gradient(fractions) * mean_probs, axis=-1)
+
+
 def aux_loss_paper(probs: jax.Array, mean: TokenMean = local_mean) -> jax.Array:
-    """Skywork eq. 4: sum_j (1/n - mean_t g_tj)^2."""
-    n = probs.shape[-1]
-    return jnp.sum((1.0 / n - mean(probs)) ** 2)
+    """Skywork eq. 4 over the tokens of probs [T, E]."""
+    return aux_loss_from_means(mean(probs), None, "paper")
 
 
 def aux_loss_switch(probs: jax.Array, experts: jax.Array, mean: TokenMean = local_mean) -> jax.Array:
-    """Switch Transformer form n * sum_j f_j * P_j, with f_j over all k choices (1.0 when balanced).
-
-    f_j is a count and carries no gradient; the gradient flows through P_j.
-    """
-    n = probs.shape[-1]
-    f = jax.lax.stop_gradient(expert_fractions(experts, n, mean))
-    return n * jnp.sum(f * mean(probs))
+    """Switch Transformer form over the tokens of probs [T, E] with their top-k experts."""
+    return aux_loss_from_means(mean(probs), expert_fractions(experts, probs.shape[-1], mean), "switch")
 
 
 def z_loss(logits: jax.Array, mean: TokenMean = local_mean) -> jax.Array:
@@ -82,7 +89,7 @@ def z_loss(logits: jax.Array, mean: TokenMean = local_mean) -> jax.Array:
 
 
 def router_stats(probs: jax.Array, experts: jax.Array, mean: TokenMean = local_mean) -> dict[str, jax.Array]:
-    """Paper metrics, averaged over tokens: Max1/Max2, Max2/Max3, entropy, expert load.
+    """Token means: gate probabilities P_j (mean_probs), Max1/Max2, Max2/Max3, entropy, expert load f_j.
 
     Max2/Max3 needs three experts; with two it is NaN (reported as null).
     """
@@ -93,6 +100,7 @@ def router_stats(probs: jax.Array, experts: jax.Array, mean: TokenMean = local_m
     max2_max3 = mean(top[:, 1] / jnp.maximum(top[:, 2], tiny)) if n >= 3 else jnp.float32(jnp.nan)
     entropy = mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, tiny)), axis=-1))
     return {
+        "mean_probs": mean(probs),
         "max1_max2": max1_max2,
         "max2_max3": max2_max3,
         "router_entropy": entropy,

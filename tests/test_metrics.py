@@ -1,0 +1,200 @@
+"""The observability metrics against computations written out here: expert similarity on
+hand-built experts and on a model's layers, FLOPs per token and MFU by hand, and what a short
+training run on an expert-parallel mesh logs to metrics.jsonl, TensorBoard and `skymoe report`.
+(Max1/Max2, Max2/Max3, entropy, expert load and drop rate on hand-built routings are checked in
+test_router.py and test_moe_block.py.)"""
+
+import glob
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+from tensorboardX.proto import event_pb2
+
+import skymoe_jax
+from skymoe_jax.cli import main
+from skymoe_jax.config import base_config, validate
+from skymoe_jax.metrics.flops import flops_per_token, mfu, peak_flops
+from skymoe_jax.metrics.similarity import expert_similarity, layer_similarity
+from skymoe_jax.metrics.writers import read_jsonl
+from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.model.transformer import build_model
+
+# 3 layers (the first dense), 4 experts top-2: two MoE layers in a scanned stack of 2.
+V, D, L, H, KV, HD, FFN, E, K, F, S = 256, 32, 3, 2, 1, 16, 64, 4, 2, 32, 32
+PEAK = 1e9
+
+
+def _config(**train):
+    c = base_config()
+    c.model.update(vocab_size=V, d_model=D, num_layers=L, num_heads=H, num_kv_heads=KV, ffn_dim=FFN)
+    c.moe.update(num_experts=E, top_k=K, expert_ffn_dim=F, first_k_dense=1, group_size=0)
+    c.data.update(seq_len=S, batch_size=8, shuffle_window=64)
+    c.optim.warmup_steps = 2
+    c.train.update(steps=6, log_every=1, eval_every=3, eval_batches=1, checkpoint_every=6, progress=False, **train)
+    c.metrics.update(similarity_every=3, peak_flops_per_device=PEAK)
+    c.parallel.mesh = (1, 2, 4)  # experts split over 4 devices: similarity comes from sharded parameters
+    validate(c)
+    return c
+
+
+def _np_similarity(vectors: np.ndarray) -> float:
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    gram = unit @ unit.T
+    n = len(vectors)
+    return float((gram.sum() - np.trace(gram)) / (n * (n - 1)))
+
+
+def test_similarity_of_identical_experts_is_one():
+    w = np.random.default_rng(0).normal(size=(1, 5, 3))
+    assert float(layer_similarity([jnp.asarray(np.repeat(w, 4, axis=0)), jnp.asarray(np.ones((4, 2)))])) == \
+        pytest.approx(1.0, abs=1e-6)
+
+
+def test_similarity_of_hand_built_experts():
+    # Flattened (first tensor, second tensor): e0 = (1, 0 | 0), e1 = (0, 0 | 1), e2 = 5 * (1, 0 | 1).
+    # cos(e0, e1) = 0, cos(e0, e2) = cos(e1, e2) = 1/sqrt(2): mean over pairs sqrt(2)/3.
+    first = jnp.asarray([[1.0, 0.0], [0.0, 0.0], [5.0, 0.0]])
+    second = jnp.asarray([[0.0], [1.0], [5.0]])
+    assert float(layer_similarity([first, second])) == pytest.approx(np.sqrt(2) / 3, rel=1e-6)
+    # Opposite experts: cosine -1. An all-zero expert counts as cosine 0 with the others.
+    assert float(layer_similarity([jnp.asarray([[1.0, 2.0], [-1.0, -2.0]])])) == pytest.approx(-1.0, rel=1e-6)
+    assert float(layer_similarity([jnp.asarray([[1.0, 2.0], [1.0, 2.0], [0.0, 0.0]])])) == \
+        pytest.approx(1 / 3, rel=1e-6)
+
+
+def test_similarity_of_random_experts_matches_numpy():
+    rng = np.random.default_rng(1)
+    tensors = [rng.normal(size=(6, 4, 3)) + 0.5, rng.normal(size=(6, 3, 4))]
+    vectors = np.concatenate([t.reshape(6, -1) for t in tensors], axis=1)
+    assert float(layer_similarity([jnp.asarray(t, jnp.float32) for t in tensors])) == \
+        pytest.approx(_np_similarity(vectors), abs=1e-6)
+
+
+def test_similarity_follows_the_models_layer_order():
+    spec = ModelSpec.from_config(_config())
+    # Parameters drawn with numpy: jax.random would compile an RNG program per shape.
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(spec)))
+    rng = np.random.default_rng(0)
+    model = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), abstract))
+    experts = model.stacks[1].blocks.layers[0].ffn.experts  # the scanned stack holding both MoE layers
+    for w in (experts.w_gate, experts.w_up, experts.w_down):
+        w[...] = w[...].at[1].set(jnp.broadcast_to(w[...][1, :1], w[...][1].shape))  # MoE layer 1: all alike
+    sims = np.asarray(jax.jit(lambda p: expert_similarity(p, spec))(nnx.state(model, nnx.Param)))
+    assert sims.shape == (2,)
+    assert sims[1] == pytest.approx(1.0, abs=1e-6)
+    assert abs(sims[0]) < 0.05  # independent random experts
+
+
+def _hand_flops_per_token() -> int:
+    attention = D * H * HD + 2 * D * KV * HD + H * HD * D  # wq, wk, wv, wo
+    dense_ffn = 3 * D * FFN
+    moe = D * E + K * 3 * D * F  # router, and the k chosen SwiGLU experts
+    active_matmul = L * attention + dense_ffn + 2 * moe + D * V  # + output head; embedding and norms: no FLOPs
+    causal_attention = 2 * L * H * HD * S  # QK^T and AV over an average context of S/2
+    return 3 * (2 * active_matmul + causal_attention)  # forward + backward (twice the forward)
+
+
+def test_flops_per_token_and_mfu_by_hand():
+    spec = ModelSpec.from_config(_config())
+    assert flops_per_token(spec, S) == _hand_flops_per_token() == 235008
+    assert mfu(1000.0, 235008, 989e12) == pytest.approx(1000.0 * 235008 / 989e12)
+
+
+class _Device:
+    def __init__(self, kind):
+        self.device_kind = kind
+
+
+def test_peak_flops_override_and_table():
+    assert peak_flops(123e12, _Device("NVIDIA H100 80GB HBM3")) == 123e12
+    assert peak_flops(0.0, _Device("NVIDIA H100 80GB HBM3")) == 989e12
+    assert peak_flops(0.0, _Device("NVIDIA A800-SXM4-80GB")) == 312e12
+    assert peak_flops(0.0, _Device("cpu")) is None  # no MFU rather than a made-up one
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("metrics") / "run")
+    skymoe_jax.train(_config(), workdir)
+    return workdir, read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+def test_logged_mfu_is_the_formula(run):
+    _, records = run
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * _hand_flops_per_token() / (8 * PEAK), rel=1e-9)
+
+
+def test_logged_alpha_follows_the_logged_drop_rates(run):
+    _, records = run
+    a = base_config().aux_coef
+    alpha = np.full(2, a.initial_alpha)
+    for r in records:
+        alpha = a.beta * alpha + (1 - a.beta) * np.minimum(a.xi * np.asarray(r["drop_rate"]), a.alpha_max)
+        np.testing.assert_allclose(r["alpha"], alpha, rtol=1e-5)
+        np.testing.assert_allclose(np.sum(r["expert_load"], axis=1), 1.0, rtol=1e-6)
+
+
+def test_logged_similarity_matches_the_checkpointed_experts(run):
+    workdir, records = run
+    assert [r["step"] for r in records if "expert_similarity" in r] == [3, 6]
+    model, _ = skymoe_jax.load_model(workdir)  # the step-6 parameters
+    experts = model.stacks[1].blocks.layers[0].ffn.experts
+    tensors = [np.asarray(w[...]) for w in (experts.w_gate, experts.w_up, experts.w_down)]
+    expected = [_np_similarity(np.concatenate([t[layer].reshape(E, -1) for t in tensors], axis=1))
+                for layer in range(2)]
+    np.testing.assert_allclose(records[-1]["expert_similarity"], expected, atol=1e-5)
+
+
+def _tensorboard_scalars(logdir: str) -> dict[tuple[str, int], float]:
+    """Every scalar in the event files, read with the TFRecord framing and the Event protobuf."""
+    out = {}
+    for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+        with open(path, "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4  # length, its CRC, the record, its CRC
+            for value in event.summary.value:
+                out[value.tag, event.step] = value.simple_value
+    return out
+
+
+def test_tensorboard_events_read_back(run):
+    workdir, records = run
+    scalars = _tensorboard_scalars(os.path.join(workdir, "tensorboard"))
+    for r in records:
+        step = r["step"]
+        assert scalars["loss", step] == pytest.approx(r["loss"], rel=1e-6)
+        assert scalars["mfu", step] == pytest.approx(r["mfu"], rel=1e-6)
+        for layer in range(2):
+            assert scalars[f"drop_rate/layer_{layer}", step] == pytest.approx(r["drop_rate"][layer], abs=1e-7)
+            assert scalars[f"expert_load/layer_{layer}/expert_3", step] == \
+                pytest.approx(r["expert_load"][layer][3], rel=1e-6)
+        assert scalars["alpha/mean", step] == pytest.approx(np.mean(r["alpha"]), rel=1e-6)
+    assert scalars["eval_loss", 6] == pytest.approx(records[-1]["eval_loss"], rel=1e-6)
+    assert scalars["expert_similarity/layer_1", 3] == pytest.approx(records[2]["expert_similarity"][1], abs=1e-7)
+    assert ("expert_similarity/layer_1", 2) not in scalars
+
+
+def test_report_on_the_finished_run(run, capsys):
+    workdir, _ = run
+    assert main(["report", f"--workdir={workdir}"]) == 0
+    out = os.path.join(workdir, "report")
+    stems = ["loss", "drop_rate", "alpha", "router_ratios", "expert_load", "expert_similarity"]
+    for stem in stems:
+        with Image.open(os.path.join(out, f"{stem}.png")) as image:
+            assert image.width >= 500 and image.height >= 350, stem
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50, stem  # not blank
+    page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
+    assert page.count("data:image/png;base64,") == len(stems)
+    assert "| run |" in capsys.readouterr().out

@@ -1,0 +1,118 @@
+"""Pipeline parallelism on 8 simulated devices: pipelined steps equal the unpipelined one, for 2 and 4
+stages, even and uneven splits, combined with data and expert axes; the balance report; bad splits."""
+
+import jax
+import numpy as np
+import pytest
+
+from skymoe_jax.config import apply_overrides, base_config, load_config
+from skymoe_jax.errors import ConfigError
+from skymoe_jax.metrics.flops import pipeline_utilization, stage_flops_per_token
+from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.parallel.pipeline import bubble_fraction
+from skymoe_jax.parallel.plan import plan
+from skymoe_jax.training import runtime as runtime_lib
+from skymoe_jax.training.step import LossSettings, loss_fn
+
+from test_parallel import _batch
+
+
+def _config(mesh=(1, 1, 1), split=(), microbatches=2, layout="gshard", remat=()):
+    c = base_config()
+    c.model.update(d_model=32, num_layers=6, num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=64)
+    # One sequence per routing group, so groups are the same tokens with and without microbatches.
+    c.moe.update(num_experts=8, top_k=2, expert_ffn_dim=16, group_size=0, capacity_factor=1.0)
+    c.data.update(seq_len=16, batch_size=16)
+    c.optim.warmup_steps = 0
+    c.aux_coef.initial_alpha = 0.005
+    c.parallel.update(mesh=mesh, layout=layout, pipeline_stage_layers=split, num_microbatches=microbatches,
+                      stage_remat=remat)
+    return c
+
+
+def _step(c, devices):
+    rt = runtime_lib.build(c, devices)
+    with jax.set_mesh(rt.mesh):
+        state, batch = rt.init(), rt.batch(_batch(c))
+        settings = LossSettings.from_config(c)
+        grad_fn = jax.grad(lambda p, b, a: loss_fn(p, rt.graphdef, b, a, settings, train=True)[0])
+        # One compile for the gradients and the runtime's own train step, and its text for the HLO check.
+        lowered = jax.jit(lambda st, b: (grad_fn(st.params, b, st.alpha), rt.train_step(st, b))).lower(state, batch)
+        grads, (new_state, metrics) = lowered.compile()(state, batch)
+        return jax.device_get((grads, new_state, metrics)), lowered.as_text()
+
+
+def _canonical(tree, spec):
+    """Pipelined parameters are stored stage by stage with padding; put the layers back in order."""
+    slots = spec.layer_slots()
+    stacks = tree["stacks"][0]["blocks"]
+    return jax.tree.map(lambda a: a[slots], stacks), {k: tree[k] for k in ("embed", "final_norm", "head")}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _step(_config(), jax.devices()[:1])[0]
+
+
+CASES = [((2, 4, 1), (), "gshard", ()),  # 2 even stages x data
+         ((2, 2, 2), (4, 2), "gshard", ()),  # 2 uneven stages x data x expert
+         ((4, 1, 2), (2, 2, 1, 1), "edp", ("full", "none", "dots", "full"))]  # 4 uneven stages, EDP, remat by stage
+
+
+def _layers_and_rest(tree):
+    return tree["stacks"][0]["blocks"], {k: tree[k] for k in ("embed", "final_norm", "head")}
+
+
+@pytest.mark.parametrize("mesh,split,layout,remat", CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_pipelined_step_equals_unpipelined(reference, mesh, split, layout, remat):
+    grads0, state0, metrics0 = reference
+    c = _config(mesh, split, layout=layout, remat=remat)
+    (grads, state, metrics), hlo = _step(c, jax.devices())
+    assert "collective_permute" in hlo  # stage-to-stage sends (StableHLO spelling)
+    spec = ModelSpec.from_config(c)
+    np.testing.assert_array_equal(metrics["drop_rate"], metrics0["drop_rate"])
+    np.testing.assert_array_equal(metrics["expert_load"], metrics0["expert_load"])
+    np.testing.assert_allclose(metrics["loss"], metrics0["loss"], rtol=2e-6)
+    np.testing.assert_allclose(metrics["alpha"], metrics0["alpha"], rtol=1e-6)
+    # The pipelined layout keeps the plain init's layers at their slots, so parameters are equal; the math
+    # is the same in other summation orders (tolerances as in test_parallel).
+    for g, g0 in zip(jax.tree.leaves(_canonical(grads, spec)), jax.tree.leaves(_layers_and_rest(grads0))):
+        np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-7)
+    for p, p0 in zip(jax.tree.leaves(_canonical(state.params, spec)),
+                     jax.tree.leaves(_layers_and_rest(state0.params))):
+        # Adam's first update is lr * g / (|g| + eps): for |g| near eps it amplifies the tiny absolute
+        # gradient differences allowed above, so allow 1% of lr (3e-3); a wrong gradient moves it by ~lr.
+        np.testing.assert_allclose(p, p0, atol=3e-5)
+    padding = np.setdiff1d(np.arange(spec.stored_layers), spec.layer_slots())
+    for p in jax.tree.leaves(state.params["stacks"][0]["blocks"]):
+        assert not np.any(np.asarray(p)[padding])  # padded slots never train
+
+
+def test_stage_flops_and_bubble_for_24_layers():
+    config = load_config("configs/experiments/pipeline_24l.py")
+    spec = ModelSpec.from_config(config)
+    even = stage_flops_per_token(spec, config.data.seq_len, (6, 6, 6, 6))
+    uneven = stage_flops_per_token(spec, config.data.seq_len, (5, 5, 5, 5, 4))
+    layer = even[0] / 6
+    head = even[-1] - even[0]
+    assert uneven == pytest.approx([5 * layer] * 4 + [4 * layer + head])
+    assert 0.5 * layer < head < layer  # the head costs most of a layer, so the 4-layer last stage balances
+    assert max(uneven) / np.mean(uneven) < max(even) / np.mean(even)
+    assert pipeline_utilization(uneven, 16) > pipeline_utilization(even, 16)
+    assert pipeline_utilization([1.0] * 4, 16) == pytest.approx(1 - bubble_fraction(4, 16))
+    report = plan(apply_overrides(config, ["--config.parallel.mesh=(5,1,1)",
+                                           "--config.parallel.pipeline_stage_layers=(5,5,5,5,4)"]), (5, 1, 1))
+    assert report.stage_flops_per_token == pytest.approx(tuple(uneven))
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["--config.parallel.mesh=(2,4,1)", "--config.parallel.pipeline_stage_layers=(4,1)"],
+     "must give 2 stages (the pipeline axis) of at least one layer summing to model.num_layers=6"),
+    (["--config.parallel.mesh=(2,4,1)", "--config.parallel.num_microbatches=3"],
+     "parallel.num_microbatches=3 must be a positive divisor of data.batch_size=16"),
+    (["--config.parallel.mesh=(2,4,1)", "--config.moe.moe_every=2"], "pipeline parallelism needs identical layers"),
+])
+def test_bad_pipeline_settings_are_one_line(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(_config(), overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
