@@ -1,6 +1,6 @@
 """moe.routing_impl end to end: the MoE block and a train step with the Pallas kernels
-(interpret mode on this CPU) equal the XLA path; inside a device mesh the kernels lower to
-Triton for CUDA; `skymoe bench routing` runs."""
+(interpret mode on this CPU), with and without expert parallelism, equal the XLA path; inside
+a device mesh the kernels lower to Triton for CUDA; `skymoe bench routing` runs."""
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +15,6 @@ from skymoe_jax.kernels import common
 from skymoe_jax.model.moe.block import MoEBlock
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.training import runtime as runtime_lib
-from skymoe_jax.training import state as state_lib
-from skymoe_jax.training.step import make_train_step
 
 
 def test_routing_impl_config():
@@ -79,7 +77,7 @@ def test_block_pallas_equals_xla(moe):
 
 def _train_config(routing_impl, mesh=(1, 1, 1), layout="gshard"):
     c = base_config()
-    c.model.update(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=64)
+    c.model.update(d_model=32, num_layers=mesh[0], num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=64)
     c.moe.update(num_experts=8, top_k=2, expert_ffn_dim=16, group_size=16, capacity_factor=0.75,
                  routing_impl=routing_impl)
     c.data.update(seq_len=16, batch_size=8)
@@ -97,31 +95,32 @@ def _batch(c):
             "segment_ids": np.ones((b, s), np.int32), "loss_mask": np.ones((b, s), np.float32)}
 
 
-def test_train_step_pallas_equals_xla():
-    """One train step without a mesh (interpret mode cannot run inside shard_map, see below)."""
-    def step(impl, initial=None):
-        c = _train_config(impl)
-        graphdef, init, tx = state_lib.create(c)
-        initial = jax.jit(init)() if initial is None else initial  # routing_impl is no part of the state
-        return initial, jax.device_get(jax.jit(make_train_step(graphdef, tx, c))(initial, _batch(c)))
+def _step_metrics_and_params(c, initial=None):
+    """One train step through the runtime (sharded jit, the MoE layer in shard_map)."""
+    rt = runtime_lib.build(c)
+    with jax.set_mesh(rt.mesh):
+        state = rt.init() if initial is None else jax.device_put(initial, rt.shardings)
+        start = jax.device_get(state)  # the step donates its input state
+        new_state, metrics = rt.train_step(state, rt.batch(_batch(c)))
+        return start, jax.device_get((new_state.params, metrics))
 
-    initial, (state0, metrics0) = step("xla")
-    _, (state, metrics) = step("pallas", initial)
+
+@pytest.mark.parametrize("mesh,layout", [((1, 2, 4), "edp"), ((2, 2, 2), "gshard")],
+                         ids=["expert-parallel-edp", "pipelined-expert-parallel"])
+def test_train_step_pallas_equals_xla(mesh, layout):
+    """A whole train step with the interpreted kernels inside expert parallelism (all-to-all), and
+    inside a 2-stage pipeline."""
+    initial, (params0, metrics0) = _step_metrics_and_params(_train_config("xla", mesh, layout))
+    # routing_impl is no part of the state, so both steps start from the same one.
+    _, (params, metrics) = _step_metrics_and_params(_train_config("pallas", mesh, layout), initial)
     np.testing.assert_array_equal(metrics["drop_rate"], metrics0["drop_rate"])
     assert np.all(metrics0["drop_rate"] > 0)
     np.testing.assert_array_equal(metrics["expert_load"], metrics0["expert_load"])
     np.testing.assert_allclose(metrics["loss"], metrics0["loss"], rtol=2e-6)
     np.testing.assert_allclose(metrics["grad_norm"], metrics0["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(metrics["alpha"], metrics0["alpha"], rtol=1e-6)
-    for p, p0 in zip(jax.tree.leaves(state.params), jax.tree.leaves(state0.params)):
+    for p, p0 in zip(jax.tree.leaves(params), jax.tree.leaves(params0)):
         np.testing.assert_allclose(p, p0, atol=1e-5)  # Adam moves each by ~lr*sign(g): a flip shows as 2*lr
-
-
-def test_interpreted_kernels_inside_a_mesh_stop_with_a_config_error():
-    c = _train_config("pallas")
-    rt = runtime_lib.build(c, jax.devices()[:1])
-    with jax.set_mesh(rt.mesh), pytest.raises(ConfigError, match="interpret mode.*inside a device mesh"):
-        rt.train_step.trace(jax.eval_shape(rt.init), rt.batch(_batch(c)))
 
 
 @pytest.mark.parametrize("layout", ["gshard", "edp"])

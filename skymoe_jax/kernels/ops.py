@@ -36,21 +36,19 @@ def pallas_ops(interpret: bool | None = None) -> RoutingOps:
     return RoutingOps(bind(route), bind(expert_positions), bind(permute), bind(combine))
 
 
+def interpreted(impl: str) -> bool:
+    """Whether moe.routing_impl=impl runs the kernels in interpret mode here (pallas off a GPU)."""
+    return impl == "pallas" and not common.on_gpu()
+
+
 def routing_ops(impl: str) -> RoutingOps:
     """moe.routing_impl -> ops, decided when the layer is traced.
 
     `auto` is Pallas on a GPU and XLA elsewhere: interpret mode exists to check the kernels
-    and is far slower than XLA. `pallas` off a GPU interprets, which JAX (0.10-0.11) cannot
-    do inside shard_map: the interpreter mixes the mesh-varying operands with its own
-    unvarying loop indices and fails the varying-axes type check. Every training step runs
-    the layer inside shard_map, so there it stops with a ConfigError instead.
+    and is far slower than XLA. `pallas` off a GPU interprets them.
     """
     if impl == "xla" or (impl == "auto" and not common.on_gpu()):
         return XLA_OPS
     if impl not in ("auto", "pallas"):
         raise ConfigError(f"moe.routing_impl={impl!r} is not one of auto, xla, pallas")
-    if not common.on_gpu() and jax.sharding.get_abstract_mesh().manual_axes:
-        raise ConfigError(f"moe.routing_impl=pallas on {jax.default_backend()} runs the kernels in interpret "
-                          "mode, which JAX cannot do inside a device mesh (every train/eval step); use "
-                          "moe.routing_impl=auto or xla here, pallas on a GPU")
     return pallas_ops()

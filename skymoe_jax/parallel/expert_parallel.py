@@ -35,8 +35,10 @@ class Comm(NamedTuple):
 Layer = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def apply(layer: Layer, x: jax.Array, gate: jax.Array, weights, layout: str):
-    """layer(tokens [T, d], gate, weights, comm) on x [B, S, d], sharded when a mesh is set (jax.set_mesh)."""
+def apply(layer: Layer, x: jax.Array, gate: jax.Array, weights, layout: str, *, check_vma: bool = True):
+    """layer(tokens [T, d], gate, weights, comm) on x [B, S, d], sharded when a mesh is set (jax.set_mesh).
+
+    check_vma=False skips shard_map's varying-axes type check (for interpreted Pallas kernels)."""
     b, s, d = x.shape
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -64,4 +66,5 @@ def apply(layer: Layer, x: jax.Array, gate: jax.Array, weights, layout: str):
 
     batch = P(batch_axes(layout))
     experts = type(weights)(*(P("expert" if ep > 1 else None) for _ in weights))
-    return jax.shard_map(local, mesh=mesh, in_specs=(batch, P(), experts), out_specs=(batch, P()))(x, gate, weights)
+    return jax.shard_map(local, mesh=mesh, in_specs=(batch, P(), experts), out_specs=(batch, P()),
+                         check_vma=check_vma)(x, gate, weights)
