@@ -36,17 +36,22 @@ def _batch(c):
             "loss_mask": np.ones((b, s), np.float32)}
 
 
-def _step(c, devices):
-    """(grads, new state, metrics) of one train step on a mesh over `devices`."""
+def _step_and_hlo(c, devices):
+    """((grads, new state, metrics), StableHLO text) of one train step on a mesh over `devices`."""
     rt = runtime_lib.build(c, devices)
     with jax.set_mesh(rt.mesh):
         state, batch = rt.init(), rt.batch(_batch(c))
         settings = LossSettings.from_config(c)
         grad_fn = jax.grad(lambda p, b, a: loss_fn(p, rt.graphdef, b, a, settings, train=True)[0])
         # One compile for both: the gradients, and the runtime's own (sharded) train step.
-        both = jax.jit(lambda st, b: (grad_fn(st.params, b, st.alpha), rt.train_step(st, b)))
-        grads, (new_state, metrics) = both(state, batch)
-        return jax.device_get((grads, new_state, metrics))
+        lowered = jax.jit(lambda st, b: (grad_fn(st.params, b, st.alpha), rt.train_step(st, b))).lower(state, batch)
+        grads, (new_state, metrics) = lowered.compile()(state, batch)
+        return jax.device_get((grads, new_state, metrics)), lowered.as_text()
+
+
+def _step(c, devices):
+    """(grads, new state, metrics) of one train step on a mesh over `devices`."""
+    return _step_and_hlo(c, devices)[0]
 
 
 @pytest.fixture(scope="module")

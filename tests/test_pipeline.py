@@ -11,10 +11,8 @@ from skymoe_jax.metrics.flops import pipeline_utilization, stage_flops_per_token
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.parallel.pipeline import bubble_fraction
 from skymoe_jax.parallel.plan import plan
-from skymoe_jax.training import runtime as runtime_lib
-from skymoe_jax.training.step import LossSettings, loss_fn
 
-from test_parallel import _batch
+from test_parallel import _step_and_hlo
 
 
 def _config(mesh=(1, 1, 1), split=(), microbatches=2, layout="gshard", remat=()):
@@ -30,18 +28,6 @@ def _config(mesh=(1, 1, 1), split=(), microbatches=2, layout="gshard", remat=())
     return c
 
 
-def _step(c, devices):
-    rt = runtime_lib.build(c, devices)
-    with jax.set_mesh(rt.mesh):
-        state, batch = rt.init(), rt.batch(_batch(c))
-        settings = LossSettings.from_config(c)
-        grad_fn = jax.grad(lambda p, b, a: loss_fn(p, rt.graphdef, b, a, settings, train=True)[0])
-        # One compile for the gradients and the runtime's own train step, and its text for the HLO check.
-        lowered = jax.jit(lambda st, b: (grad_fn(st.params, b, st.alpha), rt.train_step(st, b))).lower(state, batch)
-        grads, (new_state, metrics) = lowered.compile()(state, batch)
-        return jax.device_get((grads, new_state, metrics)), lowered.as_text()
-
-
 def _canonical(tree, spec):
     """Pipelined parameters are stored stage by stage with padding; put the layers back in order."""
     slots = spec.layer_slots()
@@ -51,7 +37,7 @@ def _canonical(tree, spec):
 
 @pytest.fixture(scope="module")
 def reference():
-    return _step(_config(), jax.devices()[:1])[0]
+    return _step_and_hlo(_config(), jax.devices()[:1])[0]
 
 
 CASES = [((2, 4, 1), (), "gshard", ()),  # 2 even stages x data
@@ -67,7 +53,7 @@ def _layers_and_rest(tree):
 def test_pipelined_step_equals_unpipelined(reference, mesh, split, layout, remat):
     grads0, state0, metrics0 = reference
     c = _config(mesh, split, layout=layout, remat=remat)
-    (grads, state, metrics), hlo = _step(c, jax.devices())
+    (grads, state, metrics), hlo = _step_and_hlo(c, jax.devices())
     assert "collective_permute" in hlo  # stage-to-stage sends (StableHLO spelling)
     spec = ModelSpec.from_config(c)
     np.testing.assert_array_equal(metrics["drop_rate"], metrics0["drop_rate"])

@@ -315,9 +315,9 @@ def prepare(input_glob: str, tokenizer: str, out: str, *, fmt: str = "text", fie
     skipped = len(done)
     written = len(shards) - skipped
     line = (f"prepared {totals['documents']:,} documents, {totals['tokens']:,} tokens ({settings['dtype']}, "
-            f"vocabulary {vocab_size}) in {len(shards)} shards: {written} written"
+            f"vocabulary {vocab_size}) in {len(shards)} shard{'s' * (len(shards) != 1)}: {written} written"
             + (f" ({stale} earlier shards discarded: cut short, damaged or of changed inputs)" if stale else "")
             + f", {skipped} already done; {progress.tokens / seconds:,.0f} tokens/s written by "
-            f"{used} process(es) in {seconds:.1f}s; metadata in {metadata_path}")
+            f"{used} process{'es' * (used != 1)} in {seconds:.1f}s; metadata in {metadata_path}")
     return {**totals, "shards": len(shards), "written": written, "skipped": skipped, "redone": stale,
             "seconds": seconds, "metadata": metadata_path, "summary": line}
