@@ -136,29 +136,17 @@ def cmd_eval(argv: Sequence[str]) -> int:
 
 
 def cmd_upcycle(argv: Sequence[str]) -> int:
-    import jax
-
-    from skymoe_jax.checkpoint.manager import Checkpointer, checkpoint_dir
-    from skymoe_jax.checkpoint.upcycle import upcycled_state
-    from skymoe_jax.config import apply_overrides
+    from skymoe_jax.checkpoint.upcycle import upcycle
     from skymoe_jax.metrics.flops import param_counts
     from skymoe_jax.model.spec import ModelSpec
-    from skymoe_jax.training import runtime as runtime_lib
 
     args = Args(argv, {"dense": "", "out": ""})
     if not args.dense or not args.out:
         raise ConfigError("skymoe upcycle needs --dense=DIR (a dense run's workdir) and --out=DIR (a new workdir)")
-    if os.path.isdir(checkpoint_dir(args.out)) and os.listdir(checkpoint_dir(args.out)):
-        raise ConfigError(f"--out={args.out} already holds checkpoints; choose a new directory")
-    config = apply_overrides(_config(args), [f"--config.init.upcycle_from={args.dense}"])
-    runtime = runtime_lib.build(config)
-    with jax.set_mesh(runtime.mesh):
-        state = upcycled_state(config, runtime)
-        out = Checkpointer(args.out)
-        out.save(0, state, config)
-        out.close()
+    config = _config(args)
+    path = upcycle(config, args.dense, args.out)
     counts = param_counts(ModelSpec.from_config(config))
-    print(f"upcycled {args.dense} into {out.path(0)}: {config.moe.num_experts} experts top-{config.moe.top_k} "
+    print(f"upcycled {args.dense} into {path}: {config.moe.num_experts} experts top-{config.moe.top_k} "
           f"({config.init.upcycle_mode}), {_count(counts.total)} parameters ({_count(counts.active)} activated); "
           f"train it with: skymoe train --workdir={args.out}")
     return 0

@@ -1,5 +1,5 @@
 """notebooks/quickstart.ipynb runs top to bottom, headless, on one CPU device (as on a laptop or
-Colab), within its time budget."""
+Colab), within its time budget: routing, training, figures, and upcycling a dense model."""
 
 import os
 import pathlib
@@ -30,8 +30,9 @@ def test_quickstart_notebook_runs_headless(tmp_path):
     text = "".join(o.get("text", "") for o in _outputs(nb, "stream")) + "".join(
         o["data"].get("text/plain", "") for o in _outputs(nb, "display_data"))
     assert "missing before this cell: nothing" in text  # the install cell is a no-op when installed
-    assert "done: 100 steps" in text
+    assert "done: 100 steps" in text and text.count("done: 60 steps") == 2  # the dense run and the upcycled one
+    assert "max |MoE logits - dense logits|" in text  # the upcycled model computes the dense function
     assert any("application/vnd.jupyter.widget-view+json" in o["data"] for o in _outputs(nb, "display_data"))
     assert text.count("the model's own drop rate") == 2  # before and after training
     images = [o for o in _outputs(nb, "display_data") + _outputs(nb, "execute_result") if "image/png" in o["data"]]
-    assert len(images) == 3  # drop rate, alpha, Max1/Max2 figures shown inline
+    assert len(images) == 4  # drop rate, alpha, Max1/Max2 and expert-similarity figures shown inline

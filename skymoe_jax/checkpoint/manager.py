@@ -17,6 +17,7 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from skymoe_jax.config import base_config, validate
 from skymoe_jax.errors import CheckpointError
@@ -84,7 +85,9 @@ class Checkpointer:
     def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """{'params/embed/table': shape, ...} of the train state saved at step, from its metadata."""
         try:
-            saved = ocp.StandardCheckpointer().metadata(os.path.join(self.path(step), "state")).item_metadata
+            # The handler reads the item's tree metadata; a Checkpointer would also look for (and warn
+            # about) step-level metadata inside the item directory.
+            saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.path(step)) / "state")
         except Exception as e:
             raise CheckpointError(f"checkpoint {self.path(step)} has unreadable metadata ({_first_line(e)}); "
                                   "remove it to resume from an earlier checkpoint") from None

@@ -20,13 +20,16 @@ outputs carry the MoE shardings: no host ever holds the whole model.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from skymoe_jax.checkpoint.manager import Checkpointer, saved_config, split_checkpoint_path, tree_path_name
+from skymoe_jax.checkpoint.manager import (Checkpointer, checkpoint_dir, saved_config, split_checkpoint_path,
+                                          tree_path_name)
 from skymoe_jax.errors import CheckpointError, ConfigError
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import build_model
@@ -151,3 +154,22 @@ def upcycled_state(config: ml_collections.ConfigDict, runtime) -> TrainState:
     """The MoE train state upcycled from config.init.upcycle_from, on the runtime's mesh."""
     dense, g = load_dense(config.init.upcycle_from, config, runtime.mesh)
     return upcycle_fn(config, g, runtime.tx, runtime.shardings)(dense)
+
+
+def upcycle(config: ml_collections.ConfigDict, dense: str, out: str) -> str:
+    """Write the MoE of `config` upcycled from `dense` (a dense workdir or WORKDIR/checkpoints/STEP) as
+    step 0 of the new workdir `out`, with the config beside it; returns the checkpoint's path.
+    `skymoe train --workdir=OUT` (or train(config, out)) then trains it like any run."""
+    from skymoe_jax.config import apply_overrides
+    from skymoe_jax.training import runtime as runtime_lib
+
+    if os.path.isdir(checkpoint_dir(out)) and os.listdir(checkpoint_dir(out)):
+        raise ConfigError(f"--out={out} already holds checkpoints; choose a new directory")
+    config = apply_overrides(config, [f"--config.init.upcycle_from={dense}"])
+    runtime = runtime_lib.build(config)
+    with jax.set_mesh(runtime.mesh):
+        state = upcycled_state(config, runtime)
+        target = Checkpointer(out)
+        target.save(0, state, config)
+        target.close()
+    return target.path(0)
