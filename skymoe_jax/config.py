@@ -131,6 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_every = 0  # and every checkpoint at a multiple of M steps (0: none)
     c.train.nonfinite = "stop"  # non-finite loss or gradients: stop | skip the step (counted in the metrics)
     c.train.progress = True  # progress bar on a terminal or in a notebook
+    # Several processes agree on a SIGTERM/SIGINT stop every N steps (a collective that waits for the step)
+    c.train.stop_check_every = 10
 
     c.metrics = ml_collections.ConfigDict()
     c.metrics.similarity_every = 100  # expert similarity every N steps and at the last; 0 = never
@@ -249,7 +251,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         need(get(key) in choices, f"{key}={get(key)!r} is not one of {', '.join(choices)}")
     for key in ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
                 "model.ffn_dim", "data.seq_len", "data.batch_size", "train.steps", "train.log_every",
-                "train.eval_batches", "moe.moe_every"):
+                "train.eval_batches", "moe.moe_every", "train.stop_check_every"):
         need(isinstance(get(key), int) and get(key) > 0, f"{key}={get(key)!r} must be a positive integer")
     for key in ("train.eval_every", "train.checkpoint_every", "optim.warmup_steps", "moe.first_k_dense",
                 "moe.group_size", "train.keep_checkpoints", "data.shuffle_window", "train.keep_every",

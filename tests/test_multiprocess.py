@@ -38,3 +38,38 @@ def test_two_processes_match_one(tmp_path):
     for key in ("loss", "grad_norm", "drop_rate", "alpha"):
         np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-6, err_msg=key)
     assert "done: 5 steps" in two.stdout
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """The stop is agreed at multiples of train.stop_check_every: both processes save that step and exit 0."""
+    import signal
+    import socket
+    import time
+
+    from skymoe_jax.checkpoint.manager import Checkpointer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "run"
+    flags = [f for f in FLAGS if not f.startswith("--config.train.steps")]
+    cmd = [sys.executable, "-m", "skymoe_jax.cli", "train", f"--workdir={workdir}", *flags,
+           "--config.train.steps=100000", "--config.train.eval_every=0", "--config.train.stop_check_every=3"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(
+        SKYMOE_COORDINATOR=f"127.0.0.1:{port}", SKYMOE_NUM_PROCESSES="2", SKYMOE_PROCESS_ID=str(i),
+        XLA_FLAGS="--xla_force_host_platform_device_count=4")) for i in range(2)]
+    try:
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not (metrics.exists() and len(read_jsonl(metrics)) >= 4):
+            assert all(p.poll() is None for p in procs) and time.time() < deadline, procs[0].communicate()[0][-2000:]
+            time.sleep(0.01)
+        procs[1].send_signal(signal.SIGTERM)  # only the process that does not print
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    step = Checkpointer(workdir).latest_step()
+    assert step % 3 == 0 and step >= 6
+    assert f"stopped by another process after step {step}; saved checkpoint" in outs[0]

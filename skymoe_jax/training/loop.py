@@ -96,7 +96,7 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     last_time, last_step, record, evals, skipped = time.perf_counter(), start, None, {}, 0
     unchecked: list[tuple[int, jax.Array]] = []  # (step, finite flag) not yet read back from the device
     try:
-        with StopSignals() as signals:
+        with StopSignals(t.stop_check_every) as signals:
             for step in range(start + 1, t.steps + 1):
                 if step > start + 1:
                     batch = runtime.batch(next(train_iter))
@@ -105,7 +105,7 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
                 eval_now = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
                 similarity_now = similarity_every and (step % similarity_every == 0 or step == t.steps)
                 save_now = ckpt.due(step) or step == t.steps
-                stop_now = signals.requested()
+                stop_now = signals.requested(step)
                 if step % t.log_every == 0 or eval_now or save_now or stop_now or step == t.steps:
                     skipped += _check_finite(unchecked, t.nonfinite, ckpt, workdir)
                     unchecked = []
