@@ -1,4 +1,6 @@
-"""Two local processes (4 CPU devices each, gloo) train exactly like one process with 8 devices."""
+"""Two local processes (4 CPU devices each, gloo) train exactly like one process with 8 devices, on a
+prepared two-source mixture (each process reads only its rows' documents); a stop signal to one
+process stops both at the same step."""
 
 import os
 import pathlib
@@ -23,13 +25,28 @@ def _env(**extra):
     return env
 
 
+def _prepared_mixture(root) -> list[str]:
+    """Two sources prepared from this interpreter's asyncio and email packages, mixed 3:1."""
+    import sysconfig
+
+    from skymoe_jax.data.prepare import prepare
+
+    sources = []
+    for package, weight in (("asyncio", 3), ("email", 1)):
+        prepare(os.path.join(sysconfig.get_paths()["stdlib"], package, "*.py"), "byte", str(root / package))
+        sources.append(f"{root / package}:{weight}")
+    return ["--config.data.source=prepared", f"--config.data.sources={','.join(sources)}",
+            "--config.data.num_streams=2", "--config.data.val_fraction=0.3"]
+
+
 def test_two_processes_match_one(tmp_path):
     skymoe = [sys.executable, "-m", "skymoe_jax.cli", "train"]
-    one = subprocess.run([*skymoe, f"--workdir={tmp_path / 'one'}", *FLAGS], capture_output=True, text=True,
+    flags = [*FLAGS, *_prepared_mixture(tmp_path)]
+    one = subprocess.run([*skymoe, f"--workdir={tmp_path / 'one'}", *flags], capture_output=True, text=True,
                          timeout=600, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([str(ROOT / "launch" / "local.sh"), "2", "-d", "4", "--", *skymoe,
-                          f"--workdir={tmp_path / 'two'}", *FLAGS], capture_output=True, text=True, timeout=600,
+                          f"--workdir={tmp_path / 'two'}", *flags], capture_output=True, text=True, timeout=600,
                          env=_env(SKYMOE_LOG_DIR=str(tmp_path / "logs")))
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     a, b = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
