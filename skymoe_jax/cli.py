@@ -370,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"skymoe {argv[0]}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`skymoe params | head -1`): not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush stays quiet
+        return 0
 
 
 if __name__ == "__main__":
