@@ -97,13 +97,13 @@ def test_batches_follow_the_model_batch_contract(sources):
 def test_processes_read_disjoint_documents_and_together_form_the_global_batch(sources, monkeypatch):
     c = _config(sources, num_streams=4)
     whole = list(itertools.islice(iter(make_datasets(c)[0]), 3))
-    # Reads are logged per _Shards instance: grain's prefetch threads of one process's iterator may still
-    # be reading while the next process's iterator runs.
-    opened, reads = [], {}
+    # Reads are logged on each _Shards instance (not by id(), which a freed instance passes on): grain's
+    # prefetch threads of one process's iterator may still be reading while the next process's runs.
+    opened = []
     init, read = prepared._Shards.__init__, prepared._Shards.read
     monkeypatch.setattr(prepared._Shards, "__init__", lambda self, *a: opened.append(self) or init(self, *a))
-    monkeypatch.setattr(prepared._Shards, "read",
-                        lambda self, r: reads.setdefault(id(self), set()).add((self.directory, r)) or read(self, r))
+    monkeypatch.setattr(prepared._Shards, "read", lambda self, r: self.__dict__.setdefault(
+        "test_reads", set()).add((self.directory, r)) or read(self, r))
     for count in (2, 4):
         parts, mine = [], []
         for index in range(count):
@@ -113,7 +113,7 @@ def test_processes_read_disjoint_documents_and_together_form_the_global_batch(so
         for step, batch in enumerate(whole):
             for key in batch:
                 np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), batch[key])
-        seen = [set().union(*(reads.get(id(s), set()) for s in shards)) for shards in mine]
+        seen = [set().union(*(s.__dict__.get("test_reads", set()) for s in shards)) for shards in mine]
         for i, j in itertools.combinations(range(count), 2):
             assert seen[i] and seen[j] and not seen[i] & seen[j]
 

@@ -30,7 +30,7 @@ def test_quickstart_notebook_runs_headless(tmp_path):
     text = "".join(o.get("text", "") for o in _outputs(nb, "stream")) + "".join(
         o["data"].get("text/plain", "") for o in _outputs(nb, "display_data"))
     assert "missing before this cell: nothing" in text  # the install cell is a no-op when installed
-    assert "done: 100 steps" in text and text.count("done: 60 steps") == 2  # the dense run and the upcycled one
+    assert "done: 100 steps" in text and text.count("done: 40 steps") == 2  # the dense run and the upcycled one
     assert "max |MoE logits - dense logits|" in text  # the upcycled model computes the dense function
     assert any("application/vnd.jupyter.widget-view+json" in o["data"] for o in _outputs(nb, "display_data"))
     assert text.count("the model's own drop rate") == 2  # before and after training

@@ -1,5 +1,5 @@
 """moe.routing_impl end to end: the MoE block and a train step with the Pallas kernels
-(interpret mode on this CPU), with and without expert parallelism, equal the XLA path; inside
+(interpret mode on this CPU), inside a pipelined expert-parallel step too, equal the XLA path; inside
 a device mesh the kernels lower to Triton for CUDA; `skymoe bench routing` runs."""
 
 import jax
@@ -105,14 +105,13 @@ def _step_metrics_and_params(c, initial=None):
         return start, jax.device_get((new_state.params, metrics))
 
 
-@pytest.mark.parametrize("mesh,layout", [((1, 2, 4), "edp"), ((2, 2, 2), "gshard")],
-                         ids=["expert-parallel-edp", "pipelined-expert-parallel"])
-def test_train_step_pallas_equals_xla(mesh, layout):
-    """A whole train step with the interpreted kernels inside expert parallelism (all-to-all), and
-    inside a 2-stage pipeline."""
-    initial, (params0, metrics0) = _step_metrics_and_params(_train_config("xla", mesh, layout))
+def test_train_step_pallas_equals_xla():
+    """A whole train step with the interpreted kernels inside expert parallelism (all-to-all over
+    expert=2) within a 2-stage pipeline (mesh 2x2x2)."""
+    mesh = (2, 2, 2)
+    initial, (params0, metrics0) = _step_metrics_and_params(_train_config("xla", mesh))
     # routing_impl is no part of the state, so both steps start from the same one.
-    _, (params, metrics) = _step_metrics_and_params(_train_config("pallas", mesh, layout), initial)
+    _, (params, metrics) = _step_metrics_and_params(_train_config("pallas", mesh), initial)
     np.testing.assert_array_equal(metrics["drop_rate"], metrics0["drop_rate"])
     assert np.all(metrics0["drop_rate"] > 0)
     np.testing.assert_array_equal(metrics["expert_load"], metrics0["expert_load"])

@@ -75,7 +75,7 @@ def test_experts_are_split_over_the_expert_axis(dense_dir):
     assert {s.data.shape for s in experts.addressable_shards} == {(3, 4, 32, 32)}  # 8 experts over expert=2
 
 
-def test_upcycled_checkpoint_trains_and_resumes(dense_dir, tmp_path):
+def test_upcycled_checkpoint_trains_resumes_and_is_no_dense_model(dense_dir, tmp_path, capsys):
     out = tmp_path / "moe"
     assert main(["upcycle", f"--dense={dense_dir}", f"--out={out}", *MOE]) == 0
     assert main(["train", f"--workdir={out}", "--config.train.steps=4", "--config.train.log_every=2",
@@ -83,6 +83,10 @@ def test_upcycled_checkpoint_trains_and_resumes(dense_dir, tmp_path):
     assert main(["train", f"--workdir={out}", "--config.train.steps=6", "--config.train.log_every=2"]) == 0
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [2, 4, 6]
     assert Checkpointer(out).latest_step() == 6
+    capsys.readouterr()
+    # The trained MoE is no dense model to upcycle.
+    assert main(["upcycle", f"--dense={out}", f"--out={tmp_path / 'again'}", *MOE]) == 2
+    assert "holds an MoE checkpoint" in capsys.readouterr().err
 
 
 def test_online_upcycling_matches_offline(dense_dir, tmp_path):
@@ -109,14 +113,6 @@ def test_fine_grained_needs_matching_top_k(dense_dir, tmp_path, capsys):
     code = main(["upcycle", f"--dense={dense_dir}", f"--out={tmp_path / 'moe'}", *MOE,
                  "--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=16"])
     assert code == 2 and "moe.top_k=4" in capsys.readouterr().err
-
-
-def test_upcycling_an_moe_checkpoint_is_refused(tmp_path, capsys):
-    moe_run = tmp_path / "moe_run"
-    assert main(["train", f"--workdir={moe_run}", *MOE, "--config.train.steps=2"]) == 0
-    capsys.readouterr()
-    assert main(["upcycle", f"--dense={moe_run}", f"--out={tmp_path / 'x'}", *MOE]) == 2
-    assert "holds an MoE checkpoint" in capsys.readouterr().err
 
 
 def test_load_model_rejects_missing_path(tmp_path):
