@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from skymoe_jax.checkpoint.manager import Checkpointer
+from skymoe_jax.checkpoint.manager import Checkpointer, DataPosition
 from skymoe_jax.cli import main
 from skymoe_jax.config import apply_overrides, base_config
 from skymoe_jax.data.pipeline import make_dataset
@@ -23,15 +23,16 @@ from skymoe_jax.errors import CheckpointError
 from skymoe_jax.metrics.writers import read_jsonl
 from skymoe_jax.training import runtime as runtime_lib
 
-TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
-        "--config.model.num_kv_heads=1", "--config.model.ffn_dim=64", "--config.moe.expert_ffn_dim=32",
-        "--config.moe.num_experts=4", "--config.moe.group_size=0", "--config.data.seq_len=32",
-        "--config.data.batch_size=8", "--config.data.shuffle_window=64", "--config.optim.warmup_steps=2",
-        "--config.train.eval_every=0", "--config.train.progress=False", "--config.parallel.mesh=(1,-1,1)"]
+# A tiny model on the default data settings (the built-in corpus, 16 x 256 tokens, shuffle window 4096, 8 streams).
+TINY_MODEL = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
+              "--config.model.num_kv_heads=1", "--config.model.ffn_dim=64", "--config.moe.expert_ffn_dim=32",
+              "--config.moe.num_experts=4", "--config.moe.group_size=0", "--config.optim.warmup_steps=2",
+              "--config.train.eval_every=0", "--config.train.progress=False", "--config.parallel.mesh=(1,-1,1)"]
+TINY = TINY_MODEL + ["--config.data.seq_len=32", "--config.data.batch_size=8", "--config.data.shuffle_window=64"]
 
 
-def _cmd(workdir, *flags):
-    return [sys.executable, "-m", "skymoe_jax.cli", "train", f"--workdir={workdir}", *TINY, *flags]
+def _cmd(workdir, *flags, model=TINY):
+    return [sys.executable, "-m", "skymoe_jax.cli", "train", f"--workdir={workdir}", *model, *flags]
 
 
 def _env():
@@ -56,18 +57,41 @@ def _logged(workdir, step):
     return os.path.exists(path) and any(r["step"] >= step for r in read_jsonl(path))
 
 
+def test_default_data_resumes_exactly_from_a_mid_window_position():
+    # The default window (4096 sequences over 8 streams) spans 256 steps, so step 30 is mid-window and the saved
+    # packer state sits at a document boundary: the case grain's JSON state lost (see DataPosition).
+    c = base_config()
+    docs, _ = load_documents(c.data, ByteTokenizer())
+    data = iter(make_dataset(docs, c.data, seed=0))
+    first = list(itertools.islice(data, 30))
+    saved = DataPosition(data).get_state()
+    rest = list(itertools.islice(data, 20))
+    resumed = iter(make_dataset(docs, c.data, seed=0))
+    DataPosition(resumed).set_state(saved)
+    again = list(itertools.islice(resumed, 20))
+    for want, got in zip(rest, again):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    # Documents begun (position 0) over the 50 steps: the resumed run starts as many as the uninterrupted one.
+    starts = lambda batches: sum(int(np.sum(b["positions"] == 0)) for b in batches)
+    assert starts(first + again) == starts(first + rest) > 0
+
+
 def test_sigkill_after_step_37_resumes_bit_for_bit(tmp_path):
+    # Default data settings: a mid-window checkpoint (step 30 of a 256-step shuffle window) must resume exactly.
     flags = ["--config.train.steps=60", "--config.train.log_every=1", "--config.train.checkpoint_every=10"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_cmd(whole, *flags), check=True, capture_output=True, env=_env(), timeout=600)
+    subprocess.run(_cmd(whole, *flags, model=TINY_MODEL), check=True, capture_output=True, env=_env(), timeout=600)
 
-    proc = subprocess.Popen(_cmd(killed, *flags), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    proc = subprocess.Popen(_cmd(killed, *flags, model=TINY_MODEL), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=_env())
     _wait_for(lambda: _logged(killed, 37) and (killed / "checkpoints" / "30").is_dir(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert Checkpointer(killed).latest_step() in (30, 40) and not (killed / "checkpoints" / "40").is_dir()
 
-    rerun = subprocess.run(_cmd(killed, *flags), capture_output=True, text=True, env=_env(), timeout=600)
+    rerun = subprocess.run(_cmd(killed, *flags, model=TINY_MODEL), capture_output=True, text=True, env=_env(),
+                           timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming at step 30" in rerun.stdout
     a, b = _last_per_step(whole), _last_per_step(killed)
@@ -130,7 +154,7 @@ def test_restore_onto_other_meshes_gives_the_same_next_step(tmp_path):
         state = rt.init()
         for b in batches[:3]:
             state, _ = rt.train_step(state, rt.batch(b))
-        ckpt = Checkpointer(tmp_path)
+        ckpt = Checkpointer(tmp_path, create=True)
         ckpt.save(3, state, c, data)
         ckpt.close()
         _, expected = rt.train_step(state, rt.batch(batches[3]))
@@ -188,9 +212,28 @@ def test_non_finite_loss(trained, tmp_path, capsys, policy):
         assert all(np.isfinite(p) for p in records[-1]["alpha"])
 
 
-def test_missing_checkpoint(tmp_path, capsys):
-    code, _, err = _eval_json(tmp_path / "empty", capsys)
+def test_missing_checkpoint_leaves_no_directory_behind(tmp_path, capsys):
+    code, _, err = _eval_json(tmp_path / "typo", capsys)
     assert code == 2 and "no checkpoint in" in err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_dense_run_resumes_exactly_and_evaluates(tmp_path, capsys):
+    # A dense state has no alpha: the checkpoint holds none, and restoring must not ask for one.
+    flags = [*TINY, "--config.moe.num_experts=0", "--config.train.log_every=1", "--config.train.checkpoint_every=4",
+             "--config.train.steps=8"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main(["train", f"--workdir={whole}", *flags]) == 0
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "8")  # as if preempted after the mid-run checkpoint at step 4
+    assert main(["train", f"--workdir={resumed}", *flags]) == 0
+    assert "resuming at step 4" in capsys.readouterr().out
+    b = _last_per_step(resumed)  # the resumed run's records follow the uninterrupted run's copy in the same file
+    a = {r["step"]: r for r in read_jsonl(os.path.join(whole, "metrics.jsonl"))}
+    assert [a[s]["loss"] for s in range(5, 9)] == [b[s]["loss"] for s in range(5, 9)]
+    assert len(read_jsonl(os.path.join(resumed, "metrics.jsonl"))) == 12
+    code, out, _ = _eval_json(resumed, capsys)
+    assert code == 0 and '"step": 8' in out and '"eval_drop_rate": []' in out
 
 
 def test_partial_checkpoint(trained, tmp_path, capsys):

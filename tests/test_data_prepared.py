@@ -2,12 +2,12 @@
 state, validation splits, and refusals (other tokenizer, damaged shards)."""
 
 import itertools
-import json
 import os
 
 import numpy as np
 import pytest
 
+from skymoe_jax.checkpoint.manager import DataPosition
 from skymoe_jax.config import base_config
 from skymoe_jax.data import prepared
 from skymoe_jax.data.inputs import make_datasets
@@ -118,15 +118,16 @@ def test_processes_read_disjoint_documents_and_together_form_the_global_batch(so
             assert seen[i] and seen[j] and not seen[i] & seen[j]
 
 
-def test_iterator_state_restores_the_exact_next_batch(sources):
+@pytest.mark.parametrize("consumed", [5, 21])  # inside the first shuffle window (16 batches each), and the second
+def test_iterator_state_restores_the_exact_next_batch(sources, consumed):
     c = _config(sources)
     it = iter(make_datasets(c)[0])
-    for _ in range(21):  # into the second shuffle window (16 batches each)
+    for _ in range(consumed):
         next(it)
-    state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
+    saved = DataPosition(it).get_state()  # the bytes grain's checkpoint handler writes
     expected = [next(it) for _ in range(3)]
     resumed = iter(make_datasets(c)[0])
-    resumed.set_state(state)
+    DataPosition(resumed).set_state(saved)
     for want in expected:
         got = next(resumed)
         for key in want:

@@ -75,3 +75,16 @@ def test_unsupported_model_is_refused(tmp_path, capsys):
     assert main(["import-hf", f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err
     assert "model_type 'gpt2' is not supported" in err and len(err.strip().splitlines()) == 1
+
+
+def test_imported_dense_model_evaluates_and_trains_on(tmp_path, capsys):
+    # A dense import holds no aux coefficients; eval and resuming from its step-0 checkpoint must not ask for them.
+    config_cls, model_cls, _ = MODELS["llama"]
+    model_cls(config_cls(**{**SMALL, "vocab_size": 256})).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "imported"
+    assert main(["import-hf", f"--hf_dir={tmp_path / 'hf'}", f"--out={out}"]) == 0
+    assert main(["eval", f"--workdir={out}", "--config.train.eval_batches=1"]) == 0
+    assert main(["train", f"--workdir={out}", "--config.train.steps=2", "--config.optim.warmup_steps=1",
+                 "--config.data.batch_size=8", "--config.data.seq_len=32", "--config.train.progress=False"]) == 0
+    out_text = capsys.readouterr().out
+    assert "resuming at step 0" in out_text and "done: 2 steps" in out_text

@@ -168,7 +168,7 @@ def import_hf(hf_dir: str, out: str) -> ml_collections.ConfigDict:
     """Write OUT/checkpoints/0 (fresh optimizer) and OUT/config.py; returns the config."""
     hf = read_hf_config(hf_dir)
     config = config_from_hf(hf)
-    ckpt = Checkpointer(out)
+    ckpt = Checkpointer(out, create=True)
     if ckpt.latest_step() is not None:
         raise CheckpointError(f"--out={out} already holds checkpoints; choose a new directory")
     spec = ModelSpec.from_config(config)

@@ -10,6 +10,7 @@ reads only the shards its devices hold, on whatever mesh the run uses now.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -40,10 +41,11 @@ def split_checkpoint_path(path: str) -> tuple[str, int | None]:
 class Checkpointer:
     """Save every `every` steps; keep the last `keep` plus every checkpoint at a multiple of `keep_every`."""
 
-    def __init__(self, workdir: str, every: int = 0, keep: int = 0, keep_every: int = 0):
+    def __init__(self, workdir: str, every: int = 0, keep: int = 0, keep_every: int = 0, *, create: bool = False):
+        """create: make WORKDIR/checkpoints (a writer); readers leave a mistyped workdir uncreated."""
         self.directory = checkpoint_dir(workdir)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, keep_period=keep_every or None,
-                                               enable_async_checkpointing=True, create=True)
+                                               enable_async_checkpointing=True, create=create)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.every = every
 
@@ -60,7 +62,7 @@ class Checkpointer:
         """Start an asynchronous save of state, config and (if given) data position at `step`."""
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            items["data"] = grain.checkpoint.CheckpointSave(DataPosition(data_iter))
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state, data_iter=None):
@@ -75,7 +77,7 @@ class Checkpointer:
         self._check_shapes(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None and os.path.isdir(os.path.join(where, "data")):
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            items["data"] = grain.checkpoint.CheckpointRestore(DataPosition(data_iter))
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items)).state
         except Exception as e:  # tensorstore and orbax raise many types for damaged files
@@ -110,6 +112,8 @@ class Checkpointer:
         saved_shapes = self.saved_shapes(step)
         for path, leaf in _leaves(abstract_state):
             name = tree_path_name(path)
+            if leaf is None:  # a dense model's alpha: nothing saved, nothing to restore
+                continue
             if name not in saved_shapes:
                 raise CheckpointError(f"checkpoint {self.path(step)} has no tensor {name} that this config's "
                                       "model needs; it was written by another model")
@@ -123,6 +127,42 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+class DataPosition:
+    """A grain iterator's position as the checkpoint stores it: read when the save starts, restored with its tuples.
+
+    grain's checkpoint handler keeps iterator states as JSON, which turns tuples into lists, and grain's packer
+    (ConcatThenSplit) tells "no partial document pending" by comparing its slices with the tuple (-1, -1). Restored
+    as lists, every packing stream whose window started at a document boundary took its next document for a
+    pending one: it skipped that document and re-packed the rest, so a run resumed with the default shuffle window
+    saw other sequences than the uninterrupted run. Lists are turned back into tuples wherever a fresh iterator's
+    state has a tuple (checkpoints written before this fix restore exactly too). The state is read when the save is
+    requested, so an asynchronous save cannot record a later position.
+    """
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+        self._state = json.dumps(iterator.get_state(), indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+    def set_state(self, raw: bytes) -> None:
+        self._iterator.set_state(_with_tuples(json.loads(raw), self._iterator.get_state()))
+
+    def start_prefetch(self) -> None:
+        """grain's handler calls this after a restore; the training loop reads batches in-process."""
+
+
+def _with_tuples(saved, template):
+    """saved, with each list that stands where template has a tuple of its length made a tuple again."""
+    if isinstance(saved, dict) and isinstance(template, dict):
+        return {k: _with_tuples(v, template[k]) if k in template else v for k, v in saved.items()}
+    if isinstance(saved, list) and isinstance(template, (list, tuple)) and len(saved) == len(template):
+        items = [_with_tuples(s, t) for s, t in zip(saved, template)]
+        return tuple(items) if isinstance(template, tuple) else items
+    return saved
 
 
 def _leaves(tree):

@@ -65,7 +65,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     t = config.train
-    ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints, t.keep_every)
+    ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints, t.keep_every, create=True)
     latest = ckpt.latest_step()
     if latest is None:
         state, origin = initial_state(config, runtime)
