@@ -85,6 +85,34 @@ def test_route_matches_router_route_with_gradients(tokens, experts, k, options):
     _close(grad, twin_grad)
 
 
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_route_gradient_at_equal_logits(ddof):
+    """Rows of equal logits (a zero router): std = 0, where z' = lam * (z - mean) / (std + eps) = 0 has the
+    Jacobian lam * (I - 1/E) / eps. The reference applies it to the gradient with respect to z' at z' = 0,
+    taken through the twin without normalization; the other rows keep the twin as reference."""
+    tokens, experts, k, lam, eps = 37, 6, 2, 2.0, 1e-6
+    rng = np.random.default_rng(ddof)
+    z = rng.normal(size=(tokens, experts)).astype(np.float32)
+    z[::3] = np.array([0.0, 1.0, -2.5] * 5)[:len(z[::3]), None]  # float32 means of these rows are exact
+    cotangents = [jnp.asarray(rng.normal(size=s).astype(np.float32))
+                  for s in ((tokens, experts), (tokens, k), (tokens, experts))]
+
+    def grad(fn, z, **options):
+        def loss(z):
+            r = fn(z, k, **options)
+            return sum(jnp.sum(a * c) for a, c in zip((r.probs, r.weights, r.logits), cotangents))
+        return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(z)))
+
+    options = dict(gate_norm=True, lam=lam, ddof=ddof, eps=eps)
+    got, twin = grad(route, z, **options), grad(router.route, z, **options)
+    d_zn = grad(router.route, np.zeros_like(z), gate_norm=False)
+    kink = lam * (d_zn - d_zn.mean(axis=1, keepdims=True)) / eps
+    assert np.all(np.isfinite(got)) and np.all(np.isfinite(twin))
+    _close(got[::3], kink[::3])
+    _close(twin[::3], kink[::3])
+    _close(got, twin)
+
+
 def test_route_breaks_ties_like_top_k():
     z = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
     z[0] = 1.0  # all equal: the first k experts

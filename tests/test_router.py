@@ -2,6 +2,8 @@
 gating logit normalization, softmax, top-k with renormalization, both auxiliary-loss
 forms, the z-loss and the paper's router statistics."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -49,6 +51,35 @@ def test_normalize_logits_of_equal_logits_is_finite():
     r = router.route(z, 2, gate_norm=True, lam=1.0, ddof=1, eps=1e-6)
     assert np.all(np.isfinite(r.logits))
     np.testing.assert_allclose(r.probs, 1.0 / E, rtol=1e-6)
+
+
+def _np_normalize_vjp(z, c, lam, ddof, eps):
+    """c^T d z'/dz for z' = lam * u / (s + eps), u = z - mean(z), s = sqrt(sum u^2 / (E - ddof)), taking
+    ds/dz = 0 where s = 0 (all z equal): z' is differentiable there, with Jacobian lam * (I - 1/E) / eps."""
+    z, c = z.astype(np.float64), c.astype(np.float64)
+    u = z - z.mean(-1, keepdims=True)
+    s = np.sqrt((u * u).sum(-1, keepdims=True) / (z.shape[-1] - ddof))
+    direct = lam * (c - c.mean(-1, keepdims=True)) / (s + eps)
+    ds = np.divide(u, (z.shape[-1] - ddof) * s, out=np.zeros_like(u), where=s > 0)
+    return direct - lam * (c * u).sum(-1, keepdims=True) / (s + eps) ** 2 * ds
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_normalize_logits_gradient_at_equal_logits(ddof):
+    # A zero-initialised router (fine-grained upcycling) gives every token equal logits: std = 0, where
+    # jnp.std's derivative is 0 * inf = NaN. Rows whose float32 mean is exact, so z - mean is exactly 0,
+    # beside ordinary rows.
+    lam, eps = 2.0, 1e-6
+    z = _logits(2)
+    z[:3] = np.array([[0.0], [1.0], [-2.5]], np.float32)
+    c = _logits(3)
+    out, vjp = jax.vjp(lambda z: router.normalize_logits(z, lam, ddof, eps), jnp.asarray(z))
+    (grad,) = vjp(jnp.asarray(c))
+    assert np.all(np.asarray(out[:3]) == 0.0)
+    kink = lam * (c[:3] - c[:3].mean(-1, keepdims=True, dtype=np.float64)) / eps
+    # float32 rounding of c - mean(c), relative to the row's scale lam / eps
+    np.testing.assert_allclose(grad[:3], kink, rtol=1e-6, atol=1e-6 * np.abs(kink).max())
+    np.testing.assert_allclose(grad, _np_normalize_vjp(z, c, lam, ddof, eps), rtol=RTOL, atol=RTOL)
 
 
 @pytest.mark.parametrize("gate_norm", [True, False])

@@ -1,5 +1,6 @@
-"""Upcycling dense checkpoints into MoE: the dense function at step 0, sharded loading,
-training and resuming the result, the online form, and shape mismatches."""
+"""Upcycling dense checkpoints into MoE: the dense function at step 0 (also into and out of uneven
+pipeline splits), sharded loading, training and resuming the result, fine-grained training from a
+zero router, the online form, and shape mismatches."""
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,9 @@ BASE = ["--config.model.d_model=32", "--config.model.num_layers=3", "--config.mo
         "--config.train.progress=False", "--config.optim.warmup_steps=1"]
 DENSE = BASE + ["--config.moe.num_experts=0"]
 # Ample eval capacity: nothing drops, so upcycled experts see every token the dense FFN saw.
-MOE = BASE + ["--config.moe.num_experts=8", "--config.moe.top_k=2", "--config.moe.expert_ffn_dim=64",
-              "--config.moe.eval_capacity_factor=8.0", "--config.parallel.mesh=(1,4,2)"]
+EXPERTS = BASE + ["--config.moe.num_experts=8", "--config.moe.top_k=2", "--config.moe.expert_ffn_dim=64",
+                  "--config.moe.eval_capacity_factor=8.0"]
+MOE = EXPERTS + ["--config.parallel.mesh=(1,4,2)"]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,15 @@ def dense_dir(tmp_path_factory):
     """A dense run trained 3 steps (so its weights are not just the init)."""
     workdir = tmp_path_factory.mktemp("dense") / "run"
     assert main(["train", f"--workdir={workdir}", *DENSE, "--config.train.steps=3"]) == 0
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def pipelined_dense_dir(tmp_path_factory):
+    """A dense run trained 2 steps on 2 uneven pipeline stages: layers stored as (1, 2), padded to (2, 2)."""
+    workdir = tmp_path_factory.mktemp("dense_pipelined") / "run"
+    assert main(["train", f"--workdir={workdir}", *DENSE, "--config.parallel.mesh=(2,4,1)",
+                 "--config.parallel.pipeline_stage_layers=(1,2)", "--config.train.steps=2"]) == 0
     return workdir
 
 
@@ -57,11 +68,29 @@ def test_upcycled_model_computes_the_dense_function(dense_dir, tmp_path, flags):
     np.testing.assert_allclose(got.logits, want.logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("source,flags", [
+    ("dense_dir", []),
+    ("pipelined_dense_dir", ["--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=32"]),
+], ids=["plain-to-pipelined-copy", "pipelined-to-pipelined-fine"])
+def test_upcycling_into_an_uneven_pipeline_computes_the_dense_function(request, tmp_path, source, flags):
+    # MoE stages (2, 1) are stored as slots (0, 1 | 2, pad); the pipelined dense run's (1, 2) as (0, pad | 2, 3).
+    dense_dir = request.getfixturevalue(source)
+    out = tmp_path / "moe"
+    assert main(["upcycle", f"--dense={dense_dir}", f"--out={out}", *EXPERTS, *flags,
+                 "--config.parallel.mesh=(2,2,2)", "--config.parallel.pipeline_stage_layers=(2,1)"]) == 0
+    dense, _ = load_model(str(dense_dir))
+    moe, config = load_model(str(out))
+    assert tuple(config.parallel.pipeline_stage_layers) == (2, 1)
+    got = moe(_tokens())
+    assert float(jnp.max(got.moe["drop_rate"])) == 0.0
+    np.testing.assert_allclose(got.logits, dense(_tokens()).logits, atol=1e-4, rtol=0)
+
+
 def test_experts_are_split_over_the_expert_axis(dense_dir):
     config = apply_overrides(base_config(), [*MOE, "--config.init.upcycle_mode=fine_grained",
                                              "--config.moe.expert_ffn_dim=32"])
     mesh = make_mesh(config)
-    dense, g = load_dense(str(dense_dir), config, mesh)
+    dense, g, _ = load_dense(str(dense_dir), config, mesh)
     assert g == 2
     w_up = dense["stacks"][0]["blocks"]["layers"][0]["ffn"]["w_up"][...]
     # Fine-grained: each device reads only the FFN slices its experts come from (width 64 over expert=2).
@@ -89,13 +118,20 @@ def test_upcycled_checkpoint_trains_resumes_and_is_no_dense_model(dense_dir, tmp
     assert "holds an MoE checkpoint" in capsys.readouterr().err
 
 
-def test_online_upcycling_matches_offline(dense_dir, tmp_path):
+def test_online_fine_grained_upcycling_trains_and_matches_offline(dense_dir, tmp_path):
+    """Fine-grained upcycling starts the router at zero: every token's gate logits are equal (std 0), where
+    the default gate normalization's gradient used to be NaN and the run stopped at step 1."""
     offline, online = tmp_path / "offline", tmp_path / "online"
-    assert main(["upcycle", f"--dense={dense_dir}", f"--out={offline}", *MOE]) == 0
-    assert main(["train", f"--workdir={offline}", "--config.train.steps=2", "--config.train.log_every=1"]) == 0
-    assert main(["train", f"--workdir={online}", *MOE, f"--config.init.upcycle_from={dense_dir}",
-                 "--config.train.steps=2", "--config.train.log_every=1"]) == 0
+    fine = [*MOE, "--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=32"]
+    assert main(["upcycle", f"--dense={dense_dir}", f"--out={offline}", *fine]) == 0
+    # train.nonfinite=stop (the default) fails the run at the first non-finite loss or gradient.
+    assert main(["train", f"--workdir={offline}", "--config.train.steps=50", "--config.train.log_every=10"]) == 0
+    assert main(["train", f"--workdir={online}", *fine, f"--config.init.upcycle_from={dense_dir}",
+                 "--config.train.steps=50", "--config.train.log_every=10"]) == 0
     a, b = read_jsonl(offline / "metrics.jsonl"), read_jsonl(online / "metrics.jsonl")
+    assert [r["step"] for r in a] == [10, 20, 30, 40, 50]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in a)
+    assert min(a[-1]["max1_max2"]) > 1.0  # the router left its uniform start: it gets gradients
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
@@ -107,6 +143,11 @@ def test_shape_mismatch_names_the_parameter(dense_dir, tmp_path, capsys):
     assert "dense parameter stacks/0/blocks/layers/0/attn/wk has shape (3, 32, 1, 16)" in err
     assert "needs (3, 32, 2, 8)" in err
     assert not (tmp_path / "moe" / "checkpoints").exists() or not list((tmp_path / "moe" / "checkpoints").iterdir())
+
+
+def test_upcycling_keeps_the_depth(dense_dir, tmp_path, capsys):
+    code = main(["upcycle", f"--dense={dense_dir}", f"--out={tmp_path / 'moe'}", *MOE, "--config.model.num_layers=4"])
+    assert code == 2 and "has model.num_layers=3 but the MoE config has 4" in capsys.readouterr().err
 
 
 def test_fine_grained_needs_matching_top_k(dense_dir, tmp_path, capsys):

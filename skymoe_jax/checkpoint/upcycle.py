@@ -20,6 +20,7 @@ outputs carry the MoE shardings: no host ever holds the whole model.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -31,7 +32,7 @@ from flax import nnx
 from skymoe_jax.checkpoint.manager import (Checkpointer, checkpoint_dir, saved_config, split_checkpoint_path,
                                           tree_path_name)
 from skymoe_jax.errors import CheckpointError, ConfigError
-from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.model.spec import ModelSpec, pipeline_stage_layers
 from skymoe_jax.model.transformer import build_model
 from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.training import aux_coef
@@ -68,14 +69,20 @@ def _paths(tree) -> dict[str, nnx.Variable]:
     return {tree_path_name(path): leaf for path, leaf in leaves}
 
 
-def load_dense(dense_dir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[nnx.State, int]:
+def load_dense(dense_dir: str, config: ml_collections.ConfigDict,
+               mesh: jax.sharding.Mesh) -> tuple[nnx.State, int, ModelSpec]:
     """The dense checkpoint's parameters (a workdir's latest, or WORKDIR/checkpoints/STEP), restored onto
-    `mesh`, and G (see `slices`)."""
+    `mesh` in the layer layout they were saved in, G (see `slices`) and the dense model's spec, whose
+    `layer_places` say where each layer is in that layout."""
     dense_dir, step = split_checkpoint_path(dense_dir)
     dense_config = saved_config(dense_dir, step)
     if dense_config.moe.num_experts:
         raise CheckpointError(f"{dense_dir} holds an MoE checkpoint ({dense_config.moe.num_experts} experts); "
                               "upcycling starts from a dense one (moe.num_experts=0)")
+    if dense_config.model.num_layers != config.model.num_layers:
+        raise ConfigError(f"the dense checkpoint in {dense_dir} has model.num_layers="
+                          f"{dense_config.model.num_layers} but the MoE config has {config.model.num_layers}; "
+                          "upcycling keeps the depth")
     source = Checkpointer(dense_dir)
     step = source.latest_step() if step is None else step
     directory = source.path(step)
@@ -85,12 +92,14 @@ def load_dense(dense_dir: str, config: ml_collections.ConfigDict, mesh: jax.shar
     if ffn_key not in shapes:
         raise CheckpointError(f"{directory} has no dense FFN ({ffn_key}); is it a checkpoint of this trainer?")
     g = slices(config, shapes[ffn_key][-1])
-    dense = _dense_counterpart(config, shapes[ffn_key][-1])
+    # The dense run stored its layers by its own pipeline split, which need not be the MoE's.
+    spec = dataclasses.replace(ModelSpec.from_config(_dense_counterpart(config, shapes[ffn_key][-1])),
+                               stage_layers=pipeline_stage_layers(dense_config))
     if any(not is_moe for is_moe in ModelSpec.from_config(config).moe_layers) and config.model.ffn_dim != \
             shapes[ffn_key][-1]:
         raise ConfigError(f"the MoE config's dense layers have model.ffn_dim={config.model.ffn_dim} but the dense "
                           f"checkpoint's FFN width is {shapes[ffn_key][-1]}")
-    params = nnx.state(nnx.eval_shape(lambda: build_model(ModelSpec.from_config(dense))), nnx.Param)
+    params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
     for name, leaf in _paths(params).items():
         if name not in shapes:
             raise CheckpointError(f"dense checkpoint {directory} has no parameter {name}, which the MoE config needs")
@@ -100,11 +109,12 @@ def load_dense(dense_dir: str, config: ml_collections.ConfigDict, mesh: jax.shar
     rules = mesh_lib.param_rules(config.parallel)
     if g > 1:
         rules = {**rules, "mlp": ("expert",)}  # each device reads only the slices its experts are made of
-    return source.restore_params(step, params, mesh_lib.tree_shardings(params, mesh, rules)), g
+    return source.restore_params(step, params, mesh_lib.tree_shardings(params, mesh, rules)), g, spec
 
 
-def upcycle_fn(config: ml_collections.ConfigDict, g: int, tx, shardings: TrainState):
-    """jit(dense params -> fresh MoE TrainState) with the MoE state's shardings on its outputs."""
+def upcycle_fn(config: ml_collections.ConfigDict, dense_spec: ModelSpec, g: int, tx, shardings: TrainState):
+    """jit(dense params laid out as `dense_spec` -> fresh MoE TrainState) with the MoE state's shardings on
+    its outputs."""
     spec = ModelSpec.from_config(config)
     n, k = spec.num_experts, spec.top_k
     noise = config.init.upcycle_noise
@@ -124,25 +134,30 @@ def upcycle_fn(config: ml_collections.ConfigDict, g: int, tx, shardings: TrainSt
 
     def build(dense: nnx.State) -> TrainState:
         src = nnx.to_pure_dict(dense)
-        layers = src["stacks"][0]["blocks"]["layers"][0]
+        layers = src["stacks"][0]["blocks"]["layers"][0]  # a dense model is one stack of one-layer blocks
+        source = np.array([slot for _, _, slot in dense_spec.layer_places()])
+        places = spec.layer_places()
+        params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
+        stored = nnx.to_pure_dict(params)
         key = jax.random.key(config.seed)
         out = {name: src[name] for name in ("embed", "final_norm", "head")}
         out["stacks"] = {}
-        offset = 0
-        for s, (pattern, repeats) in enumerate(spec.stacks()):
+        for s, (pattern, _) in enumerate(spec.stacks()):
             stack = {}
             for p, is_moe in enumerate(pattern):
-                idx = offset + np.arange(repeats) * len(pattern) + p
-                layer = jax.tree.map(lambda a: a[idx], layers)
+                ids = [i for i, (stack_of, position, _) in enumerate(places) if (stack_of, position) == (s, p)]
+                layer = jax.tree.map(lambda a: a[source[ids]], layers)
                 if is_moe:
                     key, k_router, k_noise = jax.random.split(key, 3)
-                    router = (jnp.zeros((repeats, spec.d_model, n), jnp.float32) if g > 1 else
-                              spec.router_init_std * jax.random.normal(k_router, (repeats, spec.d_model, n)))
+                    router = (jnp.zeros((len(ids), spec.d_model, n), jnp.float32) if g > 1 else
+                              spec.router_init_std * jax.random.normal(k_router, (len(ids), spec.d_model, n)))
                     layer["ffn"] = {"gate": router, "experts": experts(layer["ffn"], k_noise)}
-                stack[p] = layer
+                # Pipelined stacks are padded per stage: layers go to their slots, the padding stays zero
+                # as in a fresh model.
+                slots = np.array([places[i][2] for i in ids])
+                stack[p] = jax.tree.map(lambda want, a: jnp.zeros(want.shape, a.dtype).at[slots].set(a),
+                                        stored["stacks"][s]["blocks"]["layers"][p], layer)
             out["stacks"][s] = {"blocks": {"layers": stack}}
-            offset += len(pattern) * repeats
-        params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
         nnx.replace_by_pure_dict(params, out)  # in place
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           alpha=aux_coef.initial_alpha(config, spec.num_moe_layers))
@@ -152,8 +167,8 @@ def upcycle_fn(config: ml_collections.ConfigDict, g: int, tx, shardings: TrainSt
 
 def upcycled_state(config: ml_collections.ConfigDict, runtime) -> TrainState:
     """The MoE train state upcycled from config.init.upcycle_from, on the runtime's mesh."""
-    dense, g = load_dense(config.init.upcycle_from, config, runtime.mesh)
-    return upcycle_fn(config, g, runtime.tx, runtime.shardings)(dense)
+    dense, g, dense_spec = load_dense(config.init.upcycle_from, config, runtime.mesh)
+    return upcycle_fn(config, dense_spec, g, runtime.tx, runtime.shardings)(dense)
 
 
 def upcycle(config: ml_collections.ConfigDict, dense: str, out: str) -> str:

@@ -156,11 +156,14 @@ def _backward_kernel(z_ref, experts_ref, d_probs_ref, d_weights_ref, d_logits_re
     d_zn = d_zn + _load_logits(d_logits_ref, tile)
     if static.gate_norm:
         # z' = lam * u / (std + eps), u = z - mean(z), std = sqrt(sum u^2 / (E - ddof)). Since sum u = 0,
-        # centring passes the std term through unchanged and only recentres the direct term.
+        # centring passes the std term through unchanged and only recentres the direct term. d std / dz =
+        # u / ((E - ddof) std) is taken as 0 where std = 0 (all logits equal), as in router.normalize_logits:
+        # z' is differentiable there with Jacobian lam * (I - 1/E) / eps, and 0/0 would make it NaN.
         scale = static.lam / (std + static.eps)
         direct = scale * (d_zn - jnp.sum(d_zn, axis=1, keepdims=True) / e)
-        through_std = (static.lam * jnp.sum(d_zn * u, axis=1, keepdims=True) / (std + static.eps) ** 2
-                       * u / ((e - static.ddof) * std))
+        positive = std > 0
+        d_std = jnp.where(positive, u / ((e - static.ddof) * jnp.where(positive, std, 1.0)), 0.0)
+        through_std = static.lam * jnp.sum(d_zn * u, axis=1, keepdims=True) / (std + static.eps) ** 2 * d_std
         d_z = jnp.where(tile.col_ok[None, :], direct - through_std, 0.0)
     else:
         d_z = d_zn

@@ -99,6 +99,16 @@ class ModelSpec:
         longest = max(self.stage_layers)
         return np.concatenate([s * longest + np.arange(n) for s, n in enumerate(self.stage_layers)])
 
+    def layer_places(self) -> tuple[tuple[int, int, int], ...]:
+        """For each layer (in order), where its parameters live: (stack, position in the stack's pattern,
+        index on the stack's stored 'layers' axis), i.e. params["stacks"][stack]["blocks"]["layers"][position]
+        at that index."""
+        # A pipelined model is one stack of one-layer blocks (validated), so block r is layer r.
+        slots = self.layer_slots()
+        return tuple((s, p, int(slots[r]) if self.pipelined else r)
+                     for s, (pattern, repeats) in enumerate(self.stacks()) for r in range(repeats)
+                     for p in range(len(pattern)))
+
     @property
     def moe_layers(self) -> tuple[bool, ...]:
         return tuple(is_moe for pattern, repeats in self.stacks() for _ in range(repeats) for is_moe in pattern)

@@ -37,8 +37,21 @@ def normalize_logits(z: jax.Array, lam: float, ddof: int, eps: float) -> jax.Arr
     eps guards tokens whose logits are all equal (std = 0).
     """
     mean = jnp.mean(z, axis=-1, keepdims=True)
-    std = jnp.std(z, axis=-1, keepdims=True, ddof=ddof)
-    return lam * (z - mean) / (std + eps)
+    return lam * (z - mean) / (_safe_std(z, ddof) + eps)
+
+
+def _safe_std(z: jax.Array, ddof: int) -> jax.Array:
+    """jnp.std over the last axis (keepdims), with derivative 0 where it is 0.
+
+    sqrt has an infinite derivative at 0, and the derivative of var there is 0: the product is NaN,
+    e.g. for every token of a zero-initialised router. std is not differentiable where all z are equal,
+    but z' = lam * u / (std + eps) is (u = z - mean is 0 there and std = O(|u|)): its Jacobian is
+    lam * (I - 1/n) / eps whatever finite value std's derivative takes, so 0 gives the exact gradient.
+    The inner where keeps sqrt's own derivative finite (the double-where trick); values are jnp.std's.
+    """
+    var = jnp.var(z, axis=-1, keepdims=True, ddof=ddof)
+    positive = var > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
 
 
 def route(z: jax.Array, top_k: int, *, gate_norm: bool, lam: float = 1.0, ddof: int = 0, eps: float = 1e-6,
