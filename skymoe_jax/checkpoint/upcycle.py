@@ -184,7 +184,7 @@ def upcycle(config: ml_collections.ConfigDict, dense: str, out: str) -> str:
     runtime = runtime_lib.build(config)
     with jax.set_mesh(runtime.mesh):
         state = upcycled_state(config, runtime)
-        target = Checkpointer(out)
+        target = Checkpointer(out, create=True)
         target.save(0, state, config)
         target.close()
     return target.path(0)
