@@ -166,7 +166,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
     for arg in overrides:
         _check_override_key(config, arg)
-    argv = ["skymoe", *overrides]
+    # The last value of a field wins, as for any flag (config_flags would join two tuple values into one).
+    last = {arg.split("=", 1)[0]: arg for arg in overrides}
+    argv = ["skymoe", *last.values()]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_dict("config", copy.deepcopy(config), flag_values=fv, lock_config=True,
                                     sys_argv=argv)

@@ -19,6 +19,12 @@ def test_override_is_typed_and_applied():
     assert c.moe.num_experts == 16 and c.optim.lr == 1e-4 and c.moe.gate_norm is False
 
 
+def test_the_last_value_of_a_repeated_override_wins():
+    c = apply_overrides(base_config(), ["--config.parallel.mesh=(1,8,1)", "--config.train.steps=50",
+                                        "--config.parallel.mesh=(1,-1,1)", "--config.train.steps=70"])
+    assert c.parallel.mesh == (1, -1, 1) and c.train.steps == 70
+
+
 @pytest.mark.parametrize("override,needle", [
     ("--config.moe.top_k=99", "moe.top_k=99"),
     ("--config.moe.capacity_factor=0", "moe.capacity_factor"),
