@@ -2,6 +2,8 @@
 every mesh and layout equals the single-device step; the compiled step really
 exchanges tokens with all-to-all and really splits what it should."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +38,28 @@ def _batch(c):
             "loss_mask": np.ones((b, s), np.float32)}
 
 
+def _called(text: str, attrs: str) -> list[str]:
+    """Names of the computations that instructions in `text` call through the attributes `attrs`."""
+    return re.findall(r"%([\w.-]+)", " ".join(re.findall(rf"(?:{attrs})=(\{{[^}}]*\}}|%[\w.-]+)", text)))
+
+
+def _permutes_in_branches(hlo: str) -> list[str]:
+    """Collective permutes in computations that a conditional runs (directly or through calls), in compiled HLO.
+
+    The pipeline branches on the stage; a permute there is emitted for every device, but the devices of the
+    other stages never reach it, so the step would hang (on CPU: abort after a 40 s rendezvous timeout)."""
+    branches = "branch_computations|true_computation|false_computation"
+    bodies = dict(re.findall(r"^(?:ENTRY )?%?([\w.-]+) [^\n]*\{\n(.*?)\n\}$", hlo, re.M | re.S))
+    todo, seen = _called(hlo, branches), set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += _called(bodies.get(name, ""), f"to_apply|calls|body|condition|{branches}")
+    return [line.strip() for name in seen for line in bodies.get(name, "").splitlines()
+            if " collective-permute" in line]
+
+
 def _step_and_hlo(c, devices):
     """((grads, new state, metrics), StableHLO text) of one train step on a mesh over `devices`."""
     rt = runtime_lib.build(c, devices)
@@ -45,7 +69,9 @@ def _step_and_hlo(c, devices):
         grad_fn = jax.grad(lambda p, b, a: loss_fn(p, rt.graphdef, b, a, settings, train=True)[0])
         # One compile for both: the gradients, and the runtime's own (sharded) train step.
         lowered = jax.jit(lambda st, b: (grad_fn(st.params, b, st.alpha), rt.train_step(st, b))).lower(state, batch)
-        grads, (new_state, metrics) = lowered.compile()(state, batch)
+        compiled = lowered.compile()
+        assert not _permutes_in_branches(compiled.as_text())  # checked before running: it would hang
+        grads, (new_state, metrics) = compiled(state, batch)
         return jax.device_get((grads, new_state, metrics)), lowered.as_text()
 
 

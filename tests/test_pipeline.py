@@ -1,5 +1,6 @@
 """Pipeline parallelism on 8 simulated devices: pipelined steps equal the unpipelined one, for 2 and 4
-stages, even and uneven splits, combined with data and expert axes; the balance report; bad splits."""
+stages, even and uneven splits, combined with data and expert axes, ZeRO-1 and FSDP; the balance report; bad
+splits."""
 
 import jax
 import numpy as np
@@ -40,19 +41,23 @@ def reference():
     return _step_and_hlo(_config(), jax.devices()[:1])[0]
 
 
-CASES = [((2, 4, 1), (), "gshard", ()),  # 2 even stages x data
-         ((2, 2, 2), (4, 2), "gshard", ()),  # 2 uneven stages x data x expert
-         ((4, 1, 2), (2, 2, 1, 1), "edp", ("full", "none", "dots", "full"))]  # 4 uneven stages, EDP, remat by stage
+CASES = [((2, 4, 1), (), "gshard", (), {}),  # 2 even stages x data
+         ((4, 1, 2), (2, 2, 1, 1), "edp", ("full", "none", "dots", "full"), {}),  # 4 uneven stages, EDP, remat by stage
+         # The paper's pipeline x data x expert, every axis above 1, in both layouts; between them FSDP and ZeRO-1,
+         # an uneven and an even split, two microbatches and one.
+         ((2, 2, 2), (4, 2), "gshard", (), {"fsdp": True}),
+         ((2, 2, 2), (3, 3), "edp", (), {"zero1": True, "num_microbatches": 1})]
 
 
 def _layers_and_rest(tree):
     return tree["stacks"][0]["blocks"], {k: tree[k] for k in ("embed", "final_norm", "head")}
 
 
-@pytest.mark.parametrize("mesh,split,layout,remat", CASES, ids=lambda v: str(v).replace(" ", ""))
-def test_pipelined_step_equals_unpipelined(reference, mesh, split, layout, remat):
+@pytest.mark.parametrize("mesh,split,layout,remat,parallel", CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_pipelined_step_equals_unpipelined(reference, mesh, split, layout, remat, parallel):
     grads0, state0, metrics0 = reference
     c = _config(mesh, split, layout=layout, remat=remat)
+    c.parallel.update(parallel)
     (grads, state, metrics), hlo = _step_and_hlo(c, jax.devices())
     assert "collective_permute" in hlo  # stage-to-stage sends (StableHLO spelling)
     spec = ModelSpec.from_config(c)
@@ -72,6 +77,26 @@ def test_pipelined_step_equals_unpipelined(reference, mesh, split, layout, remat
     padding = np.setdiff1d(np.arange(spec.stored_layers), spec.layer_slots())
     for p in jax.tree.leaves(state.params["stacks"][0]["blocks"]):
         assert not np.any(np.asarray(p)[padding])  # padded slots never train
+
+
+def test_bfloat16_pipeline_trains_like_the_unpipelined_bfloat16_step():
+    """bfloat16 parameters and compute through a (2, 2, 2) pipeline; it once aborted inside XLA's partitioner."""
+    def step(mesh, devices):
+        c = _config(mesh, (4, 2), layout="edp")
+        c.model.update(dtype="bfloat16", param_dtype="bfloat16")
+        return _step_and_hlo(c, devices)[0], ModelSpec.from_config(c)
+
+    (grads0, _, metrics0), _ = step((1, 1, 1), jax.devices()[:1])
+    (grads, _, metrics), spec = step((2, 2, 2), jax.devices())
+    assert jax.tree.leaves(grads)[0].dtype == np.dtype("bfloat16")
+    np.testing.assert_allclose(metrics["loss"], metrics0["loss"], rtol=1e-3)  # measured: 2e-5
+    # Routing decides on bfloat16 activations, so rounding in another summation order flips a few top-k
+    # choices and capacity drops: measured against one device, the router's gradient differs by 7% on the
+    # unpipelined (1, 2, 4) mesh and 15% on this one, the other leaves by 1-9%. A lost stage or microbatch
+    # is off by about 100%.
+    for g, g0 in zip(jax.tree.leaves(_canonical(grads, spec)), jax.tree.leaves(_layers_and_rest(grads0))):
+        g, g0 = np.asarray(g, np.float32), np.asarray(g0, np.float32)
+        assert np.linalg.norm(g - g0) <= 0.3 * np.linalg.norm(g0)
 
 
 def test_stage_flops_and_bubble_for_24_layers():
