@@ -23,6 +23,8 @@ from skymoe_jax.errors import CheckpointError
 from skymoe_jax.metrics.writers import read_jsonl
 from skymoe_jax.training import runtime as runtime_lib
 
+from faults import digest
+
 # A tiny model on the default data settings (the built-in corpus, 16 x 256 tokens, shuffle window 4096, 8 streams).
 TINY_MODEL = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
               "--config.model.num_kv_heads=1", "--config.model.ffn_dim=64", "--config.moe.expert_ffn_dim=32",
@@ -254,6 +256,28 @@ def test_corrupt_checkpoint(trained, tmp_path, capsys):
             path.write_bytes(b"garbage" * 10)
     code, _, err = _eval_json(workdir, capsys)
     assert code == 2 and "checkpoints/6" in err and len(err.strip().splitlines()) == 1
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    code, out, _ = _eval_json(workdir, capsys)
+    assert code == 0 and '"step": 3' in out
+
+
+def test_changed_tensor_value_is_refused_by_its_fingerprint(trained, tmp_path, capsys):
+    """A tensor whose stored value changed while its file still reads (orbax checks no chunk bytes)."""
+    import tensorstore as ts
+
+    workdir = _copy(trained, tmp_path)
+    state = workdir / "checkpoints" / "6" / "state"
+    kvstore = {"driver": "ocdbt", "base": f"file://{state}/", "path": "params.head.w.value/"}
+    array = ts.open({"driver": "zarr", "kvstore": kvstore}).result()
+    value = array.read().result()
+    value[3, 5] = np.nextafter(value[3, 5], np.float32(np.inf))  # one ulp in one element
+    array.write(value).result()
+    before = digest(workdir)
+    code, _, err = _eval_json(workdir, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "checkpoints/6 is damaged: tensor params/head/w differs from what was saved" in err
+    assert main(["train", f"--workdir={workdir}", "--config.train.steps=7"]) == 2
+    assert digest(workdir) == before
     shutil.rmtree(workdir / "checkpoints" / "6")
     code, out, _ = _eval_json(workdir, capsys)
     assert code == 0 and '"step": 3' in out

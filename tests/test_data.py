@@ -85,7 +85,7 @@ def test_two_processes_read_disjoint_documents():
 
 def test_jsonl_documents_and_errors(tmp_path):
     c = _files_config(tmp_path, ["alpha beta", "gamma"], fmt="jsonl", val_fraction=0.0)
-    c.data.val_files = c.data.train_files
+    c.data.val_files, c.data.num_streams = c.data.train_files, 2  # a stream per document
     train, val = load_documents(c.data, ByteTokenizer())
     assert bytes(train[0].astype(np.uint8)) == b"alpha beta" and len(val) == 2
 

@@ -2,37 +2,16 @@
 the run's checkpoint and metrics untouched. One short run is trained once; every fault is then a
 resume of it that must stop before anything is written."""
 
-import hashlib
 import os
 
 import pytest
 
 from skymoe_jax.cli import main
 
+from faults import digest, train_tokenizer
 from test_cli import TINY
 
 DOCS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # document {i}\n" * 40 for i in range(12)]
-
-
-def _tokenizer(path, texts) -> str:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]"]))
-    tok.save(str(path))
-    return str(path)
-
-
-def _digest(workdir) -> dict[str, str]:
-    """Content hash of every file under the workdir."""
-    out = {}
-    for root, _, files in os.walk(workdir):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +22,7 @@ def run(tmp_path_factory):
         (root / split).mkdir()
         for i, doc in enumerate(docs):
             (root / split / f"{i:02d}.txt").write_text(doc)
-    tokenizer = _tokenizer(root / "tokenizer.json", DOCS)
+    tokenizer = train_tokenizer(root / "tokenizer.json", DOCS)
     # Validation files of their own: the faults below replace only the training files, which the
     # pipeline reads after the checkpoint is restored.
     flags = [*TINY, "--config.data.source=files", f"--config.data.train_files={root / 'train' / '*.txt'}",
@@ -68,34 +47,34 @@ def _resume(workdir, flags, *more):
 
 def test_undecodable_file_names_the_file_and_leaves_the_run_alone(run, tmp_path, capsys):
     root, workdir, flags = run
-    before = _digest(workdir)
+    before = digest(workdir)
     data = tmp_path / "data"
     data.mkdir()
     for i, doc in enumerate(DOCS[:8]):  # every file undecodable, so the first batch meets one wherever it starts
         (data / f"{i:02d}.txt").write_bytes(doc.encode() + b"\xff\xfe latin-1 caf\xe9\n")
     _refused(capsys, _resume(workdir, flags, f"--config.data.train_files={data / '*.txt'}"),
              "is not valid UTF-8 text; convert it or use data.tokenizer=byte")
-    assert _digest(workdir) == before
+    assert digest(workdir) == before
 
 
 def test_jsonl_line_without_the_field_names_the_line(run, tmp_path, capsys):
     _, workdir, flags = run
-    before = _digest(workdir)
+    before = digest(workdir)
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "def a(): pass"}\n{"content": "def b(): pass"}\n')
     _refused(capsys, _resume(workdir, flags, f"--config.data.train_files={path}", "--config.data.format=jsonl"),
              f"{path}:2 has no 'text' field; set data.jsonl_field")
-    assert _digest(workdir) == before
+    assert digest(workdir) == before
 
 
 def test_empty_corpus(run, tmp_path, capsys):
     _, workdir, flags = run
-    before = _digest(workdir)
+    before = digest(workdir)
     for i in range(3):
         (tmp_path / f"{i}.txt").write_text("")
     _refused(capsys, _resume(workdir, flags, f"--config.data.train_files={tmp_path / '*.txt'}"),
              "no training documents: the data files are empty")
-    assert _digest(workdir) == before
+    assert digest(workdir) == before
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused(run, tmp_path, capsys):
@@ -112,7 +91,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused(run, tmp_path, capsys):
 
 def test_missing_data_file_on_resume(run, tmp_path, capsys):
     _, workdir, flags = run
-    before = _digest(workdir)
+    before = digest(workdir)
     _refused(capsys, _resume(workdir, flags, f"--config.data.train_files={tmp_path / 'gone' / '*.txt'}"),
              "data.train_files: no file matches")
-    assert _digest(workdir) == before
+    assert digest(workdir) == before

@@ -10,8 +10,10 @@ reads only the shards its devices hold, on whatever mesh the run uses now.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 from typing import Any
 
 import grain
@@ -20,9 +22,23 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from skymoe_jax.checkpoint.fingerprint import fingerprints
 from skymoe_jax.config import base_config, validate
-from skymoe_jax.errors import CheckpointError
+from skymoe_jax.errors import CheckpointError, ConfigError
 from skymoe_jax.parallel.mesh import with_shardings
+
+
+def _drop_abandoned_read_callbacks(hook):
+    """When one tensorstore read fails (a damaged file), orbax closes its event loop while reads it started still
+    run; each one finishing later calls back into the closed loop, and Python prints that RuntimeError with a
+    traceback for every read, after the one-line error. Nothing waits for those reads, so their errors are dropped."""
+    def quiet(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            hook(unraisable)
+    return quiet
+
+
+sys.unraisablehook = _drop_abandoned_read_callbacks(sys.unraisablehook)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -60,7 +76,11 @@ class Checkpointer:
 
     def save(self, step: int, state, config: ml_collections.ConfigDict, data_iter=None) -> None:
         """Start an asynchronous save of state, config and (if given) data position at `step`."""
-        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
+        saved = config.to_dict()
+        # orbax checks no bytes of a JSON item: the checksum keeps a changed byte from changing the resumed run.
+        items = {"state": ocp.args.StandardSave(state),
+                 "config": ocp.args.JsonSave({**saved, "sha256": _sha256(saved)}),
+                 "fingerprints": ocp.args.JsonSave(fingerprints(_named(state)))}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(DataPosition(data_iter))
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -75,14 +95,34 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} has no saved state (partial or deleted); remove the "
                                   "directory to resume from an earlier checkpoint")
         self._check_shapes(step, abstract_state)
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        items = {"state": ocp.args.StandardRestore(abstract_state), **self._fingerprint_item(step)}
         if data_iter is not None and os.path.isdir(os.path.join(where, "data")):
             items["data"] = grain.checkpoint.CheckpointRestore(DataPosition(data_iter))
         try:
-            return self._manager.restore(step, args=ocp.args.Composite(**items)).state
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # tensorstore and orbax raise many types for damaged files
             raise CheckpointError(f"checkpoint {where} is damaged and cannot be read ({_first_line(e)}); remove "
                                   "it to resume from an earlier checkpoint") from None
+        self._check_fingerprints(step, restored, restored.state)
+        return restored.state
+
+    def _fingerprint_item(self, step: int) -> dict[str, Any]:
+        """The fingerprints to restore with the state; none for checkpoints written before they were saved."""
+        return {"fingerprints": ocp.args.JsonRestore()} if os.path.isdir(os.path.join(self.path(step), "fingerprints")) \
+            else {}
+
+    def _check_fingerprints(self, step: int, restored, tree, prefix: str = "") -> None:
+        """Refuse a restored tree whose arrays differ from what was saved (see checkpoint/fingerprint.py)."""
+        saved = restored.get("fingerprints")
+        if saved is None:
+            return
+        got = fingerprints(_named(tree, prefix))
+        changed = sorted(name for name, value in got.items() if saved.get(name) != value)
+        if changed:
+            more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+            raise CheckpointError(f"checkpoint {self.path(step)} is damaged: tensor {changed[0]}{more} differs from "
+                                  "what was saved (its fingerprint does not match); remove it to resume from an "
+                                  "earlier checkpoint")
 
     def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """{'params/embed/table': shape, ...} of the train state saved at step, from its metadata."""
@@ -102,9 +142,11 @@ class Checkpointer:
         item = with_shardings(abstract_params, shardings)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item={"params": item}, restore_args={"params": restore_args}, partial_restore=True)))
+                item={"params": item}, restore_args={"params": restore_args}, partial_restore=True),
+                **self._fingerprint_item(step)))
         except Exception as e:
             raise CheckpointError(f"checkpoint {self.path(step)} cannot be read ({_first_line(e)})") from None
+        self._check_fingerprints(step, restored, restored.state["params"], "params/")
         return restored.state["params"]
 
     def _check_shapes(self, step: int, abstract_state) -> None:
@@ -138,21 +180,32 @@ class DataPosition:
     pending one: it skipped that document and re-packed the rest, so a run resumed with the default shuffle window
     saw other sequences than the uninterrupted run. Lists are turned back into tuples wherever a fresh iterator's
     state has a tuple (checkpoints written before this fix restore exactly too). The state is read when the save is
-    requested, so an asynchronous save cannot record a later position.
+    requested, so an asynchronous save cannot record a later position. It is saved with its sha256: a changed digit
+    would otherwise resume the run at another position without a word.
     """
 
     def __init__(self, iterator):
         self._iterator = iterator
-        self._state = json.dumps(iterator.get_state(), indent=1).encode()
+        state = iterator.get_state()
+        self._state = json.dumps({"iterator": state, "sha256": _sha256(state)}, indent=1).encode()
 
     def get_state(self) -> bytes:
         return self._state
 
     def set_state(self, raw: bytes) -> None:
-        self._iterator.set_state(_with_tuples(json.loads(raw), self._iterator.get_state()))
+        saved = json.loads(raw)
+        if isinstance(saved, dict) and ("iterator" in saved or "sha256" in saved):  # else written before checksums
+            if saved.get("sha256") != _sha256(saved.get("iterator")):
+                raise CheckpointError("the data position does not match the sha256 saved with it")
+            saved = saved["iterator"]
+        self._iterator.set_state(_with_tuples(saved, self._iterator.get_state()))
 
     def start_prefetch(self) -> None:
         """grain's handler calls this after a restore; the training loop reads batches in-process."""
+
+
+def _sha256(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def _with_tuples(saved, template):
@@ -163,6 +216,11 @@ def _with_tuples(saved, template):
         items = [_with_tuples(s, t) for s, t in zip(saved, template)]
         return tuple(items) if isinstance(template, tuple) else items
     return saved
+
+
+def _named(tree, prefix: str = "") -> dict[str, jax.Array]:
+    """{'params/embed/table': array, ...}: the names saved_shapes and the fingerprints use."""
+    return {prefix + tree_path_name(path): leaf for path, leaf in _leaves(tree) if leaf is not None}
 
 
 def _leaves(tree):
@@ -191,27 +249,54 @@ def saved_config(workdir: str, step: int | None = None) -> ml_collections.Config
     if step is None:
         raise CheckpointError(f"no checkpoint in {manager.directory}; train first with "
                               f"`skymoe train --workdir={workdir}`")
+    where = manager.path(step)
     try:
         saved: dict[str, Any] = manager._manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore())).config
     except Exception as e:
-        raise CheckpointError(f"checkpoint {manager.path(step)} has no readable config ({_first_line(e)})") \
-            from None
+        raise CheckpointError(f"checkpoint {where} has no readable config ({_first_line(e)}); remove it to resume "
+                              "from an earlier checkpoint") from None
     finally:
         manager.close()
+    digest = saved.pop("sha256", None)  # configs saved before checksums have none
+    if digest is not None and digest != _sha256(saved):
+        raise CheckpointError(f"checkpoint {where} has a config that differs from the one saved (its sha256 does not "
+                              "match); remove it to resume from an earlier checkpoint")
     config = base_config()
     with config.unlocked():
-        _merge(config, saved, "")
-    validate(config)
+        _merge(config, saved, "", where)
+    try:
+        validate(config)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {where} has a config that does not validate ({e}); remove it to resume "
+                              "from an earlier checkpoint") from None
     return config
 
 
-def _merge(config: ml_collections.ConfigDict, saved: dict[str, Any], prefix: str) -> None:
+def _fits(default, value) -> bool:
+    """A JSON value can stand for the field's default: ints pass for floats, lists for tuples."""
+    if isinstance(default, ml_collections.ConfigDict):
+        return isinstance(value, dict)
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, tuple):
+        return isinstance(value, list) and all(type(v) in (int, str) for v in value)
+    return isinstance(value, type(default))
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict[str, Any], prefix: str, where: str) -> None:
     for key, value in saved.items():
         if key not in config:
-            raise CheckpointError(f"checkpoint config has field '{prefix}{key}' that this version does not know")
+            raise CheckpointError(f"checkpoint {where} has config field '{prefix}{key}' that this version does not "
+                                  "know; use the version that wrote it, or remove it to resume from an earlier "
+                                  "checkpoint")
+        if not _fits(config[key], value):
+            raise CheckpointError(f"checkpoint {where} has config field '{prefix}{key}' = {value!r}, not a "
+                                  f"{type(config[key]).__name__}; remove it to resume from an earlier checkpoint")
         if isinstance(value, dict):
-            _merge(config[key], value, f"{prefix}{key}.")
+            _merge(config[key], value, f"{prefix}{key}.", where)
         elif isinstance(config[key], tuple):
             config[key] = tuple(value)
         else:

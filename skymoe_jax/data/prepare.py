@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from skymoe_jax.data import shard_format
 from skymoe_jax.data.sources import Documents, expand_globs, jsonl_documents
@@ -189,11 +189,7 @@ def _intact(path: str, record: dict[str, Any]) -> bool:
     """The shard has the size its sidecar recorded and a readable index with as many documents."""
     if not os.path.isfile(path) or os.path.getsize(path) != record.get("bytes"):
         return False
-    reader = ArrayRecordReader(path)
-    try:
-        return reader.ok() and reader.num_records() == record.get("documents")
-    finally:
-        reader.close()
+    return shard_format.indexed_records(path) == record.get("documents")
 
 
 def _verified(shard_dir: str, digests: list[str]) -> tuple[dict[tuple[int, int], dict[str, Any]], int]:
@@ -287,8 +283,8 @@ def prepare(input_glob: str, tokenizer: str, out: str, *, fmt: str = "text", fie
     shard_dir = os.path.join(out, shard_format.SHARDS)
     os.makedirs(shard_dir, exist_ok=True)
     metadata_path = os.path.join(out, shard_format.METADATA)
-    shard_format.write_json(metadata_path, {"format_version": shard_format.FORMAT_VERSION, "complete": False,
-                                            **settings})
+    shard_format.write_metadata(metadata_path, {"format_version": shard_format.FORMAT_VERSION, "complete": False,
+                                                **settings})
     for name in os.listdir(shard_dir):
         if name.endswith(".tmp"):  # cut short by a stopped run; redone below
             os.remove(os.path.join(shard_dir, name))
@@ -309,8 +305,8 @@ def prepare(input_glob: str, tokenizer: str, out: str, *, fmt: str = "text", fie
     shards = [{"file": os.path.join(shard_format.SHARDS, shard_stem(*key) + ".array_record"),
                **{k: records[key][k] for k in ("documents", "tokens", "bytes")}} for key in sorted(records)]
     totals = {"documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards)}
-    shard_format.write_json(metadata_path, {"format_version": shard_format.FORMAT_VERSION, "complete": True,
-                                            **settings, **totals, "shards": shards})
+    shard_format.write_metadata(metadata_path, {"format_version": shard_format.FORMAT_VERSION, "complete": True,
+                                                **settings, **totals, "shards": shards})
     seconds = time.perf_counter() - start
     skipped = len(done)
     written = len(shards) - skipped

@@ -17,7 +17,6 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader
 
 from skymoe_jax.data import shard_format
 from skymoe_jax.data.sources import in_validation
@@ -66,8 +65,11 @@ class _Shards:
         try:
             self.source = grain.sources.ArrayRecordDataSource(self.paths)
         except RuntimeError as e:  # a damaged index; find the shard to name it
-            bad = next((p for p in self.paths if not _readable(p)), self.paths[0])
+            bad = next((p for p in self.paths if shard_format.indexed_records(p) is None), self.paths[0])
             raise DataError(self.damaged(bad, _first_line(e))) from None
+        if len(self.source) != self.ends[-1]:  # a metadata file that does not describe these shards
+            raise DataError(f"{os.path.join(directory, shard_format.METADATA)} counts {self.ends[-1]} documents but "
+                            f"its shards hold {len(self.source)}; prepare the data again into a new directory")
 
     def damaged(self, path: str, what: str) -> str:
         sidecar = os.path.splitext(path)[0] + ".json"
@@ -95,14 +97,6 @@ class PreparedDocuments:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self._shards.read(int(self._indices[index]))
-
-
-def _readable(path: str) -> bool:
-    reader = ArrayRecordReader(path)
-    try:
-        return reader.ok()
-    finally:
-        reader.close()
 
 
 def _first_line(e: BaseException) -> str:

@@ -62,7 +62,11 @@ class Documents:
         try:
             return self._tokenizer.encode(text)
         except UnicodeDecodeError:
-            raise DataError(f"{path} is not valid UTF-8 text; convert it or use {self._tokenizer_setting}=byte") from None
+            raise DataError(_not_utf8(path, self._tokenizer_setting)) from None
+
+
+def _not_utf8(path: str, tokenizer_setting: str) -> str:
+    return f"{path} is not valid UTF-8 text; convert it or use {tokenizer_setting}=byte"
 
 
 def jsonl_documents(path: str, field: str, field_setting: str = "data.jsonl_field") -> Iterator[tuple[str, str]]:
@@ -78,16 +82,33 @@ def jsonl_documents(path: str, field: str, field_setting: str = "data.jsonl_fiel
                 raise DataError(f"{where} is not valid JSON; fix the line or remove it") from None
             if not isinstance(record, dict) or field not in record:
                 raise DataError(f"{where} has no {field!r} field; set {field_setting} to the field holding the text")
-            if not isinstance(record[field], str):
-                raise DataError(f"{where}: field {field!r} is not a string")
-            if record[field]:
-                yield where, record[field]
+            text = record[field]
+            if not isinstance(text, str):
+                raise DataError(f"{where}: field {field!r} is {type(text).__name__}, not a string; fix the line or set "
+                                f"{field_setting} to the field holding the text")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # JSON may escape a lone UTF-16 surrogate; no tokenizer can take it
+                raise DataError(f"{where}: field {field!r} holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                                "which is not text; fix the line or remove it") from None
+            if text:
+                yield where, text
 
 
-def _items(paths: list[str], data: ml_collections.ConfigDict) -> list[tuple[str, str | None]]:
+def _items(paths: list[str], data: ml_collections.ConfigDict, tokenizer) -> list[tuple[str, str | None]]:
     if data.format == "jsonl":
         return [doc for p in paths for doc in jsonl_documents(p, data.jsonl_field)]
-    return [(p, None) for p in paths if os.path.getsize(p) > 0]
+    paths = [p for p in paths if os.path.getsize(p) > 0]
+    if tokenizer.name != "byte":
+        # Read once up front, as JSONL is: a file met undecodable mid-run would stop the run after it had
+        # written steps and checkpoints.
+        for path in paths:
+            with open(path, "rb") as f:
+                try:
+                    f.read().decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(_not_utf8(path, "data.tokenizer")) from None
+    return [(p, None) for p in paths]
 
 
 def load_documents(data: ml_collections.ConfigDict, tokenizer) -> tuple[Documents, Documents]:
@@ -98,16 +119,25 @@ def load_documents(data: ml_collections.ConfigDict, tokenizer) -> tuple[Document
         key = lambda item: os.path.relpath(item[0], root)
         train = [it for it in items if not in_validation(key(it), data.val_fraction)]
         val = [it for it in items if in_validation(key(it), data.val_fraction)]
+        train_from = val_from = f"the built-in corpus under {root}"
     else:
-        items = _items(expand_globs(data.train_files, "data.train_files"), data)
+        items = _items(expand_globs(data.train_files, "data.train_files"), data, tokenizer)
+        train_from = val_from = f"data.train_files={data.train_files!r}"
         if data.val_files.strip():
-            train, val = items, _items(expand_globs(data.val_files, "data.val_files"), data)
+            train, val = items, _items(expand_globs(data.val_files, "data.val_files"), data, tokenizer)
+            val_from = f"data.val_files={data.val_files!r}"
         else:
             train = [it for it in items if not in_validation(it[0], data.val_fraction)]
             val = [it for it in items if in_validation(it[0], data.val_fraction)]
     if not train:
         raise DataError("no training documents: the data files are empty or all went to validation "
-                        "(lower data.val_fraction)")
+                        f"(lower data.val_fraction or add data to {train_from})")
     if not val:
-        raise DataError("no validation documents: give data.val_files or raise data.val_fraction")
+        raise DataError(f"no validation documents: the files of {val_from} are empty; give files with text"
+                        if data.val_files.strip() else
+                        f"no validation documents in {train_from}: give data.val_files or raise data.val_fraction")
+    for docs, role, source in ((train, "training", train_from), (val, "validation", val_from)):
+        if len(docs) < data.num_streams:  # the pipeline refuses too, but without naming the files
+            raise DataError(f"{len(docs)} {role} documents from {source} cannot fill data.num_streams="
+                            f"{data.num_streams} streams; add data or lower data.num_streams")
     return Documents(train, tokenizer), Documents(val, tokenizer)
