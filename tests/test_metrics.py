@@ -21,7 +21,7 @@ from skymoe_jax.cli import main
 from skymoe_jax.config import base_config, validate
 from skymoe_jax.metrics.flops import flops_per_token, mfu, peak_flops
 from skymoe_jax.metrics.similarity import expert_similarity, layer_similarity
-from skymoe_jax.metrics.writers import read_jsonl
+from skymoe_jax.metrics.writers import JsonlWriter, read_jsonl
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import build_model
 
@@ -98,6 +98,20 @@ def _hand_flops_per_token() -> int:
     active_matmul = L * attention + dense_ffn + 2 * moe + D * V  # + output head; embedding and norms: no FLOPs
     causal_attention = 2 * L * H * HD * S  # QK^T and AV over an average context of S/2
     return 3 * (2 * active_matmul + causal_attention)  # forward + backward (twice the forward)
+
+
+def test_metrics_file_survives_a_run_killed_mid_record(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    writer = JsonlWriter(path)
+    writer.write({"step": 1, "loss": 2.5})
+    writer.close()
+    with open(path, "a") as f:
+        f.write('{"step": 2, "loss": 2.')  # what a SIGKILL mid-write leaves, and a poller sees mid-write
+    assert read_jsonl(path) == [{"step": 1, "loss": 2.5}]
+    resumed = JsonlWriter(path)  # the resumed run drops the cut record rather than appending to it
+    resumed.write({"step": 2, "loss": 2.25})
+    resumed.close()
+    assert read_jsonl(path) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}]
 
 
 def test_flops_per_token_and_mfu_by_hand():

@@ -25,23 +25,42 @@ def to_json_value(value: Any) -> Any:
 
 
 class JsonlWriter:
+    """Appends one line per record, each with one write call, so a reader polling the file (a test, a dashboard)
+    never takes half a record for a whole one; a line cut short by a killed run is removed before appending."""
+
     def __init__(self, path: str):
         self.path = path
-        self._file = open(path, "a", encoding="utf-8") if jax.process_index() == 0 else None
+        self._fd = None
+        if jax.process_index() == 0:
+            _drop_partial_line(path)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps({k: to_json_value(v) for k, v in record.items()}) + "\n")
-            self._file.flush()
+        if self._fd is not None:
+            data = (json.dumps({k: to_json_value(v) for k, v in record.items()}) + "\n").encode()
+            while data:
+                data = data[os.write(self._fd, data):]
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _drop_partial_line(path: str) -> None:
+    """Truncate after the last newline: a run killed mid-write left a record without its end."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The complete records: a last line without its newline is one still being written (or cut by a kill)."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
 class Console:
