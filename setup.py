@@ -16,7 +16,9 @@ setup(
         "flax>=0.12",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
+        "etils[epath]",  # imported directly by the checkpoint manager (orbax brings it too, today)
         "grain>=0.2.12",
+        "array-record>=0.5",  # prepared-data shards (skymoe prepare-data, data.source=prepared)
         "ml-collections>=1.0",
         "absl-py",
         "numpy",
@@ -25,13 +27,17 @@ setup(
         "safetensors",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (protobuf only)
     ],
+    # JAX versions the tests have seen: 0.10.2 (CPU, CI) and 0.11.2 (H200). No upper bound: none is known to break.
     extras_require={
+        # NVIDIA GPUs: JAX's CUDA 12 wheels (CUDA, cuDNN and NCCL as pip packages; the host needs only a driver).
+        "cuda": ["jax[cuda12]>=0.10.2"],
         # `skymoe report` and the figures in the notebook.
         "report": ["matplotlib>=3.8"],
         # notebooks/quickstart.ipynb: figures, and ipywidgets for rich's progress bar in Jupyter.
         "notebook": ["matplotlib>=3.8", "ipywidgets>=8"],
         # The tests also execute the notebook headless (nbclient on an ipykernel).
-        "test": ["pytest", "matplotlib>=3.8", "ipywidgets>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        "test": ["pytest", "matplotlib>=3.8", "ipywidgets>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",
+                 "pyyaml>=6"],  # pyyaml: tests/test_launch.py reads the Kubernetes manifest
         # Only for tests/test_hf_import.py, which compares imported models with transformers' PyTorch ones.
         "hf": ["torch>=2.4", "transformers>=4.45"],
     },

@@ -33,11 +33,21 @@ for ((i = 0; i < n; i++)); do
   pids+=($!)
 done
 
+# The first process to fail (in time) decides the exit status, and the others are stopped: a
+# JAX process whose peer died would otherwise wait in a collective until the heartbeat times out.
+# (`if ! wait "$pid"; then code=$?` would read the status of `!`, always 0.)
 status=0
-for pid in "${pids[@]}"; do
-  if ! wait "$pid"; then
-    code=$?
-    ((status == 0)) && status=$code
+running=("${pids[@]}")
+while ((${#running[@]})); do
+  code=0
+  wait -n -p done_pid "${running[@]}" || code=$?
+  left=()
+  for pid in "${running[@]}"; do ((pid == done_pid)) || left+=("$pid"); done
+  running=("${left[@]}")
+  if ((code != 0 && status == 0)); then
+    status=$code
+    echo "launch/local.sh: a process exited with status $code; stopping the others" >&2
+    kill -TERM "${running[@]}" 2>/dev/null || true
   fi
 done
 exit $status

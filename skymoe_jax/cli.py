@@ -1,6 +1,6 @@
 """The `skymoe` command.
 
-    skymoe train  [--config=PATH] [--config.a.b=VALUE ...] [--workdir=DIR]
+    skymoe train  [--config=PATH] [--config.a.b=VALUE ...] [--workdir=DIR] [--stop_exit_code=N]
     skymoe eval   --workdir=DIR [--config.a.b=VALUE ...]
     skymoe upcycle --dense=DIR --out=DIR [--config=MOE_CONFIG] [--config.a.b=VALUE ...]
     skymoe import-hf --hf_dir=DIR --out=DIR
@@ -11,6 +11,7 @@
     skymoe prepare-data --input=GLOB --tokenizer=PATH|byte --out=DIR [--format=text|jsonl] [--field=text]
                         [--workers=N] [--shard_docs=N]
     skymoe report --workdir=DIR [--compare DIR ...] [--out=DIR]
+    skymoe acceptance [--out=acceptance.json] [--reduced]
 
 User mistakes (bad flag, config, data file, checkpoint) print one line to stderr
 and exit with status 2; nothing is written.
@@ -95,7 +96,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     from skymoe_jax.config import DEFAULT_CONFIG, apply_overrides, load_file, resolve_config_path, shape_changes
     from skymoe_jax.training.loop import train
 
-    args = Args(argv, {"workdir": ""})
+    args = Args(argv, {"workdir": "", "stop_exit_code": 0})
+    if not 0 <= args.stop_exit_code <= 255:
+        raise ConfigError(f"--stop_exit_code={args.stop_exit_code} must be an exit status between 0 and 255")
     workdir = args.workdir or os.path.join("runs", load_file(resolve_config_path(args.config or DEFAULT_CONFIG)).name)
     ckpts = checkpoint_dir(workdir)
     if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
@@ -108,8 +111,9 @@ def cmd_train(argv: Sequence[str]) -> int:
                               "use a new --workdir or drop the override")
     else:
         config = _config(args)
-    train(config, workdir)
-    return 0
+    # A stop by signal saved a checkpoint; a non-zero status tells a launcher that restarts failed
+    # groups (a Kubernetes JobSet) to run it again, which resumes.
+    return args.stop_exit_code if train(config, workdir).get("stopped") else 0
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
@@ -333,6 +337,12 @@ def cmd_prepare_data(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_acceptance(argv: Sequence[str]) -> int:
+    from skymoe_jax.acceptance import main as acceptance
+
+    return acceptance(argv)
+
+
 BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
     "step": bench_step,
     "data": bench_data,
@@ -341,7 +351,8 @@ BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train, "eval": cmd_eval, "upcycle": cmd_upcycle, "import-hf": cmd_import_hf,
     "advise": cmd_advise,
-    "params": cmd_params, "bench": cmd_bench, "report": cmd_report, "prepare-data": cmd_prepare_data}
+    "params": cmd_params, "bench": cmd_bench, "report": cmd_report, "prepare-data": cmd_prepare_data,
+    "acceptance": cmd_acceptance}
 # Commands that run on devices join a multi-process run when the environment describes one.
 DISTRIBUTED = {"train", "eval", "upcycle", "bench"}
 

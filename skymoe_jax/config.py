@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.moe.drop_policy = "position"  # position: earliest tokens keep their slot | probs: highest gate prob
     c.moe.dropless = False
     c.moe.dropless_impl = "ragged"  # ragged: jax.lax.ragged_dot | padded: every expert sized for the whole group
-    c.moe.routing_impl = "auto"  # auto: Pallas kernels on GPU, XLA elsewhere | xla | pallas (interpreted off GPU)
+    # auto: XLA until the Pallas kernels pass `skymoe acceptance` on a GPU | xla | pallas (interpreted off GPU)
+    c.moe.routing_impl = "auto"
 
     c.aux_coef = ml_collections.ConfigDict()
     c.aux_coef.mode = "adaptive"  # adaptive (paper) | fixed

@@ -33,6 +33,7 @@ def _skymoe(*args, cwd=None):
      "data.train_files: no file matches '/no/such/file.txt'"),
     (["train", "--config=configs/missing.py"], "config file 'configs/missing.py' not found"),
     (["train", "--bogus=1"], "unknown flag --bogus"),
+    (["train", "--stop_exit_code=300"], "--stop_exit_code=300 must be an exit status between 0 and 255"),
     (["eval"], "needs --workdir"),
     (["frobnicate"], "unknown command"),
 ])
@@ -43,6 +44,15 @@ def test_bad_input_is_one_line_and_nonzero(args, needle, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_stop_exit_code_only_after_a_stop(monkeypatch, tmp_path):
+    """Kubernetes restarts a JobSet whose pod failed: a stopped (saved) run can ask to look failed."""
+    import skymoe_jax.training.loop as loop
+
+    for stopped, code in ((True, 75), (False, 0)):
+        monkeypatch.setattr(loop, "train", lambda config, workdir, s=stopped: {"stopped": True} if s else {})
+        assert main(["train", f"--workdir={tmp_path}", "--stop_exit_code=75", *TINY]) == code
 
 
 def test_params_json_for_the_paper_model(capsys):

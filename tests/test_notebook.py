@@ -3,6 +3,8 @@ Colab), within its time budget: routing, training, figures, and upcycling a dens
 
 import os
 import pathlib
+import subprocess
+import sys
 import time
 
 import nbformat
@@ -30,9 +32,21 @@ def test_quickstart_notebook_runs_headless(tmp_path):
     text = "".join(o.get("text", "") for o in _outputs(nb, "stream")) + "".join(
         o["data"].get("text/plain", "") for o in _outputs(nb, "display_data"))
     assert "missing before this cell: nothing" in text  # the install cell is a no-op when installed
+    assert "backend cpu: [CpuDevice(id=0)]" in text  # and says what JAX found
     assert "done: 100 steps" in text and text.count("done: 40 steps") == 2  # the dense run and the upcycled one
     assert "max |MoE logits - dense logits|" in text  # the upcycled model computes the dense function
     assert any("application/vnd.jupyter.widget-view+json" in o["data"] for o in _outputs(nb, "display_data"))
     assert text.count("the model's own drop rate") == 2  # before and after training
     images = [o for o in _outputs(nb, "display_data") + _outputs(nb, "execute_result") if "image/png" in o["data"]]
     assert len(images) == 4  # drop rate, alpha, Max1/Max2 and expert-similarity figures shown inline
+
+
+def test_install_cell_outside_a_checkout_says_what_to_do(tmp_path):
+    """A fresh Colab runtime: nothing installed (python -S hides site-packages) and no checkout around."""
+    cell = nbformat.read(NOTEBOOK, as_version=4).cells[1]
+    assert cell.cell_type == "code"
+    result = subprocess.run([sys.executable, "-S", "-c", cell.source], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"skymoe_jax is not installed and {tmp_path} is not inside a checkout of "
+                                     "skymoe-jax: clone or upload the repository, %cd into it, and run this cell again")

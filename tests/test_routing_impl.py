@@ -26,6 +26,15 @@ def test_routing_impl_config():
         apply_overrides(c, ["--config.moe.routing_impl=triton"])
 
 
+def test_auto_is_xla_even_on_a_gpu(monkeypatch):
+    """The kernels have not passed `skymoe acceptance` on a GPU yet: auto must not pick them there."""
+    from skymoe_jax.kernels.ops import XLA_OPS, routing_ops
+
+    monkeypatch.setattr(common, "on_gpu", lambda: True)
+    assert routing_ops("auto") is XLA_OPS
+    assert routing_ops("pallas").route is not XLA_OPS.route
+
+
 def _block_spec(routing_impl, **moe) -> ModelSpec:
     c = base_config()
     c.model.d_model = 32
@@ -127,7 +136,7 @@ def test_sharded_train_step_lowers_triton_kernels_for_cuda(monkeypatch, layout):
     """Expert parallelism (mesh 1x2x4, all-to-all) with the compiled kernels, as on a GPU: every
     kernel, forward and backward, lowers inside shard_map."""
     monkeypatch.setattr(common, "on_gpu", lambda: True)
-    c = _train_config("auto", mesh=(1, 2, 4), layout=layout)
+    c = _train_config("pallas", mesh=(1, 2, 4), layout=layout)
     rt = runtime_lib.build(c)
     with jax.set_mesh(rt.mesh):
         text = rt.train_step.trace(jax.eval_shape(rt.init), rt.batch(_batch(c))).lower(

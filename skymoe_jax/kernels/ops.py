@@ -44,11 +44,12 @@ def interpreted(impl: str) -> bool:
 def routing_ops(impl: str) -> RoutingOps:
     """moe.routing_impl -> ops, decided when the layer is traced.
 
-    `auto` is Pallas on a GPU and XLA elsewhere: interpret mode exists to check the kernels
-    and is far slower than XLA. `pallas` off a GPU interprets them.
+    `auto` is XLA everywhere: the kernels have not yet been compiled on a GPU against their
+    twins and measured faster there (`skymoe acceptance` does both), and off a GPU they can only
+    be interpreted, far slower than XLA. `pallas` selects them (interpreted off a GPU).
     """
-    if impl == "xla" or (impl == "auto" and not common.on_gpu()):
+    if impl in ("xla", "auto"):
         return XLA_OPS
-    if impl not in ("auto", "pallas"):
+    if impl != "pallas":
         raise ConfigError(f"moe.routing_impl={impl!r} is not one of auto, xla, pallas")
     return pallas_ops()

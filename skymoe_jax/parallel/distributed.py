@@ -3,7 +3,8 @@
 - SKYMOE_COORDINATOR=host:port, SKYMOE_NUM_PROCESSES=N, SKYMOE_PROCESS_ID=i: explicit
   (launch/local.sh and the Kubernetes manifest set these; on an Indexed Job the
   process id may come from JOB_COMPLETION_INDEX instead).
-- Under SLURM with more than one task: detected, jax reads the SLURM variables itself.
+- Under srun with more than one task: detected; the arguments come from the SLURM variables
+  (parallel/slurm.py), so that the processes of a node own all of its GPUs in either layout.
 - Otherwise: a single process, nothing to do.
 On CPU the collectives between processes go through gloo.
 """
@@ -15,6 +16,7 @@ import os
 import jax
 
 from skymoe_jax.errors import ConfigError
+from skymoe_jax.parallel import slurm
 
 _EXPLICIT = ("SKYMOE_COORDINATOR", "SKYMOE_NUM_PROCESSES", "SKYMOE_PROCESS_ID")
 
@@ -39,13 +41,18 @@ def initialize() -> str:
         _use_gloo_on_cpu()
         jax.distributed.initialize(coordinator_address=env["SKYMOE_COORDINATOR"], num_processes=num, process_id=pid)
         return "explicit"
-    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
+    if slurm.detected(env):
+        arguments = slurm.arguments(env, on_cpu=_on_cpu())
         _use_gloo_on_cpu()
-        jax.distributed.initialize()
+        jax.distributed.initialize(**arguments)
         return "slurm"
     return "single"
 
 
+def _on_cpu() -> bool:
+    return os.environ.get("JAX_PLATFORMS", "").startswith("cpu")
+
+
 def _use_gloo_on_cpu() -> None:
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+    if _on_cpu():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -41,8 +41,11 @@ _DATA_SPLIT = {"embed": ("data",)}
 Rules = dict[str, tuple[str, ...]]
 
 
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-    """(pipeline, data, expert) with a -1 entry resolved to the remaining devices."""
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int, spread: str = "") -> tuple[int, int, int]:
+    """(pipeline, data, expert) with a -1 entry resolved to the remaining devices. `spread` (how the
+    devices are spread over processes) goes into the refusal: a launch that gave each process one GPU
+    of eight shows there."""
+    spread = f" ({spread})" if spread else ""
     shape = tuple(config.parallel.mesh)
     if len(shape) != 3 or not all(isinstance(s, int) and (s > 0 or s == -1) for s in shape):
         raise ConfigError(f"parallel.mesh={shape} must be three positive sizes (pipeline, data, expert), "
@@ -52,11 +55,11 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ConfigError(f"parallel.mesh={shape}: {num_devices} devices do not split into {known} x -1")
+            raise ConfigError(f"parallel.mesh={shape}: {num_devices} devices{spread} do not split into {known} x -1")
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
         raise ConfigError(f"parallel.mesh={shape} needs {math.prod(shape)} devices but {num_devices} are "
-                          "available; change the sizes or use -1 for one axis")
+                          f"available{spread}; change the sizes or use -1 for one axis")
     return shape
 
 
@@ -81,9 +84,22 @@ def check_fits(config: ml_collections.ConfigDict, shape: Sequence[int]) -> None:
 
 def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(config, len(devices))
+    shape = mesh_shape(config, len(devices), device_spread(devices))
     check_fits(config, shape)
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def device_spread(devices: Sequence[jax.Device]) -> str:
+    """'2 processes x 8 local devices, gpu NVIDIA H200': where the devices of a mesh come from."""
+    per_process: dict[int, int] = {}
+    for d in devices:
+        per_process[d.process_index] = per_process.get(d.process_index, 0) + 1
+    counts = sorted(set(per_process.values()))
+    local = "/".join(map(str, counts))
+    n = len(per_process)
+    platform, kind = devices[0].platform, devices[0].device_kind
+    return (f"{n} process{'es' * (n != 1)} x {local} local device{'s' * (counts != [1])}, {platform}"
+            + (f" {kind}" if kind != platform else ""))
 
 
 def batch_axes(layout: str) -> tuple[str, ...]:

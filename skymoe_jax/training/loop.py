@@ -82,10 +82,9 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     peak = peak_flops(config.metrics.peak_flops_per_device)
     similarity = similarity_fn(spec, runtime.mesh) if spec.num_experts else None
     similarity_every = config.metrics.similarity_every if similarity else 0
-    mesh = "x".join(str(n) for n in runtime.mesh.shape.values())
     console.print(f"{config.name}: {spec.num_layers} layers, {spec.num_experts or 'no'} experts, "
-                  f"{flops_tok / 1e6:.1f} MFLOP/token; mesh {mesh} "
-                  f"(pipeline x data x expert, layout {runtime.layout}); {origin}; workdir {workdir}")
+                  f"{flops_tok / 1e6:.1f} MFLOP/token; {origin}; workdir {workdir}")
+    console.print(whoami(runtime))
     if spec.pipelined:
         console.print(pipeline_summary(spec, config))
 
@@ -164,6 +163,15 @@ def _check_finite(unchecked: list[tuple[int, jax.Array]], policy: str, ckpt: Che
         raise TrainingError(f"non-finite loss or gradients at step {bad[0]} (its update was not applied); "
                             f"stopped: {where}. Set --config.train.nonfinite=skip to skip such steps instead")
     return len(bad)
+
+
+def whoami(runtime: runtime_lib.Runtime) -> str:
+    """Where this run is: one process per node that owns a single GPU of eight shows as 1 local device."""
+    device = jax.devices()[0]
+    mesh = "x".join(str(n) for n in runtime.mesh.shape.values())
+    return (f"devices: {device.platform} ({device.device_kind}), process {jax.process_index()} of "
+            f"{jax.process_count()}, {jax.local_device_count()} local / {jax.device_count()} global; mesh {mesh} "
+            f"(pipeline x data x expert, layout {runtime.layout})")
 
 
 def pipeline_summary(spec: ModelSpec, config: ml_collections.ConfigDict) -> str:

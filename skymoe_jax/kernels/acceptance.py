@@ -1,0 +1,156 @@
+"""Every Pallas routing kernel against its XLA twin, forward and backward, as `skymoe acceptance` runs it.
+
+On a GPU the kernels are compiled (through Triton, which their compiler params select) and
+compared with the twins compiled for the same GPU; the program lowered for the GPU is searched
+for the Triton calls, so a silent fallback could not pass. Off a GPU the kernels can only be
+interpreted: the comparison then checks their semantics, and their lowering for CUDA is searched
+for the same Triton calls instead. Indices and counts must be equal; float outputs and gradients
+within TOLERANCE of each array's largest magnitude (the kernels reduce in another order than
+XLA, a few float32 ulps; a wrong row or a missed term is O(1)).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from skymoe_jax.config import capacity
+from skymoe_jax.kernels import common
+from skymoe_jax.kernels.combine import combine
+from skymoe_jax.kernels.permute import permute
+from skymoe_jax.kernels.positions import expert_positions
+from skymoe_jax.kernels.route import route
+from skymoe_jax.model.moe import dispatch, router
+
+TOLERANCE = 1e-5
+TRITON_CALL = "__gpu$xla.gpu.triton"
+# Every pallas_call of the four stages, forward and backward.
+KERNELS = ("skymoe_route", "skymoe_route_bwd", "skymoe_expert_counts", "skymoe_expert_ranks", "skymoe_slot_sources",
+           "skymoe_gather_rows", "skymoe_gather_sum", "skymoe_gather_dot")
+
+
+class Case(NamedTuple):
+    tokens: int
+    experts: int
+    top_k: int
+    width: int
+    capacity_factor: float
+
+
+# The bench shapes' expert counts and k; the widths are not powers of two and some assignments drop.
+GPU_CASES = (Case(16384, 16, 2, 4096, 1.25), Case(32768, 64, 8, 2048, 1.25), Case(777, 64, 4, 300, 0.9))
+# Three route blocks (the last holds 2 tokens), a width that is no power of two, dropped assignments and
+# empty slots; small enough to interpret in seconds (tests/test_kernels.py covers more edges on the CPU).
+CPU_CASES = (Case(130, 64, 8, 40, 0.9),)
+
+
+def check_kernels(cases: tuple[Case, ...]) -> dict[str, Any]:
+    """{'compiled', 'triton_kernels', 'rows': one per (case, stage, direction), 'passed'}."""
+    compiled = common.on_gpu()
+    rows = [row for case in cases for row in _compare(case, interpret=not compiled)]
+    found = _triton_kernels(cases[0], lowered_only=not compiled)
+    missing = sorted(set(KERNELS) - set(found))
+    return {"compiled": compiled, "triton_kernels": found, "missing_kernels": missing, "rows": rows,
+            "passed": all(r["passed"] for r in rows) and not missing}
+
+
+def _inputs(case: Case, seed: int = 0) -> dict[str, jax.Array]:
+    t, e, k, d, cf = case
+    rng = np.random.default_rng(seed)
+    chosen = jnp.asarray(np.argsort(rng.random((t, e)), axis=1)[:, :k].astype(np.int32))
+    num_slots = e * capacity(t, e, k, cf)
+    slots = dispatch.slot_indices(chosen, dispatch.expert_positions(chosen, e).positions, num_slots // e)
+
+    def f32(*shape):
+        return jnp.asarray(rng.normal(size=shape).astype(np.float32))
+
+    return {"z": f32(t, e), "chosen": chosen, "slots": slots, "num_slots": num_slots, "x": f32(t, d),
+            "y": f32(num_slots, d), "weights": jnp.asarray(rng.random((t, k)).astype(np.float32)),
+            "d_probs": f32(t, e), "d_weights": f32(t, k), "d_logits": f32(t, e), "d_slots": f32(num_slots, d),
+            "d_tokens": f32(t, d)}
+
+
+def _stage_fns(case: Case, a: dict, interpret: bool) -> dict[str, tuple[Callable, Callable, tuple]]:
+    """stage -> (kernel fn, twin fn, args); each fn returns (outputs, gradients or None)."""
+    k, e, num_slots = case.top_k, case.experts, a["num_slots"]
+    opts = dict(gate_norm=True, ddof=1, lam=2.0)
+
+    def routed(fn):
+        def loss(z):
+            r = fn(z, k, **opts)
+            return (jnp.sum(r.probs * a["d_probs"]) + jnp.sum(r.weights * a["d_weights"])
+                    + jnp.sum(r.logits * a["d_logits"])), r
+        def run(z):
+            (_, r), grad = jax.value_and_grad(loss, has_aux=True)(z)
+            return {"experts": r.experts, "probs": r.probs, "weights": r.weights, "logits": r.logits}, {"d_z": grad}
+        return run
+
+    def positioned(fn):
+        return lambda chosen: (dict(zip(("positions", "counts"), fn(chosen, e))), None)
+
+    def permuted(fn):
+        def run(x, slots):
+            out, vjp = jax.vjp(lambda x: fn(x, slots, num_slots), x)
+            return {"slots": out}, {"d_x": vjp(a["d_slots"])[0]}
+        return run
+
+    def combined(fn):
+        def run(y, slots, w):
+            out, vjp = jax.vjp(lambda y, w: fn(y, slots, w), y, w)
+            d_y, d_w = vjp(a["d_tokens"])
+            return {"tokens": out}, {"d_y": d_y, "d_weights": d_w}
+        return run
+
+    kernel = dict(interpret=interpret)
+    return {
+        "route": (routed(lambda z, k, **o: route(z, k, **o, **kernel)), routed(router.route), (a["z"],)),
+        "positions": (positioned(lambda c, n: expert_positions(c, n, **kernel)), positioned(dispatch.expert_positions),
+                      (a["chosen"],)),
+        "permute": (permuted(lambda x, s, n: permute(x, s, n, **kernel)), permuted(dispatch.dispatch),
+                    (a["x"], a["slots"])),
+        "combine": (combined(lambda y, s, w: combine(y, s, w, **kernel)), combined(dispatch.combine),
+                    (a["y"], a["slots"], a["weights"])),
+    }
+
+
+def _compare(case: Case, interpret: bool) -> list[dict[str, Any]]:
+    a = _inputs(case)
+    rows = []
+    for stage, (kernel_fn, twin_fn, args) in _stage_fns(case, a, interpret).items():
+        (out, grads), (twin_out, twin_grads) = jax.jit(kernel_fn)(*args), jax.jit(twin_fn)(*args)
+        for direction, got, want in (("forward", out, twin_out), ("backward", grads, twin_grads)):
+            if want is None:
+                continue  # integer outputs: nothing to differentiate
+            rows.append({**case._asdict(), "stage": stage, "direction": direction, **_difference(got, want)})
+    return rows
+
+
+def _difference(got: dict[str, jax.Array], want: dict[str, jax.Array]) -> dict[str, Any]:
+    """Largest error relative to each array's largest magnitude; integer arrays must match exactly."""
+    worst, passed = 0.0, True
+    for name, expected in want.items():
+        g, w = np.asarray(got[name], np.float64), np.asarray(expected, np.float64)
+        if g.shape != w.shape:
+            return {"max_rel_error": float("inf"), "passed": False, "note": f"{name}: shape {g.shape} != {w.shape}"}
+        error = float(np.max(np.abs(g - w), initial=0.0)) / max(1.0, float(np.max(np.abs(w), initial=0.0)))
+        exact = np.issubdtype(np.asarray(expected).dtype, np.integer)
+        passed &= error == 0.0 if exact else error <= TOLERANCE
+        worst = max(worst, error)
+    return {"max_rel_error": worst, "tolerance": TOLERANCE, "passed": bool(passed)}
+
+
+def _triton_kernels(case: Case, lowered_only: bool) -> list[str]:
+    """Names of the Triton calls in all four stages, forward and backward, compiled (interpret=False)."""
+    a = _inputs(case)
+    fns = _stage_fns(case, a, interpret=False)
+
+    def everything(z, chosen, x, y, slots, w):
+        return (fns["route"][0](z), fns["positions"][0](chosen), fns["permute"][0](x, slots),
+                fns["combine"][0](y, slots, w))
+
+    traced = jax.jit(everything).trace(a["z"], a["chosen"], a["x"], a["y"], a["slots"], a["weights"])
+    text = traced.lower(lowering_platforms=("cuda",)).as_text() if lowered_only else traced.lower().as_text()
+    return sorted({chunk.split('name = "', 1)[1].split('"', 1)[0] for chunk in text.split(TRITON_CALL)[1:]})
