@@ -1,10 +1,12 @@
 """Per-device memory and communication of a config on a mesh that need not exist here.
 
 Bytes per device of parameters, gradients and Adam state follow the sharding rules
-of parallel/mesh.py applied to the model's abstract parameter shapes. With a
-pipeline axis, the heaviest stage is reported (parallel.pipeline_stage_layers, or
-an even split): the first stage also holds the embedding, the last the final norm
-and head. Per-stage training FLOPs per token and the GPipe utilization (1 - bubble,
+of parallel/mesh.py applied to the abstract parameters of the model as this mesh
+stores them: with a pipeline the layer stack is stored stage by stage, each padded to
+the longest stage (parallel.pipeline_stage_layers, or an even split), and split over
+`pipeline`, so every device holds the longest stage's layers. The embedding, final
+norm and head are not split over `pipeline`: every stage holds them (the embedding
+runs before the pipeline region, parallel/pipeline.py). Per-stage training FLOPs per token and the GPipe utilization (1 - bubble,
 with stage imbalance) come from metrics/flops.py for parallel.num_microbatches. All-to-all bytes are what one device sends per step: each
 MoE layer exchanges its slot buffer four times (dispatch and return, forward and
 backward), six with full rematerialization (the forward runs twice).
@@ -16,7 +18,6 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -63,32 +64,25 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
     planned.parallel.mesh = tuple(mesh)
     validate(planned)
     stages = pipeline_stage_layers(planned) or (config.model.num_layers,)
-    spec = ModelSpec.from_config(config)
+    spec = ModelSpec.from_config(planned)
     sizes = dict(zip(AXES, mesh))
     if spec.num_experts and spec.num_experts % expert:
         raise ConfigError(f"moe.num_experts={spec.num_experts} must be divisible by the expert axis ({expert})")
-    stage_layers = max(stages)
     params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
 
     def per_device(rules, bytes_per_value):
-        layers, first, last = 0.0, 0.0, 0.0
+        total = 0.0
         for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
             pspec = partition_spec(v.axes, v.shape, sizes, rules)
-            split = math.prod(sizes[a] for a in pspec if a)
-            size = math.prod(v.shape) / split * bytes_per_value(v)
-            if v.axes[0] == "layers":
-                layers += size * stage_layers / spec.num_layers
-            elif v.axes == ("vocab", "embed"):
-                first += size
-            else:
-                last += size
-        return layers + (first + last if pipeline == 1 else max(first, last))
+            total += math.prod(v.shape) / math.prod(sizes[a] for a in pspec if a) * bytes_per_value(v)
+        return total
 
-    param_bytes = per_device(param_rules(config.parallel), lambda v: v.dtype.itemsize)
-    split_grads = config.parallel.zero1 or config.parallel.fsdp
-    grad_rules = optimizer_rules(config.parallel) if split_grads else param_rules(config.parallel)
+    param_bytes = per_device(param_rules(planned.parallel), lambda v: v.dtype.itemsize)
+    split_grads = planned.parallel.zero1 or planned.parallel.fsdp
+    grad_rules = optimizer_rules(planned.parallel) if split_grads else param_rules(planned.parallel)
     grad_bytes = per_device(grad_rules, lambda v: v.dtype.itemsize)
-    opt_bytes = per_device(optimizer_rules(config.parallel), lambda v: 2 * jnp.dtype(jnp.float32).itemsize)
+    # Adam's mu and nu: optax keeps them in the parameter's dtype.
+    opt_bytes = per_device(optimizer_rules(planned.parallel), lambda v: 2 * v.dtype.itemsize)
 
     tokens = config.data.batch_size * config.data.seq_len // (data * expert)
     a2a = 0.0
