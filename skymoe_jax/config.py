@@ -45,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (router always float32)
     c.model.param_dtype = "float32"
     c.model.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
+    # auto: chunked from 1024 tokens (memory linear in the sequence; see model/chunked_attention.py), xla below
+    c.model.attention_impl = "auto"  # auto | xla (dense [S, S] scores) | chunked
     c.model.remat = "none"  # none | full | dots: activation rematerialization per layer
 
     c.moe = ml_collections.ConfigDict()
@@ -223,6 +225,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
+    "model.attention_impl": ("auto", "xla", "chunked"),
     "moe.aux_loss": ("paper", "switch"),
     "moe.drop_policy": ("position", "probs"),
     "moe.dropless_impl": ("ragged", "padded"),

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from skymoe_jax.config import base_config
-from skymoe_jax.model.attention import Attention, attention_mask
+from skymoe_jax.model.attention import Attention
 from skymoe_jax.model.moe.block import MoEBlock
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import build_model
@@ -92,11 +92,12 @@ def _x(seed=1):
     return np.random.default_rng(seed).normal(size=(2, S, D)).astype(np.float32)
 
 
-def test_attention_matches_numpy_reference():
-    spec = _spec()
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_attention_matches_numpy_reference(impl):
+    spec = _spec(model__attention_impl=impl)
     attn = _materialize(lambda: Attention(spec, nnx.Rngs(params=0)))
     x = _x()
-    got = attn(x, POSITIONS, attention_mask(SEGMENTS))
+    got = attn(x, POSITIONS, SEGMENTS)
     # float32 vs float64 on O(1) activations: a few 1e-7; a wrong mask, rotation or head grouping moves O(0.1).
     np.testing.assert_allclose(got, _np_attention(attn, x.astype(np.float64), POSITIONS, SEGMENTS, spec.rope_theta),
                                rtol=1e-5, atol=1e-5)
@@ -108,9 +109,9 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     mha.wq[...], mha.wo[...] = gqa.wq[...], gqa.wo[...]
     mha.wk[...] = jnp.repeat(gqa.wk[...], H // KV, axis=1)
     mha.wv[...] = jnp.repeat(gqa.wv[...], H // KV, axis=1)
-    x, mask = _x(), attention_mask(SEGMENTS)
+    x = _x()
     # The same float32 products in both; only the summation grouping can differ.
-    np.testing.assert_allclose(gqa(x, POSITIONS, mask), mha(x, POSITIONS, mask), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gqa(x, POSITIONS, SEGMENTS), mha(x, POSITIONS, SEGMENTS), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", [
@@ -174,14 +175,14 @@ def test_moe_stats_are_per_layer_in_layer_order():
 
     # The same layers applied one by one, unstacked by hand, give the logits and the stats rows in order.
     positions = jnp.broadcast_to(jnp.arange(S), tokens.shape)
-    mask = attention_mask(jnp.ones_like(tokens))
+    segments = jnp.ones_like(tokens)
     x = model.embed(tokens)
     per_layer = []
     for stack in model.stacks:
         graphdef, state = nnx.split(stack.blocks)
         for r in range(jax.tree.leaves(state)[0].shape[0]):
             for layer in nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state)).layers:
-                x, stats = layer(x, positions, mask, train=True)
+                x, stats = layer(x, positions, segments, train=True)
                 if stats is not None:
                     per_layer.append(stats)
     # Scanned and unrolled run the same float32 ops; only XLA's fusion and summation order differ.

@@ -1,4 +1,9 @@
-"""Grouped-query self-attention with rotary embeddings and document (segment) masking."""
+"""Grouped-query self-attention with rotary embeddings and document (segment) masking.
+
+`model.attention_impl` picks how: xla materializes [B, H, S, S] scores (jax.nn.dot_product_attention
+with a [B, 1, S, S] mask), memory quadratic in the sequence; chunked (model/chunked_attention.py)
+takes keys a block at a time and keeps memory linear; auto is chunked from CHUNKED_FROM tokens.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from skymoe_jax.model.chunked_attention import chunked_attention
 from skymoe_jax.model.layers import param, rotary
 from skymoe_jax.model.spec import ModelSpec
+
+
+# Measured in docs/BENCHMARKS.md ("Attention", CPU): at 1,024 tokens chunked was already faster and smaller; at
+# 256 (one block) the two were within the machine's noise, so shorter sequences keep XLA's fused path.
+CHUNKED_FROM = 1024
+
+
+def resolve_attention_impl(impl: str, seq_len: int) -> str:
+    """model.attention_impl for a sequence length: auto -> chunked from CHUNKED_FROM tokens, xla below."""
+    if impl == "auto":
+        return "chunked" if seq_len >= CHUNKED_FROM else "xla"
+    return impl
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -33,8 +51,9 @@ class Attention(nnx.Module):
         self.qkv_bias = spec.qkv_bias
         self.theta = spec.rope_theta
         self.dtype = spec.compute_dtype
+        self.impl = spec.attention_impl
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         dt = self.dtype
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
         k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
@@ -42,5 +61,8 @@ class Attention(nnx.Module):
         if self.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        if resolve_attention_impl(self.impl, x.shape[1]) == "chunked":
+            out = chunked_attention(q, k, v, segment_ids)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids))
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt))

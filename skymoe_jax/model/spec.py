@@ -28,6 +28,7 @@ class ModelSpec:
     dtype: str
     param_dtype: str
     remat: str
+    attention_impl: str
     qkv_bias: bool
     first_k_dense: int
     moe_every: int
@@ -120,7 +121,7 @@ class ModelSpec:
             vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
             num_kv_heads=m.num_kv_heads, ffn_dim=m.ffn_dim, rope_theta=float(m.rope_theta),
             norm_eps=float(m.norm_eps), init_std=float(m.init_std), dtype=m.dtype, param_dtype=m.param_dtype,
-            remat=m.remat, qkv_bias=bool(m.qkv_bias),
+            remat=m.remat, attention_impl=m.attention_impl, qkv_bias=bool(m.qkv_bias),
             first_k_dense=e.first_k_dense, moe_every=e.moe_every, num_experts=e.num_experts,
             top_k=e.top_k, expert_ffn_dim=e.expert_ffn_dim, router_init_std=float(e.router_init_std),
             gate_norm=bool(e.gate_norm), gate_norm_lambda=float(e.gate_norm_lambda),

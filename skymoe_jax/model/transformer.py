@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from skymoe_jax.model.attention import Attention, attention_mask
+from skymoe_jax.model.attention import Attention
 from skymoe_jax.model.layers import Embed, Head, RMSNorm, SwiGLU
 from skymoe_jax.model.moe.block import MoEBlock
 from skymoe_jax.model.spec import ModelSpec
@@ -34,8 +34,8 @@ class DecoderLayer(nnx.Module):
         self.ffn = MoEBlock(spec, rngs) if is_moe else SwiGLU(spec, spec.ffn_dim, rngs)
         self.is_moe = is_moe
 
-    def __call__(self, x, positions, mask, *, train: bool):
-        x = x + self.attn(self.attn_norm(x), positions, mask)
+    def __call__(self, x, positions, segment_ids, *, train: bool):
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
         h = self.ffn_norm(x)
         if self.is_moe:
             y, stats = self.ffn(h, train=train)
@@ -49,10 +49,10 @@ class SuperBlock(nnx.Module):
     def __init__(self, spec: ModelSpec, pattern: tuple[bool, ...], rngs: nnx.Rngs):
         self.layers = nnx.List([DecoderLayer(spec, is_moe, rngs) for is_moe in pattern])
 
-    def __call__(self, x, positions, mask, *, train: bool):
+    def __call__(self, x, positions, segment_ids, *, train: bool):
         stats = []
         for layer in self.layers:
-            x, s = layer(x, positions, mask, train=train)
+            x, s = layer(x, positions, segment_ids, train=train)
             if s is not None:
                 stats.append(s)
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats else {}
@@ -86,14 +86,14 @@ class Stack(nnx.Module):
         self.blocks = nnx.merge(graphdef, _stacked_axes(state))
         self.remat = spec.remat
 
-    def __call__(self, x, positions, mask, *, train: bool, slots: np.ndarray | None = None):
+    def __call__(self, x, positions, segment_ids, *, train: bool, slots: np.ndarray | None = None):
         """Apply the stacked blocks in order; `slots` picks and orders stored blocks (pipelined layouts)."""
         graphdef, state = nnx.split(self.blocks)
         if slots is not None:
             state = jax.tree.map(lambda a: a[slots], state)
 
         def body(carry, layer_state):
-            return nnx.merge(graphdef, layer_state)(carry, positions, mask, train=train)
+            return nnx.merge(graphdef, layer_state)(carry, positions, segment_ids, train=train)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
@@ -117,11 +117,10 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        mask = attention_mask(segment_ids)
         x = self.embed(tokens)
         per_stack = []
         for stack in self.stacks:
-            x, stats = stack(x, positions, mask, train=train,
+            x, stats = stack(x, positions, segment_ids, train=train,
                              slots=self.spec.layer_slots() if self.spec.pipelined else None)
             if stats:  # [repeats, moe layers per block, ...] -> [moe layers of the stack, ...]
                 per_stack.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats))

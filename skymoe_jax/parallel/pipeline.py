@@ -36,7 +36,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from skymoe_jax.model.attention import attention_mask
 from skymoe_jax.model.loss import cross_entropy
 from skymoe_jax.model.transformer import REMAT_POLICIES, Transformer
 
@@ -75,8 +74,8 @@ def forward(model: Transformer, batch: dict[str, jax.Array], *, train: bool, mic
     mbs = {k: _microbatches(v, microbatches) for k, v in batch.items()}
     embedded = model.embed(mbs.pop("inputs"))
 
-    def run_block(block_state, x, positions, mask):
-        return nnx.merge(blocks_def, block_state)(x, positions, mask, train=train)
+    def run_block(block_state, x, positions, segment_ids):
+        return nnx.merge(blocks_def, block_state)(x, positions, segment_ids, train=train)
 
     variants = [run_block if r == "none" else jax.checkpoint(run_block, policy=REMAT_POLICIES[r]) for r in policies]
 
@@ -88,10 +87,10 @@ def forward(model: Transformer, batch: dict[str, jax.Array], *, train: bool, mic
         stage = jax.lax.axis_index("pipeline")
         n_layers, policy = sizes[stage], policy_of_stage[stage]
 
-        def layers(x, positions, mask):
+        def layers(x, positions, segment_ids):
             def body(x, inputs):
                 block_state, j = inputs
-                run = lambda x: jax.lax.switch(policy, variants, block_state, x, positions, mask)
+                run = lambda x: jax.lax.switch(policy, variants, block_state, x, positions, segment_ids)
                 skip = lambda x: (x, zero_stats)
                 return jax.lax.cond(j < n_layers, run, skip, x)
 
@@ -101,7 +100,7 @@ def forward(model: Transformer, batch: dict[str, jax.Array], *, train: bool, mic
         x0 = jax.ShapeDtypeStruct(embedded.shape[1:], embedded.dtype)
         block0 = jax.tree.map(lambda a: a[0], blocks)
         _, stats_shape = jax.eval_shape(lambda x: run_block(block0, x, mb0["positions"],
-                                                            attention_mask(mb0["segment_ids"])), x0)
+                                                            mb0["segment_ids"]), x0)
         zero_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
 
         def tick(carry, t):
@@ -110,9 +109,8 @@ def forward(model: Transformer, batch: dict[str, jax.Array], *, train: bool, mic
             active = (m >= 0) & (m < microbatches)
             i = jnp.clip(m, 0, microbatches - 1)
             mb = {k: v[i] for k, v in mbs.items()}
-            mask = attention_mask(mb["segment_ids"])
             x = jnp.where(stage == 0, embedded[i], received)
-            x, stats = jax.lax.cond(active, lambda x: layers(x, mb["positions"], mask),
+            x, stats = jax.lax.cond(active, lambda x: layers(x, mb["positions"], mb["segment_ids"]),
                                     lambda x: (x, jax.tree.map(lambda z: jnp.zeros((longest, *z.shape), z.dtype),
                                                                zero_stats)), x)
 
