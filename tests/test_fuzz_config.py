@@ -21,6 +21,8 @@ from skymoe_jax.config import apply_overrides, base_config
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.metrics.writers import read_jsonl
 
+from faults import compilation_cache  # noqa: F401 (autouse: the resumed run and eval reuse the first run's compiles)
+
 STEPS, SAVE_EVERY = 3, 2  # checkpoints at 2 (mid-run) and 3; the resumed run redoes step 3
 MESHES = [(1, 8, 1), (1, 4, 2), (1, 2, 4), (1, 1, 8), (2, 4, 1), (2, 2, 2), (2, 1, 4), (4, 2, 1), (4, 1, 2),
           (8, 1, 1)]
@@ -144,19 +146,6 @@ def _records(workdir) -> dict[int, dict]:
 
 def _finite(value) -> bool:
     return bool(np.all(np.isfinite(np.asarray(value, dtype=np.float64))))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The resumed run and eval compile what the first run compiled: read it back from a persistent cache."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)):
-        jax.config.update(name, value)
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
 
 
 @pytest.mark.parametrize("seed", _seeds())

@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
@@ -37,7 +36,7 @@ from skymoe_jax.cli import main
 from skymoe_jax.data.prepare import prepare
 from skymoe_jax.metrics.writers import read_jsonl
 
-from faults import digest, train_tokenizer
+from faults import compilation_cache, digest, train_tokenizer  # noqa: F401 (compilation_cache: autouse)
 from test_cli import TINY
 
 TARGETS = ("text", "text_hf", "jsonl", "prepared", "checkpoint")
@@ -63,19 +62,6 @@ def _draws() -> list[int]:
 
 def _text(rng, words: int) -> str:
     return "\n".join(" ".join(rng.choice(WORDS, 6)) for _ in range(words // 6)) + "\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every resumed run compiles what the reference resume compiled: read it back from a persistent cache."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)):
-        jax.config.update(name, value)
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
 
 
 @pytest.fixture(scope="module")
