@@ -5,7 +5,8 @@
     skymoe upcycle --dense=DIR --out=DIR [--config=MOE_CONFIG] [--config.a.b=VALUE ...]
     skymoe import-hf --hf_dir=DIR --out=DIR
     skymoe advise --dense_params=N --dense_tokens=D --moe_tokens=D [--top_k=2] [--no_dense] [--json]
-    skymoe params [--config=PATH] [--config.a.b=VALUE ...] [--mesh=PIPE,DATA,EXPERT] [--json]
+    skymoe params [--config=PATH] [--config.a.b=VALUE ...] [--mesh=PIPE,DATA,EXPERT] [--device_memory=80GB|H100-80GB]
+                  [--json]
     skymoe bench step [--config=PATH] [--config.a.b=VALUE ...] [--steps=N] [--json]
     skymoe bench data [--config=PATH] [--config.a.b=VALUE ...] [--workers=N] [--batches=N] [--json]
     skymoe prepare-data --input=GLOB --tokenizer=PATH|byte --out=DIR [--format=text|jsonl] [--field=text]
@@ -207,10 +208,14 @@ def cmd_params(argv: Sequence[str]) -> int:
     from skymoe_jax.metrics.flops import flops_per_token, param_counts
     from skymoe_jax.model.spec import ModelSpec
 
+    from skymoe_jax.parallel.devices import parse_device_memory
     from skymoe_jax.parallel.plan import parse_mesh, plan
 
-    args = Args(argv, {"json": False, "mesh": ""})
+    args = Args(argv, {"json": False, "mesh": "", "device_memory": ""})
     mesh = parse_mesh(args.mesh) if args.mesh else None
+    if args.device_memory and not mesh:
+        raise ConfigError("--device_memory needs --mesh=PIPE,DATA,EXPERT: memory per device depends on the mesh")
+    device_memory = parse_device_memory(args.device_memory) if args.device_memory else None
     if mesh:  # the planned mesh is the config's, so pipeline settings validate against it
         args.overrides.append(f"--config.parallel.mesh={mesh}")
     config = _config(args)
@@ -229,7 +234,8 @@ def cmd_params(argv: Sequence[str]) -> int:
                        "all_to_all_bytes_per_step": p.all_to_all_bytes, "tokens_per_device": p.tokens_per_device,
                        "stage_layers": p.stage_layers, "stage_flops_per_token": p.stage_flops_per_token,
                        "microbatches": p.microbatches, "pipeline_utilization": p.pipeline_utilization,
-                       "bubble": 1 - p.pipeline_utilization}
+                       "bubble": 1 - p.pipeline_utilization, "state_bytes": p.total_bytes,
+                       "activation_bytes": p.activations.terms(), "peak_bytes": p.peak_bytes}
         opts = "+".join(o for o in ("zero1", "fsdp") if config.parallel[o]) or "no ZeRO/FSDP"
         gib = 2 ** 30
         lines.append(f"per device on mesh {'x'.join(map(str, p.mesh))} (pipeline x data x expert), layout "
@@ -237,6 +243,15 @@ def cmd_params(argv: Sequence[str]) -> int:
                      f"{p.grads_bytes / gib:.2f} GiB, Adam state {p.optimizer_bytes / gib:.2f} GiB "
                      f"(total {p.total_bytes / gib:.2f} GiB); all-to-all {p.all_to_all_bytes / gib:.2f} GiB sent "
                      f"per step for {p.tokens_per_device} tokens")
+        terms = ", ".join(f"{name} {v / gib:.2f}" for name, v in p.activations.terms().items())
+        lines.append(f"activations {p.activations.total / gib:.2f} GiB (model.remat={config.model.remat}: {terms} "
+                     f"GiB); peak per device {p.peak_bytes / gib:.2f} GiB")
+        if device_memory:
+            size, label = device_memory
+            fits = p.peak_bytes <= size
+            out["plan"].update(device_memory_bytes=size, fits=fits)
+            lines.append(f"{'fits' if fits else 'does NOT fit'} in {label} ({size / gib:.2f} GiB): "
+                         f"{abs(size - p.peak_bytes) / gib:.2f} GiB {'to spare' if fits else 'over'}")
         if p.mesh[0] > 1:
             per_stage = p.stage_flops_per_token
             flops = ", ".join(f"{f / 1e9:.2f}" for f in per_stage)

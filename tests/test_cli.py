@@ -35,6 +35,8 @@ def _skymoe(*args, cwd=None):
     (["train", "--bogus=1"], "unknown flag --bogus"),
     (["train", "--stop_exit_code=300"], "--stop_exit_code=300 must be an exit status between 0 and 255"),
     (["eval"], "needs --workdir"),
+    (["params", "--mesh=1,1,1", "--device_memory=80XB"], "--device_memory='80XB' must be a size with its unit"),
+    (["params", "--device_memory=80GB"], "--device_memory needs --mesh"),
     (["frobnicate"], "unknown command"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, needle, tmp_path):
@@ -62,6 +64,14 @@ def test_params_json_for_the_paper_model(capsys):
     assert 145e9 < out["total_params"] < 147e9
     assert 21.5e9 < out["active_params"] < 23e9
     assert out["flops_per_token"] > 6 * out["active_params"]
+
+
+@pytest.mark.parametrize("memory,fits", [("H200", True), ("80GiB", True), ("0.01GB", False)])
+def test_params_says_whether_the_planned_peak_fits_a_device(memory, fits, capsys):
+    assert main(["params", "--mesh=1,8,1", f"--device_memory={memory}", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["peak_bytes"] == plan["state_bytes"] + sum(plan["activation_bytes"].values())
+    assert plan["fits"] is fits and plan["fits"] == (plan["peak_bytes"] <= plan["device_memory_bytes"])
 
 
 def test_train_then_eval_then_resume(tmp_path, capsys):

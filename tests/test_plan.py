@@ -2,6 +2,7 @@
 simulated devices, for pipelines of 1, 2 and 4 stages (even and uneven), both layouts, ZeRO-1 and FSDP."""
 
 import jax
+import numpy as np
 import pytest
 
 from skymoe_jax.config import base_config
@@ -58,3 +59,59 @@ def test_146b_on_the_papers_mesh_equals_a_hand_count(layout):
     p = plan(c, (12, 32, 4))
     assert p.params_bytes == by_hand
     assert p.optimizer_bytes == pytest.approx(2 * by_hand / 32, rel=1e-3)  # ZeRO-1 splits Adam's state over data
+
+
+def _small(mesh, layout="gshard", seq=128, batch=16, remat="none", experts=8, microbatches=1, split=(), **parallel):
+    c = base_config()
+    c.model.update(d_model=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_dim=128, vocab_size=512, remat=remat)
+    c.moe.update(num_experts=experts, top_k=2, expert_ffn_dim=64, group_size=0)
+    c.data.update(seq_len=seq, batch_size=batch, num_streams=1)
+    c.parallel.update(mesh=mesh, layout=layout, num_microbatches=microbatches, pipeline_stage_layers=split, **parallel)
+    return c
+
+
+def _compiled_memory(c):
+    rt = runtime_lib.build(c)
+    b, s = c.data.batch_size, c.data.seq_len
+    tokens = np.zeros((b, s), np.int32)
+    batch = {"inputs": tokens, "targets": tokens, "positions": tokens, "segment_ids": tokens + 1,
+             "loss_mask": np.ones((b, s), np.float32)}
+    with jax.set_mesh(rt.mesh):
+        return rt.train_step.lower(rt.abstract_state(), rt.batch(batch)).compile().memory_analysis()
+
+
+# Meshes with and without a pipeline, both layouts, ZeRO-1 / FSDP, every remat mode, the dense and the
+# chunked attention (from 1,024 tokens), MoE and dense models.
+MEMORY_CASES = {
+    "dp8": _small((1, 8, 1)),
+    "gshard-ep2-full-s1024": _small((1, 4, 2), seq=1024, batch=8, remat="full"),
+    "edp4-dots": _small((1, 2, 4), layout="edp", remat="dots"),
+    "dp8-dots-s2048": _small((1, 8, 1), seq=2048, batch=8, remat="dots"),
+    "dense-ep2-zero1": _small((1, 4, 2), experts=0, zero1=True),
+    "pp2-mb2": _small((2, 4, 1), microbatches=2),
+    "pp2xdp2xedp2-zero1": _small((2, 2, 2), layout="edp", microbatches=2, zero1=True),
+    "pp4-mb4-full": _small((4, 2, 1), microbatches=4, remat="full"),
+    "pp2-uneven-fsdp": _small((2, 4, 1), microbatches=4, split=(3, 1), fsdp=True),
+}
+
+
+@pytest.mark.parametrize("name", MEMORY_CASES)
+def test_planned_peak_memory_is_within_15_percent_of_the_compilers(name):
+    """The compiler's per-device peak is its arguments + outputs - donated aliases + temporaries. The
+    planner's state is exact (the test above), so the temporaries (gradients and activations) are held
+    to 15% on their own, a stricter check than the peak's."""
+    c = MEMORY_CASES[name]
+    p = plan(c, tuple(c.parallel.mesh))
+    m = _compiled_memory(c)
+    compiler_peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    planned_temp = p.grads_bytes + p.activations.total
+    terms = {"gradients": p.grads_bytes, **p.activations.terms()}
+    gap = m.temp_size_in_bytes - planned_temp
+    nearest = min(terms, key=lambda t: abs(terms[t] - abs(gap)))
+    message = (f"{name}: planner {planned_temp / 2**20:.2f} MiB of temporaries vs the compiler's "
+               f"{m.temp_size_in_bytes / 2**20:.2f} MiB; terms (MiB) "
+               + ", ".join(f"{t} {v / 2**20:.2f}" for t, v in terms.items())
+               + f"; the planner is {'under' if gap > 0 else 'over'} by {abs(gap) / 2**20:.2f} MiB, "
+               f"the size of its {nearest!r} term ({terms[nearest] / 2**20:.2f} MiB)")
+    assert planned_temp == pytest.approx(m.temp_size_in_bytes, rel=0.15), message
+    assert p.peak_bytes == pytest.approx(compiler_peak, rel=0.15), message

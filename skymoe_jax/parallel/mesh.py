@@ -106,6 +106,11 @@ def batch_axes(layout: str) -> tuple[str, ...]:
     return ("data", "expert") if layout == "gshard" else ("data",)
 
 
+def layout_rules(layout: str) -> Rules:
+    """The layout's own splits (over expert and pipeline), without ZeRO-1 / FSDP's split over data."""
+    return dict(_LAYOUT_RULES[layout])
+
+
 def param_rules(parallel: ml_collections.ConfigDict) -> Rules:
     return {**_LAYOUT_RULES[parallel.layout], **(_DATA_SPLIT if parallel.fsdp else {})}
 

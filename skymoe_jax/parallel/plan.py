@@ -9,7 +9,9 @@ norm and head are not split over `pipeline`: every stage holds them (the embeddi
 runs before the pipeline region, parallel/pipeline.py). Per-stage training FLOPs per token and the GPipe utilization (1 - bubble,
 with stage imbalance) come from metrics/flops.py for parallel.num_microbatches. All-to-all bytes are what one device sends per step: each
 MoE layer exchanges its slot buffer four times (dispatch and return, forward and
-backward), six with full rematerialization (the forward runs twice).
+backward), six with full rematerialization (the forward runs twice). Activations (what the
+backward keeps, per term) come from parallel/activations.py; the peak per device is the state
+(parameters, gradients, Adam) plus the activations.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from skymoe_jax.errors import ConfigError
 from skymoe_jax.metrics.flops import pipeline_utilization, stage_flops_per_token
 from skymoe_jax.model.spec import ModelSpec, pipeline_stage_layers
 from skymoe_jax.model.transformer import build_model
-from skymoe_jax.parallel.mesh import AXES, optimizer_rules, param_rules, partition_spec
+from skymoe_jax.parallel.activations import Activations, activation_memory
+from skymoe_jax.parallel.mesh import AXES, layout_rules, optimizer_rules, param_rules, partition_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +45,16 @@ class Plan:
     stage_flops_per_token: tuple[float, ...]  # training FLOPs per token of each stage (head on the last)
     microbatches: int
     pipeline_utilization: float  # 1 - bubble (GPipe, stage imbalance included)
+    activations: Activations
 
     @property
     def total_bytes(self) -> float:
+        """The train state: parameters, gradients and Adam's moments."""
         return self.params_bytes + self.grads_bytes + self.optimizer_bytes
+
+    @property
+    def peak_bytes(self) -> float:
+        return self.total_bytes + self.activations.total
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -78,6 +87,8 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
         return total
 
     param_bytes = per_device(param_rules(planned.parallel), lambda v: v.dtype.itemsize)
+    # Inside the pipeline's schedule a stage's gradients are whole (before any ZeRO-1 / FSDP split).
+    gathered_bytes = per_device(layout_rules(planned.parallel.layout), lambda v: v.dtype.itemsize)
     split_grads = planned.parallel.zero1 or planned.parallel.fsdp
     grad_rules = optimizer_rules(planned.parallel) if split_grads else param_rules(planned.parallel)
     grad_bytes = per_device(grad_rules, lambda v: v.dtype.itemsize)
@@ -98,4 +109,5 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
     return Plan(mesh=mesh, layout=config.parallel.layout, params_bytes=param_bytes, grads_bytes=grad_bytes,
                 optimizer_bytes=opt_bytes, all_to_all_bytes=a2a, tokens_per_device=tokens, stage_layers=stages,
                 stage_flops_per_token=tuple(per_stage), microbatches=microbatches,
-                pipeline_utilization=pipeline_utilization(per_stage, microbatches) if per_stage else 1.0)
+                pipeline_utilization=pipeline_utilization(per_stage, microbatches) if per_stage else 1.0,
+                activations=activation_memory(planned, spec, mesh, stage_gradient_bytes=gathered_bytes))

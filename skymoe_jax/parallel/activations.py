@@ -1,0 +1,179 @@
+"""Activation memory of one train step on one device: what the backward pass keeps, and its working set.
+
+What a layer keeps is not counted by hand: the planner traces the layer's own code (attention with its
+norm, the MoE layer or dense FFN with theirs, the head with the loss) on abstract per-device shapes
+and sums the residuals of its VJP, under the layer's rematerialization policy, so a change to the
+model or to `model.remat` changes the plan with it. Per-device shapes: the batch rows a device holds
+(data x expert in gshard, data in EDP, one microbatch when pipelined), attention heads, dense FFN width
+and vocabulary split over the expert axis in EDP (tensor parallelism), MoE layers on their share of
+tokens (all-to-all keeps a device's slot buffers the same size, so the unsharded layer is the
+per-device one).
+
+Terms, per device:
+- layers: each layer's residuals, plus its input (the scan's carry); under remat=none also the input
+  of its FFN half. Pipelined: every tick of the GPipe schedule (microbatches + stages - 1) keeps the
+  longest stage's layers.
+- head: final norm, float32 logits and cross-entropy residuals (each tick when pipelined).
+- backward: the working set of one layer's backward pass: under remat the layer's recomputed residuals,
+  and with chunked attention its per-block float32 scores (scores, probabilities and their two
+  cotangents, [rows, heads, S, block] each).
+- pipeline: what the GPipe backward holds beyond the residuals, calibrated against XLA's buffer
+  assignment (tests/test_plan.py): one tick's residuals copied out of the schedule's cond, and five
+  copies of the stage's gradients (the tick loop's accumulator and the cond and remat-switch branches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from skymoe_jax.model.attention import Attention, resolve_attention_impl
+from skymoe_jax.model.chunked_attention import block_size
+from skymoe_jax.model.layers import Head, RMSNorm, SwiGLU
+from skymoe_jax.model.loss import cross_entropy
+from skymoe_jax.model.moe.block import moe_tokens
+from skymoe_jax.model.moe.experts import Experts
+from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.model.transformer import REMAT_POLICIES
+from skymoe_jax.parallel.mesh import layout_rules, partition_spec
+
+# The FlashAttention-style backward holds scores, probabilities and both their cotangents per key block.
+CHUNKED_BACKWARD_BLOCKS = 4
+# GPipe backward beyond the residuals, in copies of the stage's gradients (see the module docstring).
+PIPELINE_GRADIENT_COPIES = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+    layers: float
+    head: float
+    backward: float
+    pipeline: float
+
+    @property
+    def total(self) -> float:
+        return self.layers + self.head + self.backward + self.pipeline
+
+    def terms(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def saved_bytes(fn: Callable, *args, remat: str = "none") -> int:
+    """Bytes of the residuals fn's VJP keeps for the backward pass under a remat policy, not counting
+    fn's inputs (those are held anyway)."""
+    if remat != "none":
+        fn = jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
+    jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(fn, *a)[1])(*args).jaxpr
+    inputs = {id(v) for v in jaxpr.invars}
+    kept = {id(v): v.aval for v in jaxpr.outvars if hasattr(v, "aval") and id(v) not in inputs}
+    return sum(math.prod(a.shape) * a.dtype.itemsize for a in kept.values())
+
+
+def _abstract(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def _tensor_parallel(state: nnx.State, spec: ModelSpec, layout: str, expert: int) -> nnx.State:
+    """Parameters as one device uses them: dimensions the layout splits over the expert axis divided
+    (FSDP's split over data is gathered before use, so it is not applied)."""
+    rules = layout_rules(layout)
+    local_heads = spec.num_heads // expert if spec.num_heads % expert == 0 else spec.num_heads
+
+    def local(v):
+        pspec = partition_spec(v.axes, v.shape, {"expert": expert}, rules)
+        shape = [n // expert if axis == "expert" else n for n, axis in zip(v.shape, pspec)]
+        if "kv_heads" in v.axes:  # grouped-query attention: each device keeps the KV heads its query heads read
+            shape[v.axes.index("kv_heads")] = max(1, local_heads * spec.num_kv_heads // spec.num_heads)
+        return v.replace(value=_abstract(shape, v.dtype))
+
+    return jax.tree.map(local, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def activation_memory(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: tuple[int, int, int],
+                      stage_gradient_bytes: float) -> Activations:
+    """Per-device activation bytes of a train step of config on mesh (pipeline, data, expert)."""
+    pipeline, data, expert = mesh
+    edp = config.parallel.layout == "edp"
+    microbatches = config.parallel.num_microbatches if spec.pipelined else 1
+    seq = config.data.seq_len
+    rows = config.data.batch_size // microbatches // (data if edp else data * expert)
+    dtype = spec.compute_dtype
+    x = _abstract((rows, seq, spec.d_model), dtype)
+    ints = _abstract((rows, seq), jnp.int32)
+    x_bytes = math.prod(x.shape) * dtype.itemsize
+
+    def split(build):
+        graphdef, state = nnx.split(nnx.eval_shape(build))
+        return graphdef, _tensor_parallel(state, spec, config.parallel.layout, expert if edp else 1)
+
+    attn_def, attn_state = split(lambda: (RMSNorm(spec), Attention(spec, nnx.Rngs(0))))
+
+    def attention(state, x, positions, segment_ids):
+        norm, attn = nnx.merge(attn_def, state)
+        return attn(norm(x), positions, segment_ids)
+
+    halves = {"attention": (attention, (attn_state, x, ints, ints))}
+    if spec.num_experts:
+        moe_def, moe_state = nnx.split(nnx.eval_shape(lambda: (RMSNorm(spec), Experts(spec, nnx.Rngs(0)))))
+        # Under an expert axis the dropless layer exchanges worst-case (group-sized) slot buffers.
+        moe_spec = dataclasses.replace(spec, dropless_impl="padded") if spec.dropless and expert > 1 else spec
+        tokens = _abstract((rows * seq // (expert if edp else 1), spec.d_model), dtype)
+        gate = _abstract((spec.d_model, spec.num_experts), jnp.float32)
+
+        def moe(state, gate, tokens):
+            norm, experts = nnx.merge(moe_def, state)
+            return moe_tokens(norm(tokens), gate, experts.weights(), moe_spec, train=True,
+                              group=spec.group_size or seq)
+
+        halves["moe"] = (moe, (moe_state, gate, tokens))
+    if spec.num_layers > spec.num_moe_layers:
+        dense_def, dense_state = split(lambda: (RMSNorm(spec), SwiGLU(spec, spec.ffn_dim, nnx.Rngs(0))))
+
+        def dense(state, x):
+            norm, ffn = nnx.merge(dense_def, state)
+            return ffn(norm(x))
+
+        halves["dense"] = (dense, (dense_state, x))
+
+    def saved(remat: str) -> dict[str, float]:
+        return {name: saved_bytes(fn, *args, remat=remat) for name, (fn, args) in halves.items()}
+
+    def per_layer(halves_saved: dict[str, float], remat: str) -> dict[bool, float]:
+        # The layer input is the scan's carry, kept per layer; without remat the FFN half's input too.
+        inputs = x_bytes * (2 if remat == "none" else 1)
+        return {is_moe: inputs + (0.0 if remat == "full" else
+                                  halves_saved["attention"] + halves_saved["moe" if is_moe else "dense"])
+                for is_moe in set(spec.moe_layers)}
+
+    kept = per_layer(saved(spec.remat), spec.remat)
+    ticks = microbatches + pipeline - 1 if spec.pipelined else 1
+    held = spec.moe_layers[:max(spec.stage_layers)] if spec.pipelined else spec.moe_layers
+    layers = ticks * sum(kept[is_moe] for is_moe in held)
+
+    head_def, head_state = split(lambda: (RMSNorm(spec), Head(spec, nnx.Rngs(0))))
+
+    def head(state, x, targets, loss_mask):
+        norm, out = nnx.merge(head_def, state)
+        return cross_entropy(out(norm(x)), {"targets": targets, "loss_mask": loss_mask})[0]
+
+    head_bytes = ticks * saved_bytes(head, head_state, x, ints, _abstract((rows, seq), jnp.float32))
+
+    # The backward of a layer runs its FFN half, then its attention half: under remat the whole layer's
+    # residuals are recomputed first; chunked attention's blocks exist only in the second phase.
+    recomputed = saved("none") if spec.remat != "none" else dict.fromkeys(halves, 0.0)
+    blocks = 0.0
+    if resolve_attention_impl(spec.attention_impl, seq) == "chunked":
+        heads = spec.num_heads // expert if edp and spec.num_heads % expert == 0 else spec.num_heads
+        blocks = CHUNKED_BACKWARD_BLOCKS * rows * heads * seq * block_size(seq) * 4
+    backward = max(max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0,
+                   recomputed["attention"] + blocks)
+    pipeline_bytes = 0.0
+    if spec.pipelined:
+        pipeline_bytes = sum(kept[is_moe] for is_moe in held) + PIPELINE_GRADIENT_COPIES * stage_gradient_bytes
+    return Activations(layers=layers, head=head_bytes, backward=backward, pipeline=pipeline_bytes)
