@@ -7,6 +7,8 @@
     skymoe advise --dense_params=N --dense_tokens=D --moe_tokens=D [--top_k=2] [--no_dense] [--json]
     skymoe params [--config=PATH] [--config.a.b=VALUE ...] [--mesh=PIPE,DATA,EXPERT] [--device_memory=80GB|H100-80GB]
                   [--json]
+    skymoe plan   --devices=N --device=A800-80GB|A100-80GB|H100-80GB|H200 [--config=PATH] [--config.a.b=VALUE ...]
+                  [--mfu=0.4] [--memory_fraction=0.9] [--top=10] [--json]
     skymoe bench step [--config=PATH] [--config.a.b=VALUE ...] [--steps=N] [--json]
     skymoe bench data [--config=PATH] [--config.a.b=VALUE ...] [--workers=N] [--batches=N] [--json]
     skymoe prepare-data --input=GLOB --tokenizer=PATH|byte --out=DIR [--format=text|jsonl] [--field=text]
@@ -20,6 +22,7 @@ and exit with status 2; nothing is written.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -264,6 +267,82 @@ def cmd_params(argv: Sequence[str]) -> int:
     return 0
 
 
+def _fraction(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise ConfigError(f"--{name}={text!r} must be a number in (0, 1], e.g. 0.4")
+    return value
+
+
+def cmd_plan(argv: Sequence[str]) -> int:
+    from skymoe_jax.parallel.devices import find_device
+    from skymoe_jax.parallel.search import Candidate, search
+
+    args = Args(argv, {"devices": 0, "device": "", "mfu": "0.4", "memory_fraction": "0.9", "top": 10, "json": False})
+    if args.devices < 1 or not args.device:
+        raise ConfigError("skymoe plan needs --devices=N (how many accelerators) and --device=NAME (e.g. A800-80GB)")
+    if args.top < 1:
+        raise ConfigError(f"--top={args.top} must be at least 1")
+    device = find_device(args.device)
+    mfu, fraction = _fraction("mfu", args.mfu), _fraction("memory_fraction", args.memory_fraction)
+    config = _config(args)
+    result = search(config, args.devices, device, mfu=mfu, memory_fraction=fraction)
+    p = config.parallel
+    own = None
+    for rank, c in enumerate(result.candidates, 1):
+        if (c.plan.mesh == tuple(p.mesh) and c.layout == p.layout and c.remat == config.model.remat
+                and c.optimizer_split == ("fsdp" if p.fsdp else "zero1" if p.zero1 else "none")
+                and c.plan.microbatches == (p.num_microbatches if p.mesh[0] > 1 else 1)
+                and (not p.pipeline_stage_layers or c.plan.stage_layers == tuple(p.pipeline_stage_layers))):
+            own = (rank, c)
+            break
+    gib = 2**30
+
+    def row(rank: int, c: Candidate) -> dict:
+        return {"rank": rank, "layout": c.describe(), "fits": c.fits, "peak_gib": c.plan.peak_bytes / gib,
+                "state_gib": c.plan.total_bytes / gib,
+                "activations_gib": {k: v / gib for k, v in c.plan.activations.terms().items()},
+                "step_s": c.step.total, "step_parts_s": dataclasses.asdict(c.step),
+                "tokens_per_sec_per_device": c.tokens_per_sec_per_device}
+
+    fitting = [(rank, c) for rank, c in enumerate(result.candidates, 1) if c.fits]
+    shown = fitting[:args.top] or sorted(enumerate(result.candidates, 1), key=lambda rc: rc[1].plan.peak_bytes)[:args.top]
+    out = {"config": config.name, "devices": args.devices, "device": device.name, "mfu": mfu,
+           "usable_gib": result.usable_bytes / gib, "layouts": len(result.candidates), "fitting": len(fitting),
+           "refused": result.refused, "shown": [row(r, c) for r, c in shown], "config_layout": row(*own) if own else None}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    lines = [f"{config.name} on {args.devices} x {device.name} ({result.usable_bytes / gib:.1f} GiB usable, "
+             f"compute at {100 * mfu:.0f}% of {device.peak_flops / 1e12:.0f} TFLOP/s): {len(result.candidates)} layouts "
+             f"run ({result.refused} more cannot: batch, experts or routing groups do not divide), {len(fitting)} fit"]
+    lines.append(f"the {len(shown)} fastest that fit:" if fitting else
+                 f"none fits; the {len(shown)} with the smallest peak (rank = place by step time among all layouts):")
+    header = f"{'rank':>5}  {'layout':<66} {'peak GiB':>8} {'step s':>7} {'tok/s/dev':>9}  memory: state + activations (GiB)"
+    lines.append(header)
+
+    def text(rank: int, c: Candidate) -> str:
+        terms = " ".join(f"{k} {v / gib:.1f}" for k, v in c.plan.activations.terms().items())
+        return (f"{rank:>5}  {c.describe():<66} {c.plan.peak_bytes / gib:>8.1f} {c.step.total:>7.2f} "
+                f"{c.tokens_per_sec_per_device:>9.0f}  state {c.plan.total_bytes / gib:.1f} + {terms}")
+
+    lines += [text(r, c) for r, c in shown]
+    if own:
+        rank, c = own
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in dataclasses.asdict(c.step).items())
+        place = f"#{fitting.index(own) + 1} of the {len(fitting)} that fit" if c.fits else "does not fit"
+        lines.append(f"this config's layout ({c.describe()}): #{rank} of {len(result.candidates)} by step time, {place}; "
+                     f"step {c.step.total:.2f} s ({parts}); peak {c.plan.peak_bytes / gib:.1f} GiB")
+    else:
+        lines.append(f"this config's layout (mesh {tuple(p.mesh)}) is not among them: its mesh does not use "
+                     f"{args.devices} devices, or the config cannot run on it")
+    print("\n".join(lines))
+    return 0
+
+
 def _count(n: float, billion: str = "B") -> str:
     for unit, scale in (("T", 1e12), (billion, 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
@@ -366,7 +445,7 @@ BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train, "eval": cmd_eval, "upcycle": cmd_upcycle, "import-hf": cmd_import_hf,
     "advise": cmd_advise,
-    "params": cmd_params, "bench": cmd_bench, "report": cmd_report, "prepare-data": cmd_prepare_data,
+    "params": cmd_params, "plan": cmd_plan, "bench": cmd_bench, "report": cmd_report, "prepare-data": cmd_prepare_data,
     "acceptance": cmd_acceptance}
 # Commands that run on devices join a multi-process run when the environment describes one.
 DISTRIBUTED = {"train", "eval", "upcycle", "bench"}

@@ -12,6 +12,7 @@ FLOPs either, so MFU measures useful work.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -35,7 +36,12 @@ class ParamCounts:
 
 
 def param_counts(spec: ModelSpec) -> ParamCounts:
-    spec = dataclasses.replace(spec, stage_layers=())  # count layers, not a pipeline's padded slots
+    # Layers, not a pipeline's padded slots; neither the layout nor remat changes the parameters.
+    return _counts(dataclasses.replace(spec, stage_layers=(), layout="gshard", remat="none"))
+
+
+@functools.lru_cache(maxsize=64)
+def _counts(spec: ModelSpec) -> ParamCounts:
     abstract = nnx.eval_shape(lambda: build_model(spec))
     params = nnx.state(abstract, nnx.Param)
     total = expert = embedding = norm = 0

@@ -25,8 +25,9 @@ Terms, per device:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +104,35 @@ def activation_memory(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: 
     microbatches = config.parallel.num_microbatches if spec.pipelined else 1
     seq = config.data.seq_len
     rows = config.data.batch_size // microbatches // (data if edp else data * expert)
+    # What a layer keeps grows in proportion to its rows (every residual has a token dimension), so it is
+    # traced once on the fewest rows that still fill whole routing groups and scaled; the stage split
+    # and, in gshard, the expert axis (each device runs the whole layer on its tokens) do not enter it.
+    tp = expert if edp else 1
+    group = spec.group_size or seq
+    unit = next(r for r in range(1, rows + 1) if rows % r == 0 and r * seq % tp == 0
+                and (not spec.num_experts or r * seq // tp % group == 0))
+    traced_expert = expert if edp or spec.dropless else 1
+    layer = _layer_bytes(dataclasses.replace(spec, stage_layers=()), unit, seq, traced_expert)
+    scale = rows // unit
+    kept = {is_moe: scale * b for is_moe, b in layer.kept.items()}
+    ticks = microbatches + pipeline - 1 if spec.pipelined else 1
+    held = spec.moe_layers[:max(spec.stage_layers)] if spec.pipelined else spec.moe_layers
+    per_tick = sum(kept[is_moe] for is_moe in held)
+    pipeline_bytes = per_tick + PIPELINE_GRADIENT_COPIES * stage_gradient_bytes if spec.pipelined else 0.0
+    return Activations(layers=ticks * per_tick, head=ticks * scale * layer.head, backward=scale * layer.backward,
+                       pipeline=pipeline_bytes)
+
+
+class _LayerBytes(NamedTuple):
+    kept: dict[bool, float]  # per layer (MoE or dense): what the backward keeps
+    head: float
+    backward: float
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_bytes(spec: ModelSpec, rows: int, seq: int, expert: int) -> _LayerBytes:
+    """What one device's layers keep, traced from the model on rows x seq tokens."""
+    edp = spec.layout == "edp"
     dtype = spec.compute_dtype
     x = _abstract((rows, seq, spec.d_model), dtype)
     ints = _abstract((rows, seq), jnp.int32)
@@ -110,7 +140,7 @@ def activation_memory(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: 
 
     def split(build):
         graphdef, state = nnx.split(nnx.eval_shape(build))
-        return graphdef, _tensor_parallel(state, spec, config.parallel.layout, expert if edp else 1)
+        return graphdef, _tensor_parallel(state, spec, spec.layout, expert if edp else 1)
 
     attn_def, attn_state = split(lambda: (RMSNorm(spec), Attention(spec, nnx.Rngs(0))))
 
@@ -152,9 +182,6 @@ def activation_memory(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: 
                 for is_moe in set(spec.moe_layers)}
 
     kept = per_layer(saved(spec.remat), spec.remat)
-    ticks = microbatches + pipeline - 1 if spec.pipelined else 1
-    held = spec.moe_layers[:max(spec.stage_layers)] if spec.pipelined else spec.moe_layers
-    layers = ticks * sum(kept[is_moe] for is_moe in held)
 
     head_def, head_state = split(lambda: (RMSNorm(spec), Head(spec, nnx.Rngs(0))))
 
@@ -162,7 +189,7 @@ def activation_memory(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: 
         norm, out = nnx.merge(head_def, state)
         return cross_entropy(out(norm(x)), {"targets": targets, "loss_mask": loss_mask})[0]
 
-    head_bytes = ticks * saved_bytes(head, head_state, x, ints, _abstract((rows, seq), jnp.float32))
+    head_bytes = saved_bytes(head, head_state, x, ints, _abstract((rows, seq), jnp.float32))
 
     # The backward of a layer runs its FFN half, then its attention half: under remat the whole layer's
     # residuals are recomputed first; chunked attention's blocks exist only in the second phase.
@@ -173,7 +200,4 @@ def activation_memory(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: 
         blocks = CHUNKED_BACKWARD_BLOCKS * rows * heads * seq * block_size(seq) * 4
     backward = max(max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0,
                    recomputed["attention"] + blocks)
-    pipeline_bytes = 0.0
-    if spec.pipelined:
-        pipeline_bytes = sum(kept[is_moe] for is_moe in held) + PIPELINE_GRADIENT_COPIES * stage_gradient_bytes
-    return Activations(layers=layers, head=head_bytes, backward=backward, pipeline=pipeline_bytes)
+    return _LayerBytes(kept=kept, head=head_bytes, backward=backward)

@@ -2,28 +2,53 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from skymoe_jax.errors import ConfigError
+from skymoe_jax.metrics.flops import PEAK_FLOPS
 
 GIB = 2**30
 
-# Memory per device in bytes, as CUDA reports it (nvidia-smi: 81,920 MiB on the 80 GB parts, 143,771 MiB
-# on the H200).
-DEVICE_MEMORY = {"A800-80GB": 80 * GIB, "A100-80GB": 80 * GIB, "H100-80GB": 80 * GIB, "H200": 143_771 * 2**20}
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    memory: float  # bytes, as CUDA reports them
+    peak_flops: float  # dense bf16, from the data sheet
+    intra_node: float  # bytes/s one GPU sends to the others of its node (NVLink, one direction)
+    inter_node: float  # bytes/s one GPU sends off its node (its share of the node's network)
+    per_node: int = 8
+
+
+# nvidia-smi reports 81,920 MiB on the 80 GB parts and 143,771 MiB on the H200. A800: NVLink cut to
+# 400 GB/s (200 each way); the clusters Skywork-MoE describes give each GPU a 200 Gb/s HDR link.
+# H100 / H200 SXM: NVLink 900 GB/s (450 each way), 400 Gb/s NDR per GPU.
+DEVICES = {d.name: d for d in (
+    Device("A800-80GB", 80 * GIB, PEAK_FLOPS["a800"], intra_node=200e9, inter_node=25e9),
+    Device("A100-80GB", 80 * GIB, PEAK_FLOPS["a100"], intra_node=300e9, inter_node=25e9),
+    Device("H100-80GB", 80 * GIB, PEAK_FLOPS["h100"], intra_node=450e9, inter_node=50e9),
+    Device("H200", 143_771 * 2**20, PEAK_FLOPS["h200"], intra_node=450e9, inter_node=50e9),
+)}
 
 _UNITS = {"gb": 1e9, "gib": GIB, "tb": 1e12, "tib": 2**40}
+
+
+def find_device(name: str) -> Device:
+    for known, device in DEVICES.items():
+        if known.lower() == name.lower():
+            return device
+    raise ConfigError(f"--device={name!r} is not in the device table; use one of {', '.join(DEVICES)}")
 
 
 def parse_device_memory(text: str) -> tuple[float, str]:
     """(bytes, label) from a device name (e.g. H100-80GB) or a size with its unit (80GB = 80e9 bytes,
     80GiB = 80 x 2^30)."""
-    names = {name.lower(): name for name in DEVICE_MEMORY}
-    if text.lower() in names:
-        name = names[text.lower()]
-        return float(DEVICE_MEMORY[name]), name
+    if text.lower() in (name.lower() for name in DEVICES):
+        device = find_device(text)
+        return device.memory, device.name
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text)
     if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
         raise ConfigError(f"--device_memory={text!r} must be a size with its unit (80GB, 80GiB, 0.14TB) or one of "
-                          f"{', '.join(DEVICE_MEMORY)}")
+                          f"{', '.join(DEVICES)}")
     return float(match.group(1)) * _UNITS[match.group(2).lower()], text

@@ -17,6 +17,7 @@ backward keeps, per term) come from parallel/activations.py; the peak per device
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -29,7 +30,7 @@ from skymoe_jax.metrics.flops import pipeline_utilization, stage_flops_per_token
 from skymoe_jax.model.spec import ModelSpec, pipeline_stage_layers
 from skymoe_jax.model.transformer import build_model
 from skymoe_jax.parallel.activations import Activations, activation_memory
-from skymoe_jax.parallel.mesh import AXES, layout_rules, optimizer_rules, param_rules, partition_spec
+from skymoe_jax.parallel.mesh import AXES, check_fits, layout_rules, optimizer_rules, param_rules, partition_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +68,29 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _abstract_params(spec: ModelSpec) -> nnx.State:
+    """Shapes of the model's parameters; a mesh search plans many layouts of few distinct models (the
+    rematerialization policy does not change the parameters)."""
+    return _params_of(dataclasses.replace(spec, remat="none"))
+
+
+@functools.lru_cache(maxsize=256)
+def _params_of(spec: ModelSpec) -> nnx.State:
+    return nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
+
+
 def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
     pipeline, data, expert = mesh
     planned = config.copy_and_resolve_references()
     planned.parallel.mesh = tuple(mesh)
     validate(planned)
+    check_fits(planned, mesh)
     stages = pipeline_stage_layers(planned) or (config.model.num_layers,)
     spec = ModelSpec.from_config(planned)
     sizes = dict(zip(AXES, mesh))
     if spec.num_experts and spec.num_experts % expert:
         raise ConfigError(f"moe.num_experts={spec.num_experts} must be divisible by the expert axis ({expert})")
-    params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
+    params = _abstract_params(spec)
 
     def per_device(rules, bytes_per_value):
         total = 0.0
