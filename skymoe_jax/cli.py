@@ -321,12 +321,12 @@ def cmd_plan(argv: Sequence[str]) -> int:
              f"run ({result.refused} more cannot: batch, experts or routing groups do not divide), {len(fitting)} fit"]
     lines.append(f"the {len(shown)} fastest that fit:" if fitting else
                  f"none fits; the {len(shown)} with the smallest peak (rank = place by step time among all layouts):")
-    header = f"{'rank':>5}  {'layout':<66} {'peak GiB':>8} {'step s':>7} {'tok/s/dev':>9}  memory: state + activations (GiB)"
+    header = f"{'rank':>5}  {'layout':<60} {'peak GiB':>8} {'step s':>7} {'tok/s/dev':>9}  memory: state + activations (GiB)"
     lines.append(header)
 
     def text(rank: int, c: Candidate) -> str:
         terms = " ".join(f"{k} {v / gib:.1f}" for k, v in c.plan.activations.terms().items())
-        return (f"{rank:>5}  {c.describe():<66} {c.plan.peak_bytes / gib:>8.1f} {c.step.total:>7.2f} "
+        return (f"{rank:>5}  {c.describe():<60} {c.plan.peak_bytes / gib:>8.1f} {c.step.total:>7.2f} "
                 f"{c.tokens_per_sec_per_device:>9.0f}  state {c.plan.total_bytes / gib:.1f} + {terms}")
 
     lines += [text(r, c) for r, c in shown]

@@ -84,7 +84,7 @@ def test_plan_command(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["fitting"] > 3 and len(out["shown"]) == 3 and all(r["fits"] for r in out["shown"])
     assert [r["rank"] for r in out["shown"]] == sorted(r["rank"] for r in out["shown"])
-    assert out["config_layout"]["layout"].startswith("2x4x1 gshard none remat=none split 2,2, 2 microbatches")
+    assert out["config_layout"]["layout"].startswith("2x4x1 gshard none remat=none stages 2x2, 2 microbatches")
     assert main(["plan", "--devices=8", "--device=H100-80GB"]) == 0
     assert "the 10 fastest that fit" in capsys.readouterr().out
 

@@ -13,7 +13,8 @@ Terms, per device:
 - layers: each layer's residuals, plus its input (the scan's carry); under remat=none also the input
   of its FFN half. Pipelined: every tick of the GPipe schedule (microbatches + stages - 1) keeps the
   longest stage's layers.
-- head: final norm, float32 logits and cross-entropy residuals (each tick when pipelined).
+- head: final norm, float32 logits and cross-entropy residuals (one microbatch's when pipelined: the
+  schedule recomputes the loss in its backward pass).
 - backward: the working set of one layer's backward pass: under remat the layer's recomputed residuals,
   and with chunked attention its per-block float32 scores (scores, probabilities and their two
   cotangents, [rows, heads, S, block] each).
@@ -119,7 +120,9 @@ def activation_memory(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: 
     held = spec.moe_layers[:max(spec.stage_layers)] if spec.pipelined else spec.moe_layers
     per_tick = sum(kept[is_moe] for is_moe in held)
     pipeline_bytes = per_tick + PIPELINE_GRADIENT_COPIES * stage_gradient_bytes if spec.pipelined else 0.0
-    return Activations(layers=ticks * per_tick, head=ticks * scale * layer.head, backward=scale * layer.backward,
+    # Pipelined, the loss is recomputed in the backward (parallel/pipeline.py), so one microbatch's head
+    # residuals exist at a time, as without a pipeline.
+    return Activations(layers=ticks * per_tick, head=scale * layer.head, backward=scale * layer.backward,
                        pipeline=pipeline_bytes)
 
 

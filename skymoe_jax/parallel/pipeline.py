@@ -114,10 +114,14 @@ def forward(model: Transformer, batch: dict[str, jax.Array], *, train: bool, mic
                                     lambda x: (x, jax.tree.map(lambda z: jnp.zeros((longest, *z.shape), z.dtype),
                                                                zero_stats)), x)
 
-            def loss():
+            # Recomputed in the backward pass: a cond keeps the residuals of either branch on every tick of
+            # every stage, so a saved loss would hold a microbatch's float32 logits per tick everywhere.
+            @jax.checkpoint
+            def loss(x, mb):
                 return cross_entropy(nnx.merge(head_def, head)(nnx.merge(norm_def, norm)(x)), mb)
 
-            ce, n = jax.lax.cond(active & (stage == stages - 1), loss, lambda: (jnp.float32(0), jnp.float32(0)))
+            ce, n = jax.lax.cond(active & (stage == stages - 1), loss, lambda x, mb: (jnp.float32(0), jnp.float32(0)),
+                                 x, mb)
             sent = jax.lax.ppermute(x, "pipeline", [(i, i + 1) for i in range(stages - 1)])
             acc = jax.tree.map(jnp.add, acc, stats)
             return (sent, ce_sum + ce, count + n, acc), None

@@ -73,7 +73,7 @@ class Candidate:
 
     def describe(self) -> str:
         p = self.plan
-        split = "" if p.mesh[0] == 1 else f" split {','.join(map(str, p.stage_layers))}, {p.microbatches} microbatches"
+        split = "" if p.mesh[0] == 1 else f" stages {_runs(p.stage_layers)}, {p.microbatches} microbatches"
         return f"{'x'.join(map(str, p.mesh))} {self.layout} {self.optimizer_split} remat={self.remat}{split}"
 
 
@@ -86,6 +86,11 @@ class SearchResult:
     @property
     def fitting(self) -> list[Candidate]:
         return [c for c in self.candidates if c.fits]
+
+
+def _runs(split: tuple[int, ...]) -> str:
+    """(5, 5, 5, 5, 4, 4) -> '4x5+2x4': how many stages take how many layers."""
+    return "+".join(f"{len(list(group))}x{n}" for n, group in itertools.groupby(split))
 
 
 def balanced_split(spec: ModelSpec, seq_len: int, stages: int) -> tuple[int, ...]:
