@@ -115,3 +115,16 @@ def test_planned_peak_memory_is_within_15_percent_of_the_compilers(name):
                f"the size of its {nearest!r} term ({terms[nearest] / 2**20:.2f} MiB)")
     assert planned_temp == pytest.approx(m.temp_size_in_bytes, rel=0.15), message
     assert p.peak_bytes == pytest.approx(compiler_peak, rel=0.15), message
+
+
+def test_saved_bytes_counts_what_the_backward_keeps_beyond_the_inputs():
+    import jax.numpy as jnp
+
+    from skymoe_jax.parallel.activations import saved_bytes
+
+    w, x = jax.ShapeDtypeStruct((8, 16), jnp.float32), jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    layer = lambda w, x: jnp.sin(x @ w)  # noqa: E731
+    # sin's derivative is cos(x @ w), one [4, 16] float32 tensor; x and w are inputs, held anyway.
+    assert saved_bytes(layer, w, x) == 4 * 16 * 4
+    assert saved_bytes(layer, w, x, remat="full") == 0  # recomputed from the inputs
+    assert saved_bytes(layer, w, x, remat="dots") == 4 * 16 * 4  # x @ w, saveable under dots; cos recomputed
