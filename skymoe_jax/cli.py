@@ -279,7 +279,7 @@ def _fraction(name: str, text: str) -> float:
 
 def cmd_plan(argv: Sequence[str]) -> int:
     from skymoe_jax.parallel.devices import find_device
-    from skymoe_jax.parallel.search import Candidate, search
+    from skymoe_jax.parallel.search import Candidate, layout_key, search
 
     args = Args(argv, {"devices": 0, "device": "", "mfu": "0.4", "memory_fraction": "0.9", "top": 10, "json": False})
     if args.devices < 1 or not args.device:
@@ -290,15 +290,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
     mfu, fraction = _fraction("mfu", args.mfu), _fraction("memory_fraction", args.memory_fraction)
     config = _config(args)
     result = search(config, args.devices, device, mfu=mfu, memory_fraction=fraction)
-    p = config.parallel
-    own = None
-    for rank, c in enumerate(result.candidates, 1):
-        if (c.plan.mesh == tuple(p.mesh) and c.layout == p.layout and c.remat == config.model.remat
-                and c.optimizer_split == ("fsdp" if p.fsdp else "zero1" if p.zero1 else "none")
-                and c.plan.microbatches == (p.num_microbatches if p.mesh[0] > 1 else 1)
-                and (not p.pipeline_stage_layers or c.plan.stage_layers == tuple(p.pipeline_stage_layers))):
-            own = (rank, c)
-            break
+    own = next(((rank, c) for rank, c in enumerate(result.candidates, 1) if c.key == layout_key(config)), None)
     gib = 2**30
 
     def row(rank: int, c: Candidate) -> dict:
@@ -337,7 +329,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
         lines.append(f"this config's layout ({c.describe()}): #{rank} of {len(result.candidates)} by step time, {place}; "
                      f"step {c.step.total:.2f} s ({parts}); peak {c.plan.peak_bytes / gib:.1f} GiB")
     else:
-        lines.append(f"this config's layout (mesh {tuple(p.mesh)}) is not among them: its mesh does not use "
+        lines.append(f"this config's layout (mesh {tuple(config.parallel.mesh)}) is not among them: its mesh does not use "
                      f"{args.devices} devices, or the config cannot run on it")
     print("\n".join(lines))
     return 0

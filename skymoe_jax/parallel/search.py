@@ -34,7 +34,7 @@ import ml_collections
 
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.metrics.flops import stage_flops_per_token
-from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.model.spec import ModelSpec, pipeline_stage_layers
 from skymoe_jax.parallel.devices import Device
 from skymoe_jax.parallel.plan import Plan, plan
 
@@ -75,6 +75,15 @@ class Candidate:
         p = self.plan
         split = "" if p.mesh[0] == 1 else f" stages {_runs(p.stage_layers)}, {p.microbatches} microbatches"
         return f"{'x'.join(map(str, p.mesh))} {self.layout} {self.optimizer_split} remat={self.remat}{split}"
+
+
+def layout_key(config: ml_collections.ConfigDict) -> tuple:
+    """A config's own layout as a Candidate.key."""
+    p = config.parallel
+    pipelined = p.mesh[0] > 1
+    return (tuple(p.mesh), p.layout, "fsdp" if p.fsdp else "zero1" if p.zero1 else "none", config.model.remat,
+            p.num_microbatches if pipelined else 1,
+            pipeline_stage_layers(config) if pipelined else (config.model.num_layers,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +163,12 @@ def _meshes(num_devices: int, spec: ModelSpec):
             yield pipeline, num_devices // pipeline // expert, expert
 
 
+def _even_split(config: ml_collections.ConfigDict, stages: int) -> tuple[int, ...]:
+    even = config.copy_and_resolve_references()
+    even.parallel.update(mesh=(stages, 1, 1), pipeline_stage_layers=())
+    return pipeline_stage_layers(even)
+
+
 def _divisors(n: int, most: int) -> list[int]:
     return [d for d in range(1, min(n, most) + 1) if n % d == 0]
 
@@ -170,12 +185,10 @@ def search(config: ml_collections.ConfigDict, num_devices: int, device: Device, 
         if layout == "edp" and expert == 1 and data > 1:
             continue  # the same program as gshard
         rows = config.data.batch_size // (data if layout == "edp" else data * expert)
-        splits, microbatches = [()], [1]
+        splits, microbatches = [()], [1]  # () = the even split
         if pipeline > 1:
-            base, extra = divmod(spec.num_layers, pipeline)
-            even = tuple(base + (i < extra) for i in range(pipeline))
             balanced = balanced_split(spec, config.data.seq_len, pipeline)
-            splits = [even] + ([balanced] if balanced not in ((), even) else [])
+            splits += [balanced] if balanced and balanced != _even_split(config, pipeline) else []
             microbatches = _divisors(max(rows, 1), MAX_MICROBATCHES)
         for split, m in itertools.product(splits, microbatches):
             candidate_config = config.copy_and_resolve_references()
