@@ -70,6 +70,12 @@ def _small(mesh, layout="gshard", seq=128, batch=16, remat="none", experts=8, mi
     return c
 
 
+def _default_on(mesh):
+    c = base_config()
+    c.parallel.mesh = mesh
+    return c
+
+
 def _compiled_memory(c):
     rt = runtime_lib.build(c)
     b, s = c.data.batch_size, c.data.seq_len
@@ -81,7 +87,7 @@ def _compiled_memory(c):
 
 
 # Meshes with and without a pipeline, both layouts, ZeRO-1 / FSDP, every remat mode, the dense and the
-# chunked attention (from 1,024 tokens), MoE and dense models.
+# chunked attention (from 1,024 tokens), MoE and dense models, and the default config.
 MEMORY_CASES = {
     "dp8": _small((1, 8, 1)),
     "gshard-ep2-full-s1024": _small((1, 4, 2), seq=1024, batch=8, remat="full"),
@@ -92,6 +98,7 @@ MEMORY_CASES = {
     "pp2xdp2xedp2-zero1": _small((2, 2, 2), layout="edp", microbatches=2, zero1=True),
     "pp4-mb4-full": _small((4, 2, 1), microbatches=4, remat="full"),
     "pp2-uneven-fsdp": _small((2, 4, 1), microbatches=4, split=(3, 1), fsdp=True),
+    "default-config": _default_on((1, 8, 1)),  # the mesh skymoe train's (1, -1, 1) resolves to on 8 devices
 }
 
 

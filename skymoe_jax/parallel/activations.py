@@ -21,6 +21,10 @@ Terms, per device:
 - pipeline: what the GPipe backward holds beyond the residuals, calibrated against XLA's buffer
   assignment (tests/test_plan.py): one tick's residuals copied out of the schedule's cond, and five
   copies of the stage's gradients (the tick loop's accumulator and the cond and remat-switch branches).
+- reduction: without a pipeline, the layer scan's backward writes each layer's gradients into a stacked
+  accumulator and XLA moves their cross-device reduction into the loop, which writes a second stack
+  (seen in the buffer assignment of the default config: three [layers, experts, ...] all-reduced
+  stacks beside the three accumulated ones). None on one device, where nothing is reduced.
 """
 
 from __future__ import annotations
@@ -57,10 +61,11 @@ class Activations:
     head: float
     backward: float
     pipeline: float
+    reduction: float
 
     @property
     def total(self) -> float:
-        return self.layers + self.head + self.backward + self.pipeline
+        return self.layers + self.head + self.backward + self.pipeline + self.reduction
 
     def terms(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -98,8 +103,9 @@ def _tensor_parallel(state: nnx.State, spec: ModelSpec, layout: str, expert: int
 
 
 def activation_memory(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: tuple[int, int, int],
-                      stage_gradient_bytes: float) -> Activations:
-    """Per-device activation bytes of a train step of config on mesh (pipeline, data, expert)."""
+                      stage_gradient_bytes: float, layer_gradient_bytes: float) -> Activations:
+    """Per-device activation bytes of a train step of config on mesh (pipeline, data, expert), given the
+    bytes of one device's whole (unsplit by ZeRO-1 / FSDP) gradients: of its stage and of its layer stack."""
     pipeline, data, expert = mesh
     edp = config.parallel.layout == "edp"
     microbatches = config.parallel.num_microbatches if spec.pipelined else 1
@@ -122,8 +128,10 @@ def activation_memory(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: 
     pipeline_bytes = per_tick + PIPELINE_GRADIENT_COPIES * stage_gradient_bytes if spec.pipelined else 0.0
     # Pipelined, the loss is recomputed in the backward (parallel/pipeline.py), so one microbatch's head
     # residuals exist at a time, as without a pipeline.
+    reduced = data > 1 or (expert > 1 and not edp)
+    reduction = layer_gradient_bytes if reduced and not spec.pipelined else 0.0
     return Activations(layers=ticks * per_tick, head=scale * layer.head, backward=scale * layer.backward,
-                       pipeline=pipeline_bytes)
+                       pipeline=pipeline_bytes, reduction=reduction)
 
 
 class _LayerBytes(NamedTuple):

@@ -92,9 +92,11 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
         raise ConfigError(f"moe.num_experts={spec.num_experts} must be divisible by the expert axis ({expert})")
     params = _abstract_params(spec)
 
-    def per_device(rules, bytes_per_value):
+    def per_device(rules, bytes_per_value, layers_only=False):
         total = 0.0
         for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+            if layers_only and "layers" not in v.axes:
+                continue
             pspec = partition_spec(v.axes, v.shape, sizes, rules)
             total += math.prod(v.shape) / math.prod(sizes[a] for a in pspec if a) * bytes_per_value(v)
         return total
@@ -102,6 +104,7 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
     param_bytes = per_device(param_rules(planned.parallel), lambda v: v.dtype.itemsize)
     # Inside the pipeline's schedule a stage's gradients are whole (before any ZeRO-1 / FSDP split).
     gathered_bytes = per_device(layout_rules(planned.parallel.layout), lambda v: v.dtype.itemsize)
+    layer_grad_bytes = per_device(layout_rules(planned.parallel.layout), lambda v: v.dtype.itemsize, layers_only=True)
     split_grads = planned.parallel.zero1 or planned.parallel.fsdp
     grad_rules = optimizer_rules(planned.parallel) if split_grads else param_rules(planned.parallel)
     grad_bytes = per_device(grad_rules, lambda v: v.dtype.itemsize)
@@ -123,4 +126,5 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
                 optimizer_bytes=opt_bytes, all_to_all_bytes=a2a, tokens_per_device=tokens, stage_layers=stages,
                 stage_flops_per_token=tuple(per_stage), microbatches=microbatches,
                 pipeline_utilization=pipeline_utilization(per_stage, microbatches) if per_stage else 1.0,
-                activations=activation_memory(planned, spec, mesh, stage_gradient_bytes=gathered_bytes))
+                activations=activation_memory(planned, spec, mesh, stage_gradient_bytes=gathered_bytes,
+                                            layer_gradient_bytes=layer_grad_bytes))
