@@ -3,8 +3,8 @@
     skymoe acceptance [--out=acceptance.json] [--reduced]
 
 In order, all written to one JSON file:
-1. every Pallas routing kernel against its XLA twin, forward and backward (kernels/acceptance.py):
-   compiled through Triton on a GPU;
+1. every Pallas routing kernel against its XLA twin, and the flash attention kernel against dense
+   attention, forward and backward (kernels/acceptance.py): compiled through Triton on a GPU;
 2. `skymoe bench routing`: XLA against Pallas per routing stage, at the bench's shapes;
 3. `skymoe bench step` on configs/gpu_medium.py, which also measures a matmul peak;
 4. a short configs/gpu_medium.py training run, with MFU (the data-sheet peak of a known GPU; on
@@ -59,6 +59,8 @@ def run(out: str, reduced: bool) -> dict[str, Any]:
                         "pallas": "compiled (Triton)" if common.on_gpu() else "interpreted"}}
     kernels = kernel_acceptance.check_kernels(kernel_acceptance.CPU_CASES if reduced else kernel_acceptance.GPU_CASES)
     result["kernels"] = kernels
+    result["attention"] = kernel_acceptance.check_attention(
+        kernel_acceptance.ATTENTION_CPU_CASE if reduced else kernel_acceptance.ATTENTION_GPU_CASE)
     result["bench_routing"] = routing_benchmark(REDUCED_ROUTING_SHAPES if reduced else SHAPES, ("xla", "pallas"),
                                                 repeats=1 if reduced else 5)
     overrides = [*(REDUCED_RUN if reduced else GPU_RUN), *COMMON_RUN]
@@ -71,7 +73,7 @@ def run(out: str, reduced: bool) -> dict[str, Any]:
         summary = train(load_config(CONFIG, [*overrides, *peak]), workdir)
     result["train"] = {k: v for k, v in summary.items() if k != "workdir"}
     trained = bool(np.isfinite(summary["loss"])) and "mfu" in summary
-    result["passed"] = kernels["passed"] and trained
+    result["passed"] = kernels["passed"] and result["attention"]["passed"] and trained
     result["seconds"] = time.perf_counter() - start
     with open(out, "w") as f:
         json.dump(result, f, indent=1, default=lambda o: np.asarray(o).tolist())
@@ -87,11 +89,22 @@ def describe(result: dict[str, Any], out: str) -> str:
              f"kernels vs XLA twins, forward and backward: {len(k['rows']) - len(failed)} of {len(k['rows'])} "
              f"comparisons within {kernel_acceptance.TOLERANCE:g}; Triton calls {len(k['triton_kernels'])} of "
              f"{len(kernel_acceptance.KERNELS)}" + ("".join(f"\n  FAILED {f}" for f in failed)),
+             _describe_attention(result["attention"]),
              f"bench step: {result['bench_step']['summary']}",
              f"train {t['steps']} steps: loss {t['loss']:.3f}, {t['tokens_per_sec']:,.0f} tokens/s, "
              f"MFU {100 * t.get('mfu', float('nan')):.1f}%",
              f"acceptance {'PASSED' if result['passed'] else 'FAILED'} in {result['seconds']:.0f}s; wrote {out}"]
     return "\n".join(lines)
+
+
+def _describe_attention(a: dict[str, Any]) -> str:
+    r = a["rows"][0]
+    errors = ", ".join(f"{row['direction']} {row['max_rel_error']:.1e}" for row in a["rows"])
+    missing = "".join(f"\n  FAILED no Triton call {name}" for name in a["missing_kernels"])
+    return (f"flash attention vs dense ({r['batch']} x {r['seq_len']} tokens, {r['heads']} heads / {r['kv_heads']} KV, "
+            f"head_dim {r['head_dim']}): {errors} (tolerance {kernel_acceptance.ATTENTION_TOLERANCE:g}), "
+            f"{'passed' if a['passed'] else 'FAILED'}; Triton calls {len(a['triton_kernels'])} of "
+            f"{len(kernel_acceptance.ATTENTION_KERNELS)}{missing}")
 
 
 def main(argv: Sequence[str]) -> int:

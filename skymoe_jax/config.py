@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
     # auto: chunked from 1024 tokens (memory linear in the sequence; see model/chunked_attention.py), xla below
-    c.model.attention_impl = "auto"  # auto | xla (dense [S, S] scores) | chunked
+    c.model.attention_impl = "auto"  # auto | xla (dense [S, S] scores) | chunked | pallas (Triton flash attention)
     c.model.remat = "none"  # none | full | dots: activation rematerialization per layer
 
     c.moe = ml_collections.ConfigDict()
@@ -225,7 +225,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
-    "model.attention_impl": ("auto", "xla", "chunked"),
+    "model.attention_impl": ("auto", "xla", "chunked", "pallas"),
     "moe.aux_loss": ("paper", "switch"),
     "moe.drop_policy": ("position", "probs"),
     "moe.dropless_impl": ("ragged", "padded"),
@@ -269,6 +269,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; pick a head count that divides it")
     head_dim = m.d_model // m.num_heads
     need(head_dim % 2 == 0, f"model.d_model / model.num_heads = {head_dim} must be even for rotary embeddings")
+    if m.attention_impl == "pallas":  # Triton's tl.dot takes tiles of at least 16 along every dimension
+        need(c.data.seq_len % 16 == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0,
+             f"model.attention_impl=pallas needs data.seq_len ({c.data.seq_len}) a multiple of 16 and the head "
+             f"dimension (model.d_model / model.num_heads = {head_dim}) a power of two >= 16; change them or use "
+             "model.attention_impl=chunked")
     need(m.num_heads % m.num_kv_heads == 0,
          f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} (grouped-query attention)")
     need(m.init_std > 0 and m.norm_eps > 0 and m.rope_theta > 0,

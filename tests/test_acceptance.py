@@ -27,6 +27,11 @@ def test_acceptance_reduced_on_cpu(tmp_path, capsys):
     checked = {(r["stage"], r["direction"]) for r in kernels["rows"]}
     assert checked == {(s, d) for s in STAGES for d in ("forward", "backward")} - {("positions", "backward")}
     assert all(r["max_rel_error"] <= kernel_acceptance.TOLERANCE for r in kernels["rows"])
+    attention = result["attention"]
+    assert attention["passed"] and attention["triton_kernels"] == sorted(kernel_acceptance.ATTENTION_KERNELS)
+    assert [r["direction"] for r in attention["rows"]] == ["forward", "backward"]
+    assert all(r["max_rel_error"] < 1e-5 for r in attention["rows"])  # interpreted: float32 exactly as dense
+    assert "flash attention vs dense (1 x 32 tokens" in printed
 
     assert {(r["impl"], r["stage"]) for r in result["bench_routing"]} == {
         (i, s) for i in ("xla", "pallas") for s in (*STAGES, "sum")}

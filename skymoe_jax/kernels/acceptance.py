@@ -1,4 +1,5 @@
-"""Every Pallas routing kernel against its XLA twin, forward and backward, as `skymoe acceptance` runs it.
+"""Every Pallas routing kernel against its XLA twin, and the flash attention kernel against dense attention,
+forward and backward, as `skymoe acceptance` runs them.
 
 On a GPU the kernels are compiled (through Triton, which their compiler params select) and
 compared with the twins compiled for the same GPU; the program lowered for the GPU is searched
@@ -30,6 +31,25 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 # Every pallas_call of the four stages, forward and backward.
 KERNELS = ("skymoe_route", "skymoe_route_bwd", "skymoe_expert_counts", "skymoe_expert_ranks", "skymoe_slot_sources",
            "skymoe_gather_rows", "skymoe_gather_sum", "skymoe_gather_dot")
+
+
+# Flash attention (model.attention_impl=pallas) against jax.nn.dot_product_attention: Triton's float32 dots
+# run in TF32 on the GPU (10-bit mantissa) where XLA's reference may not, so the bound is looser than the
+# routing kernels'; a wrong mask or a missed key block is an O(1) error.
+ATTENTION_TOLERANCE = 2e-2
+ATTENTION_KERNELS = ("mha_forward", "mha_backward", "mha_preprocess_backward")
+
+
+class AttentionCase(NamedTuple):
+    batch: int
+    seq_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+ATTENTION_GPU_CASE = AttentionCase(2, 2048, 8, 2, 128)
+ATTENTION_CPU_CASE = AttentionCase(1, 32, 2, 1, 16)  # two tiles of 16, interpreted in seconds
 
 
 class Case(NamedTuple):
@@ -128,7 +148,7 @@ def _compare(case: Case, interpret: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def _difference(got: dict[str, jax.Array], want: dict[str, jax.Array]) -> dict[str, Any]:
+def _difference(got: dict[str, jax.Array], want: dict[str, jax.Array], tolerance: float = TOLERANCE) -> dict[str, Any]:
     """Largest error relative to each array's largest magnitude; integer arrays must match exactly."""
     worst, passed = 0.0, True
     for name, expected in want.items():
@@ -137,9 +157,9 @@ def _difference(got: dict[str, jax.Array], want: dict[str, jax.Array]) -> dict[s
             return {"max_rel_error": float("inf"), "passed": False, "note": f"{name}: shape {g.shape} != {w.shape}"}
         error = float(np.max(np.abs(g - w), initial=0.0)) / max(1.0, float(np.max(np.abs(w), initial=0.0)))
         exact = np.issubdtype(np.asarray(expected).dtype, np.integer)
-        passed &= error == 0.0 if exact else error <= TOLERANCE
+        passed &= error == 0.0 if exact else error <= tolerance
         worst = max(worst, error)
-    return {"max_rel_error": worst, "tolerance": TOLERANCE, "passed": bool(passed)}
+    return {"max_rel_error": worst, "tolerance": tolerance, "passed": bool(passed)}
 
 
 def _triton_kernels(case: Case, lowered_only: bool) -> list[str]:
@@ -154,3 +174,37 @@ def _triton_kernels(case: Case, lowered_only: bool) -> list[str]:
     traced = jax.jit(everything).trace(a["z"], a["chosen"], a["x"], a["y"], a["slots"], a["weights"])
     text = traced.lower(lowering_platforms=("cuda",)).as_text() if lowered_only else traced.lower().as_text()
     return sorted({chunk.split('name = "', 1)[1].split('"', 1)[0] for chunk in text.split(TRITON_CALL)[1:]})
+
+
+def check_attention(case: AttentionCase) -> dict[str, Any]:
+    """Flash attention against dense attention on packed rows (values, and gradients of q, k, v), and the
+    Triton calls of its forward and backward: {'rows', 'triton_kernels', 'missing_kernels', 'passed'}."""
+    from skymoe_jax.kernels.attention import pallas_attention
+    from skymoe_jax.model.attention import attention_mask
+
+    compiled = common.on_gpu()
+    b, s, h, kv, d = case
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, s, n, d)).astype(np.float32)) for n in (h, kv, kv))
+    segments = jnp.asarray(np.sort(rng.integers(0, 4, (b, s)), axis=1).astype(np.int32))  # packed documents
+    d_out = jnp.asarray(rng.normal(size=(b, s, h, d)).astype(np.float32))
+
+    def run(attend):
+        def both(q, k, v, segments):
+            out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, segments), q, k, v)
+            return {"out": out}, dict(zip(("d_q", "d_k", "d_v"), vjp(d_out)))
+        return both
+
+    flash = run(lambda q, k, v, seg: pallas_attention(q, k, v, seg, "gshard", interpret=not compiled))
+    dense = run(lambda q, k, v, seg: jax.nn.dot_product_attention(q, k, v, mask=attention_mask(seg)))
+    (out, grads), (want_out, want_grads) = jax.jit(flash)(q, k, v, segments), jax.jit(dense)(q, k, v, segments)
+    rows = [{**case._asdict(), "stage": "attention", "direction": direction,
+             **_difference(got, want, ATTENTION_TOLERANCE)}
+            for direction, got, want in (("forward", out, want_out), ("backward", grads, want_grads))]
+    compiled_flash = run(lambda q, k, v, seg: pallas_attention(q, k, v, seg, "gshard", interpret=False))
+    traced = jax.jit(compiled_flash).trace(q, k, v, segments)
+    text = traced.lower().as_text() if compiled else traced.lower(lowering_platforms=("cuda",)).as_text()
+    found = sorted({chunk.split('name = "', 1)[1].split('"', 1)[0] for chunk in text.split(TRITON_CALL)[1:]})
+    missing = sorted(set(ATTENTION_KERNELS) - set(found))
+    return {"rows": rows, "triton_kernels": found, "missing_kernels": missing,
+            "passed": all(r["passed"] for r in rows) and not missing}

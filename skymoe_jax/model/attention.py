@@ -2,7 +2,9 @@
 
 `model.attention_impl` picks how: xla materializes [B, H, S, S] scores (jax.nn.dot_product_attention
 with a [B, 1, S, S] mask), memory quadratic in the sequence; chunked (model/chunked_attention.py)
-takes keys a block at a time and keeps memory linear; auto is chunked from CHUNKED_FROM tokens.
+takes keys a block at a time and keeps memory linear; pallas (kernels/attention.py) is a Triton flash
+attention kernel for the GPU, linear too; auto is chunked from CHUNKED_FROM tokens and never picks
+pallas until a GPU measurement does (none yet).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from skymoe_jax.kernels.attention import pallas_attention
 from skymoe_jax.model.chunked_attention import chunked_attention
 from skymoe_jax.model.layers import param, rotary
 from skymoe_jax.model.spec import ModelSpec
@@ -52,6 +55,7 @@ class Attention(nnx.Module):
         self.theta = spec.rope_theta
         self.dtype = spec.compute_dtype
         self.impl = spec.attention_impl
+        self.layout = spec.layout
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         dt = self.dtype
@@ -61,8 +65,11 @@ class Attention(nnx.Module):
         if self.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
-        if resolve_attention_impl(self.impl, x.shape[1]) == "chunked":
+        impl = resolve_attention_impl(self.impl, x.shape[1])
+        if impl == "chunked":
             out = chunked_attention(q, k, v, segment_ids)
+        elif impl == "pallas":
+            out = pallas_attention(q, k, v, segment_ids, self.layout)
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids))
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt))
