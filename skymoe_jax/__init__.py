@@ -5,7 +5,7 @@ from skymoe_jax.checkpoint.upcycle import upcycle
 from skymoe_jax.config import base_config, load_config as get_config
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import Transformer, build_model
-from skymoe_jax.training.loop import evaluate, train
+from skymoe_jax.loop import evaluate, train
 
 __all__ = ["ModelSpec", "Transformer", "base_config", "build_model", "evaluate", "get_config", "load_model", "train",
            "upcycle"]

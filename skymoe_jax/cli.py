@@ -29,64 +29,10 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from skymoe_jax.args import Args
 from skymoe_jax.errors import ConfigError, UserError
 
 USAGE = __doc__.split("\n\n")[1]
-
-
-class Args:
-    """Flags of one subcommand: --config, --config.* overrides, and the named options it accepts."""
-
-    def __init__(self, argv: Sequence[str], options: dict[str, object]):
-        self.config = None
-        self.overrides: list[str] = []
-        self.options = dict(options)
-        argv = list(argv)
-        while argv:
-            arg = argv.pop(0)
-            if not arg.startswith("--"):
-                raise ConfigError(f"unexpected argument {arg!r}; flags look like --name=value")
-            name, has_value, value = arg[2:].partition("=")
-            if name.startswith("config."):
-                if not has_value:
-                    if not argv:
-                        raise ConfigError(f"--{name} needs a value")
-                    value = argv.pop(0)
-                self.overrides.append(f"--{name}={value}")
-                continue
-            if name != "config" and name not in self.options:
-                known = ", ".join(f"--{o}" for o in ["config", *self.options])
-                raise ConfigError(f"unknown flag --{name}; this command takes {known} and --config.a.b=value")
-            default = self.config if name == "config" else self.options[name]
-            if isinstance(default, bool) and not has_value:
-                value = "true"
-            elif not has_value:
-                if not argv:
-                    raise ConfigError(f"--{name} needs a value")
-                value = argv.pop(0)
-            if name == "config":
-                self.config = value
-            else:
-                self.options[name] = _typed(name, value, default)
-
-    def __getattr__(self, name):
-        try:
-            return self.__dict__["options"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def _typed(name: str, value: str, default: object):
-    if isinstance(default, bool):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ConfigError(f"--{name}={value!r} must be true or false")
-        return value.lower() in ("true", "1")
-    if isinstance(default, int):
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"--{name}={value!r} must be an integer") from None
-    return value
 
 
 def _config(args: Args):
@@ -98,7 +44,7 @@ def _config(args: Args):
 def cmd_train(argv: Sequence[str]) -> int:
     from skymoe_jax.checkpoint.manager import checkpoint_dir, saved_config
     from skymoe_jax.config import DEFAULT_CONFIG, apply_overrides, load_file, resolve_config_path, shape_changes
-    from skymoe_jax.training.loop import train
+    from skymoe_jax.loop import train
 
     args = Args(argv, {"workdir": "", "stop_exit_code": 0})
     if not 0 <= args.stop_exit_code <= 255:
@@ -123,7 +69,7 @@ def cmd_train(argv: Sequence[str]) -> int:
 def cmd_eval(argv: Sequence[str]) -> int:
     from skymoe_jax.checkpoint.manager import saved_config
     from skymoe_jax.config import apply_overrides
-    from skymoe_jax.training.loop import evaluate
+    from skymoe_jax.loop import evaluate
 
     args = Args(argv, {"workdir": "", "json": False})
     if not args.workdir:
@@ -349,7 +295,7 @@ def cmd_bench(argv: Sequence[str]) -> int:
 
 
 def bench_step(argv: Sequence[str]) -> int:
-    from skymoe_jax.bench import step_benchmark
+    from skymoe_jax.bench.step import step_benchmark
 
     args = Args(argv, {"steps": 10, "json": False})
     result = step_benchmark(_config(args), steps=args.steps)
@@ -394,7 +340,7 @@ def _multi_flag(argv: Sequence[str], name: str) -> tuple[list[str], list[str]]:
 
 
 def bench_data(argv: Sequence[str]) -> int:
-    from skymoe_jax.data.bench import data_benchmark
+    from skymoe_jax.bench.data import data_benchmark
 
     args = Args(argv, {"workers": os.cpu_count() or 1, "batches": 512, "step_tokens_per_sec": "", "json": False})
     if args.workers < 0 or args.batches < 1:
@@ -424,7 +370,7 @@ def cmd_prepare_data(argv: Sequence[str]) -> int:
 
 
 def cmd_acceptance(argv: Sequence[str]) -> int:
-    from skymoe_jax.acceptance import main as acceptance
+    from skymoe_jax.bench.acceptance import main as acceptance
 
     return acceptance(argv)
 
@@ -432,7 +378,7 @@ def cmd_acceptance(argv: Sequence[str]) -> int:
 BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
     "step": bench_step,
     "data": bench_data,
-    "routing": lambda argv: __import__("skymoe_jax.kernels.bench", fromlist=["main"]).main(argv),
+    "routing": lambda argv: __import__("skymoe_jax.bench.routing", fromlist=["main"]).main(argv),
 }
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train, "eval": cmd_eval, "upcycle": cmd_upcycle, "import-hf": cmd_import_hf,

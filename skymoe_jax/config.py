@@ -347,8 +347,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if d.source == "files":
         need(bool(d.train_files.strip()), "data.source='files' needs data.train_files (comma-separated globs)")
     if d.source == "prepared":
-        from skymoe_jax.data.prepared import parse_sources
-
         for directory, _ in parse_sources(d.sources):
             need(os.path.isdir(directory), f"data.sources: no directory {directory!r}; prepare it with "
                                            f"skymoe prepare-data --out={directory}")
@@ -408,3 +406,32 @@ def flatten(c: ml_collections.ConfigDict, prefix: str = "") -> Iterable[tuple[st
             yield from flatten(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
+
+
+SOURCES_EXAMPLE = "data/en:0.7,data/zh:0.2,data/code:0.1"
+
+
+def parse_sources(spec: str) -> list[tuple[str, float]]:
+    """data.sources 'DIR:WEIGHT,...' -> [(DIR, weight)], weights summing to 1 (a string, because command-line
+    overrides of ml-collections fields take plain values). A weight may be left out (1). Directories may not
+    contain ':' or ','."""
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    if not entries:
+        raise ConfigError(f"data.source='prepared' needs data.sources, e.g. '{SOURCES_EXAMPLE}' (directories "
+                          "written by skymoe prepare-data, each with a weight)")
+    parsed = []
+    for entry in entries:
+        path, colon, weight_text = entry.rpartition(":")
+        if not colon:
+            path, weight_text = entry, "1"
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            raise ConfigError(f"data.sources entry {entry!r}: {weight_text!r} is not a weight; write DIR:WEIGHT "
+                              f"entries separated by commas, e.g. '{SOURCES_EXAMPLE}'") from None
+        if not path or not math.isfinite(weight) or weight <= 0:
+            raise ConfigError(f"data.sources entry {entry!r} needs a directory and a positive weight, "
+                              f"e.g. '{SOURCES_EXAMPLE}'")
+        parsed.append((path, weight))
+    total = sum(w for _, w in parsed)
+    return [(p, w / total) for p, w in parsed]

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from skymoe_jax.cli import main
-from skymoe_jax.kernels import acceptance as kernel_acceptance
-from skymoe_jax.kernels.bench import STAGES
+from skymoe_jax.bench import kernel_checks as kernel_acceptance
+from skymoe_jax.bench.routing import STAGES
 
 
 def test_acceptance_reduced_on_cpu(tmp_path, capsys):

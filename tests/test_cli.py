@@ -50,7 +50,7 @@ def test_bad_input_is_one_line_and_nonzero(args, needle, tmp_path):
 
 def test_stop_exit_code_only_after_a_stop(monkeypatch, tmp_path):
     """Kubernetes restarts a JobSet whose pod failed: a stopped (saved) run can ask to look failed."""
-    import skymoe_jax.training.loop as loop
+    import skymoe_jax.loop as loop
 
     for stopped, code in ((True, 75), (False, 0)):
         monkeypatch.setattr(loop, "train", lambda config, workdir, s=stopped: {"stopped": True} if s else {})

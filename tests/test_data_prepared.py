@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from skymoe_jax.checkpoint.manager import DataPosition
-from skymoe_jax.config import base_config
+from skymoe_jax.config import base_config, parse_sources
 from skymoe_jax.data import prepared
 from skymoe_jax.data.inputs import make_datasets
 from skymoe_jax.data.prepare import prepare
@@ -193,16 +193,16 @@ def test_damaged_shard_names_the_shard_and_the_fix(sources, tmp_path, damage):
 
 
 def test_sources_string_is_parsed_and_normalized():
-    assert prepared.parse_sources("x:3, y:1") == [("x", 0.75), ("y", 0.25)]
-    assert prepared.parse_sources("only") == [("only", 1.0)]
+    assert parse_sources("x:3, y:1") == [("x", 0.75), ("y", 0.25)]
+    assert parse_sources("only") == [("only", 1.0)]
     for bad, needle in (("x:0.7,y:abc", "'abc' is not a weight"), ("x:-1", "positive weight"),
                         (":0.5", "needs a directory"), (" , ", "needs data.sources")):
         with pytest.raises(ValueError, match=needle):
-            prepared.parse_sources(bad)
+            parse_sources(bad)
 
 
 def test_bench_data_compares_whole_shuffle_windows_with_the_step(sources):
-    from skymoe_jax.data.bench import data_benchmark
+    from skymoe_jax.bench.data import data_benchmark
 
     c = _config(sources)  # 256-sequence windows of 16-row batches: 16 batches per window
     given = data_benchmark(c, batches=20, workers=0, step_tokens_per_sec=1000.0)

@@ -420,7 +420,7 @@ def _check_checkpoint(draw, world, tmp_path, rng, capsys):
     code, out, err = _run(command, capsys)
     refused = code == 2 and len(err.strip().splitlines()) == 1
     if refused and step == "6":
-        assert f"checkpoints/6" in err and REMOVE in err, f"the refusal does not name checkpoint 6 or the fix: " \
+        assert "checkpoints/6" in err and REMOVE in err, f"the refusal does not name checkpoint 6 or the fix: " \
                                                           f"{err!r}; {what}"
         assert digest(workdir) == before, f"a refused run changed the workdir; {what}"
         return

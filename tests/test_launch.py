@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from skymoe_jax.checkpoint.manager import Checkpointer
-from skymoe_jax.cli import Args, main
+from skymoe_jax.args import Args
+from skymoe_jax.cli import main
 from skymoe_jax.config import load_config
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.metrics.writers import read_jsonl
@@ -123,7 +124,7 @@ def test_mesh_refusal_and_header_name_the_device_count():
     assert str(err.value).startswith("parallel.mesh=(1, 4, 8) needs 32 devices but 8 are available "
                                      "(1 process x 8 local devices, cpu); ")
     from skymoe_jax.training import runtime as runtime_lib
-    from skymoe_jax.training.loop import whoami
+    from skymoe_jax.loop import whoami
 
     c = load_config("configs/default.py", ["--config.parallel.mesh=(1,4,2)"])
     assert whoami(runtime_lib.build(c)) == ("devices: cpu (cpu), process 0 of 1, 8 local / 8 global; mesh 1x4x2 "

@@ -5,10 +5,8 @@ exchanges tokens with all-to-all and really splits what it should."""
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from skymoe_jax.config import base_config
 from skymoe_jax.errors import ConfigError

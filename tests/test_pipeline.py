@@ -10,7 +10,7 @@ from skymoe_jax.config import apply_overrides, base_config, load_config
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.metrics.flops import pipeline_utilization, stage_flops_per_token
 from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.parallel.pipeline import bubble_fraction
+from skymoe_jax.model.pipeline import bubble_fraction
 from skymoe_jax.parallel.plan import plan
 
 from test_parallel import _step_and_hlo

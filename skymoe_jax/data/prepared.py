@@ -1,8 +1,6 @@
-"""Training from `skymoe prepare-data` output: the data.sources string, the checks against the run's
-tokenizer, and each source's training and validation documents for pipeline.make_mixture.
+"""Training from `skymoe prepare-data` output: the checks against the run's tokenizer, and each source's training and validation documents for pipeline.make_mixture.
 
-data.sources is 'DIR:WEIGHT,DIR:WEIGHT,...' (a string, because command-line overrides of ml-collections
-fields take plain values); a weight may be left out (1), and weights are normalized. Validation
+data.sources (config.parse_sources) names the directories and their weights. Validation
 documents come from DIR/val when that directory exists (prepared with --out=DIR/val); otherwise
 each source holds out the data.val_fraction of its documents picked by a hash of shard name and
 record number, which depends on neither machine nor process count.
@@ -10,7 +8,6 @@ record number, which depends on neither machine nor process count.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -20,34 +17,8 @@ import numpy as np
 
 from skymoe_jax.data import shard_format
 from skymoe_jax.data.sources import in_validation
-from skymoe_jax.errors import ConfigError, DataError
-
-EXAMPLE = "data/en:0.7,data/zh:0.2,data/code:0.1"
-
-
-def parse_sources(spec: str) -> list[tuple[str, float]]:
-    """'DIR:WEIGHT,...' -> [(DIR, weight)], weights summing to 1. Directories may not contain ':' or ','."""
-    entries = [e.strip() for e in spec.split(",") if e.strip()]
-    if not entries:
-        raise ConfigError(f"data.source='prepared' needs data.sources, e.g. '{EXAMPLE}' (directories "
-                          "written by skymoe prepare-data, each with a weight)")
-    parsed = []
-    for entry in entries:
-        path, colon, weight_text = entry.rpartition(":")
-        if not colon:
-            path, weight_text = entry, "1"
-        try:
-            weight = float(weight_text)
-        except ValueError:
-            raise ConfigError(f"data.sources entry {entry!r}: {weight_text!r} is not a weight; write DIR:WEIGHT "
-                              f"entries separated by commas, e.g. '{EXAMPLE}'") from None
-        if not path or not math.isfinite(weight) or weight <= 0:
-            raise ConfigError(f"data.sources entry {entry!r} needs a directory and a positive weight, "
-                              f"e.g. '{EXAMPLE}'")
-        parsed.append((path, weight))
-    total = sum(w for _, w in parsed)
-    return [(p, w / total) for p, w in parsed]
-
+from skymoe_jax.config import parse_sources
+from skymoe_jax.errors import DataError
 
 class _Shards:
     """All records of one prepared directory, numbered in shard order."""

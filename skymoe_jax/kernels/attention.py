@@ -17,7 +17,7 @@ from jax.experimental.pallas.ops.gpu import attention as flash
 from jax.sharding import PartitionSpec as P
 
 from skymoe_jax.kernels.common import resolve_interpret
-from skymoe_jax.parallel.mesh import batch_axes
+from skymoe_jax.model.axes import batch_axes
 
 def tile(seq_len: int, cap: int = 128) -> int:
     """The largest power of two <= cap dividing seq_len (config validation makes it at least 16, the

@@ -51,7 +51,7 @@ class ModelSpec:
     layout: str = "gshard"  # parallel.layout: how the MoE layer is laid out over a mesh
     routing_impl: str = "auto"  # moe.routing_impl: XLA or Pallas routing kernels (kernels/ops.py)
     # Layers per pipeline stage when the `pipeline` mesh axis is > 1, else (). The layer stack is then
-    # stored stage by stage, each stage padded to the longest (parallel/pipeline.py).
+    # stored stage by stage, each stage padded to the longest (model/pipeline.py).
     stage_layers: tuple[int, ...] = ()
 
     @property

@@ -126,7 +126,7 @@ def activation_memory(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: 
     held = spec.moe_layers[:max(spec.stage_layers)] if spec.pipelined else spec.moe_layers
     per_tick = sum(kept[is_moe] for is_moe in held)
     pipeline_bytes = per_tick + PIPELINE_GRADIENT_COPIES * stage_gradient_bytes if spec.pipelined else 0.0
-    # Pipelined, the loss is recomputed in the backward (parallel/pipeline.py), so one microbatch's head
+    # Pipelined, the loss is recomputed in the backward (model/pipeline.py), so one microbatch's head
     # residuals exist at a time, as without a pipeline.
     reduced = data > 1 or (expert > 1 and not edp)
     reduction = layer_gradient_bytes if reduced and not spec.pipelined else 0.0

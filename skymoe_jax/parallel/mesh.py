@@ -8,7 +8,7 @@ Mesh axes are ("pipeline", "data", "expert"). Two layouts:
   attention heads, dense FFN width and the vocabulary are tensor-parallel over the
   expert axis, the same devices that each hold whole experts; experts are
   replicated over data.
-In both, the layer stack is split over `pipeline`, stage by stage (parallel/pipeline.py).
+In both, the layer stack is split over `pipeline`, stage by stage (model/pipeline.py).
 ZeRO-1 splits the optimizer state over data; FSDP splits the parameters too
 (their `embed` dimension), gathered where they are used.
 """
@@ -25,8 +25,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from skymoe_jax.errors import ConfigError
+from skymoe_jax.model.axes import AXES, batch_axes
 
-AXES = ("pipeline", "data", "expert")
 LAYOUTS = ("gshard", "edp")
 
 # Logical axis -> candidate mesh axes, tried in order. A mesh axis shards at most one
@@ -100,10 +100,6 @@ def device_spread(devices: Sequence[jax.Device]) -> str:
     platform, kind = devices[0].platform, devices[0].device_kind
     return (f"{n} process{'es' * (n != 1)} x {local} local device{'s' * (counts != [1])}, {platform}"
             + (f" {kind}" if kind != platform else ""))
-
-
-def batch_axes(layout: str) -> tuple[str, ...]:
-    return ("data", "expert") if layout == "gshard" else ("data",)
 
 
 def layout_rules(layout: str) -> Rules:

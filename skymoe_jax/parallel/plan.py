@@ -6,7 +6,7 @@ stores them: with a pipeline the layer stack is stored stage by stage, each padd
 the longest stage (parallel.pipeline_stage_layers, or an even split), and split over
 `pipeline`, so every device holds the longest stage's layers. The embedding, final
 norm and head are not split over `pipeline`: every stage holds them (the embedding
-runs before the pipeline region, parallel/pipeline.py). Per-stage training FLOPs per token and the GPipe utilization (1 - bubble,
+runs before the pipeline region, model/pipeline.py). Per-stage training FLOPs per token and the GPipe utilization (1 - bubble,
 with stage imbalance) come from metrics/flops.py for parallel.num_microbatches. All-to-all bytes are what one device sends per step: each
 MoE layer exchanges its slot buffer four times (dispatch and return, forward and
 backward), six with full rematerialization (the forward runs twice). Activations (what the

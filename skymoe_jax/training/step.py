@@ -17,7 +17,7 @@ from flax import nnx
 from skymoe_jax.model.loss import cross_entropy
 from skymoe_jax.model.moe import router
 from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.parallel import pipeline
+from skymoe_jax.model import pipeline
 from skymoe_jax.training import aux_coef
 from skymoe_jax.training.optim import schedule
 from skymoe_jax.training.state import TrainState

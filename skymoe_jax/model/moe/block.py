@@ -3,7 +3,7 @@ experts, combine, and the per-layer statistics the trainer needs (aux loss,
 z-loss, drop rate, router metrics).
 
 `moe_tokens` is the whole layer on one shard of tokens. Without a device mesh it
-sees every token; under a mesh, parallel/expert_parallel.py runs it inside
+sees every token; under a mesh, model/moe/expert_parallel.py runs it inside
 shard_map and `Comm` tells it how to reach the other shards (all-to-all of slot
 buffers over the expert axis, means over the token axes).
 """
@@ -20,8 +20,8 @@ from skymoe_jax.model.layers import param
 from skymoe_jax.model.moe import dispatch, experts, router
 from skymoe_jax.model.moe.experts import Experts, ExpertWeights
 from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.parallel import expert_parallel
-from skymoe_jax.parallel.expert_parallel import Comm
+from skymoe_jax.model.moe import expert_parallel
+from skymoe_jax.model.moe.expert_parallel import Comm
 
 
 class MoEBlock(nnx.Module):

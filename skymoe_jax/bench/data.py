@@ -11,7 +11,7 @@ import grain
 import jax
 import ml_collections
 
-from skymoe_jax.bench import measured_matmul_peak, time_steps
+from skymoe_jax.bench.step import measured_matmul_peak, time_steps
 from skymoe_jax.data.inputs import make_datasets
 from skymoe_jax.metrics.flops import PEAK_FLOPS, flops_per_token
 from skymoe_jax.model.spec import ModelSpec

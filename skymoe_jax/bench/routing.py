@@ -174,7 +174,7 @@ def _ragged_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> int:
-    from skymoe_jax.cli import Args
+    from skymoe_jax.args import Args
     from skymoe_jax.errors import ConfigError
 
     args = Args(argv, {"small": False, "tokens": 0, "width": 0, "experts": 0, "top_k": 0, "impls": "xla,pallas",

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from skymoe_jax.parallel.mesh import batch_axes
+from skymoe_jax.model.axes import batch_axes
 
 
 class Comm(NamedTuple):

@@ -21,7 +21,7 @@ from skymoe_jax.metrics.similarity import similarity_fn
 from skymoe_jax.metrics.tensorboard import TensorBoardWriter
 from skymoe_jax.metrics.writers import Console, JsonlWriter
 from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.parallel.pipeline import bubble_fraction
+from skymoe_jax.model.pipeline import bubble_fraction
 from skymoe_jax.training import runtime as runtime_lib
 from skymoe_jax.training.preemption import StopSignals
 

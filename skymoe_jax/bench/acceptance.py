@@ -4,7 +4,7 @@
 
 In order, all written to one JSON file:
 1. every Pallas routing kernel against its XLA twin, and the flash attention kernel against dense
-   attention, forward and backward (kernels/acceptance.py): compiled through Triton on a GPU;
+   attention, forward and backward (bench/kernel_checks.py): compiled through Triton on a GPU;
 2. `skymoe bench routing`: XLA against Pallas per routing stage, at the bench's shapes;
 3. `skymoe bench step` on configs/gpu_medium.py, which also measures a matmul peak;
 4. a short configs/gpu_medium.py training run, with MFU (the data-sheet peak of a known GPU; on
@@ -25,13 +25,13 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from skymoe_jax.bench import step_benchmark
+from skymoe_jax.bench.step import step_benchmark
 from skymoe_jax.config import load_config
 from skymoe_jax.errors import ConfigError
-from skymoe_jax.kernels import acceptance as kernel_acceptance
+from skymoe_jax.bench import kernel_checks as kernel_acceptance
 from skymoe_jax.kernels import common
-from skymoe_jax.kernels.bench import SHAPES, Shape, routing_benchmark
-from skymoe_jax.training.loop import train
+from skymoe_jax.bench.routing import SHAPES, Shape, routing_benchmark
+from skymoe_jax.loop import train
 
 CONFIG = "configs/gpu_medium.py"
 # A short run: long enough for a steady tokens/s after compiling, short next to a real one.
@@ -108,7 +108,7 @@ def _describe_attention(a: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    from skymoe_jax.cli import Args
+    from skymoe_jax.args import Args
 
     args = Args(argv, {"out": "acceptance.json", "reduced": not common.on_gpu()})
     if args.config or args.overrides:
