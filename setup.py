@@ -36,8 +36,16 @@ setup(
         # notebooks/quickstart.ipynb: figures, and ipywidgets for rich's progress bar in Jupyter.
         "notebook": ["matplotlib>=3.8", "ipywidgets>=8"],
         # The tests also execute the notebook headless (nbclient on an ipykernel).
-        "test": ["pytest", "matplotlib>=3.8", "ipywidgets>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",
-                 "pyyaml>=6"],  # pyyaml: tests/test_launch.py reads the Kubernetes manifest
+        "test": [
+            "pytest",
+            "matplotlib>=3.8",
+            "ipywidgets>=8",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6",
+            "pyyaml>=6",
+            "ruff>=0.6",
+        ],  # pyyaml: tests/test_launch.py reads the Kubernetes manifest; ruff: test_lint
         # Only for tests/test_hf_import.py, which compares imported models with transformers' PyTorch ones.
         "hf": ["torch>=2.4", "transformers>=4.45"],
     },

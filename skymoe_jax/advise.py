@@ -31,9 +31,17 @@ class Advice:
         return self.moe_cost / self.dense_cost if self.dense_cost else float("inf")
 
 
-def advise(dense_params: float, dense_tokens: float, moe_tokens: float, *, top_k: int = 2,
-           ffn_share: float = 2 / 3, comm_overhead: float = 1.2, have_dense: bool = True,
-           upcycle_below: float = 1.0) -> Advice:
+def advise(
+    dense_params: float,
+    dense_tokens: float,
+    moe_tokens: float,
+    *,
+    top_k: int = 2,
+    ffn_share: float = 2 / 3,
+    comm_overhead: float = 1.2,
+    have_dense: bool = True,
+    upcycle_below: float = 1.0,
+) -> Advice:
     for name, value in (("dense_params", dense_params), ("moe_tokens", moe_tokens)):
         if value <= 0:
             raise ConfigError(f"--{name}={value} must be positive")
@@ -46,25 +54,44 @@ def advise(dense_params: float, dense_tokens: float, moe_tokens: float, *, top_k
         return Advice("scratch", "there is no trained dense model to start from", dense_cost, moe_cost, factor)
     ratio = moe_cost / dense_cost
     if ratio >= 2 - 1e-9:  # exactly 2x counts as 2x despite rounding
-        return Advice("scratch", f"the MoE budget is {ratio:.2f}x the dense model's cost (>= 2x): a model trained "
-                                 "from scratch catches up and ends better (experts start less similar)",
-                      dense_cost, moe_cost, factor)
+        return Advice(
+            "scratch",
+            f"the MoE budget is {ratio:.2f}x the dense model's cost (>= 2x): a model trained "
+            "from scratch catches up and ends better (experts start less similar)",
+            dense_cost,
+            moe_cost,
+            factor,
+        )
     if ratio <= upcycle_below:
-        return Advice("upcycle", f"the MoE budget is only {ratio:.2f}x the dense model's cost: upcycling reuses "
-                                 "that investment and stays ahead for the whole budget",
-                      dense_cost, moe_cost, factor)
-    return Advice("either", f"the MoE budget is {ratio:.2f}x the dense model's cost, between the regimes: "
-                            "upcycling starts ahead, scratch closes the gap near 2x",
-                  dense_cost, moe_cost, factor)
+        return Advice(
+            "upcycle",
+            f"the MoE budget is only {ratio:.2f}x the dense model's cost: upcycling reuses "
+            "that investment and stays ahead for the whole budget",
+            dense_cost,
+            moe_cost,
+            factor,
+        )
+    return Advice(
+        "either",
+        f"the MoE budget is {ratio:.2f}x the dense model's cost, between the regimes: "
+        "upcycling starts ahead, scratch closes the gap near 2x",
+        dense_cost,
+        moe_cost,
+        factor,
+    )
 
 
 def describe(a: Advice) -> str:
-    lines = [f"recommendation: {a.recommendation.upper()}: {a.reason}.",
-             f"dense cost C_dense = 6 N D = {a.dense_cost:.3e} FLOPs; MoE budget C_moe = 6 N f D_moe = "
-             f"{a.moe_cost:.3e} FLOPs with f = {a.cost_factor:.2f} (cost per token relative to dense); "
-             f"C_moe / C_dense = {a.ratio:.2f}."]
+    lines = [
+        f"recommendation: {a.recommendation.upper()}: {a.reason}.",
+        f"dense cost C_dense = 6 N D = {a.dense_cost:.3e} FLOPs; MoE budget C_moe = 6 N f D_moe = "
+        f"{a.moe_cost:.3e} FLOPs with f = {a.cost_factor:.2f} (cost per token relative to dense); "
+        f"C_moe / C_dense = {a.ratio:.2f}.",
+    ]
     if a.recommendation != "scratch":
-        lines.append("if you upcycle: use a decaying schedule with a peak near the dense model's (e.g. cosine); "
-                     "the paper's upcycled run with a small constant LR was the worst; "
-                     "skymoe upcycle --dense=DIR --out=DIR")
+        lines.append(
+            "if you upcycle: use a decaying schedule with a peak near the dense model's (e.g. cosine); "
+            "the paper's upcycled run with a small constant LR was the worst; "
+            "skymoe upcycle --dense=DIR --out=DIR"
+        )
     return "\n".join(lines)

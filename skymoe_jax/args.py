@@ -3,7 +3,7 @@ command accepts, each typed by its default. Shared by cli.py and the benchmarks'
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from skymoe_jax.errors import ConfigError
 

@@ -27,7 +27,7 @@ import itertools
 import json
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from skymoe_jax.args import Args
 from skymoe_jax.errors import ConfigError, UserError
@@ -44,7 +44,7 @@ def _config(args: Args):
 def cmd_train(argv: Sequence[str]) -> int:
     from skymoe_jax.checkpoint.manager import checkpoint_dir, saved_config
     from skymoe_jax.config import DEFAULT_CONFIG, apply_overrides, load_file, resolve_config_path, shape_changes
-    from skymoe_jax.loop import train
+    from skymoe_jax.run.loop import train
 
     args = Args(argv, {"workdir": "", "stop_exit_code": 0})
     if not 0 <= args.stop_exit_code <= 255:
@@ -57,8 +57,10 @@ def cmd_train(argv: Sequence[str]) -> int:
         config = apply_overrides(saved, args.overrides)
         changed = shape_changes(saved, config) or (shape_changes(saved, _config(args)) if args.config else "")
         if changed:
-            raise ConfigError(f"{workdir} holds checkpoints of another model shape ({changed}); "
-                              "use a new --workdir or drop the override")
+            raise ConfigError(
+                f"{workdir} holds checkpoints of another model shape ({changed}); "
+                "use a new --workdir or drop the override"
+            )
     else:
         config = _config(args)
     # A stop by signal saved a checkpoint; a non-zero status tells a launcher that restarts failed
@@ -69,7 +71,7 @@ def cmd_train(argv: Sequence[str]) -> int:
 def cmd_eval(argv: Sequence[str]) -> int:
     from skymoe_jax.checkpoint.manager import saved_config
     from skymoe_jax.config import apply_overrides
-    from skymoe_jax.loop import evaluate
+    from skymoe_jax.run.loop import evaluate
 
     args = Args(argv, {"workdir": "", "json": False})
     if not args.workdir:
@@ -79,8 +81,15 @@ def cmd_eval(argv: Sequence[str]) -> int:
     config = apply_overrides(saved_config(args.workdir), args.overrides)
     result = evaluate(config, args.workdir)
     if args.json:
-        print(json.dumps({"step": result["step"], "eval_loss": result["eval_loss"],
-                          "eval_drop_rate": [float(x) for x in result.get("eval_drop_rate", [])]}))
+        print(
+            json.dumps(
+                {
+                    "step": result["step"],
+                    "eval_loss": result["eval_loss"],
+                    "eval_drop_rate": [float(x) for x in result.get("eval_drop_rate", [])],
+                }
+            )
+        )
     else:
         line = f"step {result['step']}: eval loss {result['eval_loss']:.4f}"
         if "eval_drop_rate" in result:
@@ -100,9 +109,11 @@ def cmd_upcycle(argv: Sequence[str]) -> int:
     config = _config(args)
     path = upcycle(config, args.dense, args.out)
     counts = param_counts(ModelSpec.from_config(config))
-    print(f"upcycled {args.dense} into {path}: {config.moe.num_experts} experts top-{config.moe.top_k} "
-          f"({config.init.upcycle_mode}), {_count(counts.total)} parameters ({_count(counts.active)} activated); "
-          f"train it with: skymoe train --workdir={args.out}")
+    print(
+        f"upcycled {args.dense} into {path}: {config.moe.num_experts} experts top-{config.moe.top_k} "
+        f"({config.init.upcycle_mode}), {_count(counts.total)} parameters ({_count(counts.active)} activated); "
+        f"train it with: skymoe train --workdir={args.out}"
+    )
     return 0
 
 
@@ -116,27 +127,49 @@ def cmd_import_hf(argv: Sequence[str]) -> int:
         raise ConfigError("skymoe import-hf takes --hf_dir=DIR (config.json + safetensors) and --out=DIR")
     config = import_hf(args.hf_dir, args.out)
     counts = param_counts(ModelSpec.from_config(config))
-    print(f"imported {args.hf_dir} ({config.name}, {_count(counts.total)} parameters) into "
-          f"{os.path.join(args.out, 'checkpoints', '0')} with its config {os.path.join(args.out, 'config.py')}; "
-          f"use it with skymoe upcycle --dense={args.out} ... or skymoe train --config={args.out}/config.py "
-          f"--config.init.from_checkpoint={args.out}")
+    print(
+        f"imported {args.hf_dir} ({config.name}, {_count(counts.total)} parameters) into "
+        f"{os.path.join(args.out, 'checkpoints', '0')} with its config {os.path.join(args.out, 'config.py')}; "
+        f"use it with skymoe upcycle --dense={args.out} ... or skymoe train --config={args.out}/config.py "
+        f"--config.init.from_checkpoint={args.out}"
+    )
     return 0
 
 
 def cmd_advise(argv: Sequence[str]) -> int:
     from skymoe_jax.advise import advise, describe
 
-    args = Args(argv, {"dense_params": "", "dense_tokens": "", "moe_tokens": "", "top_k": 2, "ffn_share": "",
-                       "comm_overhead": "", "no_dense": False, "json": False})
+    args = Args(
+        argv,
+        {
+            "dense_params": "",
+            "dense_tokens": "",
+            "moe_tokens": "",
+            "top_k": 2,
+            "ffn_share": "",
+            "comm_overhead": "",
+            "no_dense": False,
+            "json": False,
+        },
+    )
     if args.config or args.overrides:
         raise ConfigError("skymoe advise takes no config; give --dense_params, --dense_tokens and --moe_tokens")
     numbers = {name: _number(name, getattr(args, name)) for name in ("dense_params", "dense_tokens", "moe_tokens")}
-    extra = {name: _number(name, getattr(args, name)) for name in ("ffn_share", "comm_overhead")
-             if getattr(args, name)}
+    extra = {name: _number(name, getattr(args, name)) for name in ("ffn_share", "comm_overhead") if getattr(args, name)}
     a = advise(**numbers, top_k=args.top_k, have_dense=not args.no_dense, **extra)
     if args.json:
-        print(json.dumps({"recommendation": a.recommendation, "reason": a.reason, "dense_cost_flops": a.dense_cost,
-                          "moe_cost_flops": a.moe_cost, "cost_factor": a.cost_factor, "ratio": a.ratio}))
+        print(
+            json.dumps(
+                {
+                    "recommendation": a.recommendation,
+                    "reason": a.reason,
+                    "dense_cost_flops": a.dense_cost,
+                    "moe_cost_flops": a.moe_cost,
+                    "cost_factor": a.cost_factor,
+                    "ratio": a.ratio,
+                }
+            )
+        )
     else:
         print(describe(a))
     return 0
@@ -156,7 +189,6 @@ def _number(name: str, text: str) -> float:
 def cmd_params(argv: Sequence[str]) -> int:
     from skymoe_jax.metrics.flops import flops_per_token, param_counts
     from skymoe_jax.model.spec import ModelSpec
-
     from skymoe_jax.parallel.devices import parse_device_memory
     from skymoe_jax.parallel.plan import parse_mesh, plan
 
@@ -171,44 +203,70 @@ def cmd_params(argv: Sequence[str]) -> int:
     spec = ModelSpec.from_config(config)
     counts = param_counts(spec)
     flops = flops_per_token(spec, config.data.seq_len, counts)
-    out = {"total_params": counts.total, "active_params": counts.active, "flops_per_token": flops,
-           "expert_params": counts.expert, "embedding_params": counts.embedding, "seq_len": config.data.seq_len}
-    lines = [f"{config.name}: {_count(counts.total)} total parameters, {_count(counts.active)} activated per token "
-             f"({100 * counts.expert / counts.total:.1f}% in experts); "
-             f"{_count(flops, billion='G')}FLOP per training token at sequence length {config.data.seq_len}"]
+    out = {
+        "total_params": counts.total,
+        "active_params": counts.active,
+        "flops_per_token": flops,
+        "expert_params": counts.expert,
+        "embedding_params": counts.embedding,
+        "seq_len": config.data.seq_len,
+    }
+    lines = [
+        f"{config.name}: {_count(counts.total)} total parameters, {_count(counts.active)} activated per token "
+        f"({100 * counts.expert / counts.total:.1f}% in experts); "
+        f"{_count(flops, billion='G')}FLOP per training token at sequence length {config.data.seq_len}"
+    ]
     if mesh:
         p = plan(config, mesh)
-        out["plan"] = {"mesh": p.mesh, "layout": p.layout, "params_bytes": p.params_bytes,
-                       "grads_bytes": p.grads_bytes, "optimizer_bytes": p.optimizer_bytes,
-                       "all_to_all_bytes_per_step": p.all_to_all_bytes, "tokens_per_device": p.tokens_per_device,
-                       "stage_layers": p.stage_layers, "stage_flops_per_token": p.stage_flops_per_token,
-                       "microbatches": p.microbatches, "pipeline_utilization": p.pipeline_utilization,
-                       "bubble": 1 - p.pipeline_utilization, "state_bytes": p.total_bytes,
-                       "activation_bytes": p.activations.terms(), "peak_bytes": p.peak_bytes}
+        out["plan"] = {
+            "mesh": p.mesh,
+            "layout": p.layout,
+            "params_bytes": p.params_bytes,
+            "grads_bytes": p.grads_bytes,
+            "optimizer_bytes": p.optimizer_bytes,
+            "all_to_all_bytes_per_step": p.all_to_all_bytes,
+            "tokens_per_device": p.tokens_per_device,
+            "stage_layers": p.stage_layers,
+            "stage_flops_per_token": p.stage_flops_per_token,
+            "microbatches": p.microbatches,
+            "pipeline_utilization": p.pipeline_utilization,
+            "bubble": 1 - p.pipeline_utilization,
+            "state_bytes": p.total_bytes,
+            "activation_bytes": p.activations.terms(),
+            "peak_bytes": p.peak_bytes,
+        }
         opts = "+".join(o for o in ("zero1", "fsdp") if config.parallel[o]) or "no ZeRO/FSDP"
-        gib = 2 ** 30
-        lines.append(f"per device on mesh {'x'.join(map(str, p.mesh))} (pipeline x data x expert), layout "
-                     f"{p.layout}, {opts}: parameters {p.params_bytes / gib:.2f} GiB, gradients "
-                     f"{p.grads_bytes / gib:.2f} GiB, Adam state {p.optimizer_bytes / gib:.2f} GiB "
-                     f"(total {p.total_bytes / gib:.2f} GiB); all-to-all {p.all_to_all_bytes / gib:.2f} GiB sent "
-                     f"per step for {p.tokens_per_device} tokens")
+        gib = 2**30
+        lines.append(
+            f"per device on mesh {'x'.join(map(str, p.mesh))} (pipeline x data x expert), layout "
+            f"{p.layout}, {opts}: parameters {p.params_bytes / gib:.2f} GiB, gradients "
+            f"{p.grads_bytes / gib:.2f} GiB, Adam state {p.optimizer_bytes / gib:.2f} GiB "
+            f"(total {p.total_bytes / gib:.2f} GiB); all-to-all {p.all_to_all_bytes / gib:.2f} GiB sent "
+            f"per step for {p.tokens_per_device} tokens"
+        )
         terms = ", ".join(f"{name} {v / gib:.2f}" for name, v in p.activations.terms().items())
-        lines.append(f"activations {p.activations.total / gib:.2f} GiB (model.remat={config.model.remat}: {terms} "
-                     f"GiB); peak per device {p.peak_bytes / gib:.2f} GiB")
+        lines.append(
+            f"activations {p.activations.total / gib:.2f} GiB (model.remat={config.model.remat}: {terms} "
+            f"GiB); peak per device {p.peak_bytes / gib:.2f} GiB"
+        )
         if device_memory:
             size, label = device_memory
             fits = p.peak_bytes <= size
             out["plan"].update(device_memory_bytes=size, fits=fits)
-            lines.append(f"{'fits' if fits else 'does NOT fit'} in {label} ({size / gib:.2f} GiB): "
-                         f"{abs(size - p.peak_bytes) / gib:.2f} GiB {'to spare' if fits else 'over'}")
+            lines.append(
+                f"{'fits' if fits else 'does NOT fit'} in {label} ({size / gib:.2f} GiB): "
+                f"{abs(size - p.peak_bytes) / gib:.2f} GiB {'to spare' if fits else 'over'}"
+            )
         if p.mesh[0] > 1:
             per_stage = p.stage_flops_per_token
             flops = ", ".join(f"{f / 1e9:.2f}" for f in per_stage)
             imbalance = max(per_stage) * len(per_stage) / sum(per_stage)
-            lines.append(f"pipeline stages {p.stage_layers} (layers); training GFLOP per token by stage [{flops}] "
-                         f"(head on the last); slowest / mean {imbalance:.3f}; with {p.microbatches} microbatches: "
-                         f"utilization {100 * p.pipeline_utilization:.1f}%, bubble "
-                         f"{100 * (1 - p.pipeline_utilization):.1f}%")
+            lines.append(
+                f"pipeline stages {p.stage_layers} (layers); training GFLOP per token by stage [{flops}] "
+                f"(head on the last); slowest / mean {imbalance:.3f}; with {p.microbatches} microbatches: "
+                f"utilization {100 * p.pipeline_utilization:.1f}%, bubble "
+                f"{100 * (1 - p.pipeline_utilization):.1f}%"
+            )
     print(json.dumps(out) if args.json else "\n".join(lines))
     return 0
 
@@ -240,43 +298,73 @@ def cmd_plan(argv: Sequence[str]) -> int:
     gib = 2**30
 
     def row(rank: int, c: Candidate) -> dict:
-        return {"rank": rank, "layout": c.describe(), "fits": c.fits, "peak_gib": c.plan.peak_bytes / gib,
-                "state_gib": c.plan.total_bytes / gib,
-                "activations_gib": {k: v / gib for k, v in c.plan.activations.terms().items()},
-                "step_s": c.step.total, "step_parts_s": dataclasses.asdict(c.step),
-                "tokens_per_sec_per_device": c.tokens_per_sec_per_device}
+        return {
+            "rank": rank,
+            "layout": c.describe(),
+            "fits": c.fits,
+            "peak_gib": c.plan.peak_bytes / gib,
+            "state_gib": c.plan.total_bytes / gib,
+            "activations_gib": {k: v / gib for k, v in c.plan.activations.terms().items()},
+            "step_s": c.step.total,
+            "step_parts_s": dataclasses.asdict(c.step),
+            "tokens_per_sec_per_device": c.tokens_per_sec_per_device,
+        }
 
     fitting = [(rank, c) for rank, c in enumerate(result.candidates, 1) if c.fits]
-    shown = fitting[:args.top] or sorted(enumerate(result.candidates, 1), key=lambda rc: rc[1].plan.peak_bytes)[:args.top]
-    out = {"config": config.name, "devices": args.devices, "device": device.name, "mfu": mfu,
-           "usable_gib": result.usable_bytes / gib, "layouts": len(result.candidates), "fitting": len(fitting),
-           "refused": result.refused, "shown": [row(r, c) for r, c in shown], "config_layout": row(*own) if own else None}
+    shown = (
+        fitting[: args.top] or sorted(enumerate(result.candidates, 1), key=lambda rc: rc[1].plan.peak_bytes)[: args.top]
+    )
+    out = {
+        "config": config.name,
+        "devices": args.devices,
+        "device": device.name,
+        "mfu": mfu,
+        "usable_gib": result.usable_bytes / gib,
+        "layouts": len(result.candidates),
+        "fitting": len(fitting),
+        "refused": result.refused,
+        "shown": [row(r, c) for r, c in shown],
+        "config_layout": row(*own) if own else None,
+    }
     if args.json:
         print(json.dumps(out))
         return 0
-    lines = [f"{config.name} on {args.devices} x {device.name} ({result.usable_bytes / gib:.1f} GiB usable, "
-             f"compute at {100 * mfu:.0f}% of {device.peak_flops / 1e12:.0f} TFLOP/s): {len(result.candidates)} layouts "
-             f"run ({result.refused} more cannot: batch, experts or routing groups do not divide), {len(fitting)} fit"]
-    lines.append(f"the {len(shown)} fastest that fit:" if fitting else
-                 f"none fits; the {len(shown)} with the smallest peak (rank = place by step time among all layouts):")
-    header = f"{'rank':>5}  {'layout':<60} {'peak GiB':>8} {'step s':>7} {'tok/s/dev':>9}  memory: state + activations (GiB)"
+    lines = [
+        f"{config.name} on {args.devices} x {device.name} ({result.usable_bytes / gib:.1f} GiB usable, "
+        f"compute at {100 * mfu:.0f}% of {device.peak_flops / 1e12:.0f} TFLOP/s): {len(result.candidates)} layouts "
+        f"run ({result.refused} more cannot: batch, experts or routing groups do not divide), {len(fitting)} fit"
+    ]
+    lines.append(
+        f"the {len(shown)} fastest that fit:"
+        if fitting
+        else f"none fits; the {len(shown)} with the smallest peak (rank = place by step time among all layouts):"
+    )
+    header = (
+        f"{'rank':>5}  {'layout':<60} {'peak GiB':>8} {'step s':>7} {'tok/s/dev':>9}  memory: state + activations (GiB)"
+    )
     lines.append(header)
 
     def text(rank: int, c: Candidate) -> str:
         terms = " ".join(f"{k} {v / gib:.1f}" for k, v in c.plan.activations.terms().items())
-        return (f"{rank:>5}  {c.describe():<60} {c.plan.peak_bytes / gib:>8.1f} {c.step.total:>7.2f} "
-                f"{c.tokens_per_sec_per_device:>9.0f}  state {c.plan.total_bytes / gib:.1f} + {terms}")
+        return (
+            f"{rank:>5}  {c.describe():<60} {c.plan.peak_bytes / gib:>8.1f} {c.step.total:>7.2f} "
+            f"{c.tokens_per_sec_per_device:>9.0f}  state {c.plan.total_bytes / gib:.1f} + {terms}"
+        )
 
     lines += [text(r, c) for r, c in shown]
     if own:
         rank, c = own
         parts = ", ".join(f"{k} {v:.2f}" for k, v in dataclasses.asdict(c.step).items())
         place = f"#{fitting.index(own) + 1} of the {len(fitting)} that fit" if c.fits else "does not fit"
-        lines.append(f"this config's layout ({c.describe()}): #{rank} of {len(result.candidates)} by step time, {place}; "
-                     f"step {c.step.total:.2f} s ({parts}); peak {c.plan.peak_bytes / gib:.1f} GiB")
+        lines.append(
+            f"this config's layout ({c.describe()}): #{rank} of {len(result.candidates)} by step time, {place}; "
+            f"step {c.step.total:.2f} s ({parts}); peak {c.plan.peak_bytes / gib:.1f} GiB"
+        )
     else:
-        lines.append(f"this config's layout (mesh {tuple(config.parallel.mesh)}) is not among them: its mesh does not use "
-                     f"{args.devices} devices, or the config cannot run on it")
+        lines.append(
+            f"this config's layout (mesh {tuple(config.parallel.mesh)}) is not among them: its mesh does not use "
+            f"{args.devices} devices, or the config cannot run on it"
+        )
     print("\n".join(lines))
     return 0
 
@@ -310,8 +398,10 @@ def cmd_report(argv: Sequence[str]) -> int:
     compare, rest = _multi_flag(argv, "compare")
     args = Args(rest, {"workdir": "", "out": ""})
     if not args.workdir or args.config or args.overrides:
-        raise ConfigError("skymoe report takes --workdir=DIR (a run's workdir), optionally --compare DIR ... "
-                          "(runs to overlay) and --out=DIR (default: WORKDIR/report)")
+        raise ConfigError(
+            "skymoe report takes --workdir=DIR (a run's workdir), optionally --compare DIR ... "
+            "(runs to overlay) and --out=DIR (default: WORKDIR/report)"
+        )
     runs = load_runs([args.workdir, *compare])  # bad input stops here, before anything is written
     written = write_report(runs, args.out or os.path.join(args.workdir, "report"))
     print(summary_table(runs))
@@ -354,17 +444,36 @@ def bench_data(argv: Sequence[str]) -> int:
 def cmd_prepare_data(argv: Sequence[str]) -> int:
     from skymoe_jax.data.prepare import prepare
 
-    args = Args(argv, {"input": "", "tokenizer": "", "out": "", "format": "text", "field": "text",
-                       "workers": os.cpu_count() or 1, "shard_docs": 10_000})
+    args = Args(
+        argv,
+        {
+            "input": "",
+            "tokenizer": "",
+            "out": "",
+            "format": "text",
+            "field": "text",
+            "workers": os.cpu_count() or 1,
+            "shard_docs": 10_000,
+        },
+    )
     if args.config or args.overrides or not (args.input and args.tokenizer and args.out):
-        raise ConfigError("skymoe prepare-data takes --input=GLOB, --tokenizer=PATH|byte and --out=DIR "
-                          "(and optionally --format, --field, --workers, --shard_docs)")
+        raise ConfigError(
+            "skymoe prepare-data takes --input=GLOB, --tokenizer=PATH|byte and --out=DIR "
+            "(and optionally --format, --field, --workers, --shard_docs)"
+        )
     if args.format not in ("text", "jsonl"):
         raise ConfigError(f"--format={args.format!r} is not one of text (one document per file), jsonl")
     if args.workers < 1 or args.shard_docs < 1:
         raise ConfigError("--workers and --shard_docs must be positive integers")
-    result = prepare(args.input, args.tokenizer, args.out, fmt=args.format, field=args.field, workers=args.workers,
-                     shard_docs=args.shard_docs)
+    result = prepare(
+        args.input,
+        args.tokenizer,
+        args.out,
+        fmt=args.format,
+        field=args.field,
+        workers=args.workers,
+        shard_docs=args.shard_docs,
+    )
     print(result["summary"])
     return 0
 
@@ -381,10 +490,18 @@ BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
     "routing": lambda argv: __import__("skymoe_jax.bench.routing", fromlist=["main"]).main(argv),
 }
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "train": cmd_train, "eval": cmd_eval, "upcycle": cmd_upcycle, "import-hf": cmd_import_hf,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "upcycle": cmd_upcycle,
+    "import-hf": cmd_import_hf,
     "advise": cmd_advise,
-    "params": cmd_params, "plan": cmd_plan, "bench": cmd_bench, "report": cmd_report, "prepare-data": cmd_prepare_data,
-    "acceptance": cmd_acceptance}
+    "params": cmd_params,
+    "plan": cmd_plan,
+    "bench": cmd_bench,
+    "report": cmd_report,
+    "prepare-data": cmd_prepare_data,
+    "acceptance": cmd_acceptance,
+}
 # Commands that run on devices join a multi-process run when the environment describes one.
 DISTRIBUTED = {"train", "eval", "upcycle", "bench"}
 

@@ -13,7 +13,7 @@ import copy
 import difflib
 import math
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import ml_collections
 
@@ -21,8 +21,14 @@ from skymoe_jax.errors import ConfigError
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # configs/ sits beside the package in a checkout (editable install) and inside it when installed from a wheel.
-BUILTIN_CONFIG_DIR = next((d for d in (os.path.join(os.path.dirname(_PACKAGE_DIR), "configs"),
-                                       os.path.join(_PACKAGE_DIR, "configs")) if os.path.isdir(d)), "configs")
+BUILTIN_CONFIG_DIR = next(
+    (
+        d
+        for d in (os.path.join(os.path.dirname(_PACKAGE_DIR), "configs"), os.path.join(_PACKAGE_DIR, "configs"))
+        if os.path.isdir(d)
+    ),
+    "configs",
+)
 DEFAULT_CONFIG = "configs/default.py"
 
 
@@ -153,8 +159,10 @@ def resolve_config_path(path: str) -> str:
     if os.path.isfile(builtin):
         return builtin
     available = sorted(n for n in os.listdir(BUILTIN_CONFIG_DIR) if n.endswith(".py") and not n.startswith("_"))
-    raise ConfigError(f"config file {path!r} not found; give a path to a .py file with get_config() "
-                      f"or one of the built-in configs: {', '.join('configs/' + n for n in available)}")
+    raise ConfigError(
+        f"config file {path!r} not found; give a path to a .py file with get_config() "
+        f"or one of the built-in configs: {', '.join('configs/' + n for n in available)}"
+    )
 
 
 def load_config(path: str = DEFAULT_CONFIG, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -173,8 +181,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     last = {arg.split("=", 1)[0]: arg for arg in overrides}
     argv = ["skymoe", *last.values()]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_dict("config", copy.deepcopy(config), flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
+    config_flags.DEFINE_config_dict("config", copy.deepcopy(config), flag_values=fv, lock_config=True, sys_argv=argv)
     try:
         fv(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
@@ -201,7 +208,7 @@ def load_file(path: str) -> ml_collections.ConfigDict:
 def _check_override_key(config: ml_collections.ConfigDict, arg: str) -> None:
     if not arg.startswith("--config."):
         raise ConfigError(f"unrecognised flag {arg.split('=')[0]!r}; config overrides look like --config.moe.top_k=2")
-    key = arg[len("--config."):].split("=", 1)[0]
+    key = arg[len("--config.") :].split("=", 1)[0]
     node = config
     walked = []
     for part in key.split("."):
@@ -209,8 +216,11 @@ def _check_override_key(config: ml_collections.ConfigDict, arg: str) -> None:
             options = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
             guess = difflib.get_close_matches(part, options, n=1)
             prefix = ".".join(walked)
-            hint = f"; did you mean '{'.'.join(walked + guess)}'?" if guess else (
-                f"; fields of '{prefix or 'config'}' are: {', '.join(options)}" if options else "")
+            hint = (
+                f"; did you mean '{'.'.join(walked + guess)}'?"
+                if guess
+                else (f"; fields of '{prefix or 'config'}' are: {', '.join(options)}" if options else "")
+            )
             raise ConfigError(f"unknown config field '{key}'{hint}")
         node = node[part]
         walked.append(part)
@@ -255,73 +265,124 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     for key, choices in _CHOICES.items():
         need(get(key) in choices, f"{key}={get(key)!r} is not one of {', '.join(choices)}")
-    for key in ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-                "model.ffn_dim", "data.seq_len", "data.batch_size", "train.steps", "train.log_every",
-                "train.eval_batches", "moe.moe_every", "train.stop_check_every"):
+    for key in (
+        "model.vocab_size",
+        "model.d_model",
+        "model.num_layers",
+        "model.num_heads",
+        "model.num_kv_heads",
+        "model.ffn_dim",
+        "data.seq_len",
+        "data.batch_size",
+        "train.steps",
+        "train.log_every",
+        "train.eval_batches",
+        "moe.moe_every",
+        "train.stop_check_every",
+    ):
         need(isinstance(get(key), int) and get(key) > 0, f"{key}={get(key)!r} must be a positive integer")
-    for key in ("train.eval_every", "train.checkpoint_every", "optim.warmup_steps", "moe.first_k_dense",
-                "moe.group_size", "train.keep_checkpoints", "data.shuffle_window", "train.keep_every",
-                "metrics.similarity_every"):
+    for key in (
+        "train.eval_every",
+        "train.checkpoint_every",
+        "optim.warmup_steps",
+        "moe.first_k_dense",
+        "moe.group_size",
+        "train.keep_checkpoints",
+        "data.shuffle_window",
+        "train.keep_every",
+        "metrics.similarity_every",
+    ):
         need(isinstance(get(key), int) and get(key) >= 0, f"{key}={get(key)!r} must be a non-negative integer")
 
     m = c.model
-    need(m.d_model % m.num_heads == 0,
-         f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; pick a head count that divides it")
+    need(
+        m.d_model % m.num_heads == 0,
+        f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; pick a head count that divides it",
+    )
     head_dim = m.d_model // m.num_heads
     need(head_dim % 2 == 0, f"model.d_model / model.num_heads = {head_dim} must be even for rotary embeddings")
     if m.attention_impl == "pallas":  # Triton's tl.dot takes tiles of at least 16 along every dimension
-        need(c.data.seq_len % 16 == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0,
-             f"model.attention_impl=pallas needs data.seq_len ({c.data.seq_len}) a multiple of 16 and the head "
-             f"dimension (model.d_model / model.num_heads = {head_dim}) a power of two >= 16; change them or use "
-             "model.attention_impl=chunked")
-    need(m.num_heads % m.num_kv_heads == 0,
-         f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} (grouped-query attention)")
-    need(m.init_std > 0 and m.norm_eps > 0 and m.rope_theta > 0,
-         "model.init_std, model.norm_eps and model.rope_theta must be positive")
+        need(
+            c.data.seq_len % 16 == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0,
+            f"model.attention_impl=pallas needs data.seq_len ({c.data.seq_len}) a multiple of 16 and the head "
+            f"dimension (model.d_model / model.num_heads = {head_dim}) a power of two >= 16; change them or use "
+            "model.attention_impl=chunked",
+        )
+    need(
+        m.num_heads % m.num_kv_heads == 0,
+        f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} (grouped-query attention)",
+    )
+    need(
+        m.init_std > 0 and m.norm_eps > 0 and m.rope_theta > 0,
+        "model.init_std, model.norm_eps and model.rope_theta must be positive",
+    )
 
     e = c.moe
-    need(isinstance(e.num_experts, int) and e.num_experts >= 0,
-         f"moe.num_experts={e.num_experts!r} must be 0 (dense) or a positive integer")
+    need(
+        isinstance(e.num_experts, int) and e.num_experts >= 0,
+        f"moe.num_experts={e.num_experts!r} must be 0 (dense) or a positive integer",
+    )
     if e.num_experts > 0:
         need(e.num_experts >= 2, f"moe.num_experts={e.num_experts} must be at least 2 (or 0 for a dense model)")
-        need(isinstance(e.top_k, int) and 1 <= e.top_k <= e.num_experts,
-             f"moe.top_k={e.top_k} must be between 1 and moe.num_experts={e.num_experts}")
-        need(isinstance(e.expert_ffn_dim, int) and e.expert_ffn_dim > 0,
-             f"moe.expert_ffn_dim={e.expert_ffn_dim!r} must be a positive integer")
-        need(e.capacity_factor > 0, f"moe.capacity_factor={e.capacity_factor} must be > 0 (1.0 = exactly balanced "
-                                    "capacity; use moe.dropless=True for no dropping)")
+        need(
+            isinstance(e.top_k, int) and 1 <= e.top_k <= e.num_experts,
+            f"moe.top_k={e.top_k} must be between 1 and moe.num_experts={e.num_experts}",
+        )
+        need(
+            isinstance(e.expert_ffn_dim, int) and e.expert_ffn_dim > 0,
+            f"moe.expert_ffn_dim={e.expert_ffn_dim!r} must be a positive integer",
+        )
+        need(
+            e.capacity_factor > 0,
+            f"moe.capacity_factor={e.capacity_factor} must be > 0 (1.0 = exactly balanced "
+            "capacity; use moe.dropless=True for no dropping)",
+        )
         need(e.eval_capacity_factor > 0, f"moe.eval_capacity_factor={e.eval_capacity_factor} must be > 0")
         need(e.gate_norm_ddof in (0, 1), f"moe.gate_norm_ddof={e.gate_norm_ddof} must be 0 or 1")
         need(not (e.gate_norm_ddof == 1 and e.num_experts < 2), "moe.gate_norm_ddof=1 needs at least 2 experts")
-        need(e.gate_norm_lambda > 0 and e.gate_norm_eps > 0,
-             "moe.gate_norm_lambda and moe.gate_norm_eps must be positive")
+        need(
+            e.gate_norm_lambda > 0 and e.gate_norm_eps > 0,
+            "moe.gate_norm_lambda and moe.gate_norm_eps must be positive",
+        )
         need(e.z_loss_coef >= 0, f"moe.z_loss_coef={e.z_loss_coef} must be >= 0")
         need(e.router_init_std > 0, f"moe.router_init_std={e.router_init_std} must be > 0")
-        need(e.first_k_dense < m.num_layers,
-             f"moe.first_k_dense={e.first_k_dense} leaves no MoE layer in model.num_layers={m.num_layers}; "
-             "set moe.num_experts=0 for a dense model")
-        need((m.num_layers - e.first_k_dense) % e.moe_every == 0,
-             f"moe.moe_every={e.moe_every} must divide the {m.num_layers - e.first_k_dense} layers after "
-             f"moe.first_k_dense={e.first_k_dense}")
+        need(
+            e.first_k_dense < m.num_layers,
+            f"moe.first_k_dense={e.first_k_dense} leaves no MoE layer in model.num_layers={m.num_layers}; "
+            "set moe.num_experts=0 for a dense model",
+        )
+        need(
+            (m.num_layers - e.first_k_dense) % e.moe_every == 0,
+            f"moe.moe_every={e.moe_every} must divide the {m.num_layers - e.first_k_dense} layers after "
+            f"moe.first_k_dense={e.first_k_dense}",
+        )
         tokens = c.data.batch_size * c.data.seq_len
-        need(tokens % (e.group_size or c.data.seq_len) == 0,
-             f"moe.group_size={e.group_size} must divide the {tokens} tokens of a batch "
-             "(data.batch_size * data.seq_len); 0 means one sequence per group")
+        need(
+            tokens % (e.group_size or c.data.seq_len) == 0,
+            f"moe.group_size={e.group_size} must divide the {tokens} tokens of a batch "
+            "(data.batch_size * data.seq_len); 0 means one sequence per group",
+        )
 
     a = c.aux_coef
-    need(a.initial_alpha >= 0 and a.alpha_max >= 0 and a.xi >= 0,
-         "aux_coef.initial_alpha, aux_coef.alpha_max and aux_coef.xi must be >= 0")
+    need(
+        a.initial_alpha >= 0 and a.alpha_max >= 0 and a.xi >= 0,
+        "aux_coef.initial_alpha, aux_coef.alpha_max and aux_coef.xi must be >= 0",
+    )
     need(0 <= a.beta < 1, f"aux_coef.beta={a.beta} must be in [0, 1)")
 
     o = c.optim
     need(o.lr > 0, f"optim.lr={o.lr} must be > 0")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     need(0 < o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
-    need(o.warmup_steps < c.train.steps or o.schedule == "constant",
-         f"optim.warmup_steps={o.warmup_steps} must be smaller than train.steps={c.train.steps}")
+    need(
+        o.warmup_steps < c.train.steps or o.schedule == "constant",
+        f"optim.warmup_steps={o.warmup_steps} must be smaller than train.steps={c.train.steps}",
+    )
     need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
-    need(o.weight_decay >= 0 and o.grad_clip >= 0 and o.eps > 0,
-         "optim.weight_decay and optim.grad_clip must be >= 0, optim.eps > 0")
+    need(
+        o.weight_decay >= 0 and o.grad_clip >= 0 and o.eps > 0,
+        "optim.weight_decay and optim.grad_clip must be >= 0, optim.eps > 0",
+    )
     need(o.expert_lr_multiplier > 0, f"optim.expert_lr_multiplier={o.expert_lr_multiplier} must be > 0")
 
     i = c.init
@@ -329,29 +390,41 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(not i.upcycle_from or c.moe.num_experts > 0, "init.upcycle_from needs an MoE config (moe.num_experts > 0)")
     for key in ("init.upcycle_from", "init.from_checkpoint"):
         path = get(key)
-        need(not path or os.path.isdir(os.path.join(path, "checkpoints"))
-             or os.path.basename(os.path.dirname(os.path.abspath(path))) == "checkpoints" and os.path.isdir(path),
-             f"{key}={path!r} is neither a run's workdir (with checkpoints/) nor WORKDIR/checkpoints/STEP")
+        need(
+            not path
+            or os.path.isdir(os.path.join(path, "checkpoints"))
+            or os.path.basename(os.path.dirname(os.path.abspath(path))) == "checkpoints"
+            and os.path.isdir(path),
+            f"{key}={path!r} is neither a run's workdir (with checkpoints/) nor WORKDIR/checkpoints/STEP",
+        )
     need(math.isfinite(i.upcycle_noise) and i.upcycle_noise >= 0, f"init.upcycle_noise={i.upcycle_noise} must be >= 0")
 
     peak = c.metrics.peak_flops_per_device
-    need(isinstance(peak, (int, float)) and math.isfinite(peak) and peak >= 0,
-         f"metrics.peak_flops_per_device={peak!r} must be >= 0 (FLOP/s of one device, e.g. 989e12; 0 = table)")
+    need(
+        isinstance(peak, (int, float)) and math.isfinite(peak) and peak >= 0,
+        f"metrics.peak_flops_per_device={peak!r} must be >= 0 (FLOP/s of one device, e.g. 989e12; 0 = table)",
+    )
 
     _validate_pipeline(c)
 
     d = c.data
     need(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    need(isinstance(d.num_streams, int) and d.num_streams > 0 and d.batch_size % d.num_streams == 0,
-         f"data.num_streams={d.num_streams} must be a positive divisor of data.batch_size={d.batch_size}")
+    need(
+        isinstance(d.num_streams, int) and d.num_streams > 0 and d.batch_size % d.num_streams == 0,
+        f"data.num_streams={d.num_streams} must be a positive divisor of data.batch_size={d.batch_size}",
+    )
     if d.source == "files":
         need(bool(d.train_files.strip()), "data.source='files' needs data.train_files (comma-separated globs)")
     if d.source == "prepared":
         for directory, _ in parse_sources(d.sources):
-            need(os.path.isdir(directory), f"data.sources: no directory {directory!r}; prepare it with "
-                                           f"skymoe prepare-data --out={directory}")
-    need(d.tokenizer == "byte" or os.path.isfile(d.tokenizer),
-         f"data.tokenizer={d.tokenizer!r}: no such file; give 'byte' or a Hugging Face tokenizer.json path")
+            need(
+                os.path.isdir(directory),
+                f"data.sources: no directory {directory!r}; prepare it with skymoe prepare-data --out={directory}",
+            )
+    need(
+        d.tokenizer == "byte" or os.path.isfile(d.tokenizer),
+        f"data.tokenizer={d.tokenizer!r}: no such file; give 'byte' or a Hugging Face tokenizer.json path",
+    )
 
 
 def _validate_pipeline(c: ml_collections.ConfigDict) -> None:
@@ -359,34 +432,53 @@ def _validate_pipeline(c: ml_collections.ConfigDict) -> None:
     stages = p.mesh[0] if len(p.mesh) == 3 else 1
     m = p.num_microbatches
     if not (isinstance(m, int) and m >= 1 and c.data.batch_size % m == 0):
-        raise ConfigError(f"parallel.num_microbatches={m} must be a positive divisor of data.batch_size="
-                          f"{c.data.batch_size}")
+        raise ConfigError(
+            f"parallel.num_microbatches={m} must be a positive divisor of data.batch_size={c.data.batch_size}"
+        )
     if stages == -1:
         raise ConfigError("parallel.mesh: the pipeline size cannot be -1; give it explicitly (1 for none)")
     if stages == 1:
         if p.pipeline_stage_layers or p.stage_remat:
-            raise ConfigError("parallel.pipeline_stage_layers and parallel.stage_remat need a pipeline axis "
-                              "(parallel.mesh=(STAGES, ..., ...) with STAGES > 1)")
+            raise ConfigError(
+                "parallel.pipeline_stage_layers and parallel.stage_remat need a pipeline axis "
+                "(parallel.mesh=(STAGES, ..., ...) with STAGES > 1)"
+            )
         return
     layers = tuple(p.pipeline_stage_layers)
     if layers and (len(layers) != stages or sum(layers) != c.model.num_layers or min(layers) < 1):
-        raise ConfigError(f"parallel.pipeline_stage_layers={layers} must give {stages} stages (the pipeline axis) "
-                          f"of at least one layer summing to model.num_layers={c.model.num_layers}")
+        raise ConfigError(
+            f"parallel.pipeline_stage_layers={layers} must give {stages} stages (the pipeline axis) "
+            f"of at least one layer summing to model.num_layers={c.model.num_layers}"
+        )
     if c.model.num_layers < stages:
         raise ConfigError(f"model.num_layers={c.model.num_layers} cannot fill {stages} pipeline stages")
     if c.moe.num_experts and (c.moe.first_k_dense or c.moe.moe_every != 1):
-        raise ConfigError("pipeline parallelism needs identical layers: moe.first_k_dense=0 and moe.moe_every=1 "
-                          "(or a dense model)")
+        raise ConfigError(
+            "pipeline parallelism needs identical layers: moe.first_k_dense=0 and moe.moe_every=1 (or a dense model)"
+        )
     remat = tuple(p.stage_remat)
     if remat and (len(remat) != stages or any(r not in ("none", "full", "dots") for r in remat)):
-        raise ConfigError(f"parallel.stage_remat={remat} must give one of none | full | dots for each of the "
-                          f"{stages} stages")
+        raise ConfigError(
+            f"parallel.stage_remat={remat} must give one of none | full | dots for each of the {stages} stages"
+        )
 
 
 # Fields that change parameter shapes or the layer layout: a checkpoint only fits the same values.
-SHAPE_FIELDS = ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-                "model.ffn_dim", "model.param_dtype", "model.qkv_bias", "moe.num_experts", "moe.expert_ffn_dim",
-                "moe.first_k_dense", "moe.moe_every", "parallel.pipeline_stage_layers")
+SHAPE_FIELDS = (
+    "model.vocab_size",
+    "model.d_model",
+    "model.num_layers",
+    "model.num_heads",
+    "model.num_kv_heads",
+    "model.ffn_dim",
+    "model.param_dtype",
+    "model.qkv_bias",
+    "moe.num_experts",
+    "moe.expert_ffn_dim",
+    "moe.first_k_dense",
+    "moe.moe_every",
+    "parallel.pipeline_stage_layers",
+)
 
 
 def shape_changes(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> str:
@@ -417,8 +509,10 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
     contain ':' or ','."""
     entries = [e.strip() for e in spec.split(",") if e.strip()]
     if not entries:
-        raise ConfigError(f"data.source='prepared' needs data.sources, e.g. '{SOURCES_EXAMPLE}' (directories "
-                          "written by skymoe prepare-data, each with a weight)")
+        raise ConfigError(
+            f"data.source='prepared' needs data.sources, e.g. '{SOURCES_EXAMPLE}' (directories "
+            "written by skymoe prepare-data, each with a weight)"
+        )
     parsed = []
     for entry in entries:
         path, colon, weight_text = entry.rpartition(":")
@@ -427,11 +521,14 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
         try:
             weight = float(weight_text)
         except ValueError:
-            raise ConfigError(f"data.sources entry {entry!r}: {weight_text!r} is not a weight; write DIR:WEIGHT "
-                              f"entries separated by commas, e.g. '{SOURCES_EXAMPLE}'") from None
+            raise ConfigError(
+                f"data.sources entry {entry!r}: {weight_text!r} is not a weight; write DIR:WEIGHT "
+                f"entries separated by commas, e.g. '{SOURCES_EXAMPLE}'"
+            ) from None
         if not path or not math.isfinite(weight) or weight <= 0:
-            raise ConfigError(f"data.sources entry {entry!r} needs a directory and a positive weight, "
-                              f"e.g. '{SOURCES_EXAMPLE}'")
+            raise ConfigError(
+                f"data.sources entry {entry!r} needs a directory and a positive weight, e.g. '{SOURCES_EXAMPLE}'"
+            )
         parsed.append((path, weight))
     total = sum(w for _, w in parsed)
     return [(p, w / total) for p, w in parsed]

@@ -8,5 +8,6 @@ import os
 FLAGS = {"--xla_force_host_platform_device_count": "8", "--xla_cpu_collective_call_terminate_timeout_seconds": "600"}
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] not in FLAGS]
-    + [f"{k}={v}" for k, v in FLAGS.items()])
+    + [f"{k}={v}" for k, v in FLAGS.items()]
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -11,8 +11,11 @@ import pytest
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     """Imported by a test module, it applies to that module: later runs read what the first one compiled."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     before = {name: getattr(jax.config, name) for name in names}
     for name, value in zip(names, (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)):
         jax.config.update(name, value)

@@ -7,9 +7,9 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from skymoe_jax.cli import main
 from skymoe_jax.bench import kernel_checks as kernel_acceptance
 from skymoe_jax.bench.routing import STAGES
+from skymoe_jax.cli import main
 
 
 def test_acceptance_reduced_on_cpu(tmp_path, capsys):
@@ -34,7 +34,8 @@ def test_acceptance_reduced_on_cpu(tmp_path, capsys):
     assert "flash attention vs dense (1 x 32 tokens" in printed
 
     assert {(r["impl"], r["stage"]) for r in result["bench_routing"]} == {
-        (i, s) for i in ("xla", "pallas") for s in (*STAGES, "sum")}
+        (i, s) for i in ("xla", "pallas") for s in (*STAGES, "sum")
+    }
     step = result["bench_step"]
     assert step["config"] == "gpu_medium" and step["tokens_per_sec"] > 0 and step["moe_overhead"] > 0
 

@@ -17,12 +17,15 @@ def test_costs_and_factor_by_hand():
     assert a.recommendation == "upcycle"  # 0.67x the dense cost: the paper's winning upcycled setting
 
 
-@pytest.mark.parametrize("dense_tokens,moe_tokens,have,expected", [
-    (3e11, 3e11, True, "scratch"),  # exactly 2x
-    (1e11, 3e11, True, "scratch"),  # 6x
-    (3e11, 2e11, True, "either"),  # 1.33x
-    (3e11, 1e10, False, "scratch"),  # no dense model
-])
+@pytest.mark.parametrize(
+    "dense_tokens,moe_tokens,have,expected",
+    [
+        (3e11, 3e11, True, "scratch"),  # exactly 2x
+        (1e11, 3e11, True, "scratch"),  # 6x
+        (3e11, 2e11, True, "either"),  # 1.33x
+        (3e11, 1e10, False, "scratch"),  # no dense model
+    ],
+)
 def test_regimes(dense_tokens, moe_tokens, have, expected):
     assert advise(3e8, dense_tokens, moe_tokens, have_dense=have).recommendation == expected
 

@@ -15,7 +15,7 @@ LAYERS = [
     ("parallel", "data", "metrics"),
     ("training",),
     ("checkpoint",),
-    ("loop",),
+    ("run",),
     ("args", "advise", "bench", "cli"),
 ]
 
@@ -52,11 +52,15 @@ def imports(module: str) -> set[str]:
             base = node.module or ""
             if node.level:
                 anchor = package.split(".") if package else []
-                anchor = anchor[:len(anchor) - node.level + 1]
+                anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join(["skymoe_jax", *anchor, *([base] if base else [])])
             names = [base, *(f"{base}.{a.name}" for a in node.names)]
-        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "__import__" and node.args \
-                and isinstance(node.args[0], ast.Constant):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", "") == "__import__"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             names = [node.args[0].value]
         for name in names:
             if name == "skymoe_jax" or name.startswith("skymoe_jax."):
@@ -72,16 +76,21 @@ GRAPH = {m: imports(m) for m in MODULES}
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m))
 def test_imports_run_downward(module):
     upward = sorted(t for t in GRAPH[module] if layer_of(t) > layer_of(module))
-    assert not upward, (f"skymoe_jax.{module} (layer {layer_of(module)}: {LAYERS[layer_of(module)]}) imports "
-                        + ", ".join(f"skymoe_jax.{t} (layer {layer_of(t)})" for t in upward)
-                        + "; move the shared piece down or the importer up (ARCHITECTURE.md)")
+    assert not upward, (
+        f"skymoe_jax.{module} (layer {layer_of(module)}: {LAYERS[layer_of(module)]}) imports "
+        + ", ".join(f"skymoe_jax.{t} (layer {layer_of(t)})" for t in upward)
+        + "; move the shared piece down or the importer up (ARCHITECTURE.md)"
+    )
 
 
 def test_no_import_cycles():
     """Packages (__init__ modules) are left out: importing pkg.a always runs pkg/__init__ first, which is not
     a dependency of pkg.a's code."""
-    graph = {m: {t for t in GRAPH[m] if MODULES[t].name != "__init__.py"} for m in MODULES
-             if MODULES[m].name != "__init__.py"}
+    graph = {
+        m: {t for t in GRAPH[m] if MODULES[t].name != "__init__.py"}
+        for m in MODULES
+        if MODULES[m].name != "__init__.py"
+    }
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -90,7 +99,7 @@ def test_no_import_cycles():
         stack.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                cycle = stack[stack.index(t):] + [t]
+                cycle = stack[stack.index(t) :] + [t]
                 raise AssertionError("import cycle: " + " -> ".join(f"skymoe_jax.{c}" for c in cycle))
             if t not in state:
                 visit(t)
@@ -103,7 +112,7 @@ def test_no_import_cycles():
 
 
 def test_the_checker_sees_an_upward_and_a_lazy_import():
-    assert "loop" in GRAPH["cli"]  # a lazy import inside cmd_train
+    assert "run.loop" in GRAPH["cli"]  # a lazy import inside cmd_train
     assert "bench.routing" in GRAPH["cli"]  # through __import__
-    assert layer_of("loop") > layer_of("training.step") > layer_of("model.transformer") > layer_of("config")
+    assert layer_of("run.loop") > layer_of("training.step") > layer_of("model.transformer") > layer_of("config")
     assert "model.spec" in GRAPH["parallel.plan"] and layer_of("model.spec") < layer_of("parallel.plan")

@@ -1,7 +1,7 @@
 """The adaptive aux-coefficient rule against a plain numpy simulation."""
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from skymoe_jax.training.aux_coef import update_alpha
 

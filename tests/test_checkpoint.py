@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from faults import digest
 
 from skymoe_jax.checkpoint.manager import Checkpointer, DataPosition
 from skymoe_jax.cli import main
@@ -23,13 +24,21 @@ from skymoe_jax.errors import CheckpointError
 from skymoe_jax.metrics.writers import read_jsonl
 from skymoe_jax.training import runtime as runtime_lib
 
-from faults import digest
-
 # A tiny model on the default data settings (the built-in corpus, 16 x 256 tokens, shuffle window 4096, 8 streams).
-TINY_MODEL = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
-              "--config.model.num_kv_heads=1", "--config.model.ffn_dim=64", "--config.moe.expert_ffn_dim=32",
-              "--config.moe.num_experts=4", "--config.moe.group_size=0", "--config.optim.warmup_steps=2",
-              "--config.train.eval_every=0", "--config.train.progress=False", "--config.parallel.mesh=(1,-1,1)"]
+TINY_MODEL = [
+    "--config.model.d_model=32",
+    "--config.model.num_layers=2",
+    "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=1",
+    "--config.model.ffn_dim=64",
+    "--config.moe.expert_ffn_dim=32",
+    "--config.moe.num_experts=4",
+    "--config.moe.group_size=0",
+    "--config.optim.warmup_steps=2",
+    "--config.train.eval_every=0",
+    "--config.train.progress=False",
+    "--config.parallel.mesh=(1,-1,1)",
+]
 TINY = TINY_MODEL + ["--config.data.seq_len=32", "--config.data.batch_size=8", "--config.data.shuffle_window=64"]
 
 
@@ -85,15 +94,17 @@ def test_sigkill_after_step_37_resumes_bit_for_bit(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_cmd(whole, *flags, model=TINY_MODEL), check=True, capture_output=True, env=_env(), timeout=600)
 
-    proc = subprocess.Popen(_cmd(killed, *flags, model=TINY_MODEL), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=_env())
+    proc = subprocess.Popen(
+        _cmd(killed, *flags, model=TINY_MODEL), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
+    )
     _wait_for(lambda: _logged(killed, 37) and (killed / "checkpoints" / "30").is_dir(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert Checkpointer(killed).latest_step() in (30, 40) and not (killed / "checkpoints" / "40").is_dir()
 
-    rerun = subprocess.run(_cmd(killed, *flags, model=TINY_MODEL), capture_output=True, text=True, env=_env(),
-                           timeout=600)
+    rerun = subprocess.run(
+        _cmd(killed, *flags, model=TINY_MODEL), capture_output=True, text=True, env=_env(), timeout=600
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming at step 30" in rerun.stdout
     a, b = _last_per_step(whole), _last_per_step(killed)
@@ -104,8 +115,14 @@ def test_sigkill_after_step_37_resumes_bit_for_bit(tmp_path):
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     # Big enough that writing a checkpoint takes a while, so the kill lands inside a save.
-    flags = ["--config.train.steps=100", "--config.train.log_every=1", "--config.train.checkpoint_every=5",
-             "--config.model.d_model=256", "--config.moe.expert_ffn_dim=1024", "--config.train.keep_checkpoints=5"]
+    flags = [
+        "--config.train.steps=100",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=5",
+        "--config.model.d_model=256",
+        "--config.moe.expert_ffn_dim=1024",
+        "--config.train.keep_checkpoints=5",
+    ]
     workdir = tmp_path / "run"
     proc = subprocess.Popen(_cmd(workdir, *flags), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     ckpts = workdir / "checkpoints"
@@ -118,22 +135,33 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert Checkpointer(workdir).latest_step() == 5
-    ev = subprocess.run([sys.executable, "-m", "skymoe_jax.cli", "eval", f"--workdir={workdir}", "--json"],
-                        capture_output=True, text=True, env=_env(), timeout=600)
+    ev = subprocess.run(
+        [sys.executable, "-m", "skymoe_jax.cli", "eval", f"--workdir={workdir}", "--json"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
     assert ev.returncode == 0, ev.stderr
     assert '"step": 5' in ev.stdout
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(workdir, "--config.train.steps=100000", "--config.train.log_every=1",
-                                 "--config.train.checkpoint_every=1000"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        _cmd(
+            workdir, "--config.train.steps=100000", "--config.train.log_every=1", "--config.train.checkpoint_every=1000"
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     _wait_for(lambda: _logged(workdir, 3), proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    line = [l for l in out.splitlines() if l.startswith("stopped by SIGTERM")]
+    line = [text for text in out.splitlines() if text.startswith("stopped by SIGTERM")]
     assert line, out
     step = Checkpointer(workdir).latest_step()
     assert step >= 3 and f"saved checkpoint {workdir / 'checkpoints' / str(step)}" in line[0]
@@ -174,8 +202,19 @@ def test_restore_onto_other_meshes_gives_the_same_next_step(tmp_path):
 def trained(tmp_path_factory):
     """A 6-step run with checkpoints at 3 and 6, and its eval loss."""
     workdir = tmp_path_factory.mktemp("ckpt") / "run"
-    assert main(["train", f"--workdir={workdir}", *TINY, "--config.train.steps=6",
-                 "--config.train.checkpoint_every=3", "--config.train.log_every=3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"--workdir={workdir}",
+                *TINY,
+                "--config.train.steps=6",
+                "--config.train.checkpoint_every=3",
+                "--config.train.log_every=3",
+            ]
+        )
+        == 0
+    )
     return workdir
 
 
@@ -197,8 +236,18 @@ def test_non_finite_loss(trained, tmp_path, capsys, policy):
     workdir = _copy(trained, tmp_path)
     _, before, _ = _eval_json(workdir, capsys)
     # An absurd learning rate overflows the parameters, so a later forward pass is non-finite.
-    code = main(["train", f"--workdir={workdir}", *TINY, "--config.train.steps=12", "--config.optim.lr=1e30",
-                 "--config.train.log_every=1", "--config.train.checkpoint_every=3", f"--config.train.nonfinite={policy}"])
+    code = main(
+        [
+            "train",
+            f"--workdir={workdir}",
+            *TINY,
+            "--config.train.steps=12",
+            "--config.optim.lr=1e30",
+            "--config.train.log_every=1",
+            "--config.train.checkpoint_every=3",
+            f"--config.train.nonfinite={policy}",
+        ]
+    )
     err = capsys.readouterr().err
     if policy == "stop":
         assert code != 0
@@ -222,8 +271,13 @@ def test_missing_checkpoint_leaves_no_directory_behind(tmp_path, capsys):
 
 def test_dense_run_resumes_exactly_and_evaluates(tmp_path, capsys):
     # A dense state has no alpha: the checkpoint holds none, and restoring must not ask for one.
-    flags = [*TINY, "--config.moe.num_experts=0", "--config.train.log_every=1", "--config.train.checkpoint_every=4",
-             "--config.train.steps=8"]
+    flags = [
+        *TINY,
+        "--config.moe.num_experts=0",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=4",
+        "--config.train.steps=8",
+    ]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert main(["train", f"--workdir={whole}", *flags]) == 0
     shutil.copytree(whole, resumed)
@@ -287,6 +341,9 @@ def test_shape_incompatible_checkpoint_names_the_parameter(trained):
     c = _config((1, 1, 1))
     c.moe.expert_ffn_dim = 48
     rt = runtime_lib.build(c, jax.devices()[:1])
-    with pytest.raises(CheckpointError, match=r"parameter params/stacks/0/blocks/layers/0/ffn/experts/w_down has "
-                                              r"shape \(2, 4, 32, 32\) in checkpoint .* but \(2, 4, 48, 32\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"parameter params/stacks/0/blocks/layers/0/ffn/experts/w_down has "
+        r"shape \(2, 4, 32, 32\) in checkpoint .* but \(2, 4, 48, 32\)",
+    ):
         Checkpointer(trained).restore(6, rt.abstract_state())

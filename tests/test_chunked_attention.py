@@ -27,8 +27,9 @@ def _dense(q, k, v, segments):
 def test_values_and_gradients_equal_the_dense_reference(block):
     q, k, v, segments = _inputs()
     weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
-    np.testing.assert_allclose(chunked_attention(q, k, v, segments, block), _dense(q, k, v, segments),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        chunked_attention(q, k, v, segments, block), _dense(q, k, v, segments), rtol=1e-5, atol=1e-5
+    )
     loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * weights)
     want = jax.grad(loss(lambda q, k, v: _dense(q, k, v, segments)), argnums=(0, 1, 2))(q, k, v)
     got = jax.grad(loss(lambda q, k, v: chunked_attention(q, k, v, segments, block)), argnums=(0, 1, 2))(q, k, v)

@@ -10,35 +10,55 @@ import pytest
 from skymoe_jax.cli import main
 from skymoe_jax.metrics.writers import read_jsonl
 
-TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
-        "--config.model.num_kv_heads=1", "--config.model.ffn_dim=64", "--config.moe.expert_ffn_dim=32",
-        "--config.moe.num_experts=4", "--config.moe.group_size=0", "--config.data.seq_len=32", "--config.data.batch_size=8",
-        "--config.data.shuffle_window=64", "--config.train.steps=6", "--config.train.log_every=2",
-        "--config.train.eval_every=3", "--config.train.eval_batches=2", "--config.train.checkpoint_every=3",
-        "--config.optim.warmup_steps=2", "--config.train.progress=False"]
+TINY = [
+    "--config.model.d_model=32",
+    "--config.model.num_layers=2",
+    "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=1",
+    "--config.model.ffn_dim=64",
+    "--config.moe.expert_ffn_dim=32",
+    "--config.moe.num_experts=4",
+    "--config.moe.group_size=0",
+    "--config.data.seq_len=32",
+    "--config.data.batch_size=8",
+    "--config.data.shuffle_window=64",
+    "--config.train.steps=6",
+    "--config.train.log_every=2",
+    "--config.train.eval_every=3",
+    "--config.train.eval_batches=2",
+    "--config.train.checkpoint_every=3",
+    "--config.optim.warmup_steps=2",
+    "--config.train.progress=False",
+]
 
 
 def _skymoe(*args, cwd=None):
     """Run the installed console script the way a user does."""
-    return subprocess.run([sys.executable, "-m", "skymoe_jax.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "skymoe_jax.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["train", "--config.moe.top_k=99"], "moe.top_k=99"),
-    (["train", "--config.moe.capacity_factor=0"], "moe.capacity_factor"),
-    (["train", "--config.moe.num_expert=16"], "did you mean 'moe.num_experts'"),
-    (["train", "--config.model.num_heads=5"], "model.num_heads=5 does not divide"),
-    (["train", "--config.data.source=files", "--config.data.train_files=/no/such/file.txt"],
-     "data.train_files: no file matches '/no/such/file.txt'"),
-    (["train", "--config=configs/missing.py"], "config file 'configs/missing.py' not found"),
-    (["train", "--bogus=1"], "unknown flag --bogus"),
-    (["train", "--stop_exit_code=300"], "--stop_exit_code=300 must be an exit status between 0 and 255"),
-    (["eval"], "needs --workdir"),
-    (["params", "--mesh=1,1,1", "--device_memory=80XB"], "--device_memory='80XB' must be a size with its unit"),
-    (["params", "--device_memory=80GB"], "--device_memory needs --mesh"),
-    (["frobnicate"], "unknown command"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["train", "--config.moe.top_k=99"], "moe.top_k=99"),
+        (["train", "--config.moe.capacity_factor=0"], "moe.capacity_factor"),
+        (["train", "--config.moe.num_expert=16"], "did you mean 'moe.num_experts'"),
+        (["train", "--config.model.num_heads=5"], "model.num_heads=5 does not divide"),
+        (
+            ["train", "--config.data.source=files", "--config.data.train_files=/no/such/file.txt"],
+            "data.train_files: no file matches '/no/such/file.txt'",
+        ),
+        (["train", "--config=configs/missing.py"], "config file 'configs/missing.py' not found"),
+        (["train", "--bogus=1"], "unknown flag --bogus"),
+        (["train", "--stop_exit_code=300"], "--stop_exit_code=300 must be an exit status between 0 and 255"),
+        (["eval"], "needs --workdir"),
+        (["params", "--mesh=1,1,1", "--device_memory=80XB"], "--device_memory='80XB' must be a size with its unit"),
+        (["params", "--device_memory=80GB"], "--device_memory needs --mesh"),
+        (["frobnicate"], "unknown command"),
+    ],
+)
 def test_bad_input_is_one_line_and_nonzero(args, needle, tmp_path):
     result = _skymoe(*args, cwd=tmp_path)
     assert result.returncode != 0
@@ -50,7 +70,7 @@ def test_bad_input_is_one_line_and_nonzero(args, needle, tmp_path):
 
 def test_stop_exit_code_only_after_a_stop(monkeypatch, tmp_path):
     """Kubernetes restarts a JobSet whose pod failed: a stopped (saved) run can ask to look failed."""
-    import skymoe_jax.loop as loop
+    import skymoe_jax.run.loop as loop
 
     for stopped, code in ((True, 75), (False, 0)):
         monkeypatch.setattr(loop, "train", lambda config, workdir, s=stopped: {"stopped": True} if s else {})

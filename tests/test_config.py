@@ -14,27 +14,38 @@ def test_default_and_builtin_configs_load():
 
 
 def test_override_is_typed_and_applied():
-    c = load_config("configs/default.py", ["--config.moe.num_experts=16", "--config.optim.lr=1e-4",
-                                           "--config.moe.gate_norm=False"])
+    c = load_config(
+        "configs/default.py", ["--config.moe.num_experts=16", "--config.optim.lr=1e-4", "--config.moe.gate_norm=False"]
+    )
     assert c.moe.num_experts == 16 and c.optim.lr == 1e-4 and c.moe.gate_norm is False
 
 
 def test_the_last_value_of_a_repeated_override_wins():
-    c = apply_overrides(base_config(), ["--config.parallel.mesh=(1,8,1)", "--config.train.steps=50",
-                                        "--config.parallel.mesh=(1,-1,1)", "--config.train.steps=70"])
+    c = apply_overrides(
+        base_config(),
+        [
+            "--config.parallel.mesh=(1,8,1)",
+            "--config.train.steps=50",
+            "--config.parallel.mesh=(1,-1,1)",
+            "--config.train.steps=70",
+        ],
+    )
     assert c.parallel.mesh == (1, -1, 1) and c.train.steps == 70
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("--config.moe.top_k=99", "moe.top_k=99"),
-    ("--config.moe.capacity_factor=0", "moe.capacity_factor"),
-    ("--config.moe.topk=3", "did you mean 'moe.top_k'"),
-    ("--config.model.num_heads=5", "model.num_heads=5 does not divide model.d_model=128"),
-    ("--config.moe.top_k=abc", "moe.top_k"),
-    ("--config.moe.drop_policy=random", "moe.drop_policy"),
-    ("--config.moe.moe_every=3", "moe.moe_every=3"),
-    ("--config.data.tokenizer=/no/such/tokenizer.json", "data.tokenizer"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("--config.moe.top_k=99", "moe.top_k=99"),
+        ("--config.moe.capacity_factor=0", "moe.capacity_factor"),
+        ("--config.moe.topk=3", "did you mean 'moe.top_k'"),
+        ("--config.model.num_heads=5", "model.num_heads=5 does not divide model.d_model=128"),
+        ("--config.moe.top_k=abc", "moe.top_k"),
+        ("--config.moe.drop_policy=random", "moe.drop_policy"),
+        ("--config.moe.moe_every=3", "moe.moe_every=3"),
+        ("--config.data.tokenizer=/no/such/tokenizer.json", "data.tokenizer"),
+    ],
+)
 def test_bad_overrides_name_the_field(override, needle):
     with pytest.raises(ConfigError) as err:
         load_config("configs/default.py", [override])

@@ -30,8 +30,11 @@ def _files_config(tmp_path, docs, fmt="text", **data):
 
 
 def test_to_model_batch_masks_document_boundaries_and_padding():
-    packed = {"tokens": np.array([[1, 2, 3, 7, 8, 0]]), "tokens_segment_ids": np.array([[1, 1, 1, 2, 2, 0]]),
-              "tokens_positions": np.array([[0, 1, 2, 0, 1, 0]])}
+    packed = {
+        "tokens": np.array([[1, 2, 3, 7, 8, 0]]),
+        "tokens_segment_ids": np.array([[1, 1, 1, 2, 2, 0]]),
+        "tokens_positions": np.array([[0, 1, 2, 0, 1, 0]]),
+    }
     b = to_model_batch(packed)
     np.testing.assert_array_equal(b["inputs"], [[1, 2, 3, 7, 8]])
     np.testing.assert_array_equal(b["targets"], [[2, 3, 7, 8, 0]])
@@ -108,8 +111,9 @@ def test_hf_tokenizer_from_local_file(tmp_path):
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["def foo(): return bar", "class Baz: pass"] * 20,
-                            trainers.BpeTrainer(vocab_size=80, special_tokens=["[UNK]"]))
+    tok.train_from_iterator(
+        ["def foo(): return bar", "class Baz: pass"] * 20, trainers.BpeTrainer(vocab_size=80, special_tokens=["[UNK]"])
+    )
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     loaded = make_tokenizer(str(path))
@@ -125,8 +129,10 @@ def test_processes_together_see_the_single_process_batches():
     train, _ = load_documents(c.data, ByteTokenizer())
     whole = list(itertools.islice(iter(make_dataset(train, c.data, seed=0)), 3))
     for count in (2, 4):
-        parts = [list(itertools.islice(iter(make_dataset(train, c.data, seed=0, process_index=i,
-                                                         process_count=count)), 3)) for i in range(count)]
+        parts = [
+            list(itertools.islice(iter(make_dataset(train, c.data, seed=0, process_index=i, process_count=count)), 3))
+            for i in range(count)
+        ]
         for step, batch in enumerate(whole):
             for key in batch:
                 np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), batch[key])

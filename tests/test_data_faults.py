@@ -5,11 +5,10 @@ resume of it that must stop before anything is written."""
 import os
 
 import pytest
-
-from skymoe_jax.cli import main
-
 from faults import digest, train_tokenizer
 from test_cli import TINY
+
+from skymoe_jax.cli import main
 
 DOCS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # document {i}\n" * 40 for i in range(12)]
 
@@ -25,9 +24,16 @@ def run(tmp_path_factory):
     tokenizer = train_tokenizer(root / "tokenizer.json", DOCS)
     # Validation files of their own: the faults below replace only the training files, which the
     # pipeline reads after the checkpoint is restored.
-    flags = [*TINY, "--config.data.source=files", f"--config.data.train_files={root / 'train' / '*.txt'}",
-             f"--config.data.val_files={root / 'val' / '*.txt'}", f"--config.data.tokenizer={tokenizer}",
-             "--config.model.vocab_size=128", "--config.data.num_streams=2", "--config.train.steps=3"]
+    flags = [
+        *TINY,
+        "--config.data.source=files",
+        f"--config.data.train_files={root / 'train' / '*.txt'}",
+        f"--config.data.val_files={root / 'val' / '*.txt'}",
+        f"--config.data.tokenizer={tokenizer}",
+        "--config.model.vocab_size=128",
+        "--config.data.num_streams=2",
+        "--config.train.steps=3",
+    ]
     workdir = root / "run"
     assert main(["train", f"--workdir={workdir}", *flags]) == 0
     assert os.path.isdir(workdir / "checkpoints" / "3")
@@ -52,8 +58,11 @@ def test_undecodable_file_names_the_file_and_leaves_the_run_alone(run, tmp_path,
     data.mkdir()
     for i, doc in enumerate(DOCS[:8]):  # every file undecodable, so the first batch meets one wherever it starts
         (data / f"{i:02d}.txt").write_bytes(doc.encode() + b"\xff\xfe latin-1 caf\xe9\n")
-    _refused(capsys, _resume(workdir, flags, f"--config.data.train_files={data / '*.txt'}"),
-             "is not valid UTF-8 text; convert it or use data.tokenizer=byte")
+    _refused(
+        capsys,
+        _resume(workdir, flags, f"--config.data.train_files={data / '*.txt'}"),
+        "is not valid UTF-8 text; convert it or use data.tokenizer=byte",
+    )
     assert digest(workdir) == before
 
 
@@ -62,8 +71,11 @@ def test_jsonl_line_without_the_field_names_the_line(run, tmp_path, capsys):
     before = digest(workdir)
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "def a(): pass"}\n{"content": "def b(): pass"}\n')
-    _refused(capsys, _resume(workdir, flags, f"--config.data.train_files={path}", "--config.data.format=jsonl"),
-             f"{path}:2 has no 'text' field; set data.jsonl_field")
+    _refused(
+        capsys,
+        _resume(workdir, flags, f"--config.data.train_files={path}", "--config.data.format=jsonl"),
+        f"{path}:2 has no 'text' field; set data.jsonl_field",
+    )
     assert digest(workdir) == before
 
 
@@ -72,8 +84,11 @@ def test_empty_corpus(run, tmp_path, capsys):
     before = digest(workdir)
     for i in range(3):
         (tmp_path / f"{i}.txt").write_text("")
-    _refused(capsys, _resume(workdir, flags, f"--config.data.train_files={tmp_path / '*.txt'}"),
-             "no training documents: the data files are empty")
+    _refused(
+        capsys,
+        _resume(workdir, flags, f"--config.data.train_files={tmp_path / '*.txt'}"),
+        "no training documents: the data files are empty",
+    )
     assert digest(workdir) == before
 
 
@@ -84,14 +99,20 @@ def test_token_ids_beyond_the_vocabulary_are_refused(run, tmp_path, capsys):
     root, _, flags = run
     n = Tokenizer.from_file(str(root / "tokenizer.json")).get_vocab_size()
     workdir = tmp_path / "small_vocab"
-    _refused(capsys, ["train", f"--workdir={workdir}", *flags, f"--config.model.vocab_size={n - 1}"],
-             f"the tokenizer has {n} tokens but model.vocab_size={n - 1}; set --config.model.vocab_size={n}")
+    _refused(
+        capsys,
+        ["train", f"--workdir={workdir}", *flags, f"--config.model.vocab_size={n - 1}"],
+        f"the tokenizer has {n} tokens but model.vocab_size={n - 1}; set --config.model.vocab_size={n}",
+    )
     assert not workdir.exists()
 
 
 def test_missing_data_file_on_resume(run, tmp_path, capsys):
     _, workdir, flags = run
     before = digest(workdir)
-    _refused(capsys, _resume(workdir, flags, f"--config.data.train_files={tmp_path / 'gone' / '*.txt'}"),
-             "data.train_files: no file matches")
+    _refused(
+        capsys,
+        _resume(workdir, flags, f"--config.data.train_files={tmp_path / 'gone' / '*.txt'}"),
+        "data.train_files: no file matches",
+    )
     assert digest(workdir) == before

@@ -27,7 +27,9 @@ def _write_source(root, name, count=400):
     rng = np.random.default_rng(len(name) + letters[0])
     os.makedirs(root / f"{name}_text", exist_ok=True)
     for i in range(count):
-        (root / f"{name}_text" / f"{i:03d}.txt").write_bytes(rng.choice(list(letters), length).astype(np.uint8).tobytes())
+        (root / f"{name}_text" / f"{i:03d}.txt").write_bytes(
+            rng.choice(list(letters), length).astype(np.uint8).tobytes()
+        )
     return str(root / f"{name}_text" / "*.txt")
 
 
@@ -86,8 +88,9 @@ def test_mixture_shares_of_tokens_match_the_weights(sources):
 def test_batches_follow_the_model_batch_contract(sources):
     batch = next(iter(make_datasets(_config(sources))[0]))
     s = 32
-    assert {k: v.shape for k, v in batch.items()} == {k: (16, s) for k in
-                                                       ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+    assert {k: v.shape for k, v in batch.items()} == {
+        k: (16, s) for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+    }
     assert batch["inputs"].dtype == np.int32 and batch["loss_mask"].dtype == np.float32
     # A target counts only within its document: masked exactly where the segment changes.
     same = batch["segment_ids"][:, :-1] == batch["segment_ids"][:, 1:]
@@ -102,8 +105,11 @@ def test_processes_read_disjoint_documents_and_together_form_the_global_batch(so
     opened = []
     init, read = prepared._Shards.__init__, prepared._Shards.read
     monkeypatch.setattr(prepared._Shards, "__init__", lambda self, *a: opened.append(self) or init(self, *a))
-    monkeypatch.setattr(prepared._Shards, "read", lambda self, r: self.__dict__.setdefault(
-        "test_reads", set()).add((self.directory, r)) or read(self, r))
+    monkeypatch.setattr(
+        prepared._Shards,
+        "read",
+        lambda self, r: self.__dict__.setdefault("test_reads", set()).add((self.directory, r)) or read(self, r),
+    )
     for count in (2, 4):
         parts, mine = [], []
         for index in range(count):
@@ -165,8 +171,11 @@ def test_data_prepared_with_another_tokenizer_is_refused(sources, tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     c = _config(sources, spec=sources["a"])
     c.data.tokenizer = str(tmp_path / "tokenizer.json")
-    with pytest.raises(DataError, match=r"was tokenized with the byte tokenizer but data.tokenizer is .*tokenizer.json"
-                                        r".*; set --config.data.tokenizer=byte"):
+    with pytest.raises(
+        DataError,
+        match=r"was tokenized with the byte tokenizer but data.tokenizer is .*tokenizer.json"
+        r".*; set --config.data.tokenizer=byte",
+    ):
         prepared.load_prepared(c.data)
 
 
@@ -195,8 +204,12 @@ def test_damaged_shard_names_the_shard_and_the_fix(sources, tmp_path, damage):
 def test_sources_string_is_parsed_and_normalized():
     assert parse_sources("x:3, y:1") == [("x", 0.75), ("y", 0.25)]
     assert parse_sources("only") == [("only", 1.0)]
-    for bad, needle in (("x:0.7,y:abc", "'abc' is not a weight"), ("x:-1", "positive weight"),
-                        (":0.5", "needs a directory"), (" , ", "needs data.sources")):
+    for bad, needle in (
+        ("x:0.7,y:abc", "'abc' is not a weight"),
+        ("x:-1", "positive weight"),
+        (":0.5", "needs a directory"),
+        (" , ", "needs data.sources"),
+    ):
         with pytest.raises(ValueError, match=needle):
             parse_sources(bad)
 

@@ -36,8 +36,9 @@ def test_expert_positions_by_priority():
     np.testing.assert_array_equal(slots.counts, COUNTS)
 
 
-@pytest.mark.parametrize("positions, expected", [(POSITIONS_BY_TOKEN, SLOTS_BY_TOKEN),
-                                                 (POSITIONS_BY_PRIORITY, SLOTS_BY_PRIORITY)])
+@pytest.mark.parametrize(
+    "positions, expected", [(POSITIONS_BY_TOKEN, SLOTS_BY_TOKEN), (POSITIONS_BY_PRIORITY, SLOTS_BY_PRIORITY)]
+)
 def test_slot_indices_drop_beyond_capacity(positions, expected):
     slots = np.asarray(dispatch.slot_indices(EXPERTS, positions, 2))
     np.testing.assert_array_equal(slots, expected)

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from skymoe_jax.checkpoint.fingerprint import fingerprints
 
@@ -19,9 +20,12 @@ def _reference(a: np.ndarray) -> int:
     return int(sum(int(m) * int(w) for m, w in zip(mixed, weight)) % 2**32)
 
 
-ARRAYS = {"f32": np.random.default_rng(0).normal(size=(4, 6, 5)).astype(np.float32),
-          "bf16": np.random.default_rng(1).normal(size=(3, 8)).astype(jnp.bfloat16),
-          "i32": np.arange(-5, 12, dtype=np.int32), "scalar": np.asarray(7, np.int32)}
+ARRAYS = {
+    "f32": np.random.default_rng(0).normal(size=(4, 6, 5)).astype(np.float32),
+    "bf16": np.random.default_rng(1).normal(size=(3, 8)).astype(jnp.bfloat16),
+    "i32": np.arange(-5, 12, dtype=np.int32),
+    "scalar": np.asarray(7, np.int32),
+}
 
 
 def test_fingerprints_equal_the_numpy_reference():

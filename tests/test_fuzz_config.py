@@ -14,6 +14,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from faults import compilation_cache  # noqa: F401 (autouse: the resumed run and eval reuse the first run's compiles)
 
 from skymoe_jax import load_model
 from skymoe_jax.cli import main
@@ -21,11 +22,8 @@ from skymoe_jax.config import apply_overrides, base_config
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.metrics.writers import read_jsonl
 
-from faults import compilation_cache  # noqa: F401 (autouse: the resumed run and eval reuse the first run's compiles)
-
 STEPS, SAVE_EVERY = 3, 2  # checkpoints at 2 (mid-run) and 3; the resumed run redoes step 3
-MESHES = [(1, 8, 1), (1, 4, 2), (1, 2, 4), (1, 1, 8), (2, 4, 1), (2, 2, 2), (2, 1, 4), (4, 2, 1), (4, 1, 2),
-          (8, 1, 1)]
+MESHES = [(1, 8, 1), (1, 4, 2), (1, 2, 4), (1, 1, 8), (2, 4, 1), (2, 2, 2), (2, 1, 4), (4, 2, 1), (4, 1, 2), (8, 1, 1)]
 
 
 def _seeds() -> list[int]:
@@ -126,16 +124,27 @@ def _flags(overrides: dict[str, object]) -> list[str]:
     return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-RUN = ["--config.train.steps=%d" % STEPS, "--config.train.checkpoint_every=%d" % SAVE_EVERY,
-       "--config.train.keep_checkpoints=0", "--config.train.log_every=1", "--config.train.eval_every=3",
-       "--config.train.eval_batches=2", "--config.train.progress=False", "--config.metrics.tensorboard=False",
-       "--config.metrics.similarity_every=3"]
+RUN = [
+    f"--config.train.steps={STEPS}",
+    f"--config.train.checkpoint_every={SAVE_EVERY}",
+    "--config.train.keep_checkpoints=0",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=3",
+    "--config.train.eval_batches=2",
+    "--config.train.progress=False",
+    "--config.metrics.tensorboard=False",
+    "--config.metrics.similarity_every=3",
+]
 
 
 def _source_run(workdir, overrides: dict[str, object], capsys) -> None:
     """A 2-step run on one data-parallel mesh that an upcycled or from-checkpoint start reads."""
-    one_mesh = {"parallel.mesh": (1, -1, 1), "parallel.pipeline_stage_layers": (), "parallel.stage_remat": (),
-                "parallel.num_microbatches": 1}
+    one_mesh = {
+        "parallel.mesh": (1, -1, 1),
+        "parallel.pipeline_stage_layers": (),
+        "parallel.stage_remat": (),
+        "parallel.num_microbatches": 1,
+    }
     code = main(["train", f"--workdir={workdir}", *_flags({**overrides, **one_mesh}), *RUN, "--config.train.steps=2"])
     assert code == 0, capsys.readouterr().err
 
@@ -199,6 +208,7 @@ def test_drawn_config_is_refused_or_trains_resumes_evaluates_and_loads(seed, tmp
     model, config = load_model(str(run))
     tokens = np.random.default_rng(seed).integers(0, config.model.vocab_size, (2, config.data.seq_len), np.int32)
     logits = np.asarray(model(tokens).logits, np.float32)
-    assert logits.shape == (2, config.data.seq_len, config.model.vocab_size) and _finite(logits), \
+    assert logits.shape == (2, config.data.seq_len, config.model.vocab_size) and _finite(logits), (
         f"seed {seed}: load_model gave non-finite logits\n{command}"
+    )
     jax.clear_caches()  # hundreds of configs in one process: drop the compiled steps of this one

@@ -31,19 +31,23 @@ import shutil
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
+from faults import compilation_cache, digest, train_tokenizer  # noqa: F401 (compilation_cache: autouse)
+from test_cli import TINY
 
 from skymoe_jax.cli import main
 from skymoe_jax.data.prepare import prepare
 from skymoe_jax.metrics.writers import read_jsonl
 
-from faults import compilation_cache, digest, train_tokenizer  # noqa: F401 (compilation_cache: autouse)
-from test_cli import TINY
-
 TARGETS = ("text", "text_hf", "jsonl", "prepared", "checkpoint")
 FAST_DRAWS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 13, 14, 19]
 STREAMS = 2
-BASE = [*TINY, "--config.train.steps=6", "--config.train.eval_batches=1", "--config.metrics.similarity_every=0",
-        f"--config.data.num_streams={STREAMS}"]
+BASE = [
+    *TINY,
+    "--config.train.steps=6",
+    "--config.train.eval_batches=1",
+    "--config.metrics.similarity_every=0",
+    f"--config.data.num_streams={STREAMS}",
+]
 RESUME = ["--config.train.steps=7", "--config.train.eval_every=0"]
 REMOVE = "remove it to resume from an earlier checkpoint"
 # Words with multi-byte characters, so a cut can split one.
@@ -79,7 +83,9 @@ def world(tmp_path_factory):
             (root / "text" / split / f"{i:02d}.txt").write_text(doc)
         records = [{"text": doc, "id": i} for i, doc in enumerate(docs * 2)]
         for part in range(3 if split == "train" else 1):
-            lines = [json.dumps(r, ensure_ascii=bool(rng.integers(2))) for r in records[part::3 if split == "train" else 1]]
+            lines = [
+                json.dumps(r, ensure_ascii=bool(rng.integers(2))) for r in records[part :: 3 if split == "train" else 1]
+            ]
             (root / "jsonl" / split / f"{part}.jsonl").write_text("\n".join(lines) + "\n")
     tokenizer = train_tokenizer(root / "tokenizer.json", texts["train"] + texts["val"])
     prepare(str(root / "text" / "train" / "*.txt"), "byte", str(root / "prepared"), shard_docs=3)
@@ -88,8 +94,11 @@ def world(tmp_path_factory):
     workdir = root / "run"
     # Relative paths in the saved config keep its size, and so what an offset into it hits, the same in every
     # temporary directory: a draw damages the same bytes when rerun. The checkpoint draws run from root too.
-    flags = ["--config.data.source=files", "--config.data.train_files=text/train/*.txt",
-             "--config.data.val_files=text/val/*.txt"]
+    flags = [
+        "--config.data.source=files",
+        "--config.data.train_files=text/train/*.txt",
+        "--config.data.val_files=text/val/*.txt",
+    ]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         assert main(["train", f"--workdir={workdir}", *BASE, *flags]) == 0
@@ -98,8 +107,7 @@ def world(tmp_path_factory):
         shutil.copytree(workdir, resumed)
         assert main(["train", f"--workdir={resumed}", *RESUME]) == 0
         evaluated = _eval(workdir)
-    return {"root": root, "workdir": workdir, "tokenizer": tokenizer, "train_loss": _last(resumed),
-            "eval": evaluated}
+    return {"root": root, "workdir": workdir, "tokenizer": tokenizer, "train_loss": _last(resumed), "eval": evaluated}
 
 
 def _last(workdir) -> tuple[int, float]:
@@ -147,7 +155,7 @@ def _damage_bytes(path, rng, kinds=("truncate", "delete", "empty", "flip", "over
         path.write_bytes(bytes(damaged))
         return {"kind": kind, "offset": offset, "bit": bit, "size": len(data)}
     length = min(int(rng.integers(1, 17)), len(data) - offset)
-    damaged[offset:offset + length] = rng.integers(0, 256, length, dtype=np.uint8).tobytes()
+    damaged[offset : offset + length] = rng.integers(0, 256, length, dtype=np.uint8).tobytes()
     path.write_bytes(bytes(damaged))
     return {"kind": kind, "offset": offset, "length": length, "size": len(data)}
 
@@ -158,9 +166,12 @@ def _jsonl_edit(path, rng) -> dict:
     lines = path.read_bytes().split(b"\n")
     where = int(rng.integers(0, len(lines)))
     kind = str(rng.choice(["invalid-json", "no-field", "non-string", "surrogate"]))
-    line = {"invalid-json": b'{"text": "unterminated', "no-field": b'{"content": "def f(): pass"}',
-            "non-string": json.dumps({"text": [1, 2, None][int(rng.integers(3))]}).encode(),
-            "surrogate": b'{"text": "half a pair \\ud83d here"}'}[kind]
+    line = {
+        "invalid-json": b'{"text": "unterminated',
+        "no-field": b'{"content": "def f(): pass"}',
+        "non-string": json.dumps({"text": [1, 2, None][int(rng.integers(3))]}).encode(),
+        "surrogate": b'{"text": "half a pair \\ud83d here"}',
+    }[kind]
     path.write_bytes(b"\n".join(lines[:where] + [line] + lines[where:]))
     return {"kind": kind, "line": where + 1}
 
@@ -171,8 +182,10 @@ def _pick(rng, paths):
 
 def _files(directory) -> list:
     """Files in an order that holds in any run: orbax names its data files at random, but their sizes repeat."""
-    return sorted((p for p in directory.rglob("*") if p.is_file()),
-                  key=lambda p: (str(p.parent.relative_to(directory)), p.stat().st_size, p.name))
+    return sorted(
+        (p for p in directory.rglob("*") if p.is_file()),
+        key=lambda p: (str(p.parent.relative_to(directory)), p.stat().st_size, p.name),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- oracles
@@ -241,7 +254,7 @@ def _prepared_culprits(directory, original, damaged: list[tuple]) -> set[str]:
     """What training must name for each damaged file: nothing for a shard's sidecar (training reads only
     metadata.json) or a shard that reads back the same records; the shard or the directory otherwise."""
     culprits = set()
-    for path, info in damaged:
+    for path, _ in damaged:
         rel = os.path.relpath(path, directory)
         if path.name.endswith(".array_record"):
             if not path.exists() or _records(path) != _records(original / rel):
@@ -288,9 +301,12 @@ def _data_draw(target, world, tmp_path, rng):
     else:
         ext = "txt" if source == "text" else "jsonl"
         tokenizer = world["tokenizer"] if target == "text_hf" or (target == "jsonl" and rng.random() < 0.5) else "byte"
-        flags = [f"--config.data.train_files={data / 'train' / ('*.' + ext)}",
-                 f"--config.data.val_files={data / 'val' / ('*.' + ext)}", f"--config.data.format={source}",
-                 f"--config.data.tokenizer={tokenizer}"]
+        flags = [
+            f"--config.data.train_files={data / 'train' / ('*.' + ext)}",
+            f"--config.data.val_files={data / 'val' / ('*.' + ext)}",
+            f"--config.data.format={source}",
+            f"--config.data.tokenizer={tokenizer}",
+        ]
         culprits = _text_culprits(data, tokenizer) if source == "text" else _jsonl_culprits(data)
     return data, flags, damages, culprits
 
@@ -340,8 +356,12 @@ def _checkpoint_edit(path, rng) -> dict | None:
         if legacy:
             del saved["sha256"]
         path.write_text(json.dumps(saved))
-        return {"kind": "config-type", "field": f"{section}.{key}", "value": wrong,
-                "sha256": "removed" if legacy else "stale"}
+        return {
+            "kind": "config-type",
+            "field": f"{section}.{key}",
+            "value": wrong,
+            "sha256": "removed" if legacy else "stale",
+        }
     numbers = []
 
     def collect(node, trail):
@@ -367,8 +387,11 @@ def _checkpoint_draw(world, tmp_path, rng):
     step = "6" if rng.random() < 0.75 else "3"
     files = _files(workdir / "checkpoints" / step)
     path = _pick(rng, files)
-    if path.name in ("metadata", "process_0-of-1.json") and path.parent.name in ("config", "data") \
-            and rng.random() < 0.5:
+    if (
+        path.name in ("metadata", "process_0-of-1.json")
+        and path.parent.name in ("config", "data")
+        and rng.random() < 0.5
+    ):
         info = _checkpoint_edit(path, rng)
     else:
         info = _damage_bytes(path, rng, ("truncate", "delete", "flip", "overwrite"))
@@ -377,8 +400,11 @@ def _checkpoint_draw(world, tmp_path, rng):
 
 def _describe(draw, target, damages, command=None) -> str:
     parts = [f"{path}: " + ", ".join(f"{k}={v}" for k, v in info.items()) for path, info in damages]
-    return (f"draw {draw} ({target}; rerun with SKYMOE_FUZZ_SEEDS={draw}): " + "; ".join(parts)
-            + (f"; command: skymoe {' '.join(command)}" if command else ""))
+    return (
+        f"draw {draw} ({target}; rerun with SKYMOE_FUZZ_SEEDS={draw}): "
+        + "; ".join(parts)
+        + (f"; command: skymoe {' '.join(command)}" if command else "")
+    )
 
 
 @pytest.mark.parametrize("draw", _draws())
@@ -420,8 +446,9 @@ def _check_checkpoint(draw, world, tmp_path, rng, capsys):
     code, out, err = _run(command, capsys)
     refused = code == 2 and len(err.strip().splitlines()) == 1
     if refused and step == "6":
-        assert "checkpoints/6" in err and REMOVE in err, f"the refusal does not name checkpoint 6 or the fix: " \
-                                                          f"{err!r}; {what}"
+        assert "checkpoints/6" in err and REMOVE in err, (
+            f"the refusal does not name checkpoint 6 or the fix: {err!r}; {what}"
+        )
         assert digest(workdir) == before, f"a refused run changed the workdir; {what}"
         return
     same = code == 0 and (out == world["eval"] if evaluate else _last(workdir) == world["train_loss"])
@@ -429,5 +456,7 @@ def _check_checkpoint(draw, world, tmp_path, rng, capsys):
         assert "Traceback" not in err, f"{err!r}; {what}"
         assert not evaluate or digest(workdir) == before, f"skymoe eval changed the workdir; {what}"
         return
-    pytest.fail(f"neither a one-line refusal naming checkpoint 6 nor the undamaged result: status {code}, "
-                f"stdout {out!r}, stderr {err!r}; {what}")
+    pytest.fail(
+        f"neither a one-line refusal naming checkpoint 6 nor the undamaged result: status {code}, "
+        f"stdout {out!r}, stderr {err!r}; {what}"
+    )

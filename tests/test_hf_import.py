@@ -11,14 +11,25 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 from skymoe_jax import load_model  # noqa: E402
 from skymoe_jax.cli import main  # noqa: E402
 
-SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+SMALL = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+)
 MODELS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"tie_word_embeddings": True}),
-    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
-                {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        {"num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
 }
 
 
@@ -84,7 +95,19 @@ def test_imported_dense_model_evaluates_and_trains_on(tmp_path, capsys):
     out = tmp_path / "imported"
     assert main(["import-hf", f"--hf_dir={tmp_path / 'hf'}", f"--out={out}"]) == 0
     assert main(["eval", f"--workdir={out}", "--config.train.eval_batches=1"]) == 0
-    assert main(["train", f"--workdir={out}", "--config.train.steps=2", "--config.optim.warmup_steps=1",
-                 "--config.data.batch_size=8", "--config.data.seq_len=32", "--config.train.progress=False"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"--workdir={out}",
+                "--config.train.steps=2",
+                "--config.optim.warmup_steps=1",
+                "--config.data.batch_size=8",
+                "--config.data.seq_len=32",
+                "--config.train.progress=False",
+            ]
+        )
+        == 0
+    )
     out_text = capsys.readouterr().out
     assert "resuming at step 0" in out_text and "done: 2 steps" in out_text

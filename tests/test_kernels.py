@@ -67,13 +67,15 @@ ROUTE_CASES = [
 def test_route_matches_router_route_with_gradients(tokens, experts, k, options):
     rng = np.random.default_rng(tokens)
     z = jnp.asarray(rng.normal(size=(tokens, experts)).astype(np.float32))
-    cotangents = [jnp.asarray(rng.normal(size=s).astype(np.float32))
-                  for s in ((tokens, experts), (tokens, k), (tokens, experts))]
+    cotangents = [
+        jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in ((tokens, experts), (tokens, k), (tokens, experts))
+    ]
 
     def run(fn):
         def loss(z):
             r = fn(z, k, **options)
             return sum(jnp.sum(a * c) for a, c in zip((r.probs, r.weights, r.logits), cotangents)), r
+
         (_, r), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(z)
         return r, grad
 
@@ -93,14 +95,16 @@ def test_route_gradient_at_equal_logits(ddof):
     tokens, experts, k, lam, eps = 37, 6, 2, 2.0, 1e-6
     rng = np.random.default_rng(ddof)
     z = rng.normal(size=(tokens, experts)).astype(np.float32)
-    z[::3] = np.array([0.0, 1.0, -2.5] * 5)[:len(z[::3]), None]  # float32 means of these rows are exact
-    cotangents = [jnp.asarray(rng.normal(size=s).astype(np.float32))
-                  for s in ((tokens, experts), (tokens, k), (tokens, experts))]
+    z[::3] = np.array([0.0, 1.0, -2.5] * 5)[: len(z[::3]), None]  # float32 means of these rows are exact
+    cotangents = [
+        jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in ((tokens, experts), (tokens, k), (tokens, experts))
+    ]
 
     def grad(fn, z, **options):
         def loss(z):
             r = fn(z, k, **options)
             return sum(jnp.sum(a * c) for a, c in zip((r.probs, r.weights, r.logits), cotangents))
+
         return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(z)))
 
     options = dict(gate_norm=True, lam=lam, ddof=ddof, eps=eps)
@@ -144,8 +148,10 @@ def test_positions_vmapped_over_groups_and_probs_policy():
     by_group = jax.vmap(lambda e: expert_positions(e, 16).positions)(chosen)
     np.testing.assert_array_equal(by_group, jax.vmap(lambda e: dispatch.expert_positions(e, 16).positions)(chosen))
     priority = jnp.asarray(rng.random((90, 2)).astype(np.float32))
-    np.testing.assert_array_equal(expert_positions(chosen[0], 16, priority).positions,
-                                  dispatch.expert_positions(chosen[0], 16, priority).positions)
+    np.testing.assert_array_equal(
+        expert_positions(chosen[0], 16, priority).positions,
+        dispatch.expert_positions(chosen[0], 16, priority).positions,
+    )
 
 
 # (tokens, E, k, width, capacity factor): every case drops some assignments and leaves slots empty.
@@ -173,6 +179,7 @@ def test_permute_and_combine_match_dispatch_with_gradients(tokens, experts, k, w
         def loss(x, y, w):
             p, c = permute_fn(x, slots, num_slots), combine_fn(y, slots, w)
             return jnp.sum(p * c_slots) + jnp.sum(c * c_tokens), (p, c)
+
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, y, w)
 
     (_, (p, c)), grads = run(permute, combine)
@@ -198,7 +205,7 @@ def test_permute_and_combine_bfloat16_and_vmapped_over_groups():
     c, c_twin = jax.vmap(combine)(y, slots, w), jax.vmap(dispatch.combine)(y, slots, w)
     assert c.dtype == jnp.bfloat16
     # Both round the weights to bfloat16; the sums of k=2 products may round differently: one bf16 ulp.
-    _close(c, c_twin, rtol=2 ** -7)
+    _close(c, c_twin, rtol=2**-7)
 
 
 def _unwritten(a) -> np.ndarray:
@@ -209,19 +216,26 @@ def _unwritten(a) -> np.ndarray:
 
 def test_unwritten_output_elements_are_detected():
     """The poison check below can fail: a copy kernel that skips its last (partial) block is caught."""
+
     def skip_last(x_ref, o_ref):
         i = pl.program_id(0)
         rows = i * 16 + jnp.arange(16)
 
         @pl.when(i < pl.num_programs(0) - 1)
         def _():
-            plgpu.store(o_ref.at[pl.ds(i * 16, 16)], plgpu.load(x_ref.at[pl.ds(i * 16, 16)], mask=rows < 40),
-                        mask=rows < 40)
+            plgpu.store(
+                o_ref.at[pl.ds(i * 16, 16)], plgpu.load(x_ref.at[pl.ds(i * 16, 16)], mask=rows < 40), mask=rows < 40
+            )
 
     for dtype in (jnp.float32, jnp.int32):
         x = jnp.ones((40,), dtype)
-        out = pl.pallas_call(skip_last, out_shape=jax.ShapeDtypeStruct((40,), dtype), grid=(3,),
-                             compiler_params=compiler_params(), interpret=True)(x)
+        out = pl.pallas_call(
+            skip_last,
+            out_shape=jax.ShapeDtypeStruct((40,), dtype),
+            grid=(3,),
+            compiler_params=compiler_params(),
+            interpret=True,
+        )(x)
         np.testing.assert_array_equal(np.flatnonzero(_unwritten(out)), np.arange(32, 40))
 
 
@@ -286,14 +300,24 @@ def test_kernels_lower_for_cuda_through_triton(tokens, width, experts, k):
 
     assert _kernels(_lowered(route_and_grad, z)) == ["skymoe_route", "skymoe_route_bwd"]
     assert _kernels(_lowered(lambda e: expert_positions(e, experts, **compiled), chosen)) == [
-        "skymoe_expert_counts", "skymoe_expert_ranks"]
+        "skymoe_expert_counts",
+        "skymoe_expert_ranks",
+    ]
     permute_grad = jax.value_and_grad(lambda x, s: jnp.sum(permute(x, s, num_slots, **compiled).astype(jnp.float32)))
     assert _kernels(_lowered(permute_grad, x, chosen)) == [
-        "skymoe_slot_sources", "skymoe_gather_rows", "skymoe_gather_sum"]
-    combine_grads = jax.value_and_grad(lambda y, s, w: jnp.sum(combine(y, s, w, **compiled).astype(jnp.float32)),
-                                       (0, 2))
+        "skymoe_slot_sources",
+        "skymoe_gather_rows",
+        "skymoe_gather_sum",
+    ]
+    combine_grads = jax.value_and_grad(
+        lambda y, s, w: jnp.sum(combine(y, s, w, **compiled).astype(jnp.float32)), (0, 2)
+    )
     assert sorted(_kernels(_lowered(combine_grads, y, chosen, w))) == [
-        "skymoe_gather_dot", "skymoe_gather_rows", "skymoe_gather_sum", "skymoe_slot_sources"]
+        "skymoe_gather_dot",
+        "skymoe_gather_rows",
+        "skymoe_gather_sum",
+        "skymoe_slot_sources",
+    ]
 
 
 def test_vmapped_kernels_lower_for_cuda():
@@ -305,10 +329,21 @@ def test_vmapped_kernels_lower_for_cuda():
     y = jax.ShapeDtypeStruct((g, num_slots, d), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((g, s, k), jnp.float32)
     positions = functools.partial(expert_positions, num_experts=e, interpret=False)
-    text = _lowered(lambda e_, x, y, w: (jax.vmap(positions)(e_),
-                                         jax.vmap(functools.partial(permute, num_slots=num_slots, interpret=False))(
-                                             x, e_),
-                                         jax.vmap(functools.partial(combine, interpret=False))(y, e_, w)),
-                    chosen, x, y, w)
-    assert _kernels(text) == ["skymoe_expert_counts", "skymoe_expert_ranks", "skymoe_slot_sources",
-                              "skymoe_gather_rows", "skymoe_gather_sum"]
+    text = _lowered(
+        lambda e_, x, y, w: (
+            jax.vmap(positions)(e_),
+            jax.vmap(functools.partial(permute, num_slots=num_slots, interpret=False))(x, e_),
+            jax.vmap(functools.partial(combine, interpret=False))(y, e_, w),
+        ),
+        chosen,
+        x,
+        y,
+        w,
+    )
+    assert _kernels(text) == [
+        "skymoe_expert_counts",
+        "skymoe_expert_ranks",
+        "skymoe_slot_sources",
+        "skymoe_gather_rows",
+        "skymoe_gather_sum",
+    ]

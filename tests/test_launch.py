@@ -19,8 +19,8 @@ import jax
 import pytest
 import yaml
 
-from skymoe_jax.checkpoint.manager import Checkpointer
 from skymoe_jax.args import Args
+from skymoe_jax.checkpoint.manager import Checkpointer
 from skymoe_jax.cli import main
 from skymoe_jax.config import load_config
 from skymoe_jax.errors import ConfigError
@@ -39,14 +39,27 @@ def _allocation(tasks_per_node: int, bound: bool = False) -> list[dict[str, str]
     envs = []
     for node in range(len(NODES)):
         for local in range(tasks_per_node):
-            env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "moe-a", "SLURM_JOB_NUM_NODES": "2",
-                   "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2",
-                   "SLURM_NTASKS": str(n), "SLURM_STEP_NUM_TASKS": str(n), "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
-                   "SLURM_TASKS_PER_NODE": f"{tasks_per_node}(x2)", "SLURM_STEP_TASKS_PER_NODE": f"{tasks_per_node}(x2)",
-                   "SLURM_NODEID": str(node), "SLURMD_NODENAME": NODES[node], "SLURM_PROCID": str(node * tasks_per_node + local),
-                   "SLURM_LOCALID": str(local), "SLURM_GPUS_ON_NODE": str(GPUS), "SLURM_GPUS_PER_NODE": str(GPUS),
-                   "SLURM_STEP_GPUS": ",".join(map(str, range(GPUS))),
-                   "CUDA_VISIBLE_DEVICES": str(local) if bound else ",".join(map(str, range(GPUS)))}
+            env = {
+                "SLURM_JOB_ID": "4242",
+                "SLURM_JOB_NAME": "moe-a",
+                "SLURM_JOB_NUM_NODES": "2",
+                "SLURM_JOB_NODELIST": "gpu[07-08]",
+                "SLURM_STEP_NODELIST": "gpu[07-08]",
+                "SLURM_NNODES": "2",
+                "SLURM_NTASKS": str(n),
+                "SLURM_STEP_NUM_TASKS": str(n),
+                "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
+                "SLURM_TASKS_PER_NODE": f"{tasks_per_node}(x2)",
+                "SLURM_STEP_TASKS_PER_NODE": f"{tasks_per_node}(x2)",
+                "SLURM_NODEID": str(node),
+                "SLURMD_NODENAME": NODES[node],
+                "SLURM_PROCID": str(node * tasks_per_node + local),
+                "SLURM_LOCALID": str(local),
+                "SLURM_GPUS_ON_NODE": str(GPUS),
+                "SLURM_GPUS_PER_NODE": str(GPUS),
+                "SLURM_STEP_GPUS": ",".join(map(str, range(GPUS))),
+                "CUDA_VISIBLE_DEVICES": str(local) if bound else ",".join(map(str, range(GPUS))),
+            }
             envs.append(env)
     return envs
 
@@ -69,8 +82,11 @@ def _intercepted(monkeypatch, env: dict[str, str]) -> dict:
     return kwargs
 
 
-@pytest.mark.parametrize("tasks_per_node,bound", [(1, False), (8, False), (8, True)],
-                         ids=["one-process-per-node", "one-process-per-gpu", "one-process-per-gpu-bound"])
+@pytest.mark.parametrize(
+    "tasks_per_node,bound",
+    [(1, False), (8, False), (8, True)],
+    ids=["one-process-per-node", "one-process-per-gpu", "one-process-per-gpu-bound"],
+)
 def test_slurm_processes_of_a_node_own_all_its_gpus(monkeypatch, tasks_per_node, bound):
     envs = _allocation(tasks_per_node, bound)
     owned = {node: [] for node in NODES}
@@ -96,14 +112,17 @@ def test_slurm_mistakes_are_one_sentence(monkeypatch, capsys):
     env.update(SLURM_STEP_TASKS_PER_NODE="3(x2)", SLURM_LOCALID="1")
     with pytest.raises(ConfigError, match="the 8 GPUs of this node do not split evenly over its 3 SLURM tasks"):
         _intercepted(monkeypatch, env)
-    _gpu_environment(monkeypatch, {k: v for k, v in _allocation(1)[0].items()
-                                   if k not in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES")})
+    _gpu_environment(
+        monkeypatch,
+        {k: v for k, v in _allocation(1)[0].items() if k not in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES")},
+    )
     assert main(["train"]) == 2  # refused before anything starts
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
         "skymoe train: error: under SLURM this process cannot tell which GPUs it owns: neither SLURM_GPUS_ON_NODE "
         "nor CUDA_VISIBLE_DEVICES is set; request GPUs with --gpus-per-node (launch/slurm.sbatch does), or set "
-        "JAX_PLATFORMS=cpu for a CPU job"]
+        "JAX_PLATFORMS=cpu for a CPU job"
+    ]
 
 
 def test_slurm_hostlists_and_single_task():
@@ -121,22 +140,38 @@ def test_mesh_refusal_and_header_name_the_device_count():
     c = load_config("configs/default.py", ["--config.parallel.mesh=(1,4,8)"])
     with pytest.raises(ConfigError) as err:
         make_mesh(c)
-    assert str(err.value).startswith("parallel.mesh=(1, 4, 8) needs 32 devices but 8 are available "
-                                     "(1 process x 8 local devices, cpu); ")
+    assert str(err.value).startswith(
+        "parallel.mesh=(1, 4, 8) needs 32 devices but 8 are available (1 process x 8 local devices, cpu); "
+    )
+    from skymoe_jax.run.loop import whoami
     from skymoe_jax.training import runtime as runtime_lib
-    from skymoe_jax.loop import whoami
 
     c = load_config("configs/default.py", ["--config.parallel.mesh=(1,4,2)"])
-    assert whoami(runtime_lib.build(c)) == ("devices: cpu (cpu), process 0 of 1, 8 local / 8 global; mesh 1x4x2 "
-                                            "(pipeline x data x expert, layout gshard)")
+    assert whoami(runtime_lib.build(c)) == (
+        "devices: cpu (cpu), process 0 of 1, 8 local / 8 global; mesh 1x4x2 (pipeline x data x expert, layout gshard)"
+    )
 
 
-TINY = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
-        "--config.model.num_kv_heads=1", "--config.model.ffn_dim=64", "--config.moe.expert_ffn_dim=32",
-        "--config.moe.num_experts=4", "--config.moe.group_size=0", "--config.data.seq_len=32",
-        "--config.data.batch_size=8", "--config.data.shuffle_window=64", "--config.train.log_every=1",
-        "--config.train.eval_every=0", "--config.train.checkpoint_every=0", "--config.optim.warmup_steps=2",
-        "--config.train.progress=False", "--config.metrics.tensorboard=False", "--config.metrics.similarity_every=0"]
+TINY = [
+    "--config.model.d_model=32",
+    "--config.model.num_layers=2",
+    "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=1",
+    "--config.model.ffn_dim=64",
+    "--config.moe.expert_ffn_dim=32",
+    "--config.moe.num_experts=4",
+    "--config.moe.group_size=0",
+    "--config.data.seq_len=32",
+    "--config.data.batch_size=8",
+    "--config.data.shuffle_window=64",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=0",
+    "--config.train.checkpoint_every=0",
+    "--config.optim.warmup_steps=2",
+    "--config.train.progress=False",
+    "--config.metrics.tensorboard=False",
+    "--config.metrics.similarity_every=0",
+]
 
 FAKE_SLURM = {  # one task on this machine, with the variables srun sets; the calls are recorded
     "srun": """while [[ $1 == --* ]]; do shift; done
@@ -162,11 +197,25 @@ def _sbatch(tmp_path, job_id: str, flags: list[str]) -> subprocess.Popen:
         (fake / name).write_text("#!/usr/bin/env bash\n" + body)
         (fake / name).chmod((fake / name).stat().st_mode | stat.S_IEXEC)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "SKYMOE_", "XLA_FLAGS"))}
-    env.update(PATH=f"{fake}:{pathlib.Path(sys.executable).parent}:{env['PATH']}", FAKE_SLURM=str(fake),
-               JAX_PLATFORMS="cpu", SLURM_JOB_ID=job_id, SLURM_JOB_NAME="moe-a", SLURM_NTASKS="1",
-               SLURM_NTASKS_PER_NODE="1", SLURM_CPUS_ON_NODE="2", SLURM_JOB_NODELIST="localhost")
-    return subprocess.Popen(["bash", str(ROOT / "launch" / "slurm.sbatch"), *TINY, *flags], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env.update(
+        PATH=f"{fake}:{pathlib.Path(sys.executable).parent}:{env['PATH']}",
+        FAKE_SLURM=str(fake),
+        JAX_PLATFORMS="cpu",
+        SLURM_JOB_ID=job_id,
+        SLURM_JOB_NAME="moe-a",
+        SLURM_NTASKS="1",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_CPUS_ON_NODE="2",
+        SLURM_JOB_NODELIST="localhost",
+    )
+    return subprocess.Popen(
+        ["bash", str(ROOT / "launch" / "slurm.sbatch"), *TINY, *flags],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_sbatch_requeued_at_the_time_limit_then_resubmitted_resumes(tmp_path):
@@ -199,8 +248,9 @@ def test_sbatch_requeued_at_the_time_limit_then_resubmitted_resumes(tmp_path):
 
 
 def _local(*command: str, n: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ROOT / "launch" / "local.sh"), str(n), "--", *command], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [str(ROOT / "launch" / "local.sh"), str(n), "--", *command], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_local_sh_returns_the_first_failing_process_status():
@@ -232,8 +282,9 @@ def test_kubernetes_manifest():
     assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == pods * rjob["replicas"]
     # Pod 0 by the DNS name JobSet gives it: <jobset>-<replicated job>-<job index>-<pod index>.<jobset>.
     assert jobset["spec"]["network"]["enableDNSHostnames"]
-    assert env["SKYMOE_COORDINATOR"].startswith(f"{jobset['metadata']['name']}-{rjob['name']}-0-0."
-                                                f"{jobset['metadata']['name']}:")
+    assert env["SKYMOE_COORDINATOR"].startswith(
+        f"{jobset['metadata']['name']}-{rjob['name']}-0-0.{jobset['metadata']['name']}:"
+    )
 
     # Restart and resume: a stopped process exits non-zero, which fails its Job (no retries of a single
     # pod), which restarts the whole group; a user mistake (status 2) fails the JobSet instead.
@@ -243,8 +294,9 @@ def test_kubernetes_manifest():
     assert jobset["spec"]["failurePolicy"]["maxRestarts"] >= 10
     (fail_fast,) = job["podFailurePolicy"]["rules"]
     assert fail_fast["action"] == "FailJob" and fail_fast["onExitCodes"]["values"] == [2]
-    assert jobset["spec"]["failurePolicy"]["rules"] == [{"action": "FailJobSet",
-                                                         "onJobFailureReasons": ["PodFailurePolicy"]}]
+    assert jobset["spec"]["failurePolicy"]["rules"] == [
+        {"action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}
+    ]
     assert pod["terminationGracePeriodSeconds"] >= 300  # ten steps and one checkpoint save
 
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -267,8 +319,11 @@ def test_kubernetes_manifest():
 
 def _setup_requirements() -> dict[str, list[str]]:
     """install_requires and every extra of setup.py, as written."""
-    call = next(n for n in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
-                if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    call = next(
+        n
+        for n in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
+        if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup"
+    )
     kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
     return {"install_requires": kw["install_requires"], **kw["extras_require"]}
 
@@ -289,8 +344,7 @@ def test_every_imported_package_is_declared_and_cuda_is_an_extra():
                 modules.add(node.module.split(".")[0])
     third_party = modules - set(sys.stdlib_module_names) - {"skymoe_jax"}
     dists = importlib.metadata.packages_distributions()
-    undeclared = {m: dists.get(m) for m in third_party
-                  if not {_name(d) for d in dists.get(m, [m])} & declared}
+    undeclared = {m: dists.get(m) for m in third_party if not {_name(d) for d in dists.get(m, [m])} & declared}
     assert not undeclared
     assert {"etils", "array-record"} <= {_name(r) for r in reqs["install_requires"]}
     assert reqs["cuda"] == ["jax[cuda12]>=0.10.2"]

@@ -52,8 +52,9 @@ def _np_similarity(vectors: np.ndarray) -> float:
 
 def test_similarity_of_identical_experts_is_one():
     w = np.random.default_rng(0).normal(size=(1, 5, 3))
-    assert float(layer_similarity([jnp.asarray(np.repeat(w, 4, axis=0)), jnp.asarray(np.ones((4, 2)))])) == \
-        pytest.approx(1.0, abs=1e-6)
+    assert float(
+        layer_similarity([jnp.asarray(np.repeat(w, 4, axis=0)), jnp.asarray(np.ones((4, 2)))])
+    ) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_similarity_of_hand_built_experts():
@@ -64,16 +65,18 @@ def test_similarity_of_hand_built_experts():
     assert float(layer_similarity([first, second])) == pytest.approx(np.sqrt(2) / 3, rel=1e-6)
     # Opposite experts: cosine -1. An all-zero expert counts as cosine 0 with the others.
     assert float(layer_similarity([jnp.asarray([[1.0, 2.0], [-1.0, -2.0]])])) == pytest.approx(-1.0, rel=1e-6)
-    assert float(layer_similarity([jnp.asarray([[1.0, 2.0], [1.0, 2.0], [0.0, 0.0]])])) == \
-        pytest.approx(1 / 3, rel=1e-6)
+    assert float(layer_similarity([jnp.asarray([[1.0, 2.0], [1.0, 2.0], [0.0, 0.0]])])) == pytest.approx(
+        1 / 3, rel=1e-6
+    )
 
 
 def test_similarity_of_random_experts_matches_numpy():
     rng = np.random.default_rng(1)
     tensors = [rng.normal(size=(6, 4, 3)) + 0.5, rng.normal(size=(6, 3, 4))]
     vectors = np.concatenate([t.reshape(6, -1) for t in tensors], axis=1)
-    assert float(layer_similarity([jnp.asarray(t, jnp.float32) for t in tensors])) == \
-        pytest.approx(_np_similarity(vectors), abs=1e-6)
+    assert float(layer_similarity([jnp.asarray(t, jnp.float32) for t in tensors])) == pytest.approx(
+        _np_similarity(vectors), abs=1e-6
+    )
 
 
 def test_similarity_follows_the_models_layer_order():
@@ -162,8 +165,9 @@ def test_logged_similarity_matches_the_checkpointed_experts(run):
     model, _ = skymoe_jax.load_model(workdir)  # the step-6 parameters
     experts = model.stacks[1].blocks.layers[0].ffn.experts
     tensors = [np.asarray(w[...]) for w in (experts.w_gate, experts.w_up, experts.w_down)]
-    expected = [_np_similarity(np.concatenate([t[layer].reshape(E, -1) for t in tensors], axis=1))
-                for layer in range(2)]
+    expected = [
+        _np_similarity(np.concatenate([t[layer].reshape(E, -1) for t in tensors], axis=1)) for layer in range(2)
+    ]
     np.testing.assert_allclose(records[-1]["expert_similarity"], expected, atol=1e-5)
 
 
@@ -175,8 +179,8 @@ def _tensorboard_scalars(logdir: str) -> dict[tuple[str, int], float]:
             data = f.read()
         offset = 0
         while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4  # length, its CRC, the record, its CRC
             for value in event.summary.value:
                 out[value.tag, event.step] = value.simple_value
@@ -192,8 +196,9 @@ def test_tensorboard_events_read_back(run):
         assert scalars["mfu", step] == pytest.approx(r["mfu"], rel=1e-6)
         for layer in range(2):
             assert scalars[f"drop_rate/layer_{layer}", step] == pytest.approx(r["drop_rate"][layer], abs=1e-7)
-            assert scalars[f"expert_load/layer_{layer}/expert_3", step] == \
-                pytest.approx(r["expert_load"][layer][3], rel=1e-6)
+            assert scalars[f"expert_load/layer_{layer}/expert_3", step] == pytest.approx(
+                r["expert_load"][layer][3], rel=1e-6
+            )
         assert scalars["alpha/mean", step] == pytest.approx(np.mean(r["alpha"]), rel=1e-6)
     assert scalars["eval_loss", 6] == pytest.approx(records[-1]["eval_loss"], rel=1e-6)
     assert scalars["expert_similarity/layer_1", 3] == pytest.approx(records[2]["expert_similarity"][1], abs=1e-7)

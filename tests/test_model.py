@@ -63,7 +63,7 @@ def _np_rotary(x, positions, theta):
     inv_freq = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
     angle = positions[..., None, None] * inv_freq  # [B, S, 1, hd/2]
     cos, sin = np.concatenate([np.cos(angle)] * 2, -1), np.concatenate([np.sin(angle)] * 2, -1)
-    rotated = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+    rotated = np.concatenate([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
     return x * cos + rotated * sin
 
 
@@ -99,8 +99,9 @@ def test_attention_matches_numpy_reference(impl):
     x = _x()
     got = attn(x, POSITIONS, SEGMENTS)
     # float32 vs float64 on O(1) activations: a few 1e-7; a wrong mask, rotation or head grouping moves O(0.1).
-    np.testing.assert_allclose(got, _np_attention(attn, x.astype(np.float64), POSITIONS, SEGMENTS, spec.rope_theta),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got, _np_attention(attn, x.astype(np.float64), POSITIONS, SEGMENTS, spec.rope_theta), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
@@ -114,9 +115,13 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     np.testing.assert_allclose(gqa(x, POSITIONS, SEGMENTS), mha(x, POSITIONS, SEGMENTS), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", [
-    dict(moe__capacity_factor=E / K),  # every expert has room for the whole group: nothing drops
-    dict(moe__num_experts=0)])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(moe__capacity_factor=E / K),  # every expert has room for the whole group: nothing drops
+        dict(moe__num_experts=0),
+    ],
+)
 def test_packed_document_equals_document_alone(variant):
     tokens = _tokens(2, shape=(1, S))
     packed = _model(_spec(**variant))
@@ -143,12 +148,15 @@ def test_future_tokens_do_not_change_earlier_logits():
     assert np.max(np.abs(before.logits[:, 5] - after.logits[:, 5])) > 1e-2
 
 
-@pytest.mark.parametrize("num_layers, first_k_dense, moe_every, stacks, moe_indices", [
-    (6, 2, 2, (((False,), 2), ((False, True), 2)), [3, 5]),
-    (4, 0, 1, (((True,), 4),), [0, 1, 2, 3]),
-    (6, 0, 3, (((False, False, True), 2),), [2, 5]),
-    (5, 1, 2, (((False,), 1), ((False, True), 2)), [2, 4]),
-])
+@pytest.mark.parametrize(
+    "num_layers, first_k_dense, moe_every, stacks, moe_indices",
+    [
+        (6, 2, 2, (((False,), 2), ((False, True), 2)), [3, 5]),
+        (4, 0, 1, (((True,), 4),), [0, 1, 2, 3]),
+        (6, 0, 3, (((False, False, True), 2),), [2, 5]),
+        (5, 1, 2, (((False,), 1), ((False, True), 2)), [2, 4]),
+    ],
+)
 def test_layer_layout(num_layers, first_k_dense, moe_every, stacks, moe_indices):
     spec = _spec(model__num_layers=num_layers, moe__first_k_dense=first_k_dense, moe__moe_every=moe_every)
     assert spec.stacks() == stacks
@@ -165,8 +173,9 @@ def test_dense_layout_and_empty_moe_stats():
 
 def test_moe_stats_are_per_layer_in_layer_order():
     # 6 layers, 2 dense then (dense, MoE) x 2: MoE layers 3 and 5, scanned in two stacks, with remat.
-    spec = _spec(model__num_layers=6, moe__first_k_dense=2, moe__moe_every=2, moe__capacity_factor=1.0,
-                 model__remat="full")
+    spec = _spec(
+        model__num_layers=6, moe__first_k_dense=2, moe__moe_every=2, moe__capacity_factor=1.0, model__remat="full"
+    )
     model = _model(spec)
     tokens = _tokens(4)
     out = model(tokens, train=True)
@@ -181,7 +190,7 @@ def test_moe_stats_are_per_layer_in_layer_order():
     for stack in model.stacks:
         graphdef, state = nnx.split(stack.blocks)
         for r in range(jax.tree.leaves(state)[0].shape[0]):
-            for layer in nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state)).layers:
+            for layer in nnx.merge(graphdef, jax.tree.map(lambda a, r=r: a[r], state)).layers:
                 x, stats = layer(x, positions, segments, train=True)
                 if stats is not None:
                     per_layer.append(stats)

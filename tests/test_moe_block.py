@@ -48,11 +48,14 @@ def _x(seed=1, shape=(B, S, D)):
 def _np_routing(tokens, gate, spec):
     z = tokens @ gate
     if spec.gate_norm:
-        z = spec.gate_norm_lambda * (z - z.mean(-1, keepdims=True)) / (
-            np.std(z, axis=-1, ddof=spec.gate_norm_ddof, keepdims=True) + spec.gate_norm_eps)
+        z = (
+            spec.gate_norm_lambda
+            * (z - z.mean(-1, keepdims=True))
+            / (np.std(z, axis=-1, ddof=spec.gate_norm_ddof, keepdims=True) + spec.gate_norm_eps)
+        )
     probs = np.exp(z - z.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    experts = np.argsort(-probs, axis=-1)[:, :spec.top_k]
+    experts = np.argsort(-probs, axis=-1)[:, : spec.top_k]
     weights = np.take_along_axis(probs, experts, axis=-1)
     if spec.renormalize:
         weights = weights / weights.sum(-1, keepdims=True)
@@ -63,8 +66,8 @@ def _np_keep(experts, probs, policy, group, cap):
     """Which assignments fit: per group, walk them in policy order and keep the first `cap` of each expert."""
     keep = np.zeros(experts.shape, bool)
     for start in range(0, experts.shape[0], group):
-        e = experts[start:start + group]
-        prio = np.take_along_axis(probs[start:start + group], e, -1) if policy == "probs" else np.zeros(e.shape)
+        e = experts[start : start + group]
+        prio = np.take_along_axis(probs[start : start + group], e, -1) if policy == "probs" else np.zeros(e.shape)
         taken = np.zeros(probs.shape[-1], int)
         for i in sorted(range(e.size), key=lambda i: (-prio.flat[i], i)):
             t, j = divmod(i, e.shape[1])
@@ -75,8 +78,9 @@ def _np_keep(experts, probs, policy, group, cap):
 
 def _np_experts(block, tokens):
     """Every expert on every token, in float64: [T, E, d]."""
-    wg, wu, wd = (np.asarray(v[...], np.float64) for v in (block.experts.w_gate, block.experts.w_up,
-                                                            block.experts.w_down))
+    wg, wu, wd = (
+        np.asarray(v[...], np.float64) for v in (block.experts.w_gate, block.experts.w_up, block.experts.w_down)
+    )
     h = np.einsum("td,edf->tef", tokens, wg)
     return np.einsum("tef,efd->ted", h / (1 + np.exp(-h)) * np.einsum("td,edf->tef", tokens, wu), wd)
 
@@ -140,7 +144,7 @@ def _hand_routed_block(spec, logits_by_class):
     """Token x = one-hot(class); gate row `class` holds that class's logits, so the routing is known."""
     block = _block(spec)
     gate = np.zeros((D, E), np.float32)
-    gate[:len(logits_by_class)] = logits_by_class
+    gate[: len(logits_by_class)] = logits_by_class
     block.gate[...] = jnp.asarray(gate)
     return block
 
@@ -150,9 +154,11 @@ def _one_hot_tokens(classes):
 
 
 CLASS_A, CLASS_B, CLASS_C = 0, 1, 2
-HAND_LOGITS = [[4.0, 2.0, 0.0, 0.0],  # A -> experts 0, 1
-               [2.0, 4.0, 0.0, 0.0],  # B -> experts 1, 0
-               [0.0, 0.0, 4.0, 2.0]]  # C -> experts 2, 3
+HAND_LOGITS = [
+    [4.0, 2.0, 0.0, 0.0],  # A -> experts 0, 1
+    [2.0, 4.0, 0.0, 0.0],  # B -> experts 1, 0
+    [0.0, 0.0, 4.0, 2.0],
+]  # C -> experts 2, 3
 
 
 # Sequence 0 is AAAAAAAA, sequence 1 is AAAACCCC. Per group and expert, drops = max(0, count - cap):
@@ -162,9 +168,16 @@ HAND_LOGITS = [[4.0, 2.0, 0.0, 0.0],  # A -> experts 0, 1
 #   group 16, cf 2 -> cap 16: nothing drops
 #   eval (eval_capacity_factor 2), group 8 -> cap 8: nothing drops
 @pytest.mark.parametrize("policy", ["position", "probs"])
-@pytest.mark.parametrize("group_size, cf, train, expected", [
-    (0, 1.0, True, 8 / 32), (4, 1.0, True, 16 / 32), (16, 1.0, True, 8 / 32), (16, 2.0, True, 0.0),
-    (0, 1.0, False, 0.0)])
+@pytest.mark.parametrize(
+    "group_size, cf, train, expected",
+    [
+        (0, 1.0, True, 8 / 32),
+        (4, 1.0, True, 16 / 32),
+        (16, 1.0, True, 8 / 32),
+        (16, 2.0, True, 0.0),
+        (0, 1.0, False, 0.0),
+    ],
+)
 def test_drop_rate_on_hand_built_routing(policy, group_size, cf, train, expected):
     spec = _spec(group_size=group_size, capacity_factor=cf, eval_capacity_factor=2.0, drop_policy=policy)
     block = _hand_routed_block(spec, HAND_LOGITS)
@@ -178,9 +191,10 @@ def test_drop_rate_on_hand_built_routing(policy, group_size, cf, train, expected
 #   position: the two B tokens come first and take both experts' slots; the A tokens lose both choices.
 #   probs: expert 0 keeps the A tokens (their 1st choice, higher probability), expert 1 the B tokens:
 #          every token keeps exactly its 1st choice.
-@pytest.mark.parametrize("policy, keep_in_group", [
-    ("position", [[True, True], [True, True], [False, False], [False, False]]),
-    ("probs", [[True, False]] * 4)])
+@pytest.mark.parametrize(
+    "policy, keep_in_group",
+    [("position", [[True, True], [True, True], [False, False], [False, False]]), ("probs", [[True, False]] * 4)],
+)
 def test_which_assignments_drop_by_policy(policy, keep_in_group):
     spec = _spec(group_size=4, capacity_factor=1.0, drop_policy=policy)
     block = _hand_routed_block(spec, HAND_LOGITS)
@@ -226,8 +240,11 @@ def test_gradients_match_central_differences(impl):
 
         def zeros_except(name):
             return jax.tree_util.tree_map_with_path(
-                lambda path, a: unit(a.shape) if any(getattr(p, "key", None) == name for p in path)
-                else np.zeros(a.shape), params)
+                lambda path, a: (
+                    unit(a.shape) if any(getattr(p, "key", None) == name for p in path) else np.zeros(a.shape)
+                ),
+                params,
+            )
 
         routing = top_k_sets(params, x)
         for direction in ("x", "gate", "experts"):
@@ -235,8 +252,9 @@ def test_gradients_match_central_differences(impl):
             v_x = unit(x.shape) if direction == "x" else np.zeros(x.shape)
             for step in (h, -h):  # the routing must not move, or the difference quotient is meaningless
                 np.testing.assert_array_equal(top_k_sets(along(params, v_params, step), x + step * v_x), routing)
-            numeric = (loss(along(params, v_params, h), x + h * v_x)
-                       - loss(along(params, v_params, -h), x - h * v_x)) / (2 * h)
+            numeric = (
+                loss(along(params, v_params, h), x + h * v_x) - loss(along(params, v_params, -h), x - h * v_x)
+            ) / (2 * h)
             analytic = sum(np.vdot(g, v) for g, v in zip(jax.tree.leaves(grad_params), jax.tree.leaves(v_params)))
             analytic += np.vdot(grad_x, v_x)
             assert abs(analytic) > 1e-2, direction  # a direction the loss actually depends on

@@ -12,11 +12,23 @@ import numpy as np
 from skymoe_jax.metrics.writers import read_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-FLAGS = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
-         "--config.model.num_kv_heads=1", "--config.moe.expert_ffn_dim=32", "--config.data.seq_len=32",
-         "--config.data.batch_size=8", "--config.moe.group_size=0", "--config.train.steps=5",
-         "--config.train.log_every=1", "--config.train.eval_every=5", "--config.train.eval_batches=2",
-         "--config.optim.warmup_steps=1", "--config.parallel.mesh=(1,4,2)", "--config.train.checkpoint_every=0"]
+FLAGS = [
+    "--config.model.d_model=32",
+    "--config.model.num_layers=2",
+    "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=1",
+    "--config.moe.expert_ffn_dim=32",
+    "--config.data.seq_len=32",
+    "--config.data.batch_size=8",
+    "--config.moe.group_size=0",
+    "--config.train.steps=5",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=5",
+    "--config.train.eval_batches=2",
+    "--config.optim.warmup_steps=1",
+    "--config.parallel.mesh=(1,4,2)",
+    "--config.train.checkpoint_every=0",
+]
 
 
 def _env(**extra):
@@ -35,19 +47,32 @@ def _prepared_mixture(root) -> list[str]:
     for package, weight in (("asyncio", 3), ("email", 1)):
         prepare(os.path.join(sysconfig.get_paths()["stdlib"], package, "*.py"), "byte", str(root / package))
         sources.append(f"{root / package}:{weight}")
-    return ["--config.data.source=prepared", f"--config.data.sources={','.join(sources)}",
-            "--config.data.num_streams=2", "--config.data.val_fraction=0.3"]
+    return [
+        "--config.data.source=prepared",
+        f"--config.data.sources={','.join(sources)}",
+        "--config.data.num_streams=2",
+        "--config.data.val_fraction=0.3",
+    ]
 
 
 def test_two_processes_match_one(tmp_path):
     skymoe = [sys.executable, "-m", "skymoe_jax.cli", "train"]
     flags = [*FLAGS, *_prepared_mixture(tmp_path)]
-    one = subprocess.run([*skymoe, f"--workdir={tmp_path / 'one'}", *flags], capture_output=True, text=True,
-                         timeout=600, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    one = subprocess.run(
+        [*skymoe, f"--workdir={tmp_path / 'one'}", *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([str(ROOT / "launch" / "local.sh"), "2", "-d", "4", "--", *skymoe,
-                          f"--workdir={tmp_path / 'two'}", *flags], capture_output=True, text=True, timeout=600,
-                         env=_env(SKYMOE_LOG_DIR=str(tmp_path / "logs")))
+    two = subprocess.run(
+        [str(ROOT / "launch" / "local.sh"), "2", "-d", "4", "--", *skymoe, f"--workdir={tmp_path / 'two'}", *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(SKYMOE_LOG_DIR=str(tmp_path / "logs")),
+    )
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     a, b = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5]
@@ -70,11 +95,32 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
         port = s.getsockname()[1]
     workdir = tmp_path / "run"
     flags = [f for f in FLAGS if not f.startswith("--config.train.steps")]
-    cmd = [sys.executable, "-m", "skymoe_jax.cli", "train", f"--workdir={workdir}", *flags,
-           "--config.train.steps=100000", "--config.train.eval_every=0", "--config.train.stop_check_every=3"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(
-        SKYMOE_COORDINATOR=f"127.0.0.1:{port}", SKYMOE_NUM_PROCESSES="2", SKYMOE_PROCESS_ID=str(i),
-        XLA_FLAGS="--xla_force_host_platform_device_count=4")) for i in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "skymoe_jax.cli",
+        "train",
+        f"--workdir={workdir}",
+        *flags,
+        "--config.train.steps=100000",
+        "--config.train.eval_every=0",
+        "--config.train.stop_check_every=3",
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(
+                SKYMOE_COORDINATOR=f"127.0.0.1:{port}",
+                SKYMOE_NUM_PROCESSES="2",
+                SKYMOE_PROCESS_ID=str(i),
+                XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            ),
+        )
+        for i in range(2)
+    ]
     try:
         metrics = workdir / "metrics.jsonl"
         deadline = time.time() + 300

@@ -24,13 +24,15 @@ def test_quickstart_notebook_runs_headless(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path))
     start = time.perf_counter()
-    NotebookClient(nb, timeout=BUDGET_S, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute(env=env)
+    NotebookClient(
+        nb, timeout=BUDGET_S, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute(env=env)
     assert time.perf_counter() - start < BUDGET_S
     assert not _outputs(nb, "error")
     # Plain prints arrive as streams; the trainer's console lines as rich displays (the progress bar is a widget).
     text = "".join(o.get("text", "") for o in _outputs(nb, "stream")) + "".join(
-        o["data"].get("text/plain", "") for o in _outputs(nb, "display_data"))
+        o["data"].get("text/plain", "") for o in _outputs(nb, "display_data")
+    )
     assert "missing before this cell: nothing" in text  # the install cell is a no-op when installed
     assert "backend cpu: [CpuDevice(id=0)]" in text  # and says what JAX found
     assert "done: 100 steps" in text and text.count("done: 40 steps") == 2  # the dense run and the upcycled one
@@ -45,8 +47,11 @@ def test_install_cell_outside_a_checkout_says_what_to_do(tmp_path):
     """A fresh Colab runtime: nothing installed (python -S hides site-packages) and no checkout around."""
     cell = nbformat.read(NOTEBOOK, as_version=4).cells[1]
     assert cell.cell_type == "code"
-    result = subprocess.run([sys.executable, "-S", "-c", cell.source], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", cell.source], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"skymoe_jax is not installed and {tmp_path} is not inside a checkout of "
-                                     "skymoe-jax: clone or upload the repository, %cd into it, and run this cell again")
+    assert result.stderr.strip() == (
+        f"skymoe_jax is not installed and {tmp_path} is not inside a checkout of "
+        "skymoe-jax: clone or upload the repository, %cd into it, and run this cell again"
+    )

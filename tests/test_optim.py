@@ -74,8 +74,10 @@ def test_weight_decay_mask_skips_norms_router_and_embeddings():
 
 def test_expert_lr_multiplier_scales_only_expert_updates():
     """With SGD-like comparison: the expert update of a multiplier-m run is m times that of the base run."""
-    base, scaled = _config(weight_decay=0.0, grad_clip=0.0), _config(weight_decay=0.0, grad_clip=0.0,
-                                                                       expert_lr_multiplier=0.25)
+    base, scaled = (
+        _config(weight_decay=0.0, grad_clip=0.0),
+        _config(weight_decay=0.0, grad_clip=0.0, expert_lr_multiplier=0.25),
+    )
     params = _params(base)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
     updates = {}

@@ -55,8 +55,12 @@ def test_lowers_for_cuda_to_triton_kernels_forward_and_backward():
     def loss(q, k, v, seg):
         return jnp.sum(pallas_attention(q, k, v, seg, "gshard", interpret=False).astype(jnp.float32))
 
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, segments).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = (
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        .trace(q, kv, kv, segments)
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
     assert "mosaic" not in text.lower()  # Triton, as jax's kernel asks through its compiler params
     kernels = sorted(chunk.split('name = "', 1)[1].split('"', 1)[0] for chunk in text.split(TRITON_CALL)[1:])
     assert kernels == ["mha_backward", "mha_forward", "mha_preprocess_backward"]
@@ -74,8 +78,10 @@ def test_sharded_train_step_with_pallas_attention_equals_xla():
     """EDP splits the heads over `expert` and the batch over `data`: the kernel runs per device under shard_map."""
     from test_parallel import _step
 
-    (g_xla, _, m_xla), (g_flash, _, m_flash) = _step(_config("xla"), jax.devices()), _step(_config("pallas"),
-                                                                                          jax.devices())
+    (g_xla, _, m_xla), (g_flash, _, m_flash) = (
+        _step(_config("xla"), jax.devices()),
+        _step(_config("pallas"), jax.devices()),
+    )
     np.testing.assert_allclose(m_flash["loss"], m_xla["loss"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_flash), jax.tree.leaves(g_xla)):  # float32 sums in another order
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -32,8 +32,13 @@ def _batch(c):
     tokens = rng.integers(0, c.model.vocab_size, (b, s + 1)).astype(np.int32)
     segments = np.where(np.arange(s) < s // 2, 1, 2)[None].repeat(b, 0).astype(np.int32)  # two documents a row
     positions = np.where(segments == 1, np.arange(s), np.arange(s) - s // 2).astype(np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions, "segment_ids": segments,
-            "loss_mask": np.ones((b, s), np.float32)}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": positions,
+        "segment_ids": segments,
+        "loss_mask": np.ones((b, s), np.float32),
+    }
 
 
 def _called(text: str, attrs: str) -> list[str]:
@@ -54,8 +59,9 @@ def _permutes_in_branches(hlo: str) -> list[str]:
         if name not in seen:
             seen.add(name)
             todo += _called(bodies.get(name, ""), f"to_apply|calls|body|condition|{branches}")
-    return [line.strip() for name in seen for line in bodies.get(name, "").splitlines()
-            if " collective-permute" in line]
+    return [
+        line.strip() for name in seen for line in bodies.get(name, "").splitlines() if " collective-permute" in line
+    ]
 
 
 def _step_and_hlo(c, devices):
@@ -80,16 +86,21 @@ def _step(c, devices):
 
 @pytest.fixture(scope="module")
 def reference():
-    return {moe: _step(_config(**dict(moe)), jax.devices()[:1])
-            for moe in [(), (("dropless", True),)]}
+    return {moe: _step(_config(**dict(moe)), jax.devices()[:1]) for moe in [(), (("dropless", True),)]}
 
 
 # Every mesh in both layouts; ZeRO-1 and FSDP each ride on two of them, one per layout, rather than
 # adding cases (each compiles a sharded step).
-CASES = [((1, 8, 1), "gshard", {}), ((1, 4, 2), "gshard", {"zero1": True}), ((1, 2, 4), "gshard", {"fsdp": True}),
-         ((1, 1, 8), "gshard", {}), ((1, 8, 1), "edp", {}), ((1, 4, 2), "edp", {"fsdp": True}),
-         ((1, 2, 4), "edp", {"zero1": True}), ((1, 1, 8), "edp", {})] + [
-    ((1, 2, 4), layout, {"dropless": True}) for layout in ("gshard", "edp")]
+CASES = [
+    ((1, 8, 1), "gshard", {}),
+    ((1, 4, 2), "gshard", {"zero1": True}),
+    ((1, 2, 4), "gshard", {"fsdp": True}),
+    ((1, 1, 8), "gshard", {}),
+    ((1, 8, 1), "edp", {}),
+    ((1, 4, 2), "edp", {"fsdp": True}),
+    ((1, 2, 4), "edp", {"zero1": True}),
+    ((1, 1, 8), "edp", {}),
+] + [((1, 2, 4), layout, {"dropless": True}) for layout in ("gshard", "edp")]
 
 
 @pytest.mark.parametrize("mesh,layout,opts", CASES, ids=lambda v: str(v).replace(" ", ""))
@@ -148,12 +159,15 @@ def test_edp_layout_is_tensor_parallel_over_the_expert_axis():
     assert {s.data.shape for s in w_up.addressable_shards} == {(2, 2, 32, 16)}  # whole experts per device
 
 
-@pytest.mark.parametrize("mesh,needle", [
-    ((1, 3, 1), "needs 3 devices but 8 are available"),
-    ((1, -1, 3), "do not split"),
-    ((2, 4, 1), "= 2 rows must be divisible by the 4 devices"),  # 8 microbatches of 16 rows
-    ((1, 1, 8), None),
-])
+@pytest.mark.parametrize(
+    "mesh,needle",
+    [
+        ((1, 3, 1), "needs 3 devices but 8 are available"),
+        ((1, -1, 3), "do not split"),
+        ((2, 4, 1), "= 2 rows must be divisible by the 4 devices"),  # 8 microbatches of 16 rows
+        ((1, 1, 8), None),
+    ],
+)
 def test_mesh_errors(mesh, needle):
     c = _config(mesh)
     c.parallel.num_microbatches = 8

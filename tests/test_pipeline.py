@@ -5,15 +5,14 @@ splits."""
 import jax
 import numpy as np
 import pytest
+from test_parallel import _step_and_hlo
 
 from skymoe_jax.config import apply_overrides, base_config, load_config
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.metrics.flops import pipeline_utilization, stage_flops_per_token
-from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.pipeline import bubble_fraction
+from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.parallel.plan import plan
-
-from test_parallel import _step_and_hlo
 
 
 def _config(mesh=(1, 1, 1), split=(), microbatches=2, layout="gshard", remat=()):
@@ -24,8 +23,9 @@ def _config(mesh=(1, 1, 1), split=(), microbatches=2, layout="gshard", remat=())
     c.data.update(seq_len=16, batch_size=16)
     c.optim.warmup_steps = 0
     c.aux_coef.initial_alpha = 0.005
-    c.parallel.update(mesh=mesh, layout=layout, pipeline_stage_layers=split, num_microbatches=microbatches,
-                      stage_remat=remat)
+    c.parallel.update(
+        mesh=mesh, layout=layout, pipeline_stage_layers=split, num_microbatches=microbatches, stage_remat=remat
+    )
     return c
 
 
@@ -41,12 +41,14 @@ def reference():
     return _step_and_hlo(_config(), jax.devices()[:1])[0]
 
 
-CASES = [((2, 4, 1), (), "gshard", (), {}),  # 2 even stages x data
-         ((4, 1, 2), (2, 2, 1, 1), "edp", ("full", "none", "dots", "full"), {}),  # 4 uneven stages, EDP, remat by stage
-         # The paper's pipeline x data x expert, every axis above 1, in both layouts; between them FSDP and ZeRO-1,
-         # an uneven and an even split, two microbatches and one.
-         ((2, 2, 2), (4, 2), "gshard", (), {"fsdp": True}),
-         ((2, 2, 2), (3, 3), "edp", (), {"zero1": True, "num_microbatches": 1})]
+CASES = [
+    ((2, 4, 1), (), "gshard", (), {}),  # 2 even stages x data
+    ((4, 1, 2), (2, 2, 1, 1), "edp", ("full", "none", "dots", "full"), {}),  # 4 uneven stages, EDP, remat by stage
+    # The paper's pipeline x data x expert, every axis above 1, in both layouts; between them FSDP and ZeRO-1,
+    # an uneven and an even split, two microbatches and one.
+    ((2, 2, 2), (4, 2), "gshard", (), {"fsdp": True}),
+    ((2, 2, 2), (3, 3), "edp", (), {"zero1": True, "num_microbatches": 1}),
+]
 
 
 def _layers_and_rest(tree):
@@ -69,8 +71,7 @@ def test_pipelined_step_equals_unpipelined(reference, mesh, split, layout, remat
     # is the same in other summation orders (tolerances as in test_parallel).
     for g, g0 in zip(jax.tree.leaves(_canonical(grads, spec)), jax.tree.leaves(_layers_and_rest(grads0))):
         np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-7)
-    for p, p0 in zip(jax.tree.leaves(_canonical(state.params, spec)),
-                     jax.tree.leaves(_layers_and_rest(state0.params))):
+    for p, p0 in zip(jax.tree.leaves(_canonical(state.params, spec)), jax.tree.leaves(_layers_and_rest(state0.params))):
         # Adam's first update is lr * g / (|g| + eps): for |g| near eps it amplifies the tiny absolute
         # gradient differences allowed above, so allow 1% of lr (3e-3); a wrong gradient moves it by ~lr.
         np.testing.assert_allclose(p, p0, atol=3e-5)
@@ -81,6 +82,7 @@ def test_pipelined_step_equals_unpipelined(reference, mesh, split, layout, remat
 
 def test_bfloat16_pipeline_trains_like_the_unpipelined_bfloat16_step():
     """bfloat16 parameters and compute through a (2, 2, 2) pipeline; it once aborted inside XLA's partitioner."""
+
     def step(mesh, devices):
         c = _config(mesh, (4, 2), layout="edp")
         c.model.update(dtype="bfloat16", param_dtype="bfloat16")
@@ -111,18 +113,29 @@ def test_stage_flops_and_bubble_for_24_layers():
     assert max(uneven) / np.mean(uneven) < max(even) / np.mean(even)
     assert pipeline_utilization(uneven, 16) > pipeline_utilization(even, 16)
     assert pipeline_utilization([1.0] * 4, 16) == pytest.approx(1 - bubble_fraction(4, 16))
-    report = plan(apply_overrides(config, ["--config.parallel.mesh=(5,1,1)",
-                                           "--config.parallel.pipeline_stage_layers=(5,5,5,5,4)"]), (5, 1, 1))
+    report = plan(
+        apply_overrides(
+            config, ["--config.parallel.mesh=(5,1,1)", "--config.parallel.pipeline_stage_layers=(5,5,5,5,4)"]
+        ),
+        (5, 1, 1),
+    )
     assert report.stage_flops_per_token == pytest.approx(tuple(uneven))
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["--config.parallel.mesh=(2,4,1)", "--config.parallel.pipeline_stage_layers=(4,1)"],
-     "must give 2 stages (the pipeline axis) of at least one layer summing to model.num_layers=6"),
-    (["--config.parallel.mesh=(2,4,1)", "--config.parallel.num_microbatches=3"],
-     "parallel.num_microbatches=3 must be a positive divisor of data.batch_size=16"),
-    (["--config.parallel.mesh=(2,4,1)", "--config.moe.moe_every=2"], "pipeline parallelism needs identical layers"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (
+            ["--config.parallel.mesh=(2,4,1)", "--config.parallel.pipeline_stage_layers=(4,1)"],
+            "must give 2 stages (the pipeline axis) of at least one layer summing to model.num_layers=6",
+        ),
+        (
+            ["--config.parallel.mesh=(2,4,1)", "--config.parallel.num_microbatches=3"],
+            "parallel.num_microbatches=3 must be a positive divisor of data.batch_size=16",
+        ),
+        (["--config.parallel.mesh=(2,4,1)", "--config.moe.moe_every=2"], "pipeline parallelism needs identical layers"),
+    ],
+)
 def test_bad_pipeline_settings_are_one_line(overrides, needle):
     with pytest.raises(ConfigError) as err:
         apply_overrides(_config(), overrides)

@@ -21,13 +21,23 @@ def _config(mesh, layout, split=(), **parallel):
 
 def _on_device0(tree) -> int:
     device = jax.devices()[0]
-    return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree) for shard in leaf.addressable_shards
-               if shard.device == device)
+    return sum(
+        shard.data.nbytes
+        for leaf in jax.tree.leaves(tree)
+        for shard in leaf.addressable_shards
+        if shard.device == device
+    )
 
 
-CASES = [((1, 4, 2), "gshard", (), {}), ((1, 2, 4), "edp", (), {"zero1": True}), ((1, 8, 1), "gshard", (), {"fsdp": True}),
-         ((2, 2, 2), "edp", (4, 2), {"zero1": True}), ((2, 4, 1), "gshard", (), {"fsdp": True}),
-         ((4, 1, 2), "edp", (2, 2, 1, 1), {}), ((4, 2, 1), "gshard", (), {"zero1": True, "param_dtype": "bfloat16"})]
+CASES = [
+    ((1, 4, 2), "gshard", (), {}),
+    ((1, 2, 4), "edp", (), {"zero1": True}),
+    ((1, 8, 1), "gshard", (), {"fsdp": True}),
+    ((2, 2, 2), "edp", (4, 2), {"zero1": True}),
+    ((2, 4, 1), "gshard", (), {"fsdp": True}),
+    ((4, 1, 2), "edp", (2, 2, 1, 1), {}),
+    ((4, 2, 1), "gshard", (), {"zero1": True, "param_dtype": "bfloat16"}),
+]
 
 
 @pytest.mark.parametrize("mesh,layout,split,opts", CASES, ids=lambda v: str(v).replace(" ", ""))
@@ -49,7 +59,9 @@ def test_planned_bytes_are_what_the_state_occupies(mesh, layout, split, opts):
 def test_146b_on_the_papers_mesh_equals_a_hand_count(layout):
     from skymoe_jax.config import load_config
 
-    c = load_config("configs/skywork_moe_146b.py", ["--config.parallel.zero1=True", f"--config.parallel.layout={layout}"])
+    c = load_config(
+        "configs/skywork_moe_146b.py", ["--config.parallel.zero1=True", f"--config.parallel.layout={layout}"]
+    )
     d, ff, experts, vocab = 4608, 12288, 16, 65536
     # Stages of (5, 5, 5, 5, 4, ...) layers for 52 over 12: each device stores 5 (stages are padded to the longest).
     # Experts split over expert=4; EDP also splits the attention heads and the vocabulary over it.
@@ -80,8 +92,13 @@ def _compiled_memory(c):
     rt = runtime_lib.build(c)
     b, s = c.data.batch_size, c.data.seq_len
     tokens = np.zeros((b, s), np.int32)
-    batch = {"inputs": tokens, "targets": tokens, "positions": tokens, "segment_ids": tokens + 1,
-             "loss_mask": np.ones((b, s), np.float32)}
+    batch = {
+        "inputs": tokens,
+        "targets": tokens,
+        "positions": tokens,
+        "segment_ids": tokens + 1,
+        "loss_mask": np.ones((b, s), np.float32),
+    }
     with jax.set_mesh(rt.mesh):
         return rt.train_step.lower(rt.abstract_state(), rt.batch(batch)).compile().memory_analysis()
 
@@ -115,11 +132,13 @@ def test_planned_peak_memory_is_within_15_percent_of_the_compilers(name):
     terms = {"gradients": p.grads_bytes, **p.activations.terms()}
     gap = m.temp_size_in_bytes - planned_temp
     nearest = min(terms, key=lambda t: abs(terms[t] - abs(gap)))
-    message = (f"{name}: planner {planned_temp / 2**20:.2f} MiB of temporaries vs the compiler's "
-               f"{m.temp_size_in_bytes / 2**20:.2f} MiB; terms (MiB) "
-               + ", ".join(f"{t} {v / 2**20:.2f}" for t, v in terms.items())
-               + f"; the planner is {'under' if gap > 0 else 'over'} by {abs(gap) / 2**20:.2f} MiB, "
-               f"the size of its {nearest!r} term ({terms[nearest] / 2**20:.2f} MiB)")
+    message = (
+        f"{name}: planner {planned_temp / 2**20:.2f} MiB of temporaries vs the compiler's "
+        f"{m.temp_size_in_bytes / 2**20:.2f} MiB; terms (MiB) "
+        + ", ".join(f"{t} {v / 2**20:.2f}" for t, v in terms.items())
+        + f"; the planner is {'under' if gap > 0 else 'over'} by {abs(gap) / 2**20:.2f} MiB, "
+        f"the size of its {nearest!r} term ({terms[nearest] / 2**20:.2f} MiB)"
+    )
     assert planned_temp == pytest.approx(m.temp_size_in_bytes, rel=0.15), message
     assert p.peak_bytes == pytest.approx(compiler_peak, rel=0.15), message
 

@@ -41,8 +41,13 @@ def _hf_tokenizer(path, docs):
 
 def _stream(ds, batches):
     """One stream, no window shuffle: rows are consecutive pieces of the packed document stream."""
-    return np.concatenate([np.append(b["inputs"][r], b["targets"][r, -1])
-                           for b in itertools.islice(iter(ds), batches) for r in range(b["inputs"].shape[0])])
+    return np.concatenate(
+        [
+            np.append(b["inputs"][r], b["targets"][r, -1])
+            for b in itertools.islice(iter(ds), batches)
+            for r in range(b["inputs"].shape[0])
+        ]
+    )
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "hf"])
@@ -142,25 +147,43 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
         (tmp_path / "in" / f"{i}.txt").write_text(d)
     tok = _hf_tokenizer(tmp_path / "tokenizer.json", docs)
     glob = str(tmp_path / "in" / "*.txt")
-    _refused(capsys, ["prepare-data", f"--input={glob}", f"--tokenizer={tmp_path / 'absent.json'}",
-                      f"--out={tmp_path / 'x'}"], "--tokenizer=")
-    _refused(capsys, ["prepare-data", f"--input={tmp_path / 'none' / '*.txt'}", "--tokenizer=byte",
-                      f"--out={tmp_path / 'x'}"], "--input: no file matches")
-    assert main(["prepare-data", f"--input={glob}", f"--tokenizer={tok}", f"--out={tmp_path / 'hf'}",
-                 "--workers=1"]) == 0
+    _refused(
+        capsys,
+        ["prepare-data", f"--input={glob}", f"--tokenizer={tmp_path / 'absent.json'}", f"--out={tmp_path / 'x'}"],
+        "--tokenizer=",
+    )
+    _refused(
+        capsys,
+        ["prepare-data", f"--input={tmp_path / 'none' / '*.txt'}", "--tokenizer=byte", f"--out={tmp_path / 'x'}"],
+        "--input: no file matches",
+    )
+    assert (
+        main(["prepare-data", f"--input={glob}", f"--tokenizer={tok}", f"--out={tmp_path / 'hf'}", "--workers=1"]) == 0
+    )
     assert "prepared 40 documents" in capsys.readouterr().out
 
-    train = ["train", f"--workdir={tmp_path / 'run'}", "--config.data.source=prepared", "--config.data.num_streams=2",
-             "--config.data.val_fraction=0.2"]
+    train = [
+        "train",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.data.source=prepared",
+        "--config.data.num_streams=2",
+        "--config.data.val_fraction=0.2",
+    ]
     hf = str(tmp_path / "hf")
     _refused(capsys, [*train, f"--config.data.sources={hf}:0.5,{hf}:zero"], "'zero' is not a weight")
     _refused(capsys, [*train, f"--config.data.sources={hf}"], "was tokenized with")
-    _refused(capsys, [*train, f"--config.data.sources={hf}", f"--config.data.tokenizer={tok}",
-                      "--config.model.vocab_size=64"], "tokens but model.vocab_size=64; set --config.model.vocab_size=")
+    _refused(
+        capsys,
+        [*train, f"--config.data.sources={hf}", f"--config.data.tokenizer={tok}", "--config.model.vocab_size=64"],
+        "tokens but model.vocab_size=64; set --config.model.vocab_size=",
+    )
     broken = str(tmp_path / "broken")
     shutil.copytree(hf, broken)
     with open(os.path.join(broken, "shards", "00000-0000.array_record"), "r+b") as f:
         f.truncate(5000)
-    _refused(capsys, [*train, f"--config.data.sources={broken}", f"--config.data.tokenizer={tok}"],
-             "00000-0000.array_record is damaged")
+    _refused(
+        capsys,
+        [*train, f"--config.data.sources={broken}", f"--config.data.tokenizer={tok}"],
+        "00000-0000.array_record is damaged",
+    )
     assert not (tmp_path / "run").exists()

@@ -24,9 +24,13 @@ def _records(drop: float, steps=range(10, 110, 10), moe: bool = True) -> list[di
             load = np.full((LAYERS, EXPERTS), 1 / EXPERTS)
             load[:, 0] += 0.1
             load[:, 1] -= 0.1
-            r.update(drop_rate=[drop * (i + 1) for i in range(LAYERS)], alpha=[0.001 * step / 100] * LAYERS,
-                     max1_max2=[2.0 + i for i in range(LAYERS)], max2_max3=[1.5] * LAYERS,
-                     expert_load=load.tolist())
+            r.update(
+                drop_rate=[drop * (i + 1) for i in range(LAYERS)],
+                alpha=[0.001 * step / 100] * LAYERS,
+                max1_max2=[2.0 + i for i in range(LAYERS)],
+                max2_max3=[1.5] * LAYERS,
+                expert_load=load.tolist(),
+            )
             if step % 50 == 0:
                 r["expert_similarity"] = [0.5 - step / 1000] * LAYERS
         if step % 50 == 0:

@@ -142,9 +142,14 @@ def test_z_loss_matches_numpy():
 
 
 def test_router_stats_on_a_hand_built_gate():
-    probs = np.array([[0.5, 0.25, 0.125, 0.125],  # Max1/Max2 = 2,   Max2/Max3 = 2
-                      [0.4, 0.1, 0.4, 0.1],  # 1,   4
-                      [0.1, 0.2, 0.3, 0.4]], np.float32)  # 4/3, 3/2
+    probs = np.array(
+        [
+            [0.5, 0.25, 0.125, 0.125],  # Max1/Max2 = 2,   Max2/Max3 = 2
+            [0.4, 0.1, 0.4, 0.1],  # 1,   4
+            [0.1, 0.2, 0.3, 0.4],
+        ],
+        np.float32,
+    )  # 4/3, 3/2
     experts = np.array([[0, 1], [0, 2], [3, 2]], np.int32)
     stats = router.router_stats(probs, experts)
     np.testing.assert_allclose(stats["max1_max2"], (2 + 1 + 4 / 3) / 3, rtol=1e-6)

@@ -38,8 +38,9 @@ def test_auto_is_xla_even_on_a_gpu(monkeypatch):
 def _block_spec(routing_impl, **moe) -> ModelSpec:
     c = base_config()
     c.model.d_model = 32
-    c.moe.update({"num_experts": 8, "top_k": 2, "expert_ffn_dim": 16, "group_size": 0, "routing_impl": routing_impl,
-                  **moe})
+    c.moe.update(
+        {"num_experts": 8, "top_k": 2, "expert_ffn_dim": 16, "group_size": 0, "routing_impl": routing_impl, **moe}
+    )
     c.data.seq_len = 24
     return ModelSpec.from_config(c)
 
@@ -51,13 +52,17 @@ def _block(spec):
     return nnx.merge(graphdef, jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype), abstract))
 
 
-@pytest.mark.parametrize("moe", [
-    dict(capacity_factor=0.75),  # position policy, drops
-    dict(capacity_factor=0.75, group_size=8),  # three routing groups per sequence
-    dict(capacity_factor=0.75, drop_policy="probs"),  # positions on the XLA path, the rest Pallas
-    dict(dropless=True, dropless_impl="padded"),
-    dict(gate_norm=False, renormalize=False, top_k=4),
-], ids=["position", "groups", "probs", "dropless", "plain-top4"])
+@pytest.mark.parametrize(
+    "moe",
+    [
+        dict(capacity_factor=0.75),  # position policy, drops
+        dict(capacity_factor=0.75, group_size=8),  # three routing groups per sequence
+        dict(capacity_factor=0.75, drop_policy="probs"),  # positions on the XLA path, the rest Pallas
+        dict(dropless=True, dropless_impl="padded"),
+        dict(gate_norm=False, renormalize=False, top_k=4),
+    ],
+    ids=["position", "groups", "probs", "dropless", "plain-top4"],
+)
 def test_block_pallas_equals_xla(moe):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 24, 32)).astype(np.float32))
 
@@ -87,8 +92,9 @@ def test_block_pallas_equals_xla(moe):
 def _train_config(routing_impl, mesh=(1, 1, 1), layout="gshard"):
     c = base_config()
     c.model.update(d_model=32, num_layers=mesh[0], num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=64)
-    c.moe.update(num_experts=8, top_k=2, expert_ffn_dim=16, group_size=16, capacity_factor=0.75,
-                 routing_impl=routing_impl)
+    c.moe.update(
+        num_experts=8, top_k=2, expert_ffn_dim=16, group_size=16, capacity_factor=0.75, routing_impl=routing_impl
+    )
     c.data.update(seq_len=16, batch_size=8)
     c.optim.warmup_steps = 0
     c.parallel.update(mesh=mesh, layout=layout)
@@ -99,9 +105,13 @@ def _batch(c):
     rng = np.random.default_rng(0)
     b, s = c.data.batch_size, c.data.seq_len
     tokens = rng.integers(0, c.model.vocab_size, (b, s + 1)).astype(np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
-            "segment_ids": np.ones((b, s), np.int32), "loss_mask": np.ones((b, s), np.float32)}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+        "segment_ids": np.ones((b, s), np.int32),
+        "loss_mask": np.ones((b, s), np.float32),
+    }
 
 
 def _step_metrics_and_params(c, initial=None):
@@ -139,12 +149,23 @@ def test_sharded_train_step_lowers_triton_kernels_for_cuda(monkeypatch, layout):
     c = _train_config("pallas", mesh=(1, 2, 4), layout=layout)
     rt = runtime_lib.build(c)
     with jax.set_mesh(rt.mesh):
-        text = rt.train_step.trace(jax.eval_shape(rt.init), rt.batch(_batch(c))).lower(
-            lowering_platforms=("cuda",)).as_text()
+        text = (
+            rt.train_step.trace(jax.eval_shape(rt.init), rt.batch(_batch(c)))
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+        )
     assert "all_to_all" in text
     kernels = {chunk.split('name = "', 1)[1].split('"', 1)[0] for chunk in text.split("__gpu$xla.gpu.triton")[1:]}
-    assert kernels == {"skymoe_route", "skymoe_route_bwd", "skymoe_expert_counts", "skymoe_expert_ranks",
-                       "skymoe_slot_sources", "skymoe_gather_rows", "skymoe_gather_sum", "skymoe_gather_dot"}
+    assert kernels == {
+        "skymoe_route",
+        "skymoe_route_bwd",
+        "skymoe_expert_counts",
+        "skymoe_expert_ranks",
+        "skymoe_slot_sources",
+        "skymoe_gather_rows",
+        "skymoe_gather_sum",
+        "skymoe_gather_dot",
+    }
 
 
 def test_bench_routing_and_ragged(capsys):

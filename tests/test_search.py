@@ -79,8 +79,20 @@ def test_search_reports_only_what_fits_fastest_first_and_finds_the_configs_own_l
 
 
 def test_plan_command(capsys):
-    assert main(["plan", "--devices=8", "--device=H100-80GB", "--config.parallel.mesh=(2,4,1)",
-                 "--config.parallel.num_microbatches=2", "--top=3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--devices=8",
+                "--device=H100-80GB",
+                "--config.parallel.mesh=(2,4,1)",
+                "--config.parallel.num_microbatches=2",
+                "--top=3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["fitting"] > 3 and len(out["shown"]) == 3 and all(r["fits"] for r in out["shown"])
     assert [r["rank"] for r in out["shown"]] == sorted(r["rank"] for r in out["shown"])
@@ -89,11 +101,14 @@ def test_plan_command(capsys):
     assert "the 10 fastest that fit" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--devices=8", "--device=V100"], "--device='V100' is not in the device table"),
-    (["--devices=8", "--device=H200", "--mfu=2"], "--mfu='2' must be a number in (0, 1]"),
-    (["--device=H200"], "skymoe plan needs --devices=N"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--devices=8", "--device=V100"], "--device='V100' is not in the device table"),
+        (["--devices=8", "--device=H200", "--mfu=2"], "--mfu='2' must be a number in (0, 1]"),
+        (["--device=H200"], "skymoe plan needs --devices=N"),
+    ],
+)
 def test_plan_refuses_bad_flags_in_one_line(args, needle, capsys):
     assert main(["plan", *args]) == 2
     err = capsys.readouterr().err

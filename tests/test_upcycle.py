@@ -17,14 +17,27 @@ from skymoe_jax.metrics.writers import read_jsonl
 from skymoe_jax.parallel.mesh import make_mesh
 from skymoe_jax.training import runtime as runtime_lib
 
-BASE = ["--config.model.d_model=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
-        "--config.model.num_kv_heads=1", "--config.model.ffn_dim=64", "--config.data.seq_len=32",
-        "--config.data.batch_size=8", "--config.moe.group_size=0", "--config.train.eval_every=0",
-        "--config.train.progress=False", "--config.optim.warmup_steps=1"]
+BASE = [
+    "--config.model.d_model=32",
+    "--config.model.num_layers=3",
+    "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=1",
+    "--config.model.ffn_dim=64",
+    "--config.data.seq_len=32",
+    "--config.data.batch_size=8",
+    "--config.moe.group_size=0",
+    "--config.train.eval_every=0",
+    "--config.train.progress=False",
+    "--config.optim.warmup_steps=1",
+]
 DENSE = BASE + ["--config.moe.num_experts=0"]
 # Ample eval capacity: nothing drops, so upcycled experts see every token the dense FFN saw.
-EXPERTS = BASE + ["--config.moe.num_experts=8", "--config.moe.top_k=2", "--config.moe.expert_ffn_dim=64",
-                  "--config.moe.eval_capacity_factor=8.0"]
+EXPERTS = BASE + [
+    "--config.moe.num_experts=8",
+    "--config.moe.top_k=2",
+    "--config.moe.expert_ffn_dim=64",
+    "--config.moe.eval_capacity_factor=8.0",
+]
 MOE = EXPERTS + ["--config.parallel.mesh=(1,4,2)"]
 
 
@@ -40,8 +53,19 @@ def dense_dir(tmp_path_factory):
 def pipelined_dense_dir(tmp_path_factory):
     """A dense run trained 2 steps on 2 uneven pipeline stages: layers stored as (1, 2), padded to (2, 2)."""
     workdir = tmp_path_factory.mktemp("dense_pipelined") / "run"
-    assert main(["train", f"--workdir={workdir}", *DENSE, "--config.parallel.mesh=(2,4,1)",
-                 "--config.parallel.pipeline_stage_layers=(1,2)", "--config.train.steps=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"--workdir={workdir}",
+                *DENSE,
+                "--config.parallel.mesh=(2,4,1)",
+                "--config.parallel.pipeline_stage_layers=(1,2)",
+                "--config.train.steps=2",
+            ]
+        )
+        == 0
+    )
     return workdir
 
 
@@ -49,13 +73,22 @@ def _tokens():
     return jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 32)), jnp.int32)
 
 
-@pytest.mark.parametrize("flags", [
-    [],
-    ["--config.moe.gate_norm=False"],
-    ["--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=16", "--config.moe.top_k=4"],
-    ["--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=32", "--config.moe.top_k=2",
-     "--config.moe.renormalize=False", "--config.moe.gate_norm=False"],
-], ids=["copy", "copy-no-gate-norm", "fine-4-slices", "fine-2-slices-no-renorm"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--config.moe.gate_norm=False"],
+        ["--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=16", "--config.moe.top_k=4"],
+        [
+            "--config.init.upcycle_mode=fine_grained",
+            "--config.moe.expert_ffn_dim=32",
+            "--config.moe.top_k=2",
+            "--config.moe.renormalize=False",
+            "--config.moe.gate_norm=False",
+        ],
+    ],
+    ids=["copy", "copy-no-gate-norm", "fine-4-slices", "fine-2-slices-no-renorm"],
+)
 def test_upcycled_model_computes_the_dense_function(dense_dir, tmp_path, flags):
     out = tmp_path / "moe"
     assert main(["upcycle", f"--dense={dense_dir}", f"--out={out}", *MOE, *flags]) == 0
@@ -68,16 +101,32 @@ def test_upcycled_model_computes_the_dense_function(dense_dir, tmp_path, flags):
     np.testing.assert_allclose(got.logits, want.logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("source,flags", [
-    ("dense_dir", []),
-    ("pipelined_dense_dir", ["--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=32"]),
-], ids=["plain-to-pipelined-copy", "pipelined-to-pipelined-fine"])
+@pytest.mark.parametrize(
+    "source,flags",
+    [
+        ("dense_dir", []),
+        ("pipelined_dense_dir", ["--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=32"]),
+    ],
+    ids=["plain-to-pipelined-copy", "pipelined-to-pipelined-fine"],
+)
 def test_upcycling_into_an_uneven_pipeline_computes_the_dense_function(request, tmp_path, source, flags):
     # MoE stages (2, 1) are stored as slots (0, 1 | 2, pad); the pipelined dense run's (1, 2) as (0, pad | 2, 3).
     dense_dir = request.getfixturevalue(source)
     out = tmp_path / "moe"
-    assert main(["upcycle", f"--dense={dense_dir}", f"--out={out}", *EXPERTS, *flags,
-                 "--config.parallel.mesh=(2,2,2)", "--config.parallel.pipeline_stage_layers=(2,1)"]) == 0
+    assert (
+        main(
+            [
+                "upcycle",
+                f"--dense={dense_dir}",
+                f"--out={out}",
+                *EXPERTS,
+                *flags,
+                "--config.parallel.mesh=(2,2,2)",
+                "--config.parallel.pipeline_stage_layers=(2,1)",
+            ]
+        )
+        == 0
+    )
     dense, _ = load_model(str(dense_dir))
     moe, config = load_model(str(out))
     assert tuple(config.parallel.pipeline_stage_layers) == (2, 1)
@@ -87,8 +136,9 @@ def test_upcycling_into_an_uneven_pipeline_computes_the_dense_function(request, 
 
 
 def test_experts_are_split_over_the_expert_axis(dense_dir):
-    config = apply_overrides(base_config(), [*MOE, "--config.init.upcycle_mode=fine_grained",
-                                             "--config.moe.expert_ffn_dim=32"])
+    config = apply_overrides(
+        base_config(), [*MOE, "--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=32"]
+    )
     mesh = make_mesh(config)
     dense, g, _ = load_dense(str(dense_dir), config, mesh)
     assert g == 2
@@ -107,8 +157,18 @@ def test_experts_are_split_over_the_expert_axis(dense_dir):
 def test_upcycled_checkpoint_trains_resumes_and_is_no_dense_model(dense_dir, tmp_path, capsys):
     out = tmp_path / "moe"
     assert main(["upcycle", f"--dense={dense_dir}", f"--out={out}", *MOE]) == 0
-    assert main(["train", f"--workdir={out}", "--config.train.steps=4", "--config.train.log_every=2",
-                 "--config.train.checkpoint_every=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"--workdir={out}",
+                "--config.train.steps=4",
+                "--config.train.log_every=2",
+                "--config.train.checkpoint_every=2",
+            ]
+        )
+        == 0
+    )
     assert main(["train", f"--workdir={out}", "--config.train.steps=6", "--config.train.log_every=2"]) == 0
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [2, 4, 6]
     assert Checkpointer(out).latest_step() == 6
@@ -126,8 +186,19 @@ def test_online_fine_grained_upcycling_trains_and_matches_offline(dense_dir, tmp
     assert main(["upcycle", f"--dense={dense_dir}", f"--out={offline}", *fine]) == 0
     # train.nonfinite=stop (the default) fails the run at the first non-finite loss or gradient.
     assert main(["train", f"--workdir={offline}", "--config.train.steps=50", "--config.train.log_every=10"]) == 0
-    assert main(["train", f"--workdir={online}", *fine, f"--config.init.upcycle_from={dense_dir}",
-                 "--config.train.steps=50", "--config.train.log_every=10"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"--workdir={online}",
+                *fine,
+                f"--config.init.upcycle_from={dense_dir}",
+                "--config.train.steps=50",
+                "--config.train.log_every=10",
+            ]
+        )
+        == 0
+    )
     a, b = read_jsonl(offline / "metrics.jsonl"), read_jsonl(online / "metrics.jsonl")
     assert [r["step"] for r in a] == [10, 20, 30, 40, 50]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in a)
@@ -136,8 +207,16 @@ def test_online_fine_grained_upcycling_trains_and_matches_offline(dense_dir, tmp
 
 
 def test_shape_mismatch_names_the_parameter(dense_dir, tmp_path, capsys):
-    code = main(["upcycle", f"--dense={dense_dir}", f"--out={tmp_path / 'moe'}", *MOE,
-                 "--config.model.num_heads=4", "--config.model.num_kv_heads=2"])
+    code = main(
+        [
+            "upcycle",
+            f"--dense={dense_dir}",
+            f"--out={tmp_path / 'moe'}",
+            *MOE,
+            "--config.model.num_heads=4",
+            "--config.model.num_kv_heads=2",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "dense parameter stacks/0/blocks/layers/0/attn/wk has shape (3, 32, 1, 16)" in err
@@ -151,8 +230,16 @@ def test_upcycling_keeps_the_depth(dense_dir, tmp_path, capsys):
 
 
 def test_fine_grained_needs_matching_top_k(dense_dir, tmp_path, capsys):
-    code = main(["upcycle", f"--dense={dense_dir}", f"--out={tmp_path / 'moe'}", *MOE,
-                 "--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=16"])
+    code = main(
+        [
+            "upcycle",
+            f"--dense={dense_dir}",
+            f"--out={tmp_path / 'moe'}",
+            *MOE,
+            "--config.init.upcycle_mode=fine_grained",
+            "--config.moe.expert_ffn_dim=16",
+        ]
+    )
     assert code == 2 and "moe.top_k=4" in capsys.readouterr().err
 
 
@@ -163,8 +250,9 @@ def test_load_model_rejects_missing_path(tmp_path):
 
 def test_from_checkpoint_starts_from_a_chosen_step(dense_dir):
     """init.from_checkpoint=WORKDIR/checkpoints/STEP: that step's parameters, a fresh optimizer and step."""
-    from skymoe_jax.checkpoint.initial import initial_state
     from flax import nnx
+
+    from skymoe_jax.checkpoint.initial import initial_state
 
     config = apply_overrides(base_config(), [*DENSE, f"--config.init.from_checkpoint={dense_dir}/checkpoints/3"])
     rt = runtime_lib.build(config)

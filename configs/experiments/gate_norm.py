@@ -46,15 +46,31 @@ def main() -> int:
     workdirs = [os.path.join(base, name) for name in RUNS]
     for workdir, flags in zip(workdirs, RUNS.values()):
         if not os.path.isdir(os.path.join(workdir, "checkpoints", "300")):
-            if skymoe(["train", f"--workdir={workdir}", f"--config.seed={args.seed}",
-                       f"--config.data.shuffle_seed={args.seed}", *COMMON, *flags]) != 0:
+            if (
+                skymoe(
+                    [
+                        "train",
+                        f"--workdir={workdir}",
+                        f"--config.seed={args.seed}",
+                        f"--config.data.shuffle_seed={args.seed}",
+                        *COMMON,
+                        *flags,
+                    ]
+                )
+                != 0
+            ):
                 return 1
-    if skymoe(["report", f"--workdir={workdirs[0]}", "--compare", *workdirs[1:],
-               f"--out={os.path.join(base, 'report')}"]) != 0:
+    if (
+        skymoe(
+            ["report", f"--workdir={workdirs[0]}", "--compare", *workdirs[1:], f"--out={os.path.join(base, 'report')}"]
+        )
+        != 0
+    ):
         return 1
     bases = [args.out, *sorted(glob.glob(os.path.join(args.out, "seed*")))]
-    finished = [os.path.join(b, name) for b in bases for name in RUNS
-                if os.path.isfile(os.path.join(b, name, "metrics.jsonl"))]
+    finished = [
+        os.path.join(b, name) for b in bases for name in RUNS if os.path.isfile(os.path.join(b, name, "metrics.jsonl"))
+    ]
     print(summary_table([load_run(w, name=os.path.relpath(w, args.out)) for w in finished]))
     return 0
 

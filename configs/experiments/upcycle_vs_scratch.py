@@ -22,12 +22,24 @@ import argparse
 import os
 import sys
 
-COMMON = ["--config.model.ffn_dim=256", "--config.moe.expert_ffn_dim=256", "--config.train.eval_every=65",
-          "--config.train.eval_batches=8", "--config.train.log_every=13", "--config.train.progress=False",
-          "--config.metrics.similarity_every=65"]
+COMMON = [
+    "--config.model.ffn_dim=256",
+    "--config.moe.expert_ffn_dim=256",
+    "--config.train.eval_every=65",
+    "--config.train.eval_batches=8",
+    "--config.train.log_every=13",
+    "--config.train.progress=False",
+    "--config.metrics.similarity_every=65",
+]
 DENSE_STEPS = 390
-DENSE = ["--config.moe.num_experts=0", f"--config.train.steps={DENSE_STEPS}", "--config.optim.lr=3e-3",
-         "--config.optim.min_lr_ratio=0.1", "--config.train.checkpoint_every=130", "--config.train.keep_checkpoints=3"]
+DENSE = [
+    "--config.moe.num_experts=0",
+    f"--config.train.steps={DENSE_STEPS}",
+    "--config.optim.lr=3e-3",
+    "--config.optim.min_lr_ratio=0.1",
+    "--config.train.checkpoint_every=130",
+    "--config.train.keep_checkpoints=3",
+]
 DENSE_CHECKPOINTS = (130, 390)
 BUDGETS = (130, 390)
 SCHEDULES = {
@@ -45,16 +57,20 @@ def runs(out: str) -> list[tuple[str, int, list[str]]]:
         for dense_step in DENSE_CHECKPOINTS:
             source = os.path.join(out, "dense", "checkpoints", str(dense_step))
             for schedule, flags in SCHEDULES.items():
-                plan.append((f"upcycled from dense@{dense_step}, {schedule}", budget,
-                             [*steps, *flags, f"--config.init.upcycle_from={source}"]))
+                plan.append(
+                    (
+                        f"upcycled from dense@{dense_step}, {schedule}",
+                        budget,
+                        [*steps, *flags, f"--config.init.upcycle_from={source}"],
+                    )
+                )
     return plan
 
 
 def eval_curve(workdir: str) -> list[tuple[int, float]]:
     from skymoe_jax.metrics.writers import read_jsonl
 
-    return [(r["step"], r["eval_loss"]) for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-            if "eval_loss" in r]
+    return [(r["step"], r["eval_loss"]) for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval_loss" in r]
 
 
 def final_similarity(workdir: str) -> float:
@@ -98,8 +114,10 @@ def main() -> int:
         results.append((name, budget, eval_curve(workdir), final_similarity(workdir)))
     dense_curve = eval_curve(dense_dir)
     plot(results, dense_curve, os.path.join(out, "curves.png"))
-    print(f"| run | MoE steps | C_moe / C_dense | final eval loss | expert similarity at the end |\n"
-          f"| --- | --- | --- | --- | --- |\n| dense ({DENSE_STEPS} steps) | - | - | {dense_curve[-1][1]:.3f} | - |")
+    print(
+        f"| run | MoE steps | C_moe / C_dense | final eval loss | expert similarity at the end |\n"
+        f"| --- | --- | --- | --- | --- |\n| dense ({DENSE_STEPS} steps) | - | - | {dense_curve[-1][1]:.3f} | - |"
+    )
     for name, budget, curve, similarity in results:
         print(f"| {name} | {budget} | {cost_ratio(budget):.2f} | {curve[-1][1]:.3f} | {similarity:.3f} |")
     return 0

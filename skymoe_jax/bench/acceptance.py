@@ -20,30 +20,46 @@ import importlib.metadata
 import json
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
+from skymoe_jax.bench import kernel_checks as kernel_acceptance
+from skymoe_jax.bench.routing import SHAPES, Shape, routing_benchmark
 from skymoe_jax.bench.step import step_benchmark
 from skymoe_jax.config import load_config
 from skymoe_jax.errors import ConfigError
-from skymoe_jax.bench import kernel_checks as kernel_acceptance
 from skymoe_jax.kernels import common
-from skymoe_jax.bench.routing import SHAPES, Shape, routing_benchmark
-from skymoe_jax.loop import train
+from skymoe_jax.run.loop import train
 
 CONFIG = "configs/gpu_medium.py"
 # A short run: long enough for a steady tokens/s after compiling, short next to a real one.
 GPU_RUN = ["--config.train.steps=60", "--config.train.log_every=20", "--config.optim.warmup_steps=10"]
 # gpu_medium's settings (bf16, remat, top-2 of 16 experts, capacity) at a size a 2-core CPU runs in seconds.
-REDUCED_RUN = ["--config.model.d_model=64", "--config.model.num_layers=2", "--config.model.num_heads=2",
-               "--config.model.num_kv_heads=1", "--config.model.ffn_dim=128", "--config.moe.expert_ffn_dim=64",
-               "--config.moe.group_size=0", "--config.data.seq_len=64", "--config.data.batch_size=8",
-               "--config.data.shuffle_window=64", "--config.train.steps=6", "--config.train.log_every=2",
-               "--config.optim.warmup_steps=2"]
-COMMON_RUN = ["--config.train.eval_every=0", "--config.train.checkpoint_every=0", "--config.train.progress=False",
-              "--config.metrics.tensorboard=False", "--config.metrics.similarity_every=0"]
+REDUCED_RUN = [
+    "--config.model.d_model=64",
+    "--config.model.num_layers=2",
+    "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=1",
+    "--config.model.ffn_dim=128",
+    "--config.moe.expert_ffn_dim=64",
+    "--config.moe.group_size=0",
+    "--config.data.seq_len=64",
+    "--config.data.batch_size=8",
+    "--config.data.shuffle_window=64",
+    "--config.train.steps=6",
+    "--config.train.log_every=2",
+    "--config.optim.warmup_steps=2",
+]
+COMMON_RUN = [
+    "--config.train.eval_every=0",
+    "--config.train.checkpoint_every=0",
+    "--config.train.progress=False",
+    "--config.metrics.tensorboard=False",
+    "--config.metrics.similarity_every=0",
+]
 REDUCED_ROUTING_SHAPES = (Shape(256, 64, 16, 2),)
 
 
@@ -53,16 +69,24 @@ def run(out: str, reduced: bool) -> dict[str, Any]:
     device = jax.devices()[0]
     result: dict[str, Any] = {
         "mode": "reduced" if reduced else "full",
-        "environment": {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
-                        "platform": device.platform, "device_kind": device.device_kind,
-                        "devices": jax.device_count(), "processes": jax.process_count(),
-                        "pallas": "compiled (Triton)" if common.on_gpu() else "interpreted"}}
+        "environment": {
+            "jax": jax.__version__,
+            "jaxlib": importlib.metadata.version("jaxlib"),
+            "platform": device.platform,
+            "device_kind": device.device_kind,
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "pallas": "compiled (Triton)" if common.on_gpu() else "interpreted",
+        },
+    }
     kernels = kernel_acceptance.check_kernels(kernel_acceptance.CPU_CASES if reduced else kernel_acceptance.GPU_CASES)
     result["kernels"] = kernels
     result["attention"] = kernel_acceptance.check_attention(
-        kernel_acceptance.ATTENTION_CPU_CASE if reduced else kernel_acceptance.ATTENTION_GPU_CASE)
-    result["bench_routing"] = routing_benchmark(REDUCED_ROUTING_SHAPES if reduced else SHAPES, ("xla", "pallas"),
-                                                repeats=1 if reduced else 5)
+        kernel_acceptance.ATTENTION_CPU_CASE if reduced else kernel_acceptance.ATTENTION_GPU_CASE
+    )
+    result["bench_routing"] = routing_benchmark(
+        REDUCED_ROUTING_SHAPES if reduced else SHAPES, ("xla", "pallas"), repeats=1 if reduced else 5
+    )
     overrides = [*(REDUCED_RUN if reduced else GPU_RUN), *COMMON_RUN]
     result["bench_step"] = step_benchmark(load_config(CONFIG, overrides), steps=2 if reduced else 10)
     if common.on_gpu():
@@ -82,18 +106,24 @@ def run(out: str, reduced: bool) -> dict[str, Any]:
 
 def describe(result: dict[str, Any], out: str) -> str:
     k, env, t = result["kernels"], result["environment"], result["train"]
-    failed = [f"{r['stage']} {r['direction']} (tokens {r['tokens']}, E {r['experts']}, k {r['top_k']}): "
-              f"error {r['max_rel_error']:.2e}" for r in k["rows"] if not r["passed"]]
+    failed = [
+        f"{r['stage']} {r['direction']} (tokens {r['tokens']}, E {r['experts']}, k {r['top_k']}): "
+        f"error {r['max_rel_error']:.2e}"
+        for r in k["rows"]
+        if not r["passed"]
+    ]
     failed += [f"no Triton call {name}" for name in k["missing_kernels"]]
-    lines = [f"{env['device_kind']} ({env['platform']}), jax {env['jax']}, Pallas {env['pallas']}, {result['mode']} mode",
-             f"kernels vs XLA twins, forward and backward: {len(k['rows']) - len(failed)} of {len(k['rows'])} "
-             f"comparisons within {kernel_acceptance.TOLERANCE:g}; Triton calls {len(k['triton_kernels'])} of "
-             f"{len(kernel_acceptance.KERNELS)}" + ("".join(f"\n  FAILED {f}" for f in failed)),
-             _describe_attention(result["attention"]),
-             f"bench step: {result['bench_step']['summary']}",
-             f"train {t['steps']} steps: loss {t['loss']:.3f}, {t['tokens_per_sec']:,.0f} tokens/s, "
-             f"MFU {100 * t.get('mfu', float('nan')):.1f}%",
-             f"acceptance {'PASSED' if result['passed'] else 'FAILED'} in {result['seconds']:.0f}s; wrote {out}"]
+    lines = [
+        f"{env['device_kind']} ({env['platform']}), jax {env['jax']}, Pallas {env['pallas']}, {result['mode']} mode",
+        f"kernels vs XLA twins, forward and backward: {len(k['rows']) - len(failed)} of {len(k['rows'])} "
+        f"comparisons within {kernel_acceptance.TOLERANCE:g}; Triton calls {len(k['triton_kernels'])} of "
+        f"{len(kernel_acceptance.KERNELS)}" + ("".join(f"\n  FAILED {f}" for f in failed)),
+        _describe_attention(result["attention"]),
+        f"bench step: {result['bench_step']['summary']}",
+        f"train {t['steps']} steps: loss {t['loss']:.3f}, {t['tokens_per_sec']:,.0f} tokens/s, "
+        f"MFU {100 * t.get('mfu', float('nan')):.1f}%",
+        f"acceptance {'PASSED' if result['passed'] else 'FAILED'} in {result['seconds']:.0f}s; wrote {out}",
+    ]
     return "\n".join(lines)
 
 
@@ -101,10 +131,12 @@ def _describe_attention(a: dict[str, Any]) -> str:
     r = a["rows"][0]
     errors = ", ".join(f"{row['direction']} {row['max_rel_error']:.1e}" for row in a["rows"])
     missing = "".join(f"\n  FAILED no Triton call {name}" for name in a["missing_kernels"])
-    return (f"flash attention vs dense ({r['batch']} x {r['seq_len']} tokens, {r['heads']} heads / {r['kv_heads']} KV, "
-            f"head_dim {r['head_dim']}): {errors} (tolerance {kernel_acceptance.ATTENTION_TOLERANCE:g}), "
-            f"{'passed' if a['passed'] else 'FAILED'}; Triton calls {len(a['triton_kernels'])} of "
-            f"{len(kernel_acceptance.ATTENTION_KERNELS)}{missing}")
+    return (
+        f"flash attention vs dense ({r['batch']} x {r['seq_len']} tokens, {r['heads']} heads / {r['kv_heads']} KV, "
+        f"head_dim {r['head_dim']}): {errors} (tolerance {kernel_acceptance.ATTENTION_TOLERANCE:g}), "
+        f"{'passed' if a['passed'] else 'FAILED'}; Triton calls {len(a['triton_kernels'])} of "
+        f"{len(kernel_acceptance.ATTENTION_KERNELS)}{missing}"
+    )
 
 
 def main(argv: Sequence[str]) -> int:

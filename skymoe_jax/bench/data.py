@@ -66,35 +66,45 @@ def _step_rate(config: ml_collections.ConfigDict, given: float) -> tuple[float |
     return tokens / time_steps(config, steps=3)["step_s"], f"measured on this {platform}"
 
 
-def data_benchmark(config: ml_collections.ConfigDict, batches: int, workers: int,
-                   step_tokens_per_sec: float = 0.0) -> dict[str, Any]:
+def data_benchmark(
+    config: ml_collections.ConfigDict, batches: int, workers: int, step_tokens_per_sec: float = 0.0
+) -> dict[str, Any]:
     """Pipeline rates and the step rate they feed; `summary` says which is faster and by how much."""
     per_window = batches_per_window(config.data)
     batches = per_window * math.ceil(batches / per_window)
-    result: dict[str, Any] = {"config": config.name, "source": config.data.source, "batches": batches,
-                              "shuffle_windows": batches // per_window,
-                              "pipeline_tokens_per_sec": pipeline_tokens_per_sec(config, batches)}
-    parts = [f"{config.name} ({config.data.source} data, {config.data.batch_size}x{config.data.seq_len} tokens "
-             f"per batch): input pipeline {result['pipeline_tokens_per_sec']:,.0f} tokens/s in this process"]
+    result: dict[str, Any] = {
+        "config": config.name,
+        "source": config.data.source,
+        "batches": batches,
+        "shuffle_windows": batches // per_window,
+        "pipeline_tokens_per_sec": pipeline_tokens_per_sec(config, batches),
+    }
+    parts = [
+        f"{config.name} ({config.data.source} data, {config.data.batch_size}x{config.data.seq_len} tokens "
+        f"per batch): input pipeline {result['pipeline_tokens_per_sec']:,.0f} tokens/s in this process"
+    ]
     if workers:
         result["workers"] = workers
         result["pipeline_workers_tokens_per_sec"] = pipeline_tokens_per_sec(config, batches, workers)
-        parts.append(f"{result['pipeline_workers_tokens_per_sec']:,.0f} tokens/s with {workers} grain worker "
-                     "processes")
+        parts.append(f"{result['pipeline_workers_tokens_per_sec']:,.0f} tokens/s with {workers} grain worker processes")
     parts[-1] += f" ({batches} batches, {result['shuffle_windows']} shuffle windows)"
     fastest = max(result["pipeline_tokens_per_sec"], result.get("pipeline_workers_tokens_per_sec", 0.0))
 
     rate, result["step_source"] = _step_rate(config, step_tokens_per_sec)
     if rate:
         result["step_tokens_per_sec"] = rate
-        parts.append(f"train step {rate:,.0f} tokens/s ({result['step_source']}): the pipeline is "
-                     f"{fastest / rate:,.1f}x the step's rate")
+        parts.append(
+            f"train step {rate:,.0f} tokens/s ({result['step_source']}): the pipeline is "
+            f"{fastest / rate:,.1f}x the step's rate"
+        )
     else:
         # What one H100 could consume at most: every FLOP of its data-sheet peak spent on this model.
         bound = PEAK_FLOPS["h100"] / flops_per_token(ModelSpec.from_config(config), config.data.seq_len)
         result["h100_full_mfu_tokens_per_sec"] = bound
-        parts.append(f"train step {result['step_source']} and no GPU step rate was measured (pass "
-                     "--step_tokens_per_sec from skymoe bench step on a GPU); an H100 at 100% MFU would take "
-                     f"{bound:,.0f} tokens/s, and the pipeline delivers {fastest / bound:.1f}x that")
+        parts.append(
+            f"train step {result['step_source']} and no GPU step rate was measured (pass "
+            "--step_tokens_per_sec from skymoe bench step on a GPU); an H100 at 100% MFU would take "
+            f"{bound:,.0f} tokens/s, and the pipeline delivers {fastest / bound:.1f}x that"
+        )
     result["summary"] = "; ".join(parts)
     return result

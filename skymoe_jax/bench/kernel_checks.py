@@ -12,7 +12,8 @@ XLA, a few float32 ulps; a wrong row or a missed term is O(1)).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,16 @@ from skymoe_jax.model.moe import dispatch, router
 TOLERANCE = 1e-5
 TRITON_CALL = "__gpu$xla.gpu.triton"
 # Every pallas_call of the four stages, forward and backward.
-KERNELS = ("skymoe_route", "skymoe_route_bwd", "skymoe_expert_counts", "skymoe_expert_ranks", "skymoe_slot_sources",
-           "skymoe_gather_rows", "skymoe_gather_sum", "skymoe_gather_dot")
+KERNELS = (
+    "skymoe_route",
+    "skymoe_route_bwd",
+    "skymoe_expert_counts",
+    "skymoe_expert_ranks",
+    "skymoe_slot_sources",
+    "skymoe_gather_rows",
+    "skymoe_gather_sum",
+    "skymoe_gather_dot",
+)
 
 
 # Flash attention (model.attention_impl=pallas) against jax.nn.dot_product_attention: Triton's float32 dots
@@ -73,8 +82,13 @@ def check_kernels(cases: tuple[Case, ...]) -> dict[str, Any]:
     rows = [row for case in cases for row in _compare(case, interpret=not compiled)]
     found = _triton_kernels(cases[0], lowered_only=not compiled)
     missing = sorted(set(KERNELS) - set(found))
-    return {"compiled": compiled, "triton_kernels": found, "missing_kernels": missing, "rows": rows,
-            "passed": all(r["passed"] for r in rows) and not missing}
+    return {
+        "compiled": compiled,
+        "triton_kernels": found,
+        "missing_kernels": missing,
+        "rows": rows,
+        "passed": all(r["passed"] for r in rows) and not missing,
+    }
 
 
 def _inputs(case: Case, seed: int = 0) -> dict[str, jax.Array]:
@@ -87,10 +101,20 @@ def _inputs(case: Case, seed: int = 0) -> dict[str, jax.Array]:
     def f32(*shape):
         return jnp.asarray(rng.normal(size=shape).astype(np.float32))
 
-    return {"z": f32(t, e), "chosen": chosen, "slots": slots, "num_slots": num_slots, "x": f32(t, d),
-            "y": f32(num_slots, d), "weights": jnp.asarray(rng.random((t, k)).astype(np.float32)),
-            "d_probs": f32(t, e), "d_weights": f32(t, k), "d_logits": f32(t, e), "d_slots": f32(num_slots, d),
-            "d_tokens": f32(t, d)}
+    return {
+        "z": f32(t, e),
+        "chosen": chosen,
+        "slots": slots,
+        "num_slots": num_slots,
+        "x": f32(t, d),
+        "y": f32(num_slots, d),
+        "weights": jnp.asarray(rng.random((t, k)).astype(np.float32)),
+        "d_probs": f32(t, e),
+        "d_weights": f32(t, k),
+        "d_logits": f32(t, e),
+        "d_slots": f32(num_slots, d),
+        "d_tokens": f32(t, d),
+    }
 
 
 def _stage_fns(case: Case, a: dict, interpret: bool) -> dict[str, tuple[Callable, Callable, tuple]]:
@@ -101,11 +125,16 @@ def _stage_fns(case: Case, a: dict, interpret: bool) -> dict[str, tuple[Callable
     def routed(fn):
         def loss(z):
             r = fn(z, k, **opts)
-            return (jnp.sum(r.probs * a["d_probs"]) + jnp.sum(r.weights * a["d_weights"])
-                    + jnp.sum(r.logits * a["d_logits"])), r
+            return (
+                jnp.sum(r.probs * a["d_probs"])
+                + jnp.sum(r.weights * a["d_weights"])
+                + jnp.sum(r.logits * a["d_logits"])
+            ), r
+
         def run(z):
             (_, r), grad = jax.value_and_grad(loss, has_aux=True)(z)
             return {"experts": r.experts, "probs": r.probs, "weights": r.weights, "logits": r.logits}, {"d_z": grad}
+
         return run
 
     def positioned(fn):
@@ -115,6 +144,7 @@ def _stage_fns(case: Case, a: dict, interpret: bool) -> dict[str, tuple[Callable
         def run(x, slots):
             out, vjp = jax.vjp(lambda x: fn(x, slots, num_slots), x)
             return {"slots": out}, {"d_x": vjp(a["d_slots"])[0]}
+
         return run
 
     def combined(fn):
@@ -122,17 +152,27 @@ def _stage_fns(case: Case, a: dict, interpret: bool) -> dict[str, tuple[Callable
             out, vjp = jax.vjp(lambda y, w: fn(y, slots, w), y, w)
             d_y, d_w = vjp(a["d_tokens"])
             return {"tokens": out}, {"d_y": d_y, "d_weights": d_w}
+
         return run
 
     kernel = dict(interpret=interpret)
     return {
         "route": (routed(lambda z, k, **o: route(z, k, **o, **kernel)), routed(router.route), (a["z"],)),
-        "positions": (positioned(lambda c, n: expert_positions(c, n, **kernel)), positioned(dispatch.expert_positions),
-                      (a["chosen"],)),
-        "permute": (permuted(lambda x, s, n: permute(x, s, n, **kernel)), permuted(dispatch.dispatch),
-                    (a["x"], a["slots"])),
-        "combine": (combined(lambda y, s, w: combine(y, s, w, **kernel)), combined(dispatch.combine),
-                    (a["y"], a["slots"], a["weights"])),
+        "positions": (
+            positioned(lambda c, n: expert_positions(c, n, **kernel)),
+            positioned(dispatch.expert_positions),
+            (a["chosen"],),
+        ),
+        "permute": (
+            permuted(lambda x, s, n: permute(x, s, n, **kernel)),
+            permuted(dispatch.dispatch),
+            (a["x"], a["slots"]),
+        ),
+        "combine": (
+            combined(lambda y, s, w: combine(y, s, w, **kernel)),
+            combined(dispatch.combine),
+            (a["y"], a["slots"], a["weights"]),
+        ),
     }
 
 
@@ -168,8 +208,12 @@ def _triton_kernels(case: Case, lowered_only: bool) -> list[str]:
     fns = _stage_fns(case, a, interpret=False)
 
     def everything(z, chosen, x, y, slots, w):
-        return (fns["route"][0](z), fns["positions"][0](chosen), fns["permute"][0](x, slots),
-                fns["combine"][0](y, slots, w))
+        return (
+            fns["route"][0](z),
+            fns["positions"][0](chosen),
+            fns["permute"][0](x, slots),
+            fns["combine"][0](y, slots, w),
+        )
 
     traced = jax.jit(everything).trace(a["z"], a["chosen"], a["x"], a["y"], a["slots"], a["weights"])
     text = traced.lower(lowering_platforms=("cuda",)).as_text() if lowered_only else traced.lower().as_text()
@@ -193,18 +237,24 @@ def check_attention(case: AttentionCase) -> dict[str, Any]:
         def both(q, k, v, segments):
             out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, segments), q, k, v)
             return {"out": out}, dict(zip(("d_q", "d_k", "d_v"), vjp(d_out)))
+
         return both
 
     flash = run(lambda q, k, v, seg: pallas_attention(q, k, v, seg, "gshard", interpret=not compiled))
     dense = run(lambda q, k, v, seg: jax.nn.dot_product_attention(q, k, v, mask=attention_mask(seg)))
     (out, grads), (want_out, want_grads) = jax.jit(flash)(q, k, v, segments), jax.jit(dense)(q, k, v, segments)
-    rows = [{**case._asdict(), "stage": "attention", "direction": direction,
-             **_difference(got, want, ATTENTION_TOLERANCE)}
-            for direction, got, want in (("forward", out, want_out), ("backward", grads, want_grads))]
+    rows = [
+        {**case._asdict(), "stage": "attention", "direction": direction, **_difference(got, want, ATTENTION_TOLERANCE)}
+        for direction, got, want in (("forward", out, want_out), ("backward", grads, want_grads))
+    ]
     compiled_flash = run(lambda q, k, v, seg: pallas_attention(q, k, v, seg, "gshard", interpret=False))
     traced = jax.jit(compiled_flash).trace(q, k, v, segments)
     text = traced.lower().as_text() if compiled else traced.lower(lowering_platforms=("cuda",)).as_text()
     found = sorted({chunk.split('name = "', 1)[1].split('"', 1)[0] for chunk in text.split(TRITON_CALL)[1:]})
     missing = sorted(set(ATTENTION_KERNELS) - set(found))
-    return {"rows": rows, "triton_kernels": found, "missing_kernels": missing,
-            "passed": all(r["passed"] for r in rows) and not missing}
+    return {
+        "rows": rows,
+        "triton_kernels": found,
+        "missing_kernels": missing,
+        "passed": all(r["passed"] for r in rows) and not missing,
+    }

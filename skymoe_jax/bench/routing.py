@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,10 +62,16 @@ def _stage_inputs(shape: Shape, dtype: jnp.dtype, seed: int = 0) -> dict[str, An
     r = XLA_OPS.route(z, k, gate_norm=True)
     cap = capacity(t, e, k, CAPACITY_FACTOR)
     slots = dispatch.slot_indices(r.experts, dispatch.expert_positions(r.experts, e).positions, cap)
-    return {"z": z, "experts": r.experts, "weights": r.weights, "slots": slots, "num_slots": e * cap,
-            "x": jnp.asarray(rng.normal(size=(t, d)), dtype),
-            "y": jnp.asarray(rng.normal(size=(e * cap, d)), dtype),
-            "kept": int(jnp.sum(slots >= 0))}
+    return {
+        "z": z,
+        "experts": r.experts,
+        "weights": r.weights,
+        "slots": slots,
+        "num_slots": e * cap,
+        "x": jnp.asarray(rng.normal(size=(t, d)), dtype),
+        "y": jnp.asarray(rng.normal(size=(e * cap, d)), dtype),
+        "kept": int(jnp.sum(slots >= 0)),
+    }
 
 
 def _stages(ops: RoutingOps, shape: Shape, inputs: dict[str, Any]) -> dict[str, tuple[Callable, tuple]]:
@@ -89,8 +96,9 @@ def _bytes(stage: str, shape: Shape, inputs: dict[str, Any], itemsize: int) -> i
     }[stage]
 
 
-def routing_benchmark(shapes: Sequence[Shape], impls: Sequence[str], dtype: str = "bfloat16",
-                      repeats: int = 5) -> list[dict[str, Any]]:
+def routing_benchmark(
+    shapes: Sequence[Shape], impls: Sequence[str], dtype: str = "bfloat16", repeats: int = 5
+) -> list[dict[str, Any]]:
     """One row per (shape, impl, stage) and a `sum` row per (shape, impl): seconds per call and GB/s."""
     dt = jnp.dtype(dtype)
     available = {"xla": XLA_OPS, "pallas": pallas_ops()}
@@ -104,16 +112,33 @@ def routing_benchmark(shapes: Sequence[Shape], impls: Sequence[str], dtype: str 
                 fn, args = stages[stage]
                 seconds = _median_seconds(fn, args, repeats)
                 moved = _bytes(stage, shape, inputs, dt.itemsize)
-                rows.append({**shape._asdict(), "impl": impl, "stage": stage, "seconds": seconds, "bytes": moved,
-                             "gb_per_s": moved / seconds / 1e9})
+                rows.append(
+                    {
+                        **shape._asdict(),
+                        "impl": impl,
+                        "stage": stage,
+                        "seconds": seconds,
+                        "bytes": moved,
+                        "gb_per_s": moved / seconds / 1e9,
+                    }
+                )
                 total_s, total_bytes = total_s + seconds, total_bytes + moved
-            rows.append({**shape._asdict(), "impl": impl, "stage": "sum", "seconds": total_s, "bytes": total_bytes,
-                         "gb_per_s": total_bytes / total_s / 1e9})
+            rows.append(
+                {
+                    **shape._asdict(),
+                    "impl": impl,
+                    "stage": "sum",
+                    "seconds": total_s,
+                    "bytes": total_bytes,
+                    "gb_per_s": total_bytes / total_s / 1e9,
+                }
+            )
     return rows
 
 
-def ragged_benchmark(shapes: Sequence[Shape], ffn: int = 0, dtype: str = "bfloat16",
-                     repeats: int = 5) -> list[dict[str, Any]]:
+def ragged_benchmark(
+    shapes: Sequence[Shape], ffn: int = 0, dtype: str = "bfloat16", repeats: int = 5
+) -> list[dict[str, Any]]:
     """Dropless expert FFN: ragged_dot over T*k sorted rows vs the batched matmul over [E, T, d] slots.
 
     ffn 0: half the width per expert (fine-grained experts, as in the shapes of the issue).
@@ -124,20 +149,29 @@ def ragged_benchmark(shapes: Sequence[Shape], ffn: int = 0, dtype: str = "bfloat
         t, d, e, k = shape
         f = ffn or d // 2
         rng = np.random.default_rng(0)
-        w = experts.ExpertWeights(*(jnp.asarray(0.02 * rng.normal(size=s), dt) for s in ((e, d, f), (e, d, f),
-                                                                                          (e, f, d))))
+        w = experts.ExpertWeights(
+            *(jnp.asarray(0.02 * rng.normal(size=s), dt) for s in ((e, d, f), (e, d, f), (e, f, d)))
+        )
         r = XLA_OPS.route(jnp.asarray(rng.normal(size=(t, e)).astype(np.float32)), k, gate_norm=True)
         order = dispatch.sort_by_expert(r.experts, e)
         sorted_rows = jnp.asarray(rng.normal(size=(t * k, d)), dt)
         slots = jnp.asarray(rng.normal(size=(e, t, d)), dt)  # padded: every expert has room for all T tokens
         flops = 2 * 3 * d * f  # per row: gate, up and down projections
         for impl, fn, args, used_rows in (
-                ("ragged_dot", jax.jit(experts.ragged), (w, sorted_rows, order.group_sizes), t * k),
-                ("padded", jax.jit(experts.batched), (w, slots), e * t)):
+            ("ragged_dot", jax.jit(experts.ragged), (w, sorted_rows, order.group_sizes), t * k),
+            ("padded", jax.jit(experts.batched), (w, slots), e * t),
+        ):
             seconds = _median_seconds(fn, args, repeats)
-            rows.append({**shape._asdict(), "ffn": f, "impl": impl, "seconds": seconds,
-                         "tflop_per_s": flops * used_rows / seconds / 1e12,
-                         "useful_tflop_per_s": flops * t * k / seconds / 1e12})
+            rows.append(
+                {
+                    **shape._asdict(),
+                    "ffn": f,
+                    "impl": impl,
+                    "seconds": seconds,
+                    "tflop_per_s": flops * used_rows / seconds / 1e12,
+                    "useful_tflop_per_s": flops * t * k / seconds / 1e12,
+                }
+            )
     return rows
 
 
@@ -145,31 +179,43 @@ def _device_line(impls: Sequence[str]) -> str:
     device = jax.devices()[0]
     line = f"device: {device.device_kind} ({device.platform})"
     if "pallas" in impls and not common.on_gpu():
-        line += ("; Pallas kernels run in INTERPRET mode here (no GPU): their times measure the interpreter, "
-                 "not the kernels")
+        line += (
+            "; Pallas kernels run in INTERPRET mode here (no GPU): their times measure the interpreter, not the kernels"
+        )
     return line
 
 
 def _routing_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [f"{'tokens':>6} {'width':>5} {'E':>3} {'k':>2}  {'stage':<9} {'impl':<6} {'ms/call':>10} {'GB/s':>8}"
-             f" {'vs xla':>7}"]
-    xla = {(r["tokens"], r["width"], r["experts"], r["top_k"], r["stage"]): r["seconds"] for r in rows
-           if r["impl"] == "xla"}
+    lines = [
+        f"{'tokens':>6} {'width':>5} {'E':>3} {'k':>2}  {'stage':<9} {'impl':<6} {'ms/call':>10} {'GB/s':>8}"
+        f" {'vs xla':>7}"
+    ]
+    xla = {
+        (r["tokens"], r["width"], r["experts"], r["top_k"], r["stage"]): r["seconds"]
+        for r in rows
+        if r["impl"] == "xla"
+    }
     for r in rows:
         base = xla.get((r["tokens"], r["width"], r["experts"], r["top_k"], r["stage"]))
         speedup = f"{base / r['seconds']:6.2f}x" if base and r["impl"] != "xla" else ""
-        lines.append(f"{r['tokens']:>6} {r['width']:>5} {r['experts']:>3} {r['top_k']:>2}  {r['stage']:<9} "
-                     f"{r['impl']:<6} {1e3 * r['seconds']:>10.3f} {r['gb_per_s']:>8.2f} {speedup:>7}")
+        lines.append(
+            f"{r['tokens']:>6} {r['width']:>5} {r['experts']:>3} {r['top_k']:>2}  {r['stage']:<9} "
+            f"{r['impl']:<6} {1e3 * r['seconds']:>10.3f} {r['gb_per_s']:>8.2f} {speedup:>7}"
+        )
     return lines
 
 
 def _ragged_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [f"{'tokens':>6} {'width':>5} {'ffn':>5} {'E':>3} {'k':>2}  {'impl':<10} {'ms/call':>10} "
-             f"{'TFLOP/s':>8} {'useful':>8}"]
+    lines = [
+        f"{'tokens':>6} {'width':>5} {'ffn':>5} {'E':>3} {'k':>2}  {'impl':<10} {'ms/call':>10} "
+        f"{'TFLOP/s':>8} {'useful':>8}"
+    ]
     for r in rows:
-        lines.append(f"{r['tokens']:>6} {r['width']:>5} {r['ffn']:>5} {r['experts']:>3} {r['top_k']:>2}  "
-                     f"{r['impl']:<10} {1e3 * r['seconds']:>10.3f} {r['tflop_per_s']:>8.3f} "
-                     f"{r['useful_tflop_per_s']:>8.3f}")
+        lines.append(
+            f"{r['tokens']:>6} {r['width']:>5} {r['ffn']:>5} {r['experts']:>3} {r['top_k']:>2}  "
+            f"{r['impl']:<10} {1e3 * r['seconds']:>10.3f} {r['tflop_per_s']:>8.3f} "
+            f"{r['useful_tflop_per_s']:>8.3f}"
+        )
     return lines
 
 
@@ -177,8 +223,22 @@ def main(argv: Sequence[str]) -> int:
     from skymoe_jax.args import Args
     from skymoe_jax.errors import ConfigError
 
-    args = Args(argv, {"small": False, "tokens": 0, "width": 0, "experts": 0, "top_k": 0, "impls": "xla,pallas",
-                       "dtype": "bfloat16", "repeats": 5, "ragged": False, "ffn": 0, "json": False})
+    args = Args(
+        argv,
+        {
+            "small": False,
+            "tokens": 0,
+            "width": 0,
+            "experts": 0,
+            "top_k": 0,
+            "impls": "xla,pallas",
+            "dtype": "bfloat16",
+            "repeats": 5,
+            "ragged": False,
+            "ffn": 0,
+            "json": False,
+        },
+    )
     custom = (args.tokens, args.width, args.experts, args.top_k)
     if any(custom) and not all(v > 0 for v in custom):
         raise ConfigError("--tokens, --width, --experts and --top_k go together (all positive), or use none")
@@ -201,9 +261,16 @@ def main(argv: Sequence[str]) -> int:
         lines = [_device_line(impls), *_routing_table(rows)]
     if args.json:
         device = jax.devices()[0]
-        print(json.dumps({"device": device.device_kind, "platform": device.platform,
-                          "pallas_interpreted": not common.on_gpu(), "rows": rows}))
+        print(
+            json.dumps(
+                {
+                    "device": device.device_kind,
+                    "platform": device.platform,
+                    "pallas_interpreted": not common.on_gpu(),
+                    "rows": rows,
+                }
+            )
+        )
     else:
         print("\n".join(lines))
     return 0
-

@@ -27,7 +27,7 @@ def measured_matmul_peak(dtype: str, size: int | None = None, repeats: int = 5) 
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, b).block_until_ready()
     best = min(_timed(lambda: matmul(a, b).block_until_ready()) for _ in range(repeats))
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def _timed(fn) -> float:
@@ -53,9 +53,13 @@ def time_steps(config: ml_collections.ConfigDict, steps: int) -> dict[str, float
     b, s, v = config.data.batch_size, config.data.seq_len, config.model.vocab_size
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, v, (b, s + 1), dtype=np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-             "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
-             "segment_ids": np.ones((b, s), np.int32), "loss_mask": np.ones((b, s), np.float32)}
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+        "segment_ids": np.ones((b, s), np.int32),
+        "loss_mask": np.ones((b, s), np.float32),
+    }
     with jax.set_mesh(runtime.mesh):
         state, batch = runtime.init(), runtime.batch(batch)
         start = time.perf_counter()
@@ -81,24 +85,35 @@ def step_benchmark(config: ml_collections.ConfigDict, steps: int = 10) -> dict[s
     achieved = tokens * flops_tok / moe["step_s"]
     peak = measured_matmul_peak(config.model.dtype)
     result: dict[str, Any] = {
-        "device": device.device_kind, "platform": device.platform, "config": config.name,
-        "tokens_per_step": tokens, "step_s": moe["step_s"], "compile_s": moe["compile_s"],
-        "tokens_per_sec": tokens / moe["step_s"], "flops_per_token": flops_tok, "achieved_flops": achieved,
-        "measured_peak_flops": peak, "mfu_measured_peak": achieved / peak,
+        "device": device.device_kind,
+        "platform": device.platform,
+        "config": config.name,
+        "tokens_per_step": tokens,
+        "step_s": moe["step_s"],
+        "compile_s": moe["compile_s"],
+        "tokens_per_sec": tokens / moe["step_s"],
+        "flops_per_token": flops_tok,
+        "achieved_flops": achieved,
+        "measured_peak_flops": peak,
+        "mfu_measured_peak": achieved / peak,
     }
     table_peak = device_peak_flops(device)
     if table_peak:
         result["mfu_table_peak"] = achieved / table_peak
-    summary = (f"{config.name} on {device.device_kind}: {1e3 * moe['step_s']:.1f} ms/step, "
-               f"{tokens / moe['step_s']:,.0f} tokens/s, {achieved / 1e12:.3f} TFLOP/s achieved, "
-               f"MFU {100 * achieved / peak:.1f}% of a measured {peak / 1e12:.3f} TFLOP/s {config.model.dtype} matmul")
+    summary = (
+        f"{config.name} on {device.device_kind}: {1e3 * moe['step_s']:.1f} ms/step, "
+        f"{tokens / moe['step_s']:,.0f} tokens/s, {achieved / 1e12:.3f} TFLOP/s achieved, "
+        f"MFU {100 * achieved / peak:.1f}% of a measured {peak / 1e12:.3f} TFLOP/s {config.model.dtype} matmul"
+    )
     if table_peak:
         summary += f" ({100 * achieved / table_peak:.1f}% of the {table_peak / 1e12:.0f} TFLOP/s data-sheet peak)"
     if spec.num_experts:
         dense = time_steps(dense_twin(config), steps)
         result["dense_step_s"] = dense["step_s"]
         result["moe_overhead"] = moe["step_s"] / dense["step_s"]
-        summary += (f"; MoE overhead {moe['step_s'] / dense['step_s']:.2f}x the step time of a dense model "
-                    f"with the same activated FLOPs ({1e3 * dense['step_s']:.1f} ms/step)")
+        summary += (
+            f"; MoE overhead {moe['step_s'] / dense['step_s']:.2f}x the step time of a dense model "
+            f"with the same activated FLOPs ({1e3 * dense['step_s']:.1f} ms/step)"
+        )
     result["summary"] = summary
     return result

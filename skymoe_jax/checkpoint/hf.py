@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +47,9 @@ def read_hf_config(hf_dir: str) -> dict:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
     if hf.get("model_type") not in ARCHITECTURES:
-        raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported; supported: "
-                              f"{', '.join(ARCHITECTURES)}")
+        raise CheckpointError(
+            f"{path}: model_type {hf.get('model_type')!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+        )
     return hf
 
 
@@ -62,8 +63,9 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
         raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with SiLU only)")
     heads = hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-        raise CheckpointError(f"head_dim={hf['head_dim']} differs from hidden_size / num_attention_heads; "
-                              "not supported")
+        raise CheckpointError(
+            f"head_dim={hf['head_dim']} differs from hidden_size / num_attention_heads; not supported"
+        )
     c = base_config()
     c.name = f"hf_{hf['model_type']}"
     m = c.model
@@ -141,27 +143,36 @@ def _params(hf: dict, config: ml_collections.ConfigDict, get: _Tensors) -> dict:
         },
     }
     if m.qkv_bias:
-        layer["attn"].update(bq=stack(lambda i: p(i, "self_attn.q_proj.bias").reshape(h, hd)),
-                             bk=stack(lambda i: p(i, "self_attn.k_proj.bias").reshape(kv, hd)),
-                             bv=stack(lambda i: p(i, "self_attn.v_proj.bias").reshape(kv, hd)))
+        layer["attn"].update(
+            bq=stack(lambda i: p(i, "self_attn.q_proj.bias").reshape(h, hd)),
+            bk=stack(lambda i: p(i, "self_attn.k_proj.bias").reshape(kv, hd)),
+            bv=stack(lambda i: p(i, "self_attn.v_proj.bias").reshape(kv, hd)),
+        )
     if config.moe.num_experts:
         n = config.moe.num_experts
         expert = lambda i, j, w: p(i, f"block_sparse_moe.experts.{j}.{w}.weight").T
         layer["ffn"] = {
             "gate": stack(lambda i: p(i, "block_sparse_moe.gate.weight").T),
-            "experts": {"w_gate": stack(lambda i: np.stack([expert(i, j, "w1") for j in range(n)])),
-                        "w_up": stack(lambda i: np.stack([expert(i, j, "w3") for j in range(n)])),
-                        "w_down": stack(lambda i: np.stack([expert(i, j, "w2") for j in range(n)]))},
+            "experts": {
+                "w_gate": stack(lambda i: np.stack([expert(i, j, "w1") for j in range(n)])),
+                "w_up": stack(lambda i: np.stack([expert(i, j, "w3") for j in range(n)])),
+                "w_down": stack(lambda i: np.stack([expert(i, j, "w2") for j in range(n)])),
+            },
         }
     else:
-        layer["ffn"] = {"w_gate": stack(lambda i: p(i, "mlp.gate_proj.weight").T),
-                        "w_up": stack(lambda i: p(i, "mlp.up_proj.weight").T),
-                        "w_down": stack(lambda i: p(i, "mlp.down_proj.weight").T)}
+        layer["ffn"] = {
+            "w_gate": stack(lambda i: p(i, "mlp.gate_proj.weight").T),
+            "w_up": stack(lambda i: p(i, "mlp.up_proj.weight").T),
+            "w_down": stack(lambda i: p(i, "mlp.down_proj.weight").T),
+        }
     embed = get("model.embed_tokens.weight")
     tied = hf.get("tie_word_embeddings", False) or not get.has("lm_head.weight")
-    return {"embed": {"table": embed}, "final_norm": {"scale": get("model.norm.weight")},
-            "head": {"w": (embed if tied else get("lm_head.weight")).T},
-            "stacks": {0: {"blocks": {"layers": {0: layer}}}}}
+    return {
+        "embed": {"table": embed},
+        "final_norm": {"scale": get("model.norm.weight")},
+        "head": {"w": (embed if tied else get("lm_head.weight")).T},
+        "stacks": {0: {"blocks": {"layers": {0: layer}}}},
+    }
 
 
 def import_hf(hf_dir: str, out: str) -> ml_collections.ConfigDict:
@@ -174,18 +185,23 @@ def import_hf(hf_dir: str, out: str) -> ml_collections.ConfigDict:
     spec = ModelSpec.from_config(config)
     params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
     values = _params(hf, config, _Tensors(hf_dir))
-    expected = {tree_path_name(path): tuple(v.shape) for path, v in
-                jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda v: isinstance(v, nnx.Variable))}
+    expected = {
+        tree_path_name(path): tuple(v.shape)
+        for path, v in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    }
     for path, value in jax.tree_util.tree_leaves_with_path(values):
         name = tree_path_name(path)
         if expected[name] != value.shape:
-            raise CheckpointError(f"tensor for {name} has shape {value.shape} but config.json implies "
-                                  f"{expected[name]}")
+            raise CheckpointError(f"tensor for {name} has shape {value.shape} but config.json implies {expected[name]}")
     dtype = spec.weight_dtype
     nnx.replace_by_pure_dict(params, jax.tree.map(lambda a: jnp.asarray(a, dtype), values))
     tx = make_optimizer(config, params)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       alpha=aux_coef.initial_alpha(config, spec.num_moe_layers))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        alpha=aux_coef.initial_alpha(config, spec.num_moe_layers),
+    )
     ckpt.save(0, state, config)
     ckpt.close()
     write_config_file(config, os.path.join(out, "config.py"), source=hf_dir)
@@ -195,8 +211,15 @@ def import_hf(hf_dir: str, out: str) -> ml_collections.ConfigDict:
 def write_config_file(config: ml_collections.ConfigDict, path: str, source: str) -> None:
     """A configs/-style file: base_config() plus every field that differs from it."""
     defaults = dict(flatten(base_config()))
-    lines = [f'"""Imported from {source} by `skymoe import-hf`."""', "",
-             "from skymoe_jax.config import base_config", "", "", "def get_config():", "    config = base_config()"]
+    lines = [
+        f'"""Imported from {source} by `skymoe import-hf`."""',
+        "",
+        "from skymoe_jax.config import base_config",
+        "",
+        "",
+        "def get_config():",
+        "    config = base_config()",
+    ]
     lines += [f"    config.{key} = {value!r}" for key, value in flatten(config) if defaults[key] != value]
     lines += ["    return config", ""]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -38,8 +38,13 @@ def params_from(path: str, config: ml_collections.ConfigDict, runtime) -> TrainS
     step = source.latest_step() if step is None else step
     params = source.restore_params(step, runtime.abstract_state().params, runtime.shardings.params)
     source.close()
-    fresh = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=runtime.tx.init(p),
-                                         alpha=aux_coef.initial_alpha(config,
-                                                                      ModelSpec.from_config(config).num_moe_layers)),
-                    out_shardings=runtime.shardings)
+    fresh = jax.jit(
+        lambda p: TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=p,
+            opt_state=runtime.tx.init(p),
+            alpha=aux_coef.initial_alpha(config, ModelSpec.from_config(config).num_moe_layers),
+        ),
+        out_shardings=runtime.shardings,
+    )
     return fresh(params)

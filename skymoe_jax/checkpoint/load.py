@@ -33,8 +33,9 @@ def load_model(path: str) -> tuple[Transformer, ml_collections.ConfigDict]:
     abstract = nnx.eval_shape(lambda: build_model(dataclasses.replace(spec, group_size=0)))
     graphdef, params = nnx.split(abstract, nnx.Param)
     mesh = mesh_lib.make_mesh(config)
-    restored = source.restore_params(step, params, mesh_lib.tree_shardings(params, mesh,
-                                                                          mesh_lib.param_rules(config.parallel)))
+    restored = source.restore_params(
+        step, params, mesh_lib.tree_shardings(params, mesh, mesh_lib.param_rules(config.parallel))
+    )
     source.close()
     return nnx.merge(graphdef, restored), config
 

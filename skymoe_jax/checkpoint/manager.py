@@ -32,9 +32,11 @@ def _drop_abandoned_read_callbacks(hook):
     """When one tensorstore read fails (a damaged file), orbax closes its event loop while reads it started still
     run; each one finishing later calls back into the closed loop, and Python prints that RuntimeError with a
     traceback for every read, after the one-line error. Nothing waits for those reads, so their errors are dropped."""
+
     def quiet(unraisable):
         if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
             hook(unraisable)
+
     return quiet
 
 
@@ -60,8 +62,9 @@ class Checkpointer:
     def __init__(self, workdir: str, every: int = 0, keep: int = 0, keep_every: int = 0, *, create: bool = False):
         """create: make WORKDIR/checkpoints (a writer); readers leave a mistyped workdir uncreated."""
         self.directory = checkpoint_dir(workdir)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, keep_period=keep_every or None,
-                                               enable_async_checkpointing=True, create=create)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep or None, keep_period=keep_every or None, enable_async_checkpointing=True, create=create
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.every = every
 
@@ -78,9 +81,11 @@ class Checkpointer:
         """Start an asynchronous save of state, config and (if given) data position at `step`."""
         saved = config.to_dict()
         # orbax checks no bytes of a JSON item: the checksum keeps a changed byte from changing the resumed run.
-        items = {"state": ocp.args.StandardSave(state),
-                 "config": ocp.args.JsonSave({**saved, "sha256": _sha256(saved)}),
-                 "fingerprints": ocp.args.JsonSave(fingerprints(_named(state)))}
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "config": ocp.args.JsonSave({**saved, "sha256": _sha256(saved)}),
+            "fingerprints": ocp.args.JsonSave(fingerprints(_named(state))),
+        }
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(DataPosition(data_iter))
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -92,8 +97,10 @@ class Checkpointer:
         """
         where = self.path(step)
         if not os.path.isdir(os.path.join(where, "state")):
-            raise CheckpointError(f"checkpoint {where} has no saved state (partial or deleted); remove the "
-                                  "directory to resume from an earlier checkpoint")
+            raise CheckpointError(
+                f"checkpoint {where} has no saved state (partial or deleted); remove the "
+                "directory to resume from an earlier checkpoint"
+            )
         self._check_shapes(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state), **self._fingerprint_item(step)}
         if data_iter is not None and os.path.isdir(os.path.join(where, "data")):
@@ -101,15 +108,20 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # tensorstore and orbax raise many types for damaged files
-            raise CheckpointError(f"checkpoint {where} is damaged and cannot be read ({_first_line(e)}); remove "
-                                  "it to resume from an earlier checkpoint") from None
+            raise CheckpointError(
+                f"checkpoint {where} is damaged and cannot be read ({_first_line(e)}); remove "
+                "it to resume from an earlier checkpoint"
+            ) from None
         self._check_fingerprints(step, restored, restored.state)
         return restored.state
 
     def _fingerprint_item(self, step: int) -> dict[str, Any]:
         """The fingerprints to restore with the state; none for checkpoints written before they were saved."""
-        return {"fingerprints": ocp.args.JsonRestore()} if os.path.isdir(os.path.join(self.path(step), "fingerprints")) \
+        return (
+            {"fingerprints": ocp.args.JsonRestore()}
+            if os.path.isdir(os.path.join(self.path(step), "fingerprints"))
             else {}
+        )
 
     def _check_fingerprints(self, step: int, restored, tree, prefix: str = "") -> None:
         """Refuse a restored tree whose arrays differ from what was saved (see checkpoint/fingerprint.py)."""
@@ -120,9 +132,11 @@ class Checkpointer:
         changed = sorted(name for name, value in got.items() if saved.get(name) != value)
         if changed:
             more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
-            raise CheckpointError(f"checkpoint {self.path(step)} is damaged: tensor {changed[0]}{more} differs from "
-                                  "what was saved (its fingerprint does not match); remove it to resume from an "
-                                  "earlier checkpoint")
+            raise CheckpointError(
+                f"checkpoint {self.path(step)} is damaged: tensor {changed[0]}{more} differs from "
+                "what was saved (its fingerprint does not match); remove it to resume from an "
+                "earlier checkpoint"
+            )
 
     def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """{'params/embed/table': shape, ...} of the train state saved at step, from its metadata."""
@@ -131,19 +145,30 @@ class Checkpointer:
             # about) step-level metadata inside the item directory.
             saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.path(step)) / "state")
         except Exception as e:
-            raise CheckpointError(f"checkpoint {self.path(step)} has unreadable metadata ({_first_line(e)}); "
-                                  "remove it to resume from an earlier checkpoint") from None
+            raise CheckpointError(
+                f"checkpoint {self.path(step)} has unreadable metadata ({_first_line(e)}); "
+                "remove it to resume from an earlier checkpoint"
+            ) from None
         return {tree_path_name(path): tuple(leaf.shape) for path, leaf in _leaves(saved) if hasattr(leaf, "shape")}
 
     def restore_params(self, step: int, abstract_params, shardings):
         """Only the parameters of the state saved at step, placed by `shardings` (each process reads its shards)."""
-        restore_args = with_shardings(abstract_params, shardings, lambda v, s: ocp.ArrayRestoreArgs(
-            sharding=s, global_shape=v.shape, dtype=v.dtype))
+        restore_args = with_shardings(
+            abstract_params,
+            shardings,
+            lambda v, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=v.shape, dtype=v.dtype),
+        )
         item = with_shardings(abstract_params, shardings)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item={"params": item}, restore_args={"params": restore_args}, partial_restore=True),
-                **self._fingerprint_item(step)))
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item={"params": item}, restore_args={"params": restore_args}, partial_restore=True
+                    ),
+                    **self._fingerprint_item(step),
+                ),
+            )
         except Exception as e:
             raise CheckpointError(f"checkpoint {self.path(step)} cannot be read ({_first_line(e)})") from None
         self._check_fingerprints(step, restored, restored.state["params"], "params/")
@@ -157,11 +182,15 @@ class Checkpointer:
             if leaf is None:  # a dense model's alpha: nothing saved, nothing to restore
                 continue
             if name not in saved_shapes:
-                raise CheckpointError(f"checkpoint {self.path(step)} has no tensor {name} that this config's "
-                                      "model needs; it was written by another model")
+                raise CheckpointError(
+                    f"checkpoint {self.path(step)} has no tensor {name} that this config's "
+                    "model needs; it was written by another model"
+                )
             if saved_shapes[name] != tuple(leaf.shape):
-                raise CheckpointError(f"parameter {name} has shape {saved_shapes[name]} in checkpoint "
-                                      f"{self.path(step)} but {tuple(leaf.shape)} in the config")
+                raise CheckpointError(
+                    f"parameter {name} has shape {saved_shapes[name]} in checkpoint "
+                    f"{self.path(step)} but {tuple(leaf.shape)} in the config"
+                )
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -247,29 +276,37 @@ def saved_config(workdir: str, step: int | None = None) -> ml_collections.Config
     manager = Checkpointer(workdir)
     step = manager.latest_step() if step is None else step
     if step is None:
-        raise CheckpointError(f"no checkpoint in {manager.directory}; train first with "
-                              f"`skymoe train --workdir={workdir}`")
+        raise CheckpointError(
+            f"no checkpoint in {manager.directory}; train first with `skymoe train --workdir={workdir}`"
+        )
     where = manager.path(step)
     try:
-        saved: dict[str, Any] = manager._manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore())).config
+        saved: dict[str, Any] = manager._manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        ).config
     except Exception as e:
-        raise CheckpointError(f"checkpoint {where} has no readable config ({_first_line(e)}); remove it to resume "
-                              "from an earlier checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {where} has no readable config ({_first_line(e)}); remove it to resume "
+            "from an earlier checkpoint"
+        ) from None
     finally:
         manager.close()
     digest = saved.pop("sha256", None)  # configs saved before checksums have none
     if digest is not None and digest != _sha256(saved):
-        raise CheckpointError(f"checkpoint {where} has a config that differs from the one saved (its sha256 does not "
-                              "match); remove it to resume from an earlier checkpoint")
+        raise CheckpointError(
+            f"checkpoint {where} has a config that differs from the one saved (its sha256 does not "
+            "match); remove it to resume from an earlier checkpoint"
+        )
     config = base_config()
     with config.unlocked():
         _merge(config, saved, "", where)
     try:
         validate(config)
     except ConfigError as e:
-        raise CheckpointError(f"checkpoint {where} has a config that does not validate ({e}); remove it to resume "
-                              "from an earlier checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {where} has a config that does not validate ({e}); remove it to resume "
+            "from an earlier checkpoint"
+        ) from None
     return config
 
 
@@ -289,12 +326,16 @@ def _fits(default, value) -> bool:
 def _merge(config: ml_collections.ConfigDict, saved: dict[str, Any], prefix: str, where: str) -> None:
     for key, value in saved.items():
         if key not in config:
-            raise CheckpointError(f"checkpoint {where} has config field '{prefix}{key}' that this version does not "
-                                  "know; use the version that wrote it, or remove it to resume from an earlier "
-                                  "checkpoint")
+            raise CheckpointError(
+                f"checkpoint {where} has config field '{prefix}{key}' that this version does not "
+                "know; use the version that wrote it, or remove it to resume from an earlier "
+                "checkpoint"
+            )
         if not _fits(config[key], value):
-            raise CheckpointError(f"checkpoint {where} has config field '{prefix}{key}' = {value!r}, not a "
-                                  f"{type(config[key]).__name__}; remove it to resume from an earlier checkpoint")
+            raise CheckpointError(
+                f"checkpoint {where} has config field '{prefix}{key}' = {value!r}, not a "
+                f"{type(config[key]).__name__}; remove it to resume from an earlier checkpoint"
+            )
         if isinstance(value, dict):
             _merge(config[key], value, f"{prefix}{key}.", where)
         elif isinstance(config[key], tuple):

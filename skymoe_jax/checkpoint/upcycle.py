@@ -29,8 +29,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from skymoe_jax.checkpoint.manager import (Checkpointer, checkpoint_dir, saved_config, split_checkpoint_path,
-                                          tree_path_name)
+from skymoe_jax.checkpoint.manager import (
+    Checkpointer,
+    checkpoint_dir,
+    saved_config,
+    split_checkpoint_path,
+    tree_path_name,
+)
 from skymoe_jax.errors import CheckpointError, ConfigError
 from skymoe_jax.model.spec import ModelSpec, pipeline_stage_layers
 from skymoe_jax.model.transformer import build_model
@@ -38,22 +43,29 @@ from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.training import aux_coef
 from skymoe_jax.training.state import TrainState
 
+
 def slices(config: ml_collections.ConfigDict, dense_ffn: int) -> int:
     """G: dense FFN slices per expert set (1 for copy mode); validates the MoE config against the dense width."""
     e = config.moe
     if config.init.upcycle_mode == "copy":
         if e.expert_ffn_dim != dense_ffn:
-            raise ConfigError(f"copy upcycling needs moe.expert_ffn_dim equal to the dense FFN width {dense_ffn} "
-                              f"(got {e.expert_ffn_dim}); or use --config.init.upcycle_mode=fine_grained")
+            raise ConfigError(
+                f"copy upcycling needs moe.expert_ffn_dim equal to the dense FFN width {dense_ffn} "
+                f"(got {e.expert_ffn_dim}); or use --config.init.upcycle_mode=fine_grained"
+            )
         return 1
     if dense_ffn % e.expert_ffn_dim:
-        raise ConfigError(f"fine-grained upcycling needs moe.expert_ffn_dim={e.expert_ffn_dim} to divide the dense "
-                          f"FFN width {dense_ffn}")
+        raise ConfigError(
+            f"fine-grained upcycling needs moe.expert_ffn_dim={e.expert_ffn_dim} to divide the dense "
+            f"FFN width {dense_ffn}"
+        )
     g = dense_ffn // e.expert_ffn_dim
     if e.top_k != g or e.num_experts % g:
-        raise ConfigError(f"fine-grained upcycling into {g} slices keeps the dense function only with "
-                          f"moe.top_k={g} and moe.num_experts a multiple of {g} (got top_k={e.top_k}, "
-                          f"num_experts={e.num_experts})")
+        raise ConfigError(
+            f"fine-grained upcycling into {g} slices keeps the dense function only with "
+            f"moe.top_k={g} and moe.num_experts a multiple of {g} (got top_k={e.top_k}, "
+            f"num_experts={e.num_experts})"
+        )
     return g
 
 
@@ -69,43 +81,57 @@ def _paths(tree) -> dict[str, nnx.Variable]:
     return {tree_path_name(path): leaf for path, leaf in leaves}
 
 
-def load_dense(dense_dir: str, config: ml_collections.ConfigDict,
-               mesh: jax.sharding.Mesh) -> tuple[nnx.State, int, ModelSpec]:
+def load_dense(
+    dense_dir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> tuple[nnx.State, int, ModelSpec]:
     """The dense checkpoint's parameters (a workdir's latest, or WORKDIR/checkpoints/STEP), restored onto
     `mesh` in the layer layout they were saved in, G (see `slices`) and the dense model's spec, whose
     `layer_places` say where each layer is in that layout."""
     dense_dir, step = split_checkpoint_path(dense_dir)
     dense_config = saved_config(dense_dir, step)
     if dense_config.moe.num_experts:
-        raise CheckpointError(f"{dense_dir} holds an MoE checkpoint ({dense_config.moe.num_experts} experts); "
-                              "upcycling starts from a dense one (moe.num_experts=0)")
+        raise CheckpointError(
+            f"{dense_dir} holds an MoE checkpoint ({dense_config.moe.num_experts} experts); "
+            "upcycling starts from a dense one (moe.num_experts=0)"
+        )
     if dense_config.model.num_layers != config.model.num_layers:
-        raise ConfigError(f"the dense checkpoint in {dense_dir} has model.num_layers="
-                          f"{dense_config.model.num_layers} but the MoE config has {config.model.num_layers}; "
-                          "upcycling keeps the depth")
+        raise ConfigError(
+            f"the dense checkpoint in {dense_dir} has model.num_layers="
+            f"{dense_config.model.num_layers} but the MoE config has {config.model.num_layers}; "
+            "upcycling keeps the depth"
+        )
     source = Checkpointer(dense_dir)
     step = source.latest_step() if step is None else step
     directory = source.path(step)
-    shapes = {name[len("params/"):]: shape for name, shape in source.saved_shapes(step).items()
-              if name.startswith("params/")}
+    shapes = {
+        name[len("params/") :]: shape for name, shape in source.saved_shapes(step).items() if name.startswith("params/")
+    }
     ffn_key = "stacks/0/blocks/layers/0/ffn/w_up"
     if ffn_key not in shapes:
         raise CheckpointError(f"{directory} has no dense FFN ({ffn_key}); is it a checkpoint of this trainer?")
     g = slices(config, shapes[ffn_key][-1])
     # The dense run stored its layers by its own pipeline split, which need not be the MoE's.
-    spec = dataclasses.replace(ModelSpec.from_config(_dense_counterpart(config, shapes[ffn_key][-1])),
-                               stage_layers=pipeline_stage_layers(dense_config))
-    if any(not is_moe for is_moe in ModelSpec.from_config(config).moe_layers) and config.model.ffn_dim != \
-            shapes[ffn_key][-1]:
-        raise ConfigError(f"the MoE config's dense layers have model.ffn_dim={config.model.ffn_dim} but the dense "
-                          f"checkpoint's FFN width is {shapes[ffn_key][-1]}")
+    spec = dataclasses.replace(
+        ModelSpec.from_config(_dense_counterpart(config, shapes[ffn_key][-1])),
+        stage_layers=pipeline_stage_layers(dense_config),
+    )
+    if (
+        any(not is_moe for is_moe in ModelSpec.from_config(config).moe_layers)
+        and config.model.ffn_dim != shapes[ffn_key][-1]
+    ):
+        raise ConfigError(
+            f"the MoE config's dense layers have model.ffn_dim={config.model.ffn_dim} but the dense "
+            f"checkpoint's FFN width is {shapes[ffn_key][-1]}"
+        )
     params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
     for name, leaf in _paths(params).items():
         if name not in shapes:
             raise CheckpointError(f"dense checkpoint {directory} has no parameter {name}, which the MoE config needs")
         if shapes[name] != tuple(leaf.shape):
-            raise CheckpointError(f"dense parameter {name} has shape {shapes[name]} in {directory} but the MoE "
-                                  f"config needs {tuple(leaf.shape)}")
+            raise CheckpointError(
+                f"dense parameter {name} has shape {shapes[name]} in {directory} but the MoE "
+                f"config needs {tuple(leaf.shape)}"
+            )
     rules = mesh_lib.param_rules(config.parallel)
     if g > 1:
         rules = {**rules, "mlp": ("expert",)}  # each device reads only the slices its experts are made of
@@ -128,8 +154,10 @@ def upcycle_fn(config: ml_collections.ConfigDict, dense_spec: ModelSpec, g: int,
         out = {"w_gate": split_in(ffn["w_gate"]), "w_up": split_in(ffn["w_up"]), "w_down": down}
         if noise:
             keys = jax.random.split(key, 3)
-            out = {name: w + noise * jnp.std(w) * jax.random.normal(kk, w.shape, w.dtype)
-                   for kk, (name, w) in zip(keys, sorted(out.items()))}
+            out = {
+                name: w + noise * jnp.std(w) * jax.random.normal(kk, w.shape, w.dtype)
+                for kk, (name, w) in zip(keys, sorted(out.items()))
+            }
         return out
 
     def build(dense: nnx.State) -> TrainState:
@@ -146,21 +174,31 @@ def upcycle_fn(config: ml_collections.ConfigDict, dense_spec: ModelSpec, g: int,
             stack = {}
             for p, is_moe in enumerate(pattern):
                 ids = [i for i, (stack_of, position, _) in enumerate(places) if (stack_of, position) == (s, p)]
-                layer = jax.tree.map(lambda a: a[source[ids]], layers)
+                layer = jax.tree.map(lambda a, ids=ids: a[source[ids]], layers)
                 if is_moe:
                     key, k_router, k_noise = jax.random.split(key, 3)
-                    router = (jnp.zeros((len(ids), spec.d_model, n), jnp.float32) if g > 1 else
-                              spec.router_init_std * jax.random.normal(k_router, (len(ids), spec.d_model, n)))
+                    router = (
+                        jnp.zeros((len(ids), spec.d_model, n), jnp.float32)
+                        if g > 1
+                        else spec.router_init_std * jax.random.normal(k_router, (len(ids), spec.d_model, n))
+                    )
                     layer["ffn"] = {"gate": router, "experts": experts(layer["ffn"], k_noise)}
                 # Pipelined stacks are padded per stage: layers go to their slots, the padding stays zero
                 # as in a fresh model.
                 slots = np.array([places[i][2] for i in ids])
-                stack[p] = jax.tree.map(lambda want, a: jnp.zeros(want.shape, a.dtype).at[slots].set(a),
-                                        stored["stacks"][s]["blocks"]["layers"][p], layer)
+                stack[p] = jax.tree.map(
+                    lambda want, a, slots=slots: jnp.zeros(want.shape, a.dtype).at[slots].set(a),
+                    stored["stacks"][s]["blocks"]["layers"][p],
+                    layer,
+                )
             out["stacks"][s] = {"blocks": {"layers": stack}}
         nnx.replace_by_pure_dict(params, out)  # in place
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          alpha=aux_coef.initial_alpha(config, spec.num_moe_layers))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            alpha=aux_coef.initial_alpha(config, spec.num_moe_layers),
+        )
 
     return jax.jit(build, out_shardings=shardings)
 

@@ -12,13 +12,16 @@ from skymoe_jax.data.tokenizers import make_tokenizer
 from skymoe_jax.errors import DataError
 
 
-def make_datasets(config: ml_collections.ConfigDict, *, process_index: int = 0,
-                  process_count: int = 1) -> tuple[grain.IterDataset, grain.IterDataset]:
+def make_datasets(
+    config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
+) -> tuple[grain.IterDataset, grain.IterDataset]:
     """(training, validation) batches for data.source builtin, files or prepared."""
     tokenizer = make_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > config.model.vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                        f"{config.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")
+        raise DataError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+            f"{config.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}"
+        )
     if config.data.source == "prepared":
         train, val = load_prepared(config.data)  # refuses data prepared with another tokenizer
     else:
@@ -26,5 +29,7 @@ def make_datasets(config: ml_collections.ConfigDict, *, process_index: int = 0,
         train, val = [(train_docs, 1.0)], [(val_docs, 1.0)]
     seed = config.data.shuffle_seed
     shard = {"process_index": process_index, "process_count": process_count}
-    return (make_mixture(train, config.data, seed=seed, **shard),
-            make_mixture(val, config.data, seed=seed + 1, **shard))
+    return (
+        make_mixture(train, config.data, seed=seed, **shard),
+        make_mixture(val, config.data, seed=seed + 1, **shard),
+    )

@@ -21,7 +21,8 @@ import re
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -109,8 +110,10 @@ def write_unit(unit: Unit, job: Job, report: Report) -> None:
             raise
         writer.close()
         os.replace(tmp, path)
-        shard_format.write_json(stem + ".json", {"documents": count, "tokens": tokens, "bytes": os.path.getsize(path),
-                                                 "last": last, "inputs": unit.digest})
+        shard_format.write_json(
+            stem + ".json",
+            {"documents": count, "tokens": tokens, "bytes": os.path.getsize(path), "last": last, "inputs": unit.digest},
+        )
         report(nbytes, count, tokens)
 
 
@@ -131,7 +134,7 @@ def _units(paths: list[str], job: Job) -> list[tuple[str, ...]]:
     nonempty = [p for p in paths if os.path.getsize(p) > 0]
     if job.format == "jsonl":
         return [(p,) for p in nonempty]
-    return [tuple(nonempty[i:i + job.shard_docs]) for i in range(0, len(nonempty), job.shard_docs)]
+    return [tuple(nonempty[i : i + job.shard_docs]) for i in range(0, len(nonempty), job.shard_docs)]
 
 
 def _digest(lines: list[str]) -> str:
@@ -147,11 +150,18 @@ def _settings(job: Job, tokenizer_spec: str, vocab_size: int, units: list[tuple[
 
     Input sizes are not here but in each shard's sidecar: a changed file redoes only its own shards.
     """
-    return {"tokenizer": shard_format.tokenizer_identity(tokenizer_spec), "vocab_size": vocab_size,
-            "dtype": np.dtype(job.dtype).name, "format": job.format,
-            "field": job.field if job.format == "jsonl" else None, "shard_docs": job.shard_docs,
-            "inputs": {"files": sum(len(u) for u in units),
-                       "sha256": _digest(["\t".join(os.path.abspath(p) for p in u) for u in units])}}
+    return {
+        "tokenizer": shard_format.tokenizer_identity(tokenizer_spec),
+        "vocab_size": vocab_size,
+        "dtype": np.dtype(job.dtype).name,
+        "format": job.format,
+        "field": job.field if job.format == "jsonl" else None,
+        "shard_docs": job.shard_docs,
+        "inputs": {
+            "files": sum(len(u) for u in units),
+            "sha256": _digest(["\t".join(os.path.abspath(p) for p in u) for u in units]),
+        },
+    }
 
 
 def _check_out_dir(out: str, settings: dict[str, Any]) -> None:
@@ -160,8 +170,10 @@ def _check_out_dir(out: str, settings: dict[str, Any]) -> None:
     if previous is None:
         strangers = sorted(set(os.listdir(out)) - {shard_format.VALIDATION}) if os.path.isdir(out) else []
         if strangers:
-            raise DataError(f"--out={out} already holds files that skymoe prepare-data did not write "
-                            f"({strangers[0]}, ...); choose a new or empty directory")
+            raise DataError(
+                f"--out={out} already holds files that skymoe prepare-data did not write "
+                f"({strangers[0]}, ...); choose a new or empty directory"
+            )
         return
     for key, value in settings.items():
         if previous.get(key) != value:
@@ -171,8 +183,10 @@ def _check_out_dir(out: str, settings: dict[str, Any]) -> None:
                 what = f"{shard_format.describe_tokenizer(previous[key])}, not {shard_format.describe_tokenizer(value)}"
             else:
                 what = f"{key} {previous.get(key)!r}, not {value!r}"
-            raise DataError(f"--out={out} was prepared from {what}; re-run with the same flags and inputs to "
-                            "resume, or choose a new --out")
+            raise DataError(
+                f"--out={out} was prepared from {what}; re-run with the same flags and inputs to "
+                "resume, or choose a new --out"
+            )
 
 
 def _sidecars(shard_dir: str) -> dict[tuple[int, int], dict[str, Any]]:
@@ -220,11 +234,23 @@ class _Progress:
         self._bar = None
         self.documents = self.tokens = 0
         if sys.stdout.isatty():
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                       TransferSpeedColumn)
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
 
-            self._bar = Progress(TextColumn("[bold]prepare-data"), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[counts]}"))
+            self._bar = Progress(
+                TextColumn("[bold]prepare-data"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[counts]}"),
+            )
             self._task = self._bar.add_task("prepare", total=total_bytes, completed=done_bytes, counts="")
             self._bar.start()
 
@@ -232,8 +258,9 @@ class _Progress:
         self.documents += documents
         self.tokens += tokens
         if self._bar is not None:
-            self._bar.update(self._task, advance=nbytes,
-                             counts=f"{self.documents:,} documents, {self.tokens:,} tokens written")
+            self._bar.update(
+                self._task, advance=nbytes, counts=f"{self.documents:,} documents, {self.tokens:,} tokens written"
+            )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -263,8 +290,16 @@ def _run(todo: list[Unit], job: Job, workers: int, progress: _Progress) -> int:
     return min(workers, len(todo))
 
 
-def prepare(input_glob: str, tokenizer: str, out: str, *, fmt: str = "text", field: str = "text",
-            workers: int = 1, shard_docs: int = 10_000) -> dict[str, Any]:
+def prepare(
+    input_glob: str,
+    tokenizer: str,
+    out: str,
+    *,
+    fmt: str = "text",
+    field: str = "text",
+    workers: int = 1,
+    shard_docs: int = 10_000,
+) -> dict[str, Any]:
     """Tokenize the files matching input_glob (comma-separated globs) into out/; resumes a stopped run.
 
     Returns the counts and a one-line summary.
@@ -272,8 +307,14 @@ def prepare(input_glob: str, tokenizer: str, out: str, *, fmt: str = "text", fie
     start = time.perf_counter()
     paths = expand_globs(input_glob, "--input")
     vocab_size = _tokenizer(tokenizer).vocab_size
-    job = Job(tokenizer=tokenizer, format=fmt, field=field, shard_docs=shard_docs,
-              dtype=shard_format.token_dtype(vocab_size).str, out=out)
+    job = Job(
+        tokenizer=tokenizer,
+        format=fmt,
+        field=field,
+        shard_docs=shard_docs,
+        dtype=shard_format.token_dtype(vocab_size).str,
+        out=out,
+    )
     units = _units(paths, job)
     if not units:
         raise DataError(f"--input={input_glob!r}: every matching file is empty; nothing to prepare")
@@ -283,18 +324,21 @@ def prepare(input_glob: str, tokenizer: str, out: str, *, fmt: str = "text", fie
     shard_dir = os.path.join(out, shard_format.SHARDS)
     os.makedirs(shard_dir, exist_ok=True)
     metadata_path = os.path.join(out, shard_format.METADATA)
-    shard_format.write_metadata(metadata_path, {"format_version": shard_format.FORMAT_VERSION, "complete": False,
-                                                **settings})
+    shard_format.write_metadata(
+        metadata_path, {"format_version": shard_format.FORMAT_VERSION, "complete": False, **settings}
+    )
     for name in os.listdir(shard_dir):
         if name.endswith(".tmp"):  # cut short by a stopped run; redone below
             os.remove(os.path.join(shard_dir, name))
     digests = [_unit_digest(unit_paths) for unit_paths in units]
     done, stale = _verified(shard_dir, digests)
-    todo = [Unit(i, unit_paths, digests[i], frozenset(part for u, part in done if u == i))
-            for i, unit_paths in enumerate(units) if not _complete(i, done)]
+    todo = [
+        Unit(i, unit_paths, digests[i], frozenset(part for u, part in done if u == i))
+        for i, unit_paths in enumerate(units)
+        if not _complete(i, done)
+    ]
 
-    done_bytes = sum(os.path.getsize(p) for i, unit_paths in enumerate(units) if _complete(i, done)
-                     for p in unit_paths)
+    done_bytes = sum(os.path.getsize(p) for i, unit_paths in enumerate(units) if _complete(i, done) for p in unit_paths)
     progress = _Progress(sum(os.path.getsize(p) for unit_paths in units for p in unit_paths), done_bytes)
     try:
         used = _run(todo, job, workers, progress)
@@ -302,18 +346,35 @@ def prepare(input_glob: str, tokenizer: str, out: str, *, fmt: str = "text", fie
         progress.close()
 
     records = _sidecars(shard_dir)
-    shards = [{"file": os.path.join(shard_format.SHARDS, shard_stem(*key) + ".array_record"),
-               **{k: records[key][k] for k in ("documents", "tokens", "bytes")}} for key in sorted(records)]
+    shards = [
+        {
+            "file": os.path.join(shard_format.SHARDS, shard_stem(*key) + ".array_record"),
+            **{k: records[key][k] for k in ("documents", "tokens", "bytes")},
+        }
+        for key in sorted(records)
+    ]
     totals = {"documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards)}
-    shard_format.write_metadata(metadata_path, {"format_version": shard_format.FORMAT_VERSION, "complete": True,
-                                                **settings, **totals, "shards": shards})
+    shard_format.write_metadata(
+        metadata_path,
+        {"format_version": shard_format.FORMAT_VERSION, "complete": True, **settings, **totals, "shards": shards},
+    )
     seconds = time.perf_counter() - start
     skipped = len(done)
     written = len(shards) - skipped
-    line = (f"prepared {totals['documents']:,} documents, {totals['tokens']:,} tokens ({settings['dtype']}, "
-            f"vocabulary {vocab_size}) in {len(shards)} shard{'s' * (len(shards) != 1)}: {written} written"
-            + (f" ({stale} earlier shards discarded: cut short, damaged or of changed inputs)" if stale else "")
-            + f", {skipped} already done; {progress.tokens / seconds:,.0f} tokens/s written by "
-            f"{used} process{'es' * (used != 1)} in {seconds:.1f}s; metadata in {metadata_path}")
-    return {**totals, "shards": len(shards), "written": written, "skipped": skipped, "redone": stale,
-            "seconds": seconds, "metadata": metadata_path, "summary": line}
+    line = (
+        f"prepared {totals['documents']:,} documents, {totals['tokens']:,} tokens ({settings['dtype']}, "
+        f"vocabulary {vocab_size}) in {len(shards)} shard{'s' * (len(shards) != 1)}: {written} written"
+        + (f" ({stale} earlier shards discarded: cut short, damaged or of changed inputs)" if stale else "")
+        + f", {skipped} already done; {progress.tokens / seconds:,.0f} tokens/s written by "
+        f"{used} process{'es' * (used != 1)} in {seconds:.1f}s; metadata in {metadata_path}"
+    )
+    return {
+        **totals,
+        "shards": len(shards),
+        "written": written,
+        "skipped": skipped,
+        "redone": stale,
+        "seconds": seconds,
+        "metadata": metadata_path,
+        "summary": line,
+    }

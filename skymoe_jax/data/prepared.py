@@ -1,4 +1,5 @@
-"""Training from `skymoe prepare-data` output: the checks against the run's tokenizer, and each source's training and validation documents for pipeline.make_mixture.
+"""Training from `skymoe prepare-data` output: the checks against the run's tokenizer, and each source's
+training and validation documents for pipeline.make_mixture.
 
 data.sources (config.parse_sources) names the directories and their weights. Validation
 documents come from DIR/val when that directory exists (prepared with --out=DIR/val); otherwise
@@ -15,10 +16,11 @@ import grain
 import ml_collections
 import numpy as np
 
+from skymoe_jax.config import parse_sources
 from skymoe_jax.data import shard_format
 from skymoe_jax.data.sources import in_validation
-from skymoe_jax.config import parse_sources
 from skymoe_jax.errors import DataError
+
 
 class _Shards:
     """All records of one prepared directory, numbered in shard order."""
@@ -31,21 +33,26 @@ class _Shards:
         for path, shard in zip(self.paths, meta["shards"]):
             size = os.path.getsize(path) if os.path.isfile(path) else None
             if size != shard["bytes"]:
-                raise DataError(self.damaged(path, "missing" if size is None else
-                                             f"{size} bytes, {shard['bytes']} when written"))
+                raise DataError(
+                    self.damaged(path, "missing" if size is None else f"{size} bytes, {shard['bytes']} when written")
+                )
         try:
             self.source = grain.sources.ArrayRecordDataSource(self.paths)
         except RuntimeError as e:  # a damaged index; find the shard to name it
             bad = next((p for p in self.paths if shard_format.indexed_records(p) is None), self.paths[0])
             raise DataError(self.damaged(bad, _first_line(e))) from None
         if len(self.source) != self.ends[-1]:  # a metadata file that does not describe these shards
-            raise DataError(f"{os.path.join(directory, shard_format.METADATA)} counts {self.ends[-1]} documents but "
-                            f"its shards hold {len(self.source)}; prepare the data again into a new directory")
+            raise DataError(
+                f"{os.path.join(directory, shard_format.METADATA)} counts {self.ends[-1]} documents but "
+                f"its shards hold {len(self.source)}; prepare the data again into a new directory"
+            )
 
     def damaged(self, path: str, what: str) -> str:
         sidecar = os.path.splitext(path)[0] + ".json"
-        return (f"shard {path} is damaged ({what}); delete {sidecar} and re-run the skymoe prepare-data command "
-                f"that wrote {self.directory} to redo it")
+        return (
+            f"shard {path} is damaged ({what}); delete {sidecar} and re-run the skymoe prepare-data command "
+            f"that wrote {self.directory} to redo it"
+        )
 
     def read(self, record: int) -> np.ndarray:
         try:
@@ -80,23 +87,33 @@ def _open(directory: str, tokenizer: str, what: str) -> tuple[_Shards, dict[str,
     # The content hash decides (a byte tokenizer has none): a path can move, a retrained file can keep its name.
     if meta["tokenizer"]["sha256"] != wanted["sha256"]:
         fix = "byte" if meta["tokenizer"]["name"] == "byte" else meta["tokenizer"]["path"]
-        raise DataError(f"{directory} was tokenized with {shard_format.describe_tokenizer(meta['tokenizer'])} but "
-                        f"data.tokenizer is {shard_format.describe_tokenizer(wanted)}; set "
-                        f"--config.data.tokenizer={fix} (or a copy of that file)")
+        raise DataError(
+            f"{directory} was tokenized with {shard_format.describe_tokenizer(meta['tokenizer'])} but "
+            f"data.tokenizer is {shard_format.describe_tokenizer(wanted)}; set "
+            f"--config.data.tokenizer={fix} (or a copy of that file)"
+        )
     return _Shards(directory, meta), meta
 
 
 def _split(meta: dict[str, Any], fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(training, validation) record numbers."""
     total = sum(s["documents"] for s in meta["shards"])
-    held_out = np.fromiter((in_validation(f"{os.path.basename(s['file'])}:{r}", fraction)
-                            for s in meta["shards"] for r in range(s["documents"])), bool, total)
+    held_out = np.fromiter(
+        (
+            in_validation(f"{os.path.basename(s['file'])}:{r}", fraction)
+            for s in meta["shards"]
+            for r in range(s["documents"])
+        ),
+        bool,
+        total,
+    )
     records = np.arange(total, dtype=np.int64)
     return records[~held_out], records[held_out]
 
 
-def load_prepared(data: ml_collections.ConfigDict) -> tuple[list[tuple[PreparedDocuments, float]],
-                                                           list[tuple[PreparedDocuments, float]]]:
+def load_prepared(
+    data: ml_collections.ConfigDict,
+) -> tuple[list[tuple[PreparedDocuments, float]], list[tuple[PreparedDocuments, float]]]:
     """(training, validation) sources as (documents, weight) pairs, in data.sources order."""
     train, val = [], []
     for directory, weight in parse_sources(data.sources):
@@ -113,8 +130,10 @@ def load_prepared(data: ml_collections.ConfigDict) -> tuple[list[tuple[PreparedD
             val_fix = f"raise data.val_fraction, prepare validation data into {val_dir}"
         for docs, role, fix in ((train_docs, "training", "prepare more data"), (val_docs, "validation", val_fix)):
             if len(docs) < data.num_streams:
-                raise DataError(f"{directory} has {len(docs)} {role} documents, fewer than data.num_streams="
-                                f"{data.num_streams}; {fix} or lower data.num_streams")
+                raise DataError(
+                    f"{directory} has {len(docs)} {role} documents, fewer than data.num_streams="
+                    f"{data.num_streams}; {fix} or lower data.num_streams"
+                )
         train.append((train_docs, weight))
         val.append((val_docs, weight))
     return train, val

@@ -1,9 +1,9 @@
 """The on-disk layout of prepared data, shared by `skymoe prepare-data` (writer) and training (reader).
 
-    DIR/metadata.json              settings, tokenizer, counts and the shard list, with a sha256 of them
-    DIR/shards/UUUUU-PPPP.array_record   one record per document: its token ids, little-endian uint16/uint32
-    DIR/shards/UUUUU-PPPP.json     written after the shard is complete: its counts and size in bytes
-    DIR/val/                       optional: validation data prepared the same way (`--out=DIR/val`)
+DIR/metadata.json              settings, tokenizer, counts and the shard list, with a sha256 of them
+DIR/shards/UUUUU-PPPP.array_record   one record per document: its token ids, little-endian uint16/uint32
+DIR/shards/UUUUU-PPPP.json     written after the shard is complete: its counts and size in bytes
+DIR/val/                       optional: validation data prepared the same way (`--out=DIR/val`)
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ VALIDATION = "val"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned integer that holds every id: half the disk and page cache of int32 for most vocabularies."""
-    return np.dtype("<u2") if vocab_size <= 2 ** 16 else np.dtype("<u4")
+    """The smallest unsigned integer that holds every id: half the disk and page cache of int32 for most
+    vocabularies."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
 def tokenizer_identity(spec: str) -> dict[str, Any]:
@@ -43,8 +44,9 @@ def tokenizer_identity(spec: str) -> dict[str, Any]:
 
 
 def describe_tokenizer(identity: dict[str, Any]) -> str:
-    return "the byte tokenizer" if identity["name"] == "byte" else \
-        f"{identity['path']} (sha256 {identity['sha256'][:12]})"
+    return (
+        "the byte tokenizer" if identity["name"] == "byte" else f"{identity['path']} (sha256 {identity['sha256'][:12]})"
+    )
 
 
 def indexed_records(path: str) -> int | None:
@@ -90,6 +92,7 @@ def write_metadata(path: str, meta: dict[str, Any]) -> None:
 
 def _bad_field(meta: dict[str, Any]) -> str | None:
     """What is wrong with the fields training reads, or None; for metadata that passed its checksum (or has none)."""
+
     def count(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -98,12 +101,23 @@ def _bad_field(meta: dict[str, Any]) -> str | None:
         return f"vocab_size {vocab_size!r} is not a positive integer"
     if meta.get("dtype") != token_dtype(vocab_size).name:
         return f"dtype {meta.get('dtype')!r} is not {token_dtype(vocab_size).name}, the one for vocab_size {vocab_size}"
-    if not (isinstance(tokenizer, dict) and isinstance(tokenizer.get("name"), str)
-            and all(isinstance(tokenizer.get(k), (str, type(None))) for k in ("path", "sha256"))):
+    if not (
+        isinstance(tokenizer, dict)
+        and isinstance(tokenizer.get("name"), str)
+        and all(isinstance(tokenizer.get(k), (str, type(None))) for k in ("path", "sha256"))
+    ):
         return f"tokenizer {tokenizer!r} is not a name, path and sha256"
-    if not (isinstance(shards, list) and shards and all(isinstance(s, dict) and isinstance(s.get("file"), str)
-                                                        and count(s.get("documents")) and count(s.get("bytes"))
-                                                        for s in shards)):
+    if not (
+        isinstance(shards, list)
+        and shards
+        and all(
+            isinstance(s, dict)
+            and isinstance(s.get("file"), str)
+            and count(s.get("documents"))
+            and count(s.get("bytes"))
+            for s in shards
+        )
+    ):
         return "the shard list is not a list of files with their document and byte counts"
     if meta.get("documents") != sum(s["documents"] for s in shards):
         return f"documents {meta.get('documents')!r} is not the sum of the shards' counts"
@@ -117,13 +131,18 @@ def read_metadata(directory: str, what: str) -> dict[str, Any]:
         raise DataError(f"{what}: {directory} has no {METADATA}; prepare it with skymoe prepare-data --out={directory}")
     meta = read_json(path)
     if meta is None or meta.get("format_version") not in (1, FORMAT_VERSION):
-        raise DataError(f"{path} is not a skymoe prepare-data metadata file (version {FORMAT_VERSION}); "
-                        f"prepare the data again into a new directory")
+        raise DataError(
+            f"{path} is not a skymoe prepare-data metadata file (version {FORMAT_VERSION}); "
+            f"prepare the data again into a new directory"
+        )
     if ("sha256" in meta or meta["format_version"] >= 2) and meta.get("sha256") != _checksum(meta):
-        raise DataError(f"{path} is damaged (its sha256 does not match its contents); prepare the data again into "
-                        "a new directory")
+        raise DataError(
+            f"{path} is damaged (its sha256 does not match its contents); prepare the data again into a new directory"
+        )
     if not meta.get("complete"):
-        raise DataError(f"{directory} is only partly prepared; re-run the same skymoe prepare-data command to finish it")
+        raise DataError(
+            f"{directory} is only partly prepared; re-run the same skymoe prepare-data command to finish it"
+        )
     bad = _bad_field(meta)
     if bad:
         raise DataError(f"{path} is damaged ({bad}); prepare the data again into a new directory")

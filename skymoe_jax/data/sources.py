@@ -8,7 +8,7 @@ import json
 import os
 import sysconfig
 import zlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -84,13 +84,17 @@ def jsonl_documents(path: str, field: str, field_setting: str = "data.jsonl_fiel
                 raise DataError(f"{where} has no {field!r} field; set {field_setting} to the field holding the text")
             text = record[field]
             if not isinstance(text, str):
-                raise DataError(f"{where}: field {field!r} is {type(text).__name__}, not a string; fix the line or set "
-                                f"{field_setting} to the field holding the text")
+                raise DataError(
+                    f"{where}: field {field!r} is {type(text).__name__}, not a string; fix the line or set "
+                    f"{field_setting} to the field holding the text"
+                )
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # JSON may escape a lone UTF-16 surrogate; no tokenizer can take it
-                raise DataError(f"{where}: field {field!r} holds an unpaired surrogate escape (\\ud800-\\udfff), "
-                                "which is not text; fix the line or remove it") from None
+                raise DataError(
+                    f"{where}: field {field!r} holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                    "which is not text; fix the line or remove it"
+                ) from None
             if text:
                 yield where, text
 
@@ -130,14 +134,20 @@ def load_documents(data: ml_collections.ConfigDict, tokenizer) -> tuple[Document
             train = [it for it in items if not in_validation(it[0], data.val_fraction)]
             val = [it for it in items if in_validation(it[0], data.val_fraction)]
     if not train:
-        raise DataError("no training documents: the data files are empty or all went to validation "
-                        f"(lower data.val_fraction or add data to {train_from})")
+        raise DataError(
+            "no training documents: the data files are empty or all went to validation "
+            f"(lower data.val_fraction or add data to {train_from})"
+        )
     if not val:
-        raise DataError(f"no validation documents: the files of {val_from} are empty; give files with text"
-                        if data.val_files.strip() else
-                        f"no validation documents in {train_from}: give data.val_files or raise data.val_fraction")
+        raise DataError(
+            f"no validation documents: the files of {val_from} are empty; give files with text"
+            if data.val_files.strip()
+            else f"no validation documents in {train_from}: give data.val_files or raise data.val_fraction"
+        )
     for docs, role, source in ((train, "training", train_from), (val, "validation", val_from)):
         if len(docs) < data.num_streams:  # the pipeline refuses too, but without naming the files
-            raise DataError(f"{len(docs)} {role} documents from {source} cannot fill data.num_streams="
-                            f"{data.num_streams} streams; add data or lower data.num_streams")
+            raise DataError(
+                f"{len(docs)} {role} documents from {source} cannot fill data.num_streams="
+                f"{data.num_streams} streams; add data or lower data.num_streams"
+            )
     return Documents(train, tokenizer), Documents(val, tokenizer)

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from skymoe_jax.kernels.common import resolve_interpret
 from skymoe_jax.model.axes import batch_axes
 
+
 def tile(seq_len: int, cap: int = 128) -> int:
     """The largest power of two <= cap dividing seq_len (config validation makes it at least 16, the
     smallest tile Triton's tl.dot takes)."""
@@ -28,18 +29,28 @@ def tile(seq_len: int, cap: int = 128) -> int:
     return t
 
 
-def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, layout: str,
-                     interpret: bool | None = None) -> jax.Array:
+def pallas_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, layout: str, interpret: bool | None = None
+) -> jax.Array:
     """Causal attention of q [B, S, H, D] over k, v [B, S, KV, D] within equal segment ids [B, S]."""
     s, h, d = q.shape[1], q.shape[2], q.shape[3]
     k, v = (jnp.repeat(a, h // a.shape[2], axis=2) for a in (k, v))
     fwd, bwd = tile(s), tile(s, cap=32)
-    blocks = flash.BlockSizes(block_q=fwd, block_k=fwd, block_q_dkv=bwd, block_kv_dkv=bwd,
-                              block_q_dq=bwd, block_kv_dq=bwd)
+    blocks = flash.BlockSizes(
+        block_q=fwd, block_k=fwd, block_q_dkv=bwd, block_kv_dkv=bwd, block_q_dq=bwd, block_kv_dq=bwd
+    )
 
     def local(q, k, v, segment_ids):
-        return flash.mha(q, k, v, segment_ids, sm_scale=d ** -0.5, causal=True, block_sizes=blocks,
-                         interpret=resolve_interpret(interpret))
+        return flash.mha(
+            q,
+            k,
+            v,
+            segment_ids,
+            sm_scale=d**-0.5,
+            causal=True,
+            block_sizes=blocks,
+            interpret=resolve_interpret(interpret),
+        )
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -49,5 +60,6 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     heads = "expert" if layout == "edp" and ep > 1 and h % ep == 0 else None
     rows = batch_axes(layout)
     qkv = P(rows, None, heads, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows, None)), out_specs=qkv,
-                         check_vma=False)(q, k, v, segment_ids)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows, None)), out_specs=qkv, check_vma=False)(
+        q, k, v, segment_ids
+    )

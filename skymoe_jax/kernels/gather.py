@@ -43,8 +43,9 @@ def _row_col(rows: int, width: int, block: int, cols: int):
 def _load_rows(ref, index: jax.Array, col_ids: jax.Array, col_ok: jax.Array) -> jax.Array:
     """ref[index[r], col_ids] as float32, zero where index < 0 or the column is past the end."""
     ok = index >= 0
-    return plgpu.load(ref.at[jnp.where(ok, index, 0)[:, None], col_ids[None, :]],
-                      mask=ok[:, None] & col_ok[None, :], other=0).astype(jnp.float32)
+    return plgpu.load(
+        ref.at[jnp.where(ok, index, 0)[:, None], col_ids[None, :]], mask=ok[:, None] & col_ok[None, :], other=0
+    ).astype(jnp.float32)
 
 
 def _load_column(ref, rows: pl.Slice, row_ok: jax.Array, j: int, other) -> jax.Array:
@@ -68,8 +69,11 @@ def slot_sources(slots: jax.Array, num_slots: int, *, interpret: bool) -> jax.Ar
     sources = pl.pallas_call(
         functools.partial(_slot_sources_kernel, n=n, num_slots=num_slots, block=block),
         out_shape=out_struct((num_slots + 1,), jnp.int32, flat, empty),
-        grid=(pl.cdiv(n, block),), input_output_aliases={1: 0},
-        compiler_params=compiler_params(), interpret=interpret, name="skymoe_slot_sources",
+        grid=(pl.cdiv(n, block),),
+        input_output_aliases={1: 0},
+        compiler_params=compiler_params(),
+        interpret=interpret,
+        name="skymoe_slot_sources",
     )(flat, empty)
     return sources[:num_slots]
 
@@ -80,8 +84,9 @@ def _slot_sources_kernel(slots_ref, _, sources_ref, *, n: int, num_slots: int, b
     plgpu.store(sources_ref.at[jnp.where(slot >= 0, slot, num_slots)], ids)
 
 
-def gather_rows(x: jax.Array, sources: jax.Array, per_row: int, scale: jax.Array | None = None, *,
-                interpret: bool) -> jax.Array:
+def gather_rows(
+    x: jax.Array, sources: jax.Array, per_row: int, scale: jax.Array | None = None, *, interpret: bool
+) -> jax.Array:
     """out[r] = scale[sources[r]] * x[sources[r] // per_row], zero where sources[r] < 0: [R, d] in x's dtype.
 
     With sources from slot_sources, per_row = k maps an assignment to its token row. scale
@@ -91,10 +96,14 @@ def gather_rows(x: jax.Array, sources: jax.Array, per_row: int, scale: jax.Array
     block, cols, grid = _tiles(r, d)
     operands = (sources, x) if scale is None else (sources, x, scale.astype(x.dtype))
     return pl.pallas_call(
-        functools.partial(_gather_rows_kernel, r=r, d=d, per_row=per_row, block=block, cols=cols,
-                          scaled=scale is not None),
+        functools.partial(
+            _gather_rows_kernel, r=r, d=d, per_row=per_row, block=block, cols=cols, scaled=scale is not None
+        ),
         out_shape=out_struct((r, d), x.dtype, *operands),
-        grid=grid, compiler_params=compiler_params(), interpret=interpret, name="skymoe_gather_rows",
+        grid=grid,
+        compiler_params=compiler_params(),
+        interpret=interpret,
+        name="skymoe_gather_rows",
     )(*operands)
 
 
@@ -106,8 +115,11 @@ def _gather_rows_kernel(*refs, r: int, d: int, per_row: int, block: int, cols: i
     if scaled:
         ok = src >= 0
         vals = vals * plgpu.load(scale_ref[0].at[jnp.where(ok, src, 0)], mask=ok, other=0).astype(jnp.float32)[:, None]
-    plgpu.store(out_ref.at[rows, pl.ds(pl.program_id(1) * cols, cols)], vals.astype(out_ref.dtype),
-                mask=row_ok[:, None] & col_ok[None, :])
+    plgpu.store(
+        out_ref.at[rows, pl.ds(pl.program_id(1) * cols, cols)],
+        vals.astype(out_ref.dtype),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 def gather_sum(y: jax.Array, index: jax.Array, weights: jax.Array | None = None, *, interpret: bool) -> jax.Array:
@@ -122,7 +134,10 @@ def gather_sum(y: jax.Array, index: jax.Array, weights: jax.Array | None = None,
     return pl.pallas_call(
         functools.partial(_gather_sum_kernel, s=s, d=d, k=k, block=block, cols=cols, weighted=weights is not None),
         out_shape=out_struct((s, d), y.dtype, *operands),
-        grid=grid, compiler_params=compiler_params(), interpret=interpret, name="skymoe_gather_sum",
+        grid=grid,
+        compiler_params=compiler_params(),
+        interpret=interpret,
+        name="skymoe_gather_sum",
     )(*operands)
 
 
@@ -135,8 +150,11 @@ def _gather_sum_kernel(*refs, s: int, d: int, k: int, block: int, cols: int, wei
         if weighted:
             vals = vals * _load_column(weights_ref[0], rows, row_ok, j, 0).astype(jnp.float32)[:, None]
         acc = acc + vals
-    plgpu.store(out_ref.at[rows, pl.ds(pl.program_id(1) * cols, cols)], acc.astype(out_ref.dtype),
-                mask=row_ok[:, None] & col_ok[None, :])
+    plgpu.store(
+        out_ref.at[rows, pl.ds(pl.program_id(1) * cols, cols)],
+        acc.astype(out_ref.dtype),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 def gather_dot(a: jax.Array, y: jax.Array, index: jax.Array, *, interpret: bool) -> jax.Array:
@@ -151,7 +169,10 @@ def gather_dot(a: jax.Array, y: jax.Array, index: jax.Array, *, interpret: bool)
     return pl.pallas_call(
         functools.partial(_gather_dot_kernel, s=s, d=d, k=k, block=block, cols=cols),
         out_shape=out_struct((s, k), jnp.float32, index, a, y),
-        grid=(pl.cdiv(s, block),), compiler_params=compiler_params(), interpret=interpret, name="skymoe_gather_dot",
+        grid=(pl.cdiv(s, block),),
+        compiler_params=compiler_params(),
+        interpret=interpret,
+        name="skymoe_gather_dot",
     )(index, a, y)
 
 
@@ -163,10 +184,12 @@ def _gather_dot_kernel(index_ref, a_ref, y_ref, out_ref, *, s: int, d: int, k: i
     def step(c, sums):
         col_ids = c * cols + jnp.arange(cols)
         col_ok = col_ids < d
-        a = plgpu.load(a_ref.at[rows, pl.ds(c * cols, cols)], mask=row_ok[:, None] & col_ok[None, :],
-                       other=0).astype(jnp.float32)
-        return tuple(total + jnp.sum(a * _load_rows(y_ref, idx, col_ids, col_ok), axis=1)
-                     for total, idx in zip(sums, index))
+        a = plgpu.load(a_ref.at[rows, pl.ds(c * cols, cols)], mask=row_ok[:, None] & col_ok[None, :], other=0).astype(
+            jnp.float32
+        )
+        return tuple(
+            total + jnp.sum(a * _load_rows(y_ref, idx, col_ids, col_ok), axis=1) for total, idx in zip(sums, index)
+        )
 
     sums = jax.lax.fori_loop(0, pl.cdiv(d, cols), step, tuple(jnp.zeros((block,), jnp.float32) for _ in range(k)))
     for j in range(k):

@@ -7,7 +7,8 @@ Both sets share one signature per stage, so the MoE block calls `ops.route`,
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 

@@ -28,8 +28,9 @@ from skymoe_jax.model.moe import dispatch
 from skymoe_jax.model.moe.dispatch import Slots
 
 
-def expert_positions(experts: jax.Array, num_experts: int, priority: jax.Array | None = None, *,
-                     interpret: bool | None = None) -> Slots:
+def expert_positions(
+    experts: jax.Array, num_experts: int, priority: jax.Array | None = None, *, interpret: bool | None = None
+) -> Slots:
     """Pallas twin of dispatch.expert_positions: experts [S, k] -> Slots(positions [S, k], counts [E]).
 
     priority (the `probs` drop policy) is delegated to dispatch.expert_positions: a priority
@@ -47,13 +48,19 @@ def expert_positions(experts: jax.Array, num_experts: int, priority: jax.Array |
     block_counts = pl.pallas_call(
         functools.partial(_count_kernel, **geometry),
         out_shape=out_struct((grid[0], ep), jnp.int32, flat),
-        grid=grid, compiler_params=compiler_params(), interpret=interpret, name="skymoe_expert_counts",
+        grid=grid,
+        compiler_params=compiler_params(),
+        interpret=interpret,
+        name="skymoe_expert_counts",
     )(flat)
     offsets = jnp.cumsum(block_counts, axis=0) - block_counts
     positions = pl.pallas_call(
         functools.partial(_rank_kernel, **geometry),
         out_shape=out_struct((n,), jnp.int32, flat, offsets),
-        grid=grid, compiler_params=compiler_params(), interpret=interpret, name="skymoe_expert_ranks",
+        grid=grid,
+        compiler_params=compiler_params(),
+        interpret=interpret,
+        name="skymoe_expert_ranks",
     )(flat, offsets)
     return Slots(positions.reshape(experts.shape), jnp.sum(block_counts[:, :num_experts], axis=0))
 

@@ -37,11 +37,21 @@ class _Static(NamedTuple):
     interpret: bool
 
 
-def route(z: jax.Array, top_k: int, *, gate_norm: bool, lam: float = 1.0, ddof: int = 0, eps: float = 1e-6,
-          renormalize: bool = True, interpret: bool | None = None) -> Routing:
+def route(
+    z: jax.Array,
+    top_k: int,
+    *,
+    gate_norm: bool,
+    lam: float = 1.0,
+    ddof: int = 0,
+    eps: float = 1e-6,
+    renormalize: bool = True,
+    interpret: bool | None = None,
+) -> Routing:
     """Pallas twin of router.route: gate logits [T, E] -> Routing (probs, weights, experts, logits)."""
-    static = _Static(int(top_k), bool(gate_norm), float(lam), int(ddof), float(eps), bool(renormalize),
-                     resolve_interpret(interpret))
+    static = _Static(
+        int(top_k), bool(gate_norm), float(lam), int(ddof), float(eps), bool(renormalize), resolve_interpret(interpret)
+    )
     return Routing(*_route(static, z))
 
 
@@ -97,8 +107,20 @@ def _load_logits(ref, tile: _Tile) -> jax.Array:
     return plgpu.load(ref.at[tile.rows, pl.ds(0, tile.cols.shape[0])], mask=mask, other=0.0).astype(jnp.float32)
 
 
-def _forward_kernel(z_ref, probs_ref, weights_ref, experts_ref, logits_ref, *, static: _Static, t: int, e: int,
-                    block: int, ep: int, kp: int):
+def _forward_kernel(
+    z_ref,
+    probs_ref,
+    weights_ref,
+    experts_ref,
+    logits_ref,
+    *,
+    static: _Static,
+    t: int,
+    e: int,
+    block: int,
+    ep: int,
+    kp: int,
+):
     tile = _tile(t, e, block, ep, kp)
     z = _load_logits(z_ref, tile)
     zn = _normalize(z, tile, e, static)[0] if static.gate_norm else z
@@ -125,8 +147,21 @@ def _forward_kernel(z_ref, probs_ref, weights_ref, experts_ref, logits_ref, *, s
     plgpu.store(experts_ref.at[tile.rows, pl.ds(0, kp)], chosen, mask=picks)
 
 
-def _backward_kernel(z_ref, experts_ref, d_probs_ref, d_weights_ref, d_logits_ref, dz_ref, *, static: _Static, t: int,
-                     e: int, block: int, ep: int, kp: int):
+def _backward_kernel(
+    z_ref,
+    experts_ref,
+    d_probs_ref,
+    d_weights_ref,
+    d_logits_ref,
+    dz_ref,
+    *,
+    static: _Static,
+    t: int,
+    e: int,
+    block: int,
+    ep: int,
+    kp: int,
+):
     tile = _tile(t, e, block, ep, kp)
     z = _load_logits(z_ref, tile)
     if static.gate_norm:
@@ -148,8 +183,9 @@ def _backward_kernel(z_ref, experts_ref, d_probs_ref, d_weights_ref, d_logits_re
         d_sel = (d_w - jnp.sum(d_w * picked / s, axis=1, keepdims=True)) / s
     else:
         d_sel = d_w
-    d_p = plgpu.load(d_probs_ref.at[tile.rows, pl.ds(0, ep)], mask=tile.row_ok[:, None] & tile.col_ok[None, :],
-                     other=0.0).astype(jnp.float32)
+    d_p = plgpu.load(
+        d_probs_ref.at[tile.rows, pl.ds(0, ep)], mask=tile.row_ok[:, None] & tile.col_ok[None, :], other=0.0
+    ).astype(jnp.float32)
     for j in range(static.top_k):  # top-k is a gather of p; its transpose scatters into the chosen columns
         d_p = d_p + jnp.where(hit[j], _column(d_sel, tile, j)[:, None], 0.0)
     d_zn = p * (d_p - jnp.sum(d_p * p, axis=1, keepdims=True))
@@ -167,8 +203,9 @@ def _backward_kernel(z_ref, experts_ref, d_probs_ref, d_weights_ref, d_logits_re
         d_z = jnp.where(tile.col_ok[None, :], direct - through_std, 0.0)
     else:
         d_z = d_zn
-    plgpu.store(dz_ref.at[tile.rows, pl.ds(0, ep)], d_z.astype(dz_ref.dtype),
-                mask=tile.row_ok[:, None] & tile.col_ok[None, :])
+    plgpu.store(
+        dz_ref.at[tile.rows, pl.ds(0, ep)], d_z.astype(dz_ref.dtype), mask=tile.row_ok[:, None] & tile.col_ok[None, :]
+    )
 
 
 def _column(a: jax.Array, tile: _Tile, j: int) -> jax.Array:
@@ -188,9 +225,16 @@ def _forward(static: _Static, z: jax.Array):
     t, e, k = z.shape[0], z.shape[1], static.top_k
     return pl.pallas_call(
         functools.partial(_forward_kernel, static=static, **geometry),
-        out_shape=(out_struct((t, e), jnp.float32, z), out_struct((t, k), jnp.float32, z),
-                   out_struct((t, k), jnp.int32, z), out_struct((t, e), jnp.float32, z)),
-        grid=grid, compiler_params=compiler_params(), interpret=static.interpret, name="skymoe_route",
+        out_shape=(
+            out_struct((t, e), jnp.float32, z),
+            out_struct((t, k), jnp.float32, z),
+            out_struct((t, k), jnp.int32, z),
+            out_struct((t, e), jnp.float32, z),
+        ),
+        grid=grid,
+        compiler_params=compiler_params(),
+        interpret=static.interpret,
+        name="skymoe_route",
     )(z)
 
 
@@ -199,5 +243,8 @@ def _backward(static: _Static, z, experts, d_probs, d_weights, d_logits) -> jax.
     return pl.pallas_call(
         functools.partial(_backward_kernel, static=static, **geometry),
         out_shape=out_struct(z.shape, z.dtype, z, experts, d_probs, d_weights, d_logits),
-        grid=grid, compiler_params=compiler_params(), interpret=static.interpret, name="skymoe_route_bwd",
+        grid=grid,
+        compiler_params=compiler_params(),
+        interpret=static.interpret,
+        name="skymoe_route_bwd",
     )(z, experts, d_probs, d_weights, d_logits)

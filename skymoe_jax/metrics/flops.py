@@ -45,7 +45,7 @@ def _counts(spec: ModelSpec) -> ParamCounts:
     abstract = nnx.eval_shape(lambda: build_model(spec))
     params = nnx.state(abstract, nnx.Param)
     total = expert = embedding = norm = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda v: isinstance(v, nnx.Variable)):
+    for leaf in jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable)):
         size = math.prod(leaf.shape)
         total += size
         axes = leaf.axes
@@ -70,8 +70,9 @@ def flops_per_token(spec: ModelSpec, seq_len: int, counts: ParamCounts | None = 
     return 3 * (2 * counts.active_matmul + attention_flops_per_token(spec, seq_len))
 
 
-def stage_flops_per_token(spec: ModelSpec, seq_len: int, stage_layers: tuple[int, ...],
-                          counts: ParamCounts | None = None) -> list[float]:
+def stage_flops_per_token(
+    spec: ModelSpec, seq_len: int, stage_layers: tuple[int, ...], counts: ParamCounts | None = None
+) -> list[float]:
     """Training FLOPs per token of each pipeline stage: its layers, plus the head on the last stage.
 
     Needs identical layers (as pipelining does): a layer is the activated matmul work minus the
@@ -79,8 +80,9 @@ def stage_flops_per_token(spec: ModelSpec, seq_len: int, stage_layers: tuple[int
     """
     counts = counts or param_counts(spec)
     head = spec.d_model * spec.vocab_size
-    layer = 3 * (2 * (counts.active_matmul - head) / spec.num_layers
-                 + attention_flops_per_token(spec, seq_len) / spec.num_layers)
+    layer = 3 * (
+        2 * (counts.active_matmul - head) / spec.num_layers + attention_flops_per_token(spec, seq_len) / spec.num_layers
+    )
     out = [n * layer for n in stage_layers]
     out[-1] += 3 * 2 * head
     return out

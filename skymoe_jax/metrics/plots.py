@@ -8,7 +8,7 @@ in a notebook the returned Figure shows inline.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib import cm, colormaps, colors
@@ -47,10 +47,17 @@ def _layer_band(ax: Axes, runs: Sequence[Run], key: str, scale: float = 1.0, mar
     for run, color in _with(runs, key):
         steps, values = run.series(key)
         values = values * scale
-        ax.plot(steps, np.nanmean(values, axis=1), color=color, marker=marker or ("o" if len(steps) == 1 else ""),
-                markersize=3, label=run.name)
-        ax.fill_between(steps, np.nanmin(values, axis=1), np.nanmax(values, axis=1), color=color, alpha=0.15,
-                        linewidth=0)
+        ax.plot(
+            steps,
+            np.nanmean(values, axis=1),
+            color=color,
+            marker=marker or ("o" if len(steps) == 1 else ""),
+            markersize=3,
+            label=run.name,
+        )
+        ax.fill_between(
+            steps, np.nanmin(values, axis=1), np.nanmax(values, axis=1), color=color, alpha=0.15, linewidth=0
+        )
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
 
@@ -93,8 +100,9 @@ def drop_rate_figure(runs: Sequence[Run]) -> Figure | None:
     vmax = max(np.nanmax(run.series("drop_rate")[1]) for run, _ in present) * 100 or 1.0
     for ax, (run, _) in zip(axes, present):
         steps, values = run.series("drop_rate")
-        mesh = ax.pcolormesh(_edges(steps), _edges(np.arange(values.shape[1])), 100 * values.T, cmap="magma",
-                             vmin=0, vmax=vmax)
+        mesh = ax.pcolormesh(
+            _edges(steps), _edges(np.arange(values.shape[1])), 100 * values.T, cmap="magma", vmin=0, vmax=vmax
+        )
         ax.set(xlabel="step", ylabel="MoE layer", title=f"{run.name}: drop rate per layer")
         ax.set_yticks(_layer_ticks(values.shape[1]))
         ax.invert_yaxis()
@@ -118,8 +126,12 @@ def alpha_figure(runs: Sequence[Run]) -> Figure | None:
         shades = colormaps["viridis"](np.linspace(0, 0.9, layers))
         for layer in range(layers):
             ax.plot(steps, values[:, layer], color=shades[layer], label=f"MoE layer {layer}")
-        ax.set(xlabel="step", ylabel="alpha (aux-loss coefficient)", title=f"{run.name}: alpha per layer",
-               ylim=(0, top * 1.05 or None))
+        ax.set(
+            xlabel="step",
+            ylabel="alpha (aux-loss coefficient)",
+            title=f"{run.name}: alpha per layer",
+            ylim=(0, top * 1.05 or None),
+        )
         ax.grid(alpha=0.3)
         if layers <= LAYER_LEGEND_MAX:
             ax.legend(fontsize=7)

@@ -7,7 +7,7 @@ import base64
 import datetime
 import html
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from skymoe_jax.metrics.runs import TAIL, ReportError, Run, summarize
 
@@ -20,8 +20,10 @@ def write_report(runs: Sequence[Run], out: str) -> list[str]:
     try:
         from skymoe_jax.metrics import plots
     except ImportError as e:
-        raise ReportError(f"skymoe report needs matplotlib ({e}); install it with pip install 'skymoe-jax[report]' "
-                          "or pip install -e '.[report]' in a clone") from None
+        raise ReportError(
+            f"skymoe report needs matplotlib ({e}); install it with pip install 'skymoe-jax[report]' "
+            "or pip install -e '.[report]' in a clone"
+        ) from None
     os.makedirs(out, exist_ok=True)
     written, sections = [], []
     for stem, title, make in plots.FIGURES:
@@ -34,8 +36,9 @@ def write_report(runs: Sequence[Run], out: str) -> list[str]:
         written.append(path)
         with open(path, "rb") as f:
             data = base64.b64encode(f.read()).decode("ascii")
-        sections.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
-                        f"src='data:image/png;base64,{data}'>")
+        sections.append(
+            f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+        )
     page = os.path.join(out, "report.html")
     with open(page, "w", encoding="utf-8") as f:
         f.write(_page(runs, sections))
@@ -49,8 +52,12 @@ def _page(runs: Sequence[Run], sections: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ["run", "workdir", "steps", *headings])
     rows = []
     for run, s in zip(runs, summaries):
-        cells = [html.escape(run.name), html.escape(os.path.abspath(run.workdir)), str(run.last_step),
-                 *(f"{s[h]:.4g}" if h in s else "-" for h in headings)]
+        cells = [
+            html.escape(run.name),
+            html.escape(os.path.abspath(run.workdir)),
+            str(run.last_step),
+            *(f"{s[h]:.4g}" if h in s else "-" for h in headings),
+        ]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     title = "skymoe report: " + ", ".join(run.name for run in runs)
     generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")

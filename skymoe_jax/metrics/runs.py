@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +31,7 @@ class Run:
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps [N], values [N, ...]) of the records that hold key; JSON null (non-finite) becomes NaN."""
         rows = [r for r in self.records if r.get(key) is not None]
-        return (np.array([r["step"] for r in rows], dtype=np.int64),
-                np.array([r[key] for r in rows], dtype=np.float64))
+        return (np.array([r["step"] for r in rows], dtype=np.int64), np.array([r[key] for r in rows], dtype=np.float64))
 
     @property
     def last_step(self) -> int:
@@ -54,8 +54,9 @@ def load_run(workdir: str, name: str | None = None) -> Run:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ReportError(f"{path} line {number} is not JSON ({e.msg}); "
-                                  "the file is damaged (or not written by skymoe train)") from None
+                raise ReportError(
+                    f"{path} line {number} is not JSON ({e.msg}); the file is damaged (or not written by skymoe train)"
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ReportError(f"{path} line {number} has no integer 'step'; not written by skymoe train")
             by_step[record["step"]] = record
@@ -73,11 +74,17 @@ def load_runs(workdirs: Sequence[str]) -> list[Run]:
 # Summary columns: (heading, key, how); routing statistics average the last TAIL of the steps,
 # since they move from step to step, and the layers.
 TAIL = 0.2
-COLUMNS = (("train CE", "ce_loss", "tail"), ("eval loss", "eval_loss", "last"),
-           ("drop rate %", "drop_rate", "tail"), ("Max1/Max2", "max1_max2", "tail"),
-           ("Max2/Max3", "max2_max3", "tail"), ("alpha", "alpha", "last"),
-           ("expert similarity", "expert_similarity", "last"), ("tokens/s", "tokens_per_sec", "tail"),
-           ("MFU %", "mfu", "tail"))
+COLUMNS = (
+    ("train CE", "ce_loss", "tail"),
+    ("eval loss", "eval_loss", "last"),
+    ("drop rate %", "drop_rate", "tail"),
+    ("Max1/Max2", "max1_max2", "tail"),
+    ("Max2/Max3", "max2_max3", "tail"),
+    ("alpha", "alpha", "last"),
+    ("expert similarity", "expert_similarity", "last"),
+    ("tokens/s", "tokens_per_sec", "tail"),
+    ("MFU %", "mfu", "tail"),
+)
 
 
 def summarize(run: Run) -> dict[str, float]:

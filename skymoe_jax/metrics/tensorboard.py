@@ -9,7 +9,8 @@ Tags: a scalar keeps its metrics.jsonl key (`loss`, `mfu`); a per-MoE-layer list
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np

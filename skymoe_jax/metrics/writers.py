@@ -39,7 +39,7 @@ class JsonlWriter:
         if self._fd is not None:
             data = (json.dumps({k: to_json_value(v) for k, v in record.items()}) + "\n").encode()
             while data:
-                data = data[os.write(self._fd, data):]
+                data = data[os.write(self._fd, data) :]
 
     def close(self) -> None:
         if self._fd is not None:
@@ -71,12 +71,24 @@ class Console:
         self.enabled = jax.process_index() == 0
         self._progress = None
         if self.enabled and progress_bar and (sys.stdout.isatty() or _in_jupyter()):
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                      TextColumn("{task.fields[live]}"))
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[live]}"),
+            )
             self._task = self._progress.add_task("train", total=total_steps, completed=start_step, live="compiling")
             self._progress.start()
 

@@ -18,7 +18,6 @@ from skymoe_jax.model.chunked_attention import chunked_attention
 from skymoe_jax.model.layers import param, rotary
 from skymoe_jax.model.spec import ModelSpec
 
-
 # Measured in docs/BENCHMARKS.md ("Attention", CPU): at 1,024 tokens chunked was already faster and smaller; at
 # 256 (one block) the two were within the machine's noise, so shorter sequences keep XLA's fused path.
 CHUNKED_FROM = 1024

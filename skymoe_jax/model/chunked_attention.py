@@ -45,7 +45,8 @@ def _visible(segment_ids: jax.Array, key_segments: jax.Array, key_start: jax.Arr
 
 
 def _scores(q, k_block, visible):
-    """q [B, KV, G, S, D] (scaled), k_block [B, block, KV, D] -> float32 scores [B, KV, G, S, block], -inf where hidden."""
+    """q [B, KV, G, S, D] (scaled), k_block [B, block, KV, D] -> float32 scores [B, KV, G, S, block], -inf where
+    hidden."""
     s = jnp.einsum("bkgqd,bjkd->bkgqj", q, k_block, preferred_element_type=jnp.float32)
     return jnp.where(visible, s, -jnp.inf)
 
@@ -56,7 +57,7 @@ def _forward(q, k, v, segment_ids, block):
     keys = (_split(k, n), _split(v, n), _split(segment_ids, n), jnp.arange(n) * block)
 
     def step(carry, key):
-        m, l, acc = carry
+        m, denom, acc = carry
         k_j, v_j, seg_j, start = key
         visible = _visible(segment_ids, seg_j, start)
         scores = _scores(q, k_j, visible)
@@ -65,16 +66,20 @@ def _forward(q, k, v, segment_ids, block):
         safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.where(visible, jnp.exp(scores - safe[..., None]), 0.0)
         rescale = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
-        l = l * rescale + p.sum(-1)
-        acc = acc * rescale[..., None] + jnp.einsum("bkgqj,bjkd->bkgqd", p.astype(v_j.dtype), v_j,
-                                                    preferred_element_type=jnp.float32)
-        return (m_new, l, acc), None
+        denom = denom * rescale + p.sum(-1)
+        acc = acc * rescale[..., None] + jnp.einsum(
+            "bkgqj,bjkd->bkgqd", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32
+        )
+        return (m_new, denom, acc), None
 
-    init = (jnp.full((b, kv, g, s), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g, s), jnp.float32),
-            jnp.zeros((b, kv, g, s, d), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(step, init, keys)
-    # Every query sees itself, so l > 0 and m is finite.
-    return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
+    init = (
+        jnp.full((b, kv, g, s), -jnp.inf, jnp.float32),
+        jnp.zeros((b, kv, g, s), jnp.float32),
+        jnp.zeros((b, kv, g, s, d), jnp.float32),
+    )
+    (m, denom, acc), _ = jax.lax.scan(step, init, keys)
+    # Every query sees itself, so denom > 0 and m is finite.
+    return (acc / denom[..., None]).astype(q.dtype), m + jnp.log(denom)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -112,8 +117,7 @@ def _attention_bwd(block, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                      block: int = 512) -> jax.Array:
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int = 512) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v, causal within each document: q [B, S, H, D], k and v [B, S, KV, D] with H a
     multiple of KV (grouped queries), segment_ids [B, S] -> [B, S, H, D]. `block` keys at a time (a divisor of S
     is used)."""

@@ -10,8 +10,9 @@ from flax import nnx
 from skymoe_jax.model.spec import ModelSpec
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float,
-          dtype: jnp.dtype) -> nnx.Param:
+def param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float, dtype: jnp.dtype
+) -> nnx.Param:
     """A normal(std) parameter tagged with logical axis names (mapped to mesh axes in parallel/mesh.py)."""
     assert len(shape) == len(axes), (shape, axes)
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
@@ -56,8 +57,7 @@ class SwiGLU(nnx.Module):
 
 class Embed(nnx.Module):
     def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
-        self.table = param(rngs, (spec.vocab_size, spec.d_model), ("vocab", "embed"), spec.init_std,
-                           spec.weight_dtype)
+        self.table = param(rngs, (spec.vocab_size, spec.d_model), ("vocab", "embed"), spec.init_std, spec.weight_dtype)
         self.dtype = spec.compute_dtype
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

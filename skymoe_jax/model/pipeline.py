@@ -28,7 +28,7 @@ pipelined step computes the same loss as the whole batch at once.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +59,9 @@ def _as_float32(tree):
     return jax.tree.map(wide, tree)
 
 
-def forward(model: Transformer, batch: dict[str, jax.Array], *, train: bool, microbatches: int,
-            stage_remat: Sequence[str]) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+def forward(
+    model: Transformer, batch: dict[str, jax.Array], *, train: bool, microbatches: int, stage_remat: Sequence[str]
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """(sum of token cross-entropies, counted tokens, per-layer MoE means in layer order)."""
     spec = model.spec
     stages, longest = len(spec.stage_layers), max(spec.stage_layers)
@@ -98,8 +99,7 @@ def forward(model: Transformer, batch: dict[str, jax.Array], *, train: bool, mic
         mb0 = {k: v[0] for k, v in mbs.items()}
         x0 = jax.ShapeDtypeStruct(embedded.shape[1:], embedded.dtype)
         block0 = jax.tree.map(lambda a: a[0], blocks)
-        _, stats_shape = jax.eval_shape(lambda x: run_block(block0, x, mb0["positions"],
-                                                            mb0["segment_ids"]), x0)
+        _, stats_shape = jax.eval_shape(lambda x: run_block(block0, x, mb0["positions"], mb0["segment_ids"]), x0)
         zero_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
 
         def tick(carry, t):
@@ -109,9 +109,12 @@ def forward(model: Transformer, batch: dict[str, jax.Array], *, train: bool, mic
             i = jnp.clip(m, 0, microbatches - 1)
             mb = {k: v[i] for k, v in mbs.items()}
             x = jnp.where(stage == 0, embedded[i], received)
-            x, stats = jax.lax.cond(active, lambda x: layers(x, mb["positions"], mb["segment_ids"]),
-                                    lambda x: (x, jax.tree.map(lambda z: jnp.zeros((longest, *z.shape), z.dtype),
-                                                               zero_stats)), x)
+            x, stats = jax.lax.cond(
+                active,
+                lambda x: layers(x, mb["positions"], mb["segment_ids"]),
+                lambda x: (x, jax.tree.map(lambda z: jnp.zeros((longest, *z.shape), z.dtype), zero_stats)),
+                x,
+            )
 
             # Recomputed in the backward pass: a cond keeps the residuals of either branch on every tick of
             # every stage, so a saved loss would hold a microbatch's float32 logits per tick everywhere.
@@ -119,8 +122,9 @@ def forward(model: Transformer, batch: dict[str, jax.Array], *, train: bool, mic
             def loss(x, mb):
                 return cross_entropy(nnx.merge(head_def, head)(nnx.merge(norm_def, norm)(x)), mb)
 
-            ce, n = jax.lax.cond(active & (stage == stages - 1), loss, lambda x, mb: (jnp.float32(0), jnp.float32(0)),
-                                 x, mb)
+            ce, n = jax.lax.cond(
+                active & (stage == stages - 1), loss, lambda x, mb: (jnp.float32(0), jnp.float32(0)), x, mb
+            )
             sent = jax.lax.ppermute(x, "pipeline", [(i, i + 1) for i in range(stages - 1)])
             acc = jax.tree.map(jnp.add, acc, stats)
             return (sent, ce_sum + ce, count + n, acc), None
@@ -132,8 +136,13 @@ def forward(model: Transformer, batch: dict[str, jax.Array], *, train: bool, mic
 
     stacked = P("pipeline")
     ce_sum, count, acc = jax.shard_map(
-        stage_fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=(stacked, P(), P()),
-        out_specs=(P(), P(), stacked), axis_names={"pipeline"}, check_vma=False)(blocks, _as_float32(replicated), mbs)
+        stage_fn,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(stacked, P(), P()),
+        out_specs=(P(), P(), stacked),
+        axis_names={"pipeline"},
+        check_vma=False,
+    )(blocks, _as_float32(replicated), mbs)
     # acc: [stored slots, MoE layers per block (1), ...] sums over microbatches -> per-layer means in order.
     slots = spec.layer_slots()
     moe = jax.tree.map(lambda a: a[slots].reshape(-1, *a.shape[2:]) / microbatches, acc) if acc else {}

@@ -13,7 +13,6 @@ import ml_collections
 import numpy as np
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     vocab_size: int
@@ -106,30 +105,57 @@ class ModelSpec:
         at that index."""
         # A pipelined model is one stack of one-layer blocks (validated), so block r is layer r.
         slots = self.layer_slots()
-        return tuple((s, p, int(slots[r]) if self.pipelined else r)
-                     for s, (pattern, repeats) in enumerate(self.stacks()) for r in range(repeats)
-                     for p in range(len(pattern)))
+        return tuple(
+            (s, p, int(slots[r]) if self.pipelined else r)
+            for s, (pattern, repeats) in enumerate(self.stacks())
+            for r in range(repeats)
+            for p in range(len(pattern))
+        )
 
     @property
     def moe_layers(self) -> tuple[bool, ...]:
         return tuple(is_moe for pattern, repeats in self.stacks() for _ in range(repeats) for is_moe in pattern)
 
     @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict) -> "ModelSpec":
+    def from_config(cls, c: ml_collections.ConfigDict) -> ModelSpec:
         m, e = c.model, c.moe
         return cls(
-            vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
-            num_kv_heads=m.num_kv_heads, ffn_dim=m.ffn_dim, rope_theta=float(m.rope_theta),
-            norm_eps=float(m.norm_eps), init_std=float(m.init_std), dtype=m.dtype, param_dtype=m.param_dtype,
-            remat=m.remat, attention_impl=m.attention_impl, qkv_bias=bool(m.qkv_bias),
-            first_k_dense=e.first_k_dense, moe_every=e.moe_every, num_experts=e.num_experts,
-            top_k=e.top_k, expert_ffn_dim=e.expert_ffn_dim, router_init_std=float(e.router_init_std),
-            gate_norm=bool(e.gate_norm), gate_norm_lambda=float(e.gate_norm_lambda),
-            gate_norm_ddof=int(e.gate_norm_ddof), gate_norm_eps=float(e.gate_norm_eps),
-            renormalize=bool(e.renormalize), aux_loss=e.aux_loss, capacity_factor=float(e.capacity_factor),
-            eval_capacity_factor=float(e.eval_capacity_factor), group_size=e.group_size,
-            drop_policy=e.drop_policy, dropless=bool(e.dropless), dropless_impl=e.dropless_impl,
-            layout=c.parallel.layout, routing_impl=e.routing_impl, stage_layers=pipeline_stage_layers(c))
+            vocab_size=m.vocab_size,
+            d_model=m.d_model,
+            num_layers=m.num_layers,
+            num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads,
+            ffn_dim=m.ffn_dim,
+            rope_theta=float(m.rope_theta),
+            norm_eps=float(m.norm_eps),
+            init_std=float(m.init_std),
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+            remat=m.remat,
+            attention_impl=m.attention_impl,
+            qkv_bias=bool(m.qkv_bias),
+            first_k_dense=e.first_k_dense,
+            moe_every=e.moe_every,
+            num_experts=e.num_experts,
+            top_k=e.top_k,
+            expert_ffn_dim=e.expert_ffn_dim,
+            router_init_std=float(e.router_init_std),
+            gate_norm=bool(e.gate_norm),
+            gate_norm_lambda=float(e.gate_norm_lambda),
+            gate_norm_ddof=int(e.gate_norm_ddof),
+            gate_norm_eps=float(e.gate_norm_eps),
+            renormalize=bool(e.renormalize),
+            aux_loss=e.aux_loss,
+            capacity_factor=float(e.capacity_factor),
+            eval_capacity_factor=float(e.eval_capacity_factor),
+            group_size=e.group_size,
+            drop_policy=e.drop_policy,
+            dropless=bool(e.dropless),
+            dropless_impl=e.dropless_impl,
+            layout=c.parallel.layout,
+            routing_impl=e.routing_impl,
+            stage_layers=pipeline_stage_layers(c),
+        )
 
 
 def pipeline_stage_layers(c: ml_collections.ConfigDict) -> tuple[int, ...]:

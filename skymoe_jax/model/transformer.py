@@ -61,15 +61,24 @@ class SuperBlock(nnx.Module):
 
 def _stacked_axes(state: nnx.State) -> nnx.State:
     """Prefix the logical axes of vmapped (stacked) parameters with 'layers'."""
-    return jax.tree.map(lambda v: v.replace(axes=("layers", *v.axes)) if isinstance(v, nnx.Param) else v,
-                        state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return jax.tree.map(
+        lambda v: v.replace(axes=("layers", *v.axes)) if isinstance(v, nnx.Param) else v,
+        state,
+        is_leaf=lambda v: isinstance(v, nnx.Variable),
+    )
 
 
 class Stack(nnx.Module):
     """`repeats` copies of a SuperBlock with parameters stacked on a leading 'layers' axis, applied by lax.scan."""
 
-    def __init__(self, spec: ModelSpec, pattern: tuple[bool, ...], repeats: int, rngs: nnx.Rngs,
-                 stored: tuple[int, np.ndarray] | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        pattern: tuple[bool, ...],
+        repeats: int,
+        rngs: nnx.Rngs,
+        stored: tuple[int, np.ndarray] | None = None,
+    ):
         """stored=(length, slots): keep the blocks in a longer stack at these slots, zeros elsewhere (the
         pipelined layout); the blocks themselves are drawn exactly as without it."""
         keys = jax.random.split(rngs.params(), repeats)
@@ -110,8 +119,14 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(spec)
         self.head = Head(spec, rngs)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 *, train: bool = False) -> ModelOutput:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        train: bool = False,
+    ) -> ModelOutput:
         """tokens int32 [B, S]; positions and segment_ids [B, S] for packed documents (default: one document)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -120,8 +135,9 @@ class Transformer(nnx.Module):
         x = self.embed(tokens)
         per_stack = []
         for stack in self.stacks:
-            x, stats = stack(x, positions, segment_ids, train=train,
-                             slots=self.spec.layer_slots() if self.spec.pipelined else None)
+            x, stats = stack(
+                x, positions, segment_ids, train=train, slots=self.spec.layer_slots() if self.spec.pipelined else None
+            )
             if stats:  # [repeats, moe layers per block, ...] -> [moe layers of the stack, ...]
                 per_stack.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats))
         moe = jax.tree.map(lambda *a: jnp.concatenate(a), *per_stack) if per_stack else {}

@@ -32,7 +32,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,8 +103,13 @@ def _tensor_parallel(state: nnx.State, spec: ModelSpec, layout: str, expert: int
     return jax.tree.map(local, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
-def activation_memory(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: tuple[int, int, int],
-                      stage_gradient_bytes: float, layer_gradient_bytes: float) -> Activations:
+def activation_memory(
+    config: ml_collections.ConfigDict,
+    spec: ModelSpec,
+    mesh: tuple[int, int, int],
+    stage_gradient_bytes: float,
+    layer_gradient_bytes: float,
+) -> Activations:
     """Per-device activation bytes of a train step of config on mesh (pipeline, data, expert), given the
     bytes of one device's whole (unsplit by ZeRO-1 / FSDP) gradients: of its stage and of its layer stack."""
     pipeline, data, expert = mesh
@@ -116,22 +122,30 @@ def activation_memory(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: 
     # and, in gshard, the expert axis (each device runs the whole layer on its tokens) do not enter it.
     tp = expert if edp else 1
     group = spec.group_size or seq
-    unit = next(r for r in range(1, rows + 1) if rows % r == 0 and r * seq % tp == 0
-                and (not spec.num_experts or r * seq // tp % group == 0))
+    unit = next(
+        r
+        for r in range(1, rows + 1)
+        if rows % r == 0 and r * seq % tp == 0 and (not spec.num_experts or r * seq // tp % group == 0)
+    )
     traced_expert = expert if edp or spec.dropless else 1
     layer = _layer_bytes(dataclasses.replace(spec, stage_layers=()), unit, seq, traced_expert)
     scale = rows // unit
     kept = {is_moe: scale * b for is_moe, b in layer.kept.items()}
     ticks = microbatches + pipeline - 1 if spec.pipelined else 1
-    held = spec.moe_layers[:max(spec.stage_layers)] if spec.pipelined else spec.moe_layers
+    held = spec.moe_layers[: max(spec.stage_layers)] if spec.pipelined else spec.moe_layers
     per_tick = sum(kept[is_moe] for is_moe in held)
     pipeline_bytes = per_tick + PIPELINE_GRADIENT_COPIES * stage_gradient_bytes if spec.pipelined else 0.0
     # Pipelined, the loss is recomputed in the backward (model/pipeline.py), so one microbatch's head
     # residuals exist at a time, as without a pipeline.
     reduced = data > 1 or (expert > 1 and not edp)
     reduction = layer_gradient_bytes if reduced and not spec.pipelined else 0.0
-    return Activations(layers=ticks * per_tick, head=scale * layer.head, backward=scale * layer.backward,
-                       pipeline=pipeline_bytes, reduction=reduction)
+    return Activations(
+        layers=ticks * per_tick,
+        head=scale * layer.head,
+        backward=scale * layer.backward,
+        pipeline=pipeline_bytes,
+        reduction=reduction,
+    )
 
 
 class _LayerBytes(NamedTuple):
@@ -169,8 +183,7 @@ def _layer_bytes(spec: ModelSpec, rows: int, seq: int, expert: int) -> _LayerByt
 
         def moe(state, gate, tokens):
             norm, experts = nnx.merge(moe_def, state)
-            return moe_tokens(norm(tokens), gate, experts.weights(), moe_spec, train=True,
-                              group=spec.group_size or seq)
+            return moe_tokens(norm(tokens), gate, experts.weights(), moe_spec, train=True, group=spec.group_size or seq)
 
         halves["moe"] = (moe, (moe_state, gate, tokens))
     if spec.num_layers > spec.num_moe_layers:
@@ -188,9 +201,11 @@ def _layer_bytes(spec: ModelSpec, rows: int, seq: int, expert: int) -> _LayerByt
     def per_layer(halves_saved: dict[str, float], remat: str) -> dict[bool, float]:
         # The layer input is the scan's carry, kept per layer; without remat the FFN half's input too.
         inputs = x_bytes * (2 if remat == "none" else 1)
-        return {is_moe: inputs + (0.0 if remat == "full" else
-                                  halves_saved["attention"] + halves_saved["moe" if is_moe else "dense"])
-                for is_moe in set(spec.moe_layers)}
+        return {
+            is_moe: inputs
+            + (0.0 if remat == "full" else halves_saved["attention"] + halves_saved["moe" if is_moe else "dense"])
+            for is_moe in set(spec.moe_layers)
+        }
 
     kept = per_layer(saved(spec.remat), spec.remat)
 
@@ -209,6 +224,7 @@ def _layer_bytes(spec: ModelSpec, rows: int, seq: int, expert: int) -> _LayerByt
     if resolve_attention_impl(spec.attention_impl, seq) == "chunked":
         heads = spec.num_heads // expert if edp and spec.num_heads % expert == 0 else spec.num_heads
         blocks = CHUNKED_BACKWARD_BLOCKS * rows * heads * seq * block_size(seq) * 4
-    backward = max(max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0,
-                   recomputed["attention"] + blocks)
+    backward = max(
+        max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0, recomputed["attention"] + blocks
+    )
     return _LayerBytes(kept=kept, head=head_bytes, backward=backward)

@@ -24,12 +24,15 @@ class Device:
 # nvidia-smi reports 81,920 MiB on the 80 GB parts and 143,771 MiB on the H200. A800: NVLink cut to
 # 400 GB/s (200 each way); the clusters Skywork-MoE describes give each GPU a 200 Gb/s HDR link.
 # H100 / H200 SXM: NVLink 900 GB/s (450 each way), 400 Gb/s NDR per GPU.
-DEVICES = {d.name: d for d in (
-    Device("A800-80GB", 80 * GIB, PEAK_FLOPS["a800"], intra_node=200e9, inter_node=25e9),
-    Device("A100-80GB", 80 * GIB, PEAK_FLOPS["a100"], intra_node=300e9, inter_node=25e9),
-    Device("H100-80GB", 80 * GIB, PEAK_FLOPS["h100"], intra_node=450e9, inter_node=50e9),
-    Device("H200", 143_771 * 2**20, PEAK_FLOPS["h200"], intra_node=450e9, inter_node=50e9),
-)}
+DEVICES = {
+    d.name: d
+    for d in (
+        Device("A800-80GB", 80 * GIB, PEAK_FLOPS["a800"], intra_node=200e9, inter_node=25e9),
+        Device("A100-80GB", 80 * GIB, PEAK_FLOPS["a100"], intra_node=300e9, inter_node=25e9),
+        Device("H100-80GB", 80 * GIB, PEAK_FLOPS["h100"], intra_node=450e9, inter_node=50e9),
+        Device("H200", 143_771 * 2**20, PEAK_FLOPS["h200"], intra_node=450e9, inter_node=50e9),
+    )
+}
 
 _UNITS = {"gb": 1e9, "gib": GIB, "tb": 1e12, "tib": 2**40}
 
@@ -49,6 +52,8 @@ def parse_device_memory(text: str) -> tuple[float, str]:
         return device.memory, device.name
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text)
     if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"--device_memory={text!r} must be a size with its unit (80GB, 80GiB, 0.14TB) or one of "
-                          f"{', '.join(DEVICES)}")
+        raise ConfigError(
+            f"--device_memory={text!r} must be a size with its unit (80GB, 80GiB, 0.14TB) or one of "
+            f"{', '.join(DEVICES)}"
+        )
     return float(match.group(1)) * _UNITS[match.group(2).lower()], text

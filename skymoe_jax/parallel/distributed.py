@@ -30,8 +30,10 @@ def initialize() -> str:
     if given:
         missing = [k for k in _EXPLICIT if not env.get(k)]
         if missing:
-            raise ConfigError(f"multi-process launch: {', '.join(given)} set but {', '.join(missing)} missing; "
-                              "set all three (see launch/local.sh)")
+            raise ConfigError(
+                f"multi-process launch: {', '.join(given)} set but {', '.join(missing)} missing; "
+                "set all three (see launch/local.sh)"
+            )
         try:
             num, pid = int(env["SKYMOE_NUM_PROCESSES"]), int(env["SKYMOE_PROCESS_ID"])
         except ValueError:

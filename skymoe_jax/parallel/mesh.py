@@ -16,13 +16,15 @@ ZeRO-1 splits the optimizer state over data; FSDP splits the parameters too
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.model.axes import AXES, batch_axes
@@ -33,8 +35,14 @@ LAYOUTS = ("gshard", "edp")
 # dimension of a tensor, and only one it divides; otherwise that dimension is replicated.
 _LAYOUT_RULES = {
     "gshard": {"expert": ("expert",), "layers": ("pipeline",)},
-    "edp": {"expert": ("expert",), "heads": ("expert",), "kv_heads": ("expert",), "mlp": ("expert",),
-            "vocab": ("expert",), "layers": ("pipeline",)},
+    "edp": {
+        "expert": ("expert",),
+        "heads": ("expert",),
+        "kv_heads": ("expert",),
+        "mlp": ("expert",),
+        "vocab": ("expert",),
+        "layers": ("pipeline",),
+    },
 }
 _DATA_SPLIT = {"embed": ("data",)}
 
@@ -48,8 +56,9 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int, spread: str 
     spread = f" ({spread})" if spread else ""
     shape = tuple(config.parallel.mesh)
     if len(shape) != 3 or not all(isinstance(s, int) and (s > 0 or s == -1) for s in shape):
-        raise ConfigError(f"parallel.mesh={shape} must be three positive sizes (pipeline, data, expert), "
-                          "one of them may be -1")
+        raise ConfigError(
+            f"parallel.mesh={shape} must be three positive sizes (pipeline, data, expert), one of them may be -1"
+        )
     if shape.count(-1) > 1:
         raise ConfigError(f"parallel.mesh={shape}: at most one size may be -1")
     known = math.prod(s for s in shape if s != -1)
@@ -58,8 +67,10 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int, spread: str 
             raise ConfigError(f"parallel.mesh={shape}: {num_devices} devices{spread} do not split into {known} x -1")
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
-        raise ConfigError(f"parallel.mesh={shape} needs {math.prod(shape)} devices but {num_devices} are "
-                          f"available{spread}; change the sizes or use -1 for one axis")
+        raise ConfigError(
+            f"parallel.mesh={shape} needs {math.prod(shape)} devices but {num_devices} are "
+            f"available{spread}; change the sizes or use -1 for one axis"
+        )
     return shape
 
 
@@ -72,14 +83,18 @@ def check_fits(config: ml_collections.ConfigDict, shape: Sequence[int]) -> None:
         raise ConfigError(f"moe.num_experts={e} must be divisible by the expert mesh axis ({expert})")
     batch_split = data * expert if layout == "gshard" else data
     if b % batch_split:
-        raise ConfigError(f"data.batch_size / parallel.num_microbatches = {b} rows must be divisible by the "
-                          f"{batch_split} devices the batch is split over in layout {layout!r}")
+        raise ConfigError(
+            f"data.batch_size / parallel.num_microbatches = {b} rows must be divisible by the "
+            f"{batch_split} devices the batch is split over in layout {layout!r}"
+        )
     if e:
         shard_tokens = b // batch_split * config.data.seq_len // (expert if layout == "edp" else 1)
         group = config.moe.group_size or config.data.seq_len
         if shard_tokens % group:
-            raise ConfigError(f"moe.group_size={group} must divide the {shard_tokens} tokens each device routes "
-                              f"on mesh {tuple(shape)} (layout {layout!r}); routing groups may not span devices")
+            raise ConfigError(
+                f"moe.group_size={group} must divide the {shard_tokens} tokens each device routes "
+                f"on mesh {tuple(shape)} (layout {layout!r}); routing groups may not span devices"
+            )
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -98,8 +113,9 @@ def device_spread(devices: Sequence[jax.Device]) -> str:
     local = "/".join(map(str, counts))
     n = len(per_process)
     platform, kind = devices[0].platform, devices[0].device_kind
-    return (f"{n} process{'es' * (n != 1)} x {local} local device{'s' * (counts != [1])}, {platform}"
-            + (f" {kind}" if kind != platform else ""))
+    return f"{n} process{'es' * (n != 1)} x {local} local device{'s' * (counts != [1])}, {platform}" + (
+        f" {kind}" if kind != platform else ""
+    )
 
 
 def layout_rules(layout: str) -> Rules:
@@ -115,8 +131,7 @@ def optimizer_rules(parallel: ml_collections.ConfigDict) -> Rules:
     return {**_LAYOUT_RULES[parallel.layout], **(_DATA_SPLIT if parallel.fsdp or parallel.zero1 else {})}
 
 
-def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_sizes: dict[str, int],
-                   rules: Rules) -> P:
+def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_sizes: dict[str, int], rules: Rules) -> P:
     used, out = set(), []
     for name, dim in zip(axes, shape):
         chosen = None
@@ -162,9 +177,11 @@ def state_shardings(abstract_state, mesh: Mesh, config: ml_collections.ConfigDic
     """Shardings of a TrainState: parameters and optimizer state by the rules, scalars replicated."""
     replicated = NamedSharding(mesh, P())
     return abstract_state.replace(
-        step=replicated, alpha=None if abstract_state.alpha is None else replicated,
+        step=replicated,
+        alpha=None if abstract_state.alpha is None else replicated,
         params=tree_shardings(abstract_state.params, mesh, param_rules(config.parallel)),
-        opt_state=tree_shardings(abstract_state.opt_state, mesh, optimizer_rules(config.parallel)))
+        opt_state=tree_shardings(abstract_state.opt_state, mesh, optimizer_rules(config.parallel)),
+    )
 
 
 def batch_sharding(mesh: Mesh, layout: str) -> NamedSharding:
@@ -182,8 +199,10 @@ def check_process_rows(mesh: Mesh, layout: str, batch_size: int, num_streams: in
     rows = sorted({(i[0].start or 0, batch_size if i[0].stop is None else i[0].stop) for i in indices.values()})
     want = (index * batch_size // count, (index + 1) * batch_size // count)
     if (rows[0][0], rows[-1][1]) != want or any(a[1] != b[0] for a, b in zip(rows, rows[1:])):
-        raise ConfigError(f"parallel.mesh={tuple(mesh.shape.values())} with layout {layout!r} gives process {index} "
-                          f"batch rows {rows}, not its own share {want}; split the batch axes across processes")
+        raise ConfigError(
+            f"parallel.mesh={tuple(mesh.shape.values())} with layout {layout!r} gives process {index} "
+            f"batch rows {rows}, not its own share {want}; split the batch axes across processes"
+        )
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh, layout: str) -> dict[str, jax.Array]:

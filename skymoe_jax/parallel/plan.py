@@ -1,17 +1,16 @@
 """Per-device memory and communication of a config on a mesh that need not exist here.
 
-Bytes per device of parameters, gradients and Adam state follow the sharding rules
-of parallel/mesh.py applied to the abstract parameters of the model as this mesh
-stores them: with a pipeline the layer stack is stored stage by stage, each padded to
-the longest stage (parallel.pipeline_stage_layers, or an even split), and split over
-`pipeline`, so every device holds the longest stage's layers. The embedding, final
-norm and head are not split over `pipeline`: every stage holds them (the embedding
-runs before the pipeline region, model/pipeline.py). Per-stage training FLOPs per token and the GPipe utilization (1 - bubble,
-with stage imbalance) come from metrics/flops.py for parallel.num_microbatches. All-to-all bytes are what one device sends per step: each
-MoE layer exchanges its slot buffer four times (dispatch and return, forward and
-backward), six with full rematerialization (the forward runs twice). Activations (what the
-backward keeps, per term) come from parallel/activations.py; the peak per device is the state
-(parameters, gradients, Adam) plus the activations.
+Bytes per device of parameters, gradients and Adam state follow the sharding rules of parallel/mesh.py
+applied to the abstract parameters of the model as this mesh stores them: with a pipeline the layer
+stack is stored stage by stage, each padded to the longest stage (parallel.pipeline_stage_layers, or an
+even split), and split over `pipeline`, so every device holds the longest stage's layers. The embedding,
+final norm and head are not split over `pipeline`: every stage holds them (the embedding runs before the
+pipeline region, model/pipeline.py). Per-stage training FLOPs per token and the GPipe utilization
+(1 - bubble, with stage imbalance) come from metrics/flops.py for parallel.num_microbatches. All-to-all
+bytes are what one device sends per step: each MoE layer exchanges its slot buffer four times (dispatch
+and return, forward and backward), six with full rematerialization (the forward runs twice).
+Activations (what the backward keeps, per term) come from parallel/activations.py; the peak per device
+is the state (parameters, gradients, Adam) plus the activations.
 """
 
 from __future__ import annotations
@@ -122,9 +121,19 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
         a2a = moe_layers_per_stage * exchanges * buffer * (expert - 1) / expert
     microbatches = config.parallel.num_microbatches
     per_stage = stage_flops_per_token(spec, config.data.seq_len, stages) if pipeline > 1 else []
-    return Plan(mesh=mesh, layout=config.parallel.layout, params_bytes=param_bytes, grads_bytes=grad_bytes,
-                optimizer_bytes=opt_bytes, all_to_all_bytes=a2a, tokens_per_device=tokens, stage_layers=stages,
-                stage_flops_per_token=tuple(per_stage), microbatches=microbatches,
-                pipeline_utilization=pipeline_utilization(per_stage, microbatches) if per_stage else 1.0,
-                activations=activation_memory(planned, spec, mesh, stage_gradient_bytes=gathered_bytes,
-                                            layer_gradient_bytes=layer_grad_bytes))
+    return Plan(
+        mesh=mesh,
+        layout=config.parallel.layout,
+        params_bytes=param_bytes,
+        grads_bytes=grad_bytes,
+        optimizer_bytes=opt_bytes,
+        all_to_all_bytes=a2a,
+        tokens_per_device=tokens,
+        stage_layers=stages,
+        stage_flops_per_token=tuple(per_stage),
+        microbatches=microbatches,
+        pipeline_utilization=pipeline_utilization(per_stage, microbatches) if per_stage else 1.0,
+        activations=activation_memory(
+            planned, spec, mesh, stage_gradient_bytes=gathered_bytes, layer_gradient_bytes=layer_grad_bytes
+        ),
+    )

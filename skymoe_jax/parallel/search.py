@@ -68,8 +68,14 @@ class Candidate:
     @property
     def key(self) -> tuple:
         """What a user sets: mesh, layout, ZeRO-1 / FSDP, remat, microbatches, stage split."""
-        return (self.plan.mesh, self.layout, self.optimizer_split, self.remat, self.plan.microbatches,
-                self.plan.stage_layers)
+        return (
+            self.plan.mesh,
+            self.layout,
+            self.optimizer_split,
+            self.remat,
+            self.plan.microbatches,
+            self.plan.stage_layers,
+        )
 
     def describe(self) -> str:
         p = self.plan
@@ -81,9 +87,14 @@ def layout_key(config: ml_collections.ConfigDict) -> tuple:
     """A config's own layout as a Candidate.key."""
     p = config.parallel
     pipelined = p.mesh[0] > 1
-    return (tuple(p.mesh), p.layout, "fsdp" if p.fsdp else "zero1" if p.zero1 else "none", config.model.remat,
-            p.num_microbatches if pipelined else 1,
-            pipeline_stage_layers(config) if pipelined else (config.model.num_layers,))
+    return (
+        tuple(p.mesh),
+        p.layout,
+        "fsdp" if p.fsdp else "zero1" if p.zero1 else "none",
+        config.model.remat,
+        p.num_microbatches if pipelined else 1,
+        pipeline_stage_layers(config) if pipelined else (config.model.num_layers,),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,15 +184,22 @@ def _divisors(n: int, most: int) -> list[int]:
     return [d for d in range(1, min(n, most) + 1) if n % d == 0]
 
 
-def search(config: ml_collections.ConfigDict, num_devices: int, device: Device, *, mfu: float = 0.4,
-           memory_fraction: float = 0.9) -> SearchResult:
+def search(
+    config: ml_collections.ConfigDict,
+    num_devices: int,
+    device: Device,
+    *,
+    mfu: float = 0.4,
+    memory_fraction: float = 0.9,
+) -> SearchResult:
     """Every layout of config on num_devices, fastest first by the module's step-time model, each marked
     whether its planned peak fits memory_fraction of the device's memory."""
     spec = ModelSpec.from_config(config)
     usable = memory_fraction * device.memory
     candidates, refused = [], 0
     for (pipeline, data, expert), layout, split_opt, remat in itertools.product(
-            _meshes(num_devices, spec), ("gshard", "edp"), OPTIMIZER_SPLITS, REMATS):
+        _meshes(num_devices, spec), ("gshard", "edp"), OPTIMIZER_SPLITS, REMATS
+    ):
         if layout == "edp" and expert == 1 and data > 1:
             continue  # the same program as gshard
         rows = config.data.batch_size // (data if layout == "edp" else data * expert)
@@ -193,9 +211,15 @@ def search(config: ml_collections.ConfigDict, num_devices: int, device: Device, 
         for split, m in itertools.product(splits, microbatches):
             candidate_config = config.copy_and_resolve_references()
             candidate_config.model.remat = remat
-            candidate_config.parallel.update(mesh=(pipeline, data, expert), layout=layout, zero1=split_opt == "zero1",
-                                             fsdp=split_opt == "fsdp", num_microbatches=m,
-                                             pipeline_stage_layers=split, stage_remat=())
+            candidate_config.parallel.update(
+                mesh=(pipeline, data, expert),
+                layout=layout,
+                zero1=split_opt == "zero1",
+                fsdp=split_opt == "fsdp",
+                num_microbatches=m,
+                pipeline_stage_layers=split,
+                stage_remat=(),
+            )
             try:
                 p = plan(candidate_config, (pipeline, data, expert))  # validates
             except ConfigError:
@@ -203,8 +227,16 @@ def search(config: ml_collections.ConfigDict, num_devices: int, device: Device, 
                 continue
             step = step_time(candidate_config, p, device, mfu)
             tokens = config.data.batch_size * config.data.seq_len
-            candidates.append(Candidate(fits=p.peak_bytes <= usable, layout=layout, optimizer_split=split_opt,
-                                        remat=remat, plan=p, step=step,
-                                        tokens_per_sec_per_device=tokens / step.total / num_devices))
+            candidates.append(
+                Candidate(
+                    fits=p.peak_bytes <= usable,
+                    layout=layout,
+                    optimizer_split=split_opt,
+                    remat=remat,
+                    plan=p,
+                    step=step,
+                    tokens_per_sec_per_device=tokens / step.total / num_devices,
+                )
+            )
     candidates.sort(key=lambda c: c.step.total)
     return SearchResult(candidates=candidates, refused=refused, usable_bytes=usable)

@@ -16,7 +16,7 @@ Which GPUs a process owns, from what SLURM tells it:
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from skymoe_jax.errors import ConfigError
 
@@ -28,24 +28,31 @@ def detected(env: Mapping[str, str]) -> bool:
 
 def arguments(env: Mapping[str, str], on_cpu: bool = False) -> dict:
     """coordinator_address, num_processes, process_id, local_device_ids (None on CPU, where JAX ignores them)."""
-    return {"coordinator_address": f"{first_host(_nodelist(env))}:{_port(env)}",
-            "num_processes": _num_tasks(env), "process_id": _int(env, "SLURM_PROCID"),
-            "local_device_ids": None if on_cpu else local_device_ids(env)}
+    return {
+        "coordinator_address": f"{first_host(_nodelist(env))}:{_port(env)}",
+        "num_processes": _num_tasks(env),
+        "process_id": _int(env, "SLURM_PROCID"),
+        "local_device_ids": None if on_cpu else local_device_ids(env),
+    }
 
 
 def local_device_ids(env: Mapping[str, str]) -> list[int]:
     visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     on_node = _int(env, "SLURM_GPUS_ON_NODE") if env.get("SLURM_GPUS_ON_NODE") else len(visible)
     if not visible and not on_node:
-        raise ConfigError("under SLURM this process cannot tell which GPUs it owns: neither SLURM_GPUS_ON_NODE "
-                          "nor CUDA_VISIBLE_DEVICES is set; request GPUs with --gpus-per-node (launch/slurm.sbatch "
-                          "does), or set JAX_PLATFORMS=cpu for a CPU job")
+        raise ConfigError(
+            "under SLURM this process cannot tell which GPUs it owns: neither SLURM_GPUS_ON_NODE "
+            "nor CUDA_VISIBLE_DEVICES is set; request GPUs with --gpus-per-node (launch/slurm.sbatch "
+            "does), or set JAX_PLATFORMS=cpu for a CPU job"
+        )
     if visible and len(visible) < on_node:  # the task was bound to its own GPUs
         return list(range(len(visible)))
     gpus, tasks, local = len(visible) or on_node, tasks_on_this_node(env), _int(env, "SLURM_LOCALID")
     if gpus % tasks:
-        raise ConfigError(f"the {gpus} GPUs of this node do not split evenly over its {tasks} SLURM tasks; use "
-                          f"--ntasks-per-node=1 (one process owns all) or --ntasks-per-node={gpus} (one per GPU)")
+        raise ConfigError(
+            f"the {gpus} GPUs of this node do not split evenly over its {tasks} SLURM tasks; use "
+            f"--ntasks-per-node=1 (one process owns all) or --ntasks-per-node={gpus} (one per GPU)"
+        )
     share = gpus // tasks
     return list(range(local * share, (local + 1) * share))
 
@@ -66,8 +73,10 @@ def tasks_on_this_node(env: Mapping[str, str]) -> int:
             return counts[node]
     if env.get("SLURM_NTASKS_PER_NODE"):
         return _int(env, "SLURM_NTASKS_PER_NODE")
-    raise ConfigError("under SLURM this process cannot tell how many tasks share its node: SLURM_STEP_TASKS_PER_NODE, "
-                      "SLURM_TASKS_PER_NODE and SLURM_NTASKS_PER_NODE are unset; start it with srun")
+    raise ConfigError(
+        "under SLURM this process cannot tell how many tasks share its node: SLURM_STEP_TASKS_PER_NODE, "
+        "SLURM_TASKS_PER_NODE and SLURM_NTASKS_PER_NODE are unset; start it with srun"
+    )
 
 
 def first_host(nodelist: str) -> str:
@@ -90,7 +99,7 @@ def _port(env: Mapping[str, str]) -> int:
     """JAX's rule, so a job's processes agree without talking: JAX_COORDINATOR_PORT, else from the job id."""
     if env.get("JAX_COORDINATOR_PORT"):
         return _int(env, "JAX_COORDINATOR_PORT")
-    return _int(env, "SLURM_JOB_ID") % 2 ** 12 + 65535 - 2 ** 12 + 1
+    return _int(env, "SLURM_JOB_ID") % 2**12 + 65535 - 2**12 + 1
 
 
 def _int(env: Mapping[str, str], name: str) -> int:

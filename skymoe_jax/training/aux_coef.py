@@ -18,8 +18,9 @@ def initial_alpha(config: ml_collections.ConfigDict, num_moe_layers: int) -> jax
     return jnp.full((num_moe_layers,), config.aux_coef.initial_alpha, jnp.float32)
 
 
-def update_alpha(alpha: jax.Array, drop_rate: jax.Array, *, mode: str, xi: float, beta: float,
-                 alpha_max: float) -> jax.Array:
+def update_alpha(
+    alpha: jax.Array, drop_rate: jax.Array, *, mode: str, xi: float, beta: float, alpha_max: float
+) -> jax.Array:
     """Next step's coefficients from this step's per-layer drop rates; `fixed` keeps them."""
     if mode == "fixed":
         return alpha

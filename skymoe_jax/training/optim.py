@@ -22,18 +22,20 @@ def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     decay = max(1, round(steps * o.decay_fraction))
     stable = max(0, steps - warmup - decay)
     return optax.join_schedules(
-        [warm, optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)],
-        [warmup, warmup + stable])
+        [warm, optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)], [warmup, warmup + stable]
+    )
 
 
 def decay_mask(params: nnx.State, decay_embeddings: bool) -> nnx.State:
     """Decay weight matrices (those with an `embed` axis and another); never norm scales, biases or the
     router; the embedding and head only if asked."""
+
     def wants_decay(v):
         axes = v.axes
         if "embed" not in axes or len([a for a in axes if a != "layers"]) < 2 or None in axes:
             return False
         return decay_embeddings or "vocab" not in axes
+
     return jax.tree.map(wants_decay, params, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
@@ -46,8 +48,16 @@ def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State) -> opta
     parts = []
     if o.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(o.grad_clip))
-    parts.append(optax.adamw(schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                             mask=decay_mask(params, o.decay_embeddings)))
+    parts.append(
+        optax.adamw(
+            schedule(config),
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            mask=decay_mask(params, o.decay_embeddings),
+        )
+    )
     if o.expert_lr_multiplier != 1.0:
         # Scaling the whole update scales the expert learning rate (and its decoupled weight decay) alike.
         parts.append(optax.masked(optax.scale(o.expert_lr_multiplier), expert_mask(params)))

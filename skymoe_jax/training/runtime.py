@@ -7,14 +7,15 @@ compile the same functions with the same shardings.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.training import state as state_lib
@@ -53,10 +54,27 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     batch = mesh_lib.batch_sharding(mesh, config.parallel.layout)
     # ZeRO-1 / FSDP: gradients take the optimizer state's sharding, so XLA reduce-scatters them.
     split_grads = config.parallel.zero1 or config.parallel.fsdp
-    grad_shardings = mesh_lib.tree_shardings(jax.eval_shape(init).params, mesh,
-                                             mesh_lib.optimizer_rules(config.parallel)) if split_grads else None
-    train_step = jax.jit(make_train_step(graphdef, tx, config, grad_shardings), in_shardings=(shardings, batch),
-                         out_shardings=(shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef, config), in_shardings=(shardings.params, batch), out_shardings=replicated)
-    return Runtime(mesh=mesh, layout=config.parallel.layout, graphdef=graphdef, tx=tx, shardings=shardings,
-                   init=jax.jit(init, out_shardings=shardings), train_step=train_step, eval_step=eval_step)
+    grad_shardings = (
+        mesh_lib.tree_shardings(jax.eval_shape(init).params, mesh, mesh_lib.optimizer_rules(config.parallel))
+        if split_grads
+        else None
+    )
+    train_step = jax.jit(
+        make_train_step(graphdef, tx, config, grad_shardings),
+        in_shardings=(shardings, batch),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        make_eval_step(graphdef, config), in_shardings=(shardings.params, batch), out_shardings=replicated
+    )
+    return Runtime(
+        mesh=mesh,
+        layout=config.parallel.layout,
+        graphdef=graphdef,
+        tx=tx,
+        shardings=shardings,
+        init=jax.jit(init, out_shardings=shardings),
+        train_step=train_step,
+        eval_step=eval_step,
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,9 @@ class TrainState:
     alpha: jax.Array | None  # [num MoE layers] float32 aux-loss coefficients, updated inside the step
 
 
-def create(config: ml_collections.ConfigDict
-           ) -> tuple[nnx.GraphDef, Callable[[], TrainState], optax.GradientTransformation]:
+def create(
+    config: ml_collections.ConfigDict,
+) -> tuple[nnx.GraphDef, Callable[[], TrainState], optax.GradientTransformation]:
     """(graphdef, init, optimizer). init() makes a fresh state from config.seed; jit it with
     out_shardings so parameters never exist whole on one device (see training/runtime.py)."""
     spec = ModelSpec.from_config(config)
@@ -34,7 +35,11 @@ def create(config: ml_collections.ConfigDict
 
     def init() -> TrainState:
         params = nnx.state(build_model(spec, config.seed))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          alpha=aux_coef.initial_alpha(config, spec.num_moe_layers))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            alpha=aux_coef.initial_alpha(config, spec.num_moe_layers),
+        )
 
     return graphdef, init, tx

@@ -6,7 +6,8 @@ optax update -> new alpha_l from this step's drop rates, all in one jit.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +15,10 @@ import ml_collections
 import optax
 from flax import nnx
 
+from skymoe_jax.model import pipeline
 from skymoe_jax.model.loss import cross_entropy
 from skymoe_jax.model.moe import router
 from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.model import pipeline
 from skymoe_jax.training import aux_coef
 from skymoe_jax.training.optim import schedule
 from skymoe_jax.training.state import TrainState
@@ -25,9 +26,15 @@ from skymoe_jax.training.state import TrainState
 Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids [B, S] int32; loss_mask [B, S] float32
 
 # Per-MoE-layer statistics copied into the metrics, under these names.
-LAYER_METRICS = {"drop_rate": "drop_rate", "aux_loss": "layer_aux_loss", "z_loss": "layer_z_loss",
-                 "max1_max2": "max1_max2", "max2_max3": "max2_max3", "router_entropy": "router_entropy",
-                 "expert_load": "expert_load"}
+LAYER_METRICS = {
+    "drop_rate": "drop_rate",
+    "aux_loss": "layer_aux_loss",
+    "z_loss": "layer_z_loss",
+    "max1_max2": "max1_max2",
+    "max2_max3": "max2_max3",
+    "router_entropy": "router_entropy",
+    "expert_load": "expert_load",
+}
 
 
 class LossSettings(NamedTuple):
@@ -37,7 +44,7 @@ class LossSettings(NamedTuple):
     stage_remat: tuple[str, ...]  # per pipeline stage
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "LossSettings":
+    def from_config(cls, config: ml_collections.ConfigDict) -> LossSettings:
         stages = len(ModelSpec.from_config(config).stage_layers)
         remat = tuple(config.parallel.stage_remat) or (config.model.remat,) * stages
         return cls(config.moe.aux_loss, float(config.moe.z_loss_coef), config.parallel.num_microbatches, remat)
@@ -47,14 +54,16 @@ def forward(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, settings: L
     """(sum of token cross-entropies, counted tokens, per-MoE-layer token means), pipelined when the model is."""
     model = nnx.merge(graphdef, params)
     if model.spec.pipelined:
-        return pipeline.forward(model, batch, train=train, microbatches=settings.microbatches,
-                                stage_remat=settings.stage_remat)
+        return pipeline.forward(
+            model, batch, train=train, microbatches=settings.microbatches, stage_remat=settings.stage_remat
+        )
     out = model(batch["inputs"], batch["positions"], batch["segment_ids"], train=train)
     return (*cross_entropy(out.logits, batch), out.moe)
 
 
-def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, alpha: jax.Array, settings: LossSettings,
-            *, train: bool):
+def loss_fn(
+    params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, alpha: jax.Array, settings: LossSettings, *, train: bool
+):
     """CE + sum_l alpha_l * aux_l (+ z-loss); aux_l from the layer's batch means, so microbatching does not
     change it."""
     ce_sum, count, moe = forward(params, graphdef, batch, settings, train=train)
@@ -67,8 +76,9 @@ def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, alpha: jax.
     return ce + aux + z, (ce, aux, z, moe)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-                    grad_shardings=None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict, grad_shardings=None
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """grad_shardings (ZeRO-1 / FSDP): constrain gradients to the optimizer-state sharding."""
     lr_schedule = schedule(config)
     a = config.aux_coef
@@ -83,8 +93,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
 
         def update(params, opt_state, alpha):
             updates, opt_state = tx.update(grads, opt_state, params)
-            alpha = (aux_coef.update_alpha(alpha, moe["drop_rate"], mode=a.mode, xi=a.xi, beta=a.beta,
-                                           alpha_max=a.alpha_max) if moe else alpha)
+            alpha = (
+                aux_coef.update_alpha(alpha, moe["drop_rate"], mode=a.mode, xi=a.xi, beta=a.beta, alpha_max=a.alpha_max)
+                if moe
+                else alpha
+            )
             return optax.apply_updates(params, updates), opt_state, alpha
 
         # A non-finite loss or gradient never reaches the state: the step's update is dropped
@@ -92,10 +105,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, co
         # between new and old state: the select reads the old Adam moments after the update has
         # written them in place, so XLA kept copies of them (4.6 MiB of the default config's 104).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state, alpha = jax.lax.cond(finite, update, lambda *old: old,
-                                                state.params, state.opt_state, state.alpha)
-        metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z, "lr": lr_schedule(state.step),
-                   "grad_norm": grad_norm, "alpha": alpha, "finite": finite}
+        params, opt_state, alpha = jax.lax.cond(
+            finite, update, lambda *old: old, state.params, state.opt_state, state.alpha
+        )
+        metrics = {
+            "loss": loss,
+            "ce_loss": ce,
+            "aux_loss": aux,
+            "z_loss": z,
+            "lr": lr_schedule(state.step),
+            "grad_norm": grad_norm,
+            "alpha": alpha,
+            "finite": finite,
+        }
         metrics.update({name: moe[key] for key, name in LAYER_METRICS.items() if moe})
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, alpha=alpha), metrics
 

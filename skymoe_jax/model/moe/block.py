@@ -17,11 +17,10 @@ from flax import nnx
 from skymoe_jax.config import capacity
 from skymoe_jax.kernels.ops import RoutingOps, interpreted, routing_ops
 from skymoe_jax.model.layers import param
-from skymoe_jax.model.moe import dispatch, experts, router
+from skymoe_jax.model.moe import dispatch, expert_parallel, experts, router
+from skymoe_jax.model.moe.expert_parallel import Comm
 from skymoe_jax.model.moe.experts import Experts, ExpertWeights
 from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.model.moe import expert_parallel
-from skymoe_jax.model.moe.expert_parallel import Comm
 
 
 class MoEBlock(nnx.Module):
@@ -40,13 +39,22 @@ class MoEBlock(nnx.Module):
 
         # The Pallas interpreter mixes mesh-varying operands with its own unvarying loop indices, which
         # shard_map's varying-axes type check rejects (JAX 0.10-0.11); the program itself is sound.
-        y, stats = expert_parallel.apply(layer, x, self.gate[...], self.experts.weights(), spec.layout,
-                                         check_vma=not interpreted(spec.routing_impl))
+        y, stats = expert_parallel.apply(
+            layer, x, self.gate[...], self.experts.weights(), spec.layout, check_vma=not interpreted(spec.routing_impl)
+        )
         return y.astype(x.dtype), stats
 
 
-def moe_tokens(tokens: jax.Array, gate: jax.Array, weights: ExpertWeights, spec: ModelSpec, *, train: bool,
-               group: int, comm: Comm = Comm()) -> tuple[jax.Array, dict[str, jax.Array]]:
+def moe_tokens(
+    tokens: jax.Array,
+    gate: jax.Array,
+    weights: ExpertWeights,
+    spec: ModelSpec,
+    *,
+    train: bool,
+    group: int,
+    comm: Comm = Comm(),
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The MoE layer on tokens [T, d] -> (y [T, d], stats).
 
     drop_rate = assignments beyond capacity / (k * tokens). In dropless mode nothing
@@ -57,8 +65,15 @@ def moe_tokens(tokens: jax.Array, gate: jax.Array, weights: ExpertWeights, spec:
     n, k = spec.num_experts, spec.top_k
     logits = jnp.dot(tokens.astype(jnp.float32), gate.astype(jnp.float32))
     ops = routing_ops(spec.routing_impl)
-    r = ops.route(logits, k, gate_norm=spec.gate_norm, lam=spec.gate_norm_lambda, ddof=spec.gate_norm_ddof,
-                  eps=spec.gate_norm_eps, renormalize=spec.renormalize)
+    r = ops.route(
+        logits,
+        k,
+        gate_norm=spec.gate_norm,
+        lam=spec.gate_norm_lambda,
+        ddof=spec.gate_norm_ddof,
+        eps=spec.gate_norm_eps,
+        renormalize=spec.renormalize,
+    )
 
     if t % group:
         raise ValueError(f"moe.group_size={group} does not divide the {t} tokens of this shard")
@@ -79,8 +94,18 @@ def moe_tokens(tokens: jax.Array, gate: jax.Array, weights: ExpertWeights, spec:
     elif spec.dropless_impl == "padded" or comm.expert_axis:
         # Room for the whole group in every expert: nothing can drop. Across devices this is the
         # capacity-bounded exchange (worst-case slots); `ragged` then computes only the used ones.
-        y = _through_slots(tokens_g, experts_g, positions, weights_g, group, n, weights, comm,
-                           compact=spec.dropless_impl == "ragged", ops=ops)
+        y = _through_slots(
+            tokens_g,
+            experts_g,
+            positions,
+            weights_g,
+            group,
+            n,
+            weights,
+            comm,
+            compact=spec.dropless_impl == "ragged",
+            ops=ops,
+        )
     else:
         order = dispatch.sort_by_expert(r.experts, n)
         rows = dispatch.gather_sorted(tokens, order, k)
@@ -88,8 +113,11 @@ def moe_tokens(tokens: jax.Array, gate: jax.Array, weights: ExpertWeights, spec:
 
     mean = comm.mean
     stats = router.router_stats(r.probs, r.experts, mean)
-    stats.update(aux_loss=router.aux_loss_from_means(stats["mean_probs"], stats["expert_load"], spec.aux_loss),
-                 z_loss=router.z_loss(r.logits, mean), drop_rate=mean(dropped) / k)
+    stats.update(
+        aux_loss=router.aux_loss_from_means(stats["mean_probs"], stats["expert_load"], spec.aux_loss),
+        z_loss=router.z_loss(r.logits, mean),
+        drop_rate=mean(dropped) / k,
+    )
     return y.reshape(t, d), stats
 
 
@@ -109,9 +137,19 @@ def _group_major(a: jax.Array, groups: int) -> jax.Array:
     return jnp.moveaxis(a, 0, 1).reshape(groups, e * cap, *a.shape[3:])
 
 
-def _through_slots(tokens_g: jax.Array, experts_g: jax.Array, positions: jax.Array, weights_g: jax.Array, cap: int,
-                   num_experts: int, weights: ExpertWeights, comm: Comm, *, compact: bool,
-                   ops: RoutingOps) -> jax.Array:
+def _through_slots(
+    tokens_g: jax.Array,
+    experts_g: jax.Array,
+    positions: jax.Array,
+    weights_g: jax.Array,
+    cap: int,
+    num_experts: int,
+    weights: ExpertWeights,
+    comm: Comm,
+    *,
+    compact: bool,
+    ops: RoutingOps,
+) -> jax.Array:
     """Capacity path: groups [G, S_g, d] -> slot buffers [E, G*cap, d] -> experts -> combine.
 
     With an expert axis, an all-to-all sends each expert's slots to the device holding
@@ -119,10 +157,12 @@ def _through_slots(tokens_g: jax.Array, experts_g: jax.Array, positions: jax.Arr
     """
     g = tokens_g.shape[0]
     slots = dispatch.slot_indices(experts_g, positions, cap)
-    buf = _expert_major(jax.vmap(ops.dispatch, in_axes=(0, 0, None))(tokens_g, slots, num_experts * cap),
-                        num_experts)
-    filled = (_expert_major(jax.vmap(dispatch.filled_slots, in_axes=(0, None))(slots, num_experts * cap),
-                            num_experts) if compact else None)
+    buf = _expert_major(jax.vmap(ops.dispatch, in_axes=(0, 0, None))(tokens_g, slots, num_experts * cap), num_experts)
+    filled = (
+        _expert_major(jax.vmap(dispatch.filled_slots, in_axes=(0, None))(slots, num_experts * cap), num_experts)
+        if compact
+        else None
+    )
     if comm.expert_axis:
         buf = jax.lax.all_to_all(buf, comm.expert_axis, 0, 1, tiled=True)
         if compact:

@@ -11,7 +11,8 @@ over every token axis, so losses, drop rates and metrics do not depend on the me
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,13 +59,15 @@ def apply(layer: Layer, x: jax.Array, gate: jax.Array, weights, layout: str, *, 
             y, stats = layer(jax.lax.dynamic_slice_in_dim(tokens, start, share), gate, weights, comm)
             # Back to replicated over the expert axis. A psum of the zero-padded shares (rather than
             # an all-gather) keeps the result typed as invariant, as the out_specs say it is.
-            y = jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(tokens, y.dtype), y, start, 0),
-                             "expert")
+            y = jax.lax.psum(
+                jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(tokens, y.dtype), y, start, 0), "expert"
+            )
         else:
             y, stats = layer(tokens, gate, weights, comm)
         return y.reshape(lb, s, d), stats
 
     batch = P(batch_axes(layout))
     experts = type(weights)(*(P("expert" if ep > 1 else None) for _ in weights))
-    return jax.shard_map(local, mesh=mesh, in_specs=(batch, P(), experts), out_specs=(batch, P()),
-                         check_vma=check_vma)(x, gate, weights)
+    return jax.shard_map(local, mesh=mesh, in_specs=(batch, P(), experts), out_specs=(batch, P()), check_vma=check_vma)(
+        x, gate, weights
+    )

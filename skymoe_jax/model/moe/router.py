@@ -10,11 +10,11 @@ the other tokens, and losses and metrics stay those of the global batch.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
 
 TokenMean = Callable[[jax.Array], jax.Array]
 
@@ -54,8 +54,16 @@ def _safe_std(z: jax.Array, ddof: int) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
 
 
-def route(z: jax.Array, top_k: int, *, gate_norm: bool, lam: float = 1.0, ddof: int = 0, eps: float = 1e-6,
-          renormalize: bool = True) -> Routing:
+def route(
+    z: jax.Array,
+    top_k: int,
+    *,
+    gate_norm: bool,
+    lam: float = 1.0,
+    ddof: int = 0,
+    eps: float = 1e-6,
+    renormalize: bool = True,
+) -> Routing:
     """Gate logits [T, E] -> probabilities, top-k experts and their combine weights."""
     z = z.astype(jnp.float32)
     if gate_norm:

@@ -1,4 +1,5 @@
-"""train(): the whole run, top to bottom. Also evaluate() for `skymoe eval`."""
+"""train(): the whole run, top to bottom (its periodic work is in actions.py). Also evaluate() for
+`skymoe eval`."""
 
 from __future__ import annotations
 
@@ -14,14 +15,13 @@ import numpy as np
 from skymoe_jax.checkpoint.initial import initial_state
 from skymoe_jax.checkpoint.manager import Checkpointer
 from skymoe_jax.data.inputs import make_datasets
-from skymoe_jax.errors import TrainingError
-from skymoe_jax.metrics.flops import (flops_per_token, mfu, peak_flops, pipeline_utilization,
-                                      stage_flops_per_token)
+from skymoe_jax.metrics.flops import flops_per_token, peak_flops, pipeline_utilization, stage_flops_per_token
 from skymoe_jax.metrics.similarity import similarity_fn
 from skymoe_jax.metrics.tensorboard import TensorBoardWriter
 from skymoe_jax.metrics.writers import Console, JsonlWriter
-from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.pipeline import bubble_fraction
+from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.run.actions import FiniteGuard, Recorder, Saver, Schedule
 from skymoe_jax.training import runtime as runtime_lib
 from skymoe_jax.training.preemption import StopSignals
 
@@ -72,18 +72,17 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     else:
         state, origin = ckpt.restore(latest, runtime.abstract_state(), train_iter), f"resuming at step {latest}"
     start = latest or 0
-    tokens_per_step = config.data.batch_size * config.data.seq_len
     spec = ModelSpec.from_config(config)
     writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
     if config.metrics.tensorboard:
         writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
     console = Console(t.steps, start, progress_bar=t.progress)
     flops_tok = flops_per_token(spec, config.data.seq_len)
-    peak = peak_flops(config.metrics.peak_flops_per_device)
     similarity = similarity_fn(spec, runtime.mesh) if spec.num_experts else None
-    similarity_every = config.metrics.similarity_every if similarity else 0
-    console.print(f"{config.name}: {spec.num_layers} layers, {spec.num_experts or 'no'} experts, "
-                  f"{flops_tok / 1e6:.1f} MFLOP/token; {origin}; workdir {workdir}")
+    console.print(
+        f"{config.name}: {spec.num_layers} layers, {spec.num_experts or 'no'} experts, "
+        f"{flops_tok / 1e6:.1f} MFLOP/token; {origin}; workdir {workdir}"
+    )
     console.print(whoami(runtime))
     if spec.pipelined:
         console.print(pipeline_summary(spec, config))
@@ -92,48 +91,37 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     batch = runtime.batch(next(train_iter))
     train_step = runtime.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - compile_start
-    last_time, last_step, record, evals, skipped = time.perf_counter(), start, None, {}, 0
-    unchecked: list[tuple[int, jax.Array]] = []  # (step, finite flag) not yet read back from the device
+    guard = FiniteGuard(t.nonfinite, ckpt)
+    recorder = Recorder(
+        writers=writers,
+        console=console,
+        guard=guard,
+        tokens_per_step=config.data.batch_size * config.data.seq_len,
+        devices=runtime.mesh.size,
+        flops_per_token=flops_tok,
+        peak=peak_flops(config.metrics.peak_flops_per_device),
+        evaluate=lambda params: _evaluate(runtime.eval_step, params, val_batches),
+        similarity=similarity,
+        live=_live,
+        start=start,
+    )
+    actions = [guard, recorder, Saver(ckpt, config, train_iter)]
     try:
         with StopSignals(t.stop_check_every) as signals:
+            schedule = Schedule(t, ckpt, signals, config.metrics.similarity_every if similarity else 0)
             for step in range(start + 1, t.steps + 1):
                 if step > start + 1:
                     batch = runtime.batch(next(train_iter))
                 state, metrics = train_step(state, batch)
-                unchecked.append((step, metrics["finite"]))
-                eval_now = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
-                similarity_now = similarity_every and (step % similarity_every == 0 or step == t.steps)
-                save_now = ckpt.due(step) or step == t.steps
-                stop_now = signals.requested(step)
-                if step % t.log_every == 0 or eval_now or save_now or stop_now or step == t.steps:
-                    skipped += _check_finite(unchecked, t.nonfinite, ckpt, workdir)
-                    unchecked = []
-                if step % t.log_every == 0 or eval_now or similarity_now or step == t.steps:
-                    record = {"step": step, **jax.device_get(metrics)}
-                    del record["finite"]
-                    now = time.perf_counter()
-                    record["tokens_per_sec"] = (step - last_step) * tokens_per_step / (now - last_time)
-                    if peak:
-                        record["mfu"] = mfu(record["tokens_per_sec"] / runtime.mesh.size, flops_tok, peak)
-                    record["skipped_steps"] = skipped
-                    last_time, last_step = now, step
-                    if similarity_now:
-                        record["expert_similarity"] = jax.device_get(similarity(state.params))
-                    if eval_now:
-                        evals = _evaluate(runtime.eval_step, state.params, val_batches)
-                        record.update(evals)
-                        console.print(f"step {step}: {_live(record)}  eval loss {evals['eval_loss']:.3f}")
-                    if eval_now or similarity_now:
-                        last_time = time.perf_counter()  # eval and similarity time is not training throughput
-                    for writer in writers:
-                        writer.write(record)
-                    console.update(step, _live(record))
-                if save_now or stop_now:
-                    ckpt.save(step, state, config, train_iter)
-                if stop_now:
+                due = schedule.at(step)
+                for action in actions:
+                    action(due, state, metrics)
+                if due.stop:
                     ckpt.wait()
-                    console.print(f"stopped by {signals.signal_name or 'another process'} after step {step}; "
-                                  f"saved checkpoint {ckpt.path(step)}; run the same command to resume")
+                    console.print(
+                        f"stopped by {signals.signal_name or 'another process'} after step {step}; "
+                        f"saved checkpoint {ckpt.path(step)}; run the same command to resume"
+                    )
                     return {"steps": step, "stopped": True, "workdir": workdir}
     finally:
         ckpt.close()
@@ -141,46 +129,37 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
             writer.close()
         console.close()
 
-    summary = {"steps": t.steps, "compile_s": compile_s, "workdir": workdir, "skipped_steps": skipped}
-    if record is not None:
-        summary.update(loss=float(record["loss"]), tokens_per_sec=float(record["tokens_per_sec"]), **evals)
-        if "mfu" in record:
-            summary["mfu"] = float(record["mfu"])
-        if "drop_rate" in record:
-            summary.update(drop_rate=np.asarray(record["drop_rate"]).tolist(),
-                           alpha=np.asarray(record["alpha"]).tolist())
+    summary = {
+        "steps": t.steps,
+        "compile_s": compile_s,
+        "workdir": workdir,
+        "skipped_steps": guard.skipped,
+        **recorder.summary(),
+    }
     console.print(summary_line(summary))
     return summary
-
-
-def _check_finite(unchecked: list[tuple[int, jax.Array]], policy: str, ckpt: Checkpointer, workdir: str) -> int:
-    """Number of skipped (non-finite) steps among `unchecked`; raises under the `stop` policy."""
-    bad = [step for step, finite in unchecked if not bool(finite)]
-    if bad and policy == "stop":
-        kept = ckpt.latest_step()
-        where = f"the last checkpoint, step {kept} in {ckpt.directory}, is untouched" if kept else \
-            "no checkpoint was written"
-        raise TrainingError(f"non-finite loss or gradients at step {bad[0]} (its update was not applied); "
-                            f"stopped: {where}. Set --config.train.nonfinite=skip to skip such steps instead")
-    return len(bad)
 
 
 def whoami(runtime: runtime_lib.Runtime) -> str:
     """Where this run is: one process per node that owns a single GPU of eight shows as 1 local device."""
     device = jax.devices()[0]
     mesh = "x".join(str(n) for n in runtime.mesh.shape.values())
-    return (f"devices: {device.platform} ({device.device_kind}), process {jax.process_index()} of "
-            f"{jax.process_count()}, {jax.local_device_count()} local / {jax.device_count()} global; mesh {mesh} "
-            f"(pipeline x data x expert, layout {runtime.layout})")
+    return (
+        f"devices: {device.platform} ({device.device_kind}), process {jax.process_index()} of "
+        f"{jax.process_count()}, {jax.local_device_count()} local / {jax.device_count()} global; mesh {mesh} "
+        f"(pipeline x data x expert, layout {runtime.layout})"
+    )
 
 
 def pipeline_summary(spec: ModelSpec, config: ml_collections.ConfigDict) -> str:
     per_stage = stage_flops_per_token(spec, config.data.seq_len, spec.stage_layers)
     m = config.parallel.num_microbatches
-    return (f"pipeline: stages {spec.stage_layers}, {m} microbatches; training MFLOP/token by stage "
-            f"[{', '.join(f'{f / 1e6:.2f}' for f in per_stage)}] (head on the last); bubble "
-            f"{100 * bubble_fraction(len(per_stage), m):.1f}% for equal stages, "
-            f"{100 * (1 - pipeline_utilization(per_stage, m)):.1f}% with this split's imbalance")
+    return (
+        f"pipeline: stages {spec.stage_layers}, {m} microbatches; training MFLOP/token by stage "
+        f"[{', '.join(f'{f / 1e6:.2f}' for f in per_stage)}] (head on the last); bubble "
+        f"{100 * bubble_fraction(len(per_stage), m):.1f}% for equal stages, "
+        f"{100 * (1 - pipeline_utilization(per_stage, m)):.1f}% with this split's imbalance"
+    )
 
 
 def summary_line(s: dict[str, Any]) -> str:

@@ -1,0 +1,1 @@
+"""A training run: the loop (loop.py) and the periodic work it calls each step (actions.py)."""
