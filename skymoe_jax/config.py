@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import ml_collections
 
-from skymoe_jax.errors import ConfigError
+from skymoe_jax.errors import ConfigError, first_line
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # configs/ sits beside the package in a checkout (editable install) and inside it when installed from a wheel.
@@ -185,7 +185,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     try:
         fv(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-        raise ConfigError(_first_line(e)) from None
+        raise ConfigError(first_line(e, lines=2)) from None
     result = fv.config
     validate(result)
     return result
@@ -199,7 +199,7 @@ def load_file(path: str) -> ml_collections.ConfigDict:
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # the file is user code: report it, don't crash on it
-        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {_first_line(e)}") from None
+        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {first_line(e, lines=2)}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function")
     return module.get_config()
@@ -224,11 +224,6 @@ def _check_override_key(config: ml_collections.ConfigDict, arg: str) -> None:
             raise ConfigError(f"unknown config field '{key}'{hint}")
         node = node[part]
         walked.append(part)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return " ".join(text.splitlines()[:2]) if text else type(e).__name__
 
 
 _CHOICES = {

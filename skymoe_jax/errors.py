@@ -19,3 +19,10 @@ class CheckpointError(UserError):
 
 class TrainingError(UserError):
     """The run stopped on purpose (e.g. non-finite loss); the message says why and what was kept."""
+
+
+def first_line(e: BaseException, lines: int = 1, limit: int | None = None) -> str:
+    """The start of a library exception's message, to quote inside one of ours: its first `lines` lines joined,
+    at most `limit` characters (the exception type's name when it has no message)."""
+    text = " ".join(str(e).strip().splitlines()[:lines])
+    return text[:limit] if text else type(e).__name__

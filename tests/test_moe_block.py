@@ -10,6 +10,7 @@ from flax import nnx
 
 from skymoe_jax.config import base_config
 from skymoe_jax.model.layers import SwiGLU
+from skymoe_jax.model.moe import router
 from skymoe_jax.model.moe.block import MoEBlock
 from skymoe_jax.model.spec import ModelSpec
 
@@ -223,7 +224,8 @@ def test_gradients_match_central_differences(impl):
         @jax.jit
         def loss(params, x):
             y, stats = nnx.merge(graphdef, params)(x, train=True)
-            return jnp.sum(y * r) + 100.0 * stats["aux_loss"] + 10.0 * stats["z_loss"]
+            aux = router.aux_loss_from_means(stats["mean_probs"], stats["expert_load"], "paper")  # as training takes it
+            return jnp.sum(y * r) + 100.0 * aux + 10.0 * stats["z_loss"]
 
         grad_params, grad_x = jax.grad(loss, argnums=(0, 1))(params, x)
 

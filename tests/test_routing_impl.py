@@ -12,6 +12,7 @@ from skymoe_jax.cli import main
 from skymoe_jax.config import apply_overrides, base_config
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.kernels import common
+from skymoe_jax.model.moe import router
 from skymoe_jax.model.moe.block import MoEBlock
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.training import runtime as runtime_lib
@@ -71,7 +72,8 @@ def test_block_pallas_equals_xla(moe):
 
         def loss(block, x):
             y, stats = block(x, train=True)
-            return jnp.sum(y * jnp.cos(y)) + stats["aux_loss"] + stats["z_loss"], (y, stats)
+            aux = router.aux_loss_from_means(stats["mean_probs"], stats["expert_load"], "paper")
+            return jnp.sum(y * jnp.cos(y)) + aux + stats["z_loss"], (y, stats)
 
         (_, (y, stats)), (g_block, g_x) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))(block, x)
         return y, stats, jax.tree.leaves(nnx.state(g_block)), g_x

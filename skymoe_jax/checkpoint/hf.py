@@ -29,8 +29,7 @@ from skymoe_jax.checkpoint.manager import Checkpointer, tree_path_name
 from skymoe_jax.config import base_config, flatten, validate
 from skymoe_jax.errors import CheckpointError
 from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.model.transformer import build_model
-from skymoe_jax.training import aux_coef
+from skymoe_jax.model.transformer import build_model, layer_path, put_path
 from skymoe_jax.training.optim import make_optimizer
 from skymoe_jax.training.state import TrainState
 
@@ -167,12 +166,13 @@ def _params(hf: dict, config: ml_collections.ConfigDict, get: _Tensors) -> dict:
         }
     embed = get("model.embed_tokens.weight")
     tied = hf.get("tie_word_embeddings", False) or not get.has("lm_head.weight")
-    return {
+    params = {
         "embed": {"table": embed},
         "final_norm": {"scale": get("model.norm.weight")},
         "head": {"w": (embed if tied else get("lm_head.weight")).T},
-        "stacks": {0: {"blocks": {"layers": {0: layer}}}},
     }
+    put_path(params, layer_path(0, 0), layer)  # an imported model is one stack of one-layer blocks
+    return params
 
 
 def import_hf(hf_dir: str, out: str) -> ml_collections.ConfigDict:
@@ -195,13 +195,7 @@ def import_hf(hf_dir: str, out: str) -> ml_collections.ConfigDict:
             raise CheckpointError(f"tensor for {name} has shape {value.shape} but config.json implies {expected[name]}")
     dtype = spec.weight_dtype
     nnx.replace_by_pure_dict(params, jax.tree.map(lambda a: jnp.asarray(a, dtype), values))
-    tx = make_optimizer(config, params)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        alpha=aux_coef.initial_alpha(config, spec.num_moe_layers),
-    )
+    state = TrainState.fresh(params, make_optimizer(config, params), config)
     ckpt.save(0, state, config)
     ckpt.close()
     write_config_file(config, os.path.join(out, "config.py"), source=hf_dir)

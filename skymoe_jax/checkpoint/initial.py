@@ -5,15 +5,12 @@ e.g. an imported Hugging Face model) with a fresh optimizer."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from skymoe_jax.checkpoint.manager import Checkpointer, saved_config, split_checkpoint_path
 from skymoe_jax.checkpoint.upcycle import upcycled_state
 from skymoe_jax.config import shape_changes
 from skymoe_jax.errors import CheckpointError
-from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.training import aux_coef
 from skymoe_jax.training.state import TrainState
 
 
@@ -38,13 +35,4 @@ def params_from(path: str, config: ml_collections.ConfigDict, runtime) -> TrainS
     step = source.latest_step() if step is None else step
     params = source.restore_params(step, runtime.abstract_state().params, runtime.shardings.params)
     source.close()
-    fresh = jax.jit(
-        lambda p: TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=p,
-            opt_state=runtime.tx.init(p),
-            alpha=aux_coef.initial_alpha(config, ModelSpec.from_config(config).num_moe_layers),
-        ),
-        out_shardings=runtime.shardings,
-    )
-    return fresh(params)
+    return jax.jit(lambda p: TrainState.fresh(p, runtime.tx, config), out_shardings=runtime.shardings)(params)

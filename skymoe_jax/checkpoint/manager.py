@@ -24,7 +24,7 @@ from etils import epath
 
 from skymoe_jax.checkpoint.fingerprint import fingerprints
 from skymoe_jax.config import base_config, validate
-from skymoe_jax.errors import CheckpointError, ConfigError
+from skymoe_jax.errors import CheckpointError, ConfigError, first_line
 from skymoe_jax.parallel.mesh import with_shardings
 
 
@@ -109,7 +109,7 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # tensorstore and orbax raise many types for damaged files
             raise CheckpointError(
-                f"checkpoint {where} is damaged and cannot be read ({_first_line(e)}); remove "
+                f"checkpoint {where} is damaged and cannot be read ({first_line(e, limit=300)}); remove "
                 "it to resume from an earlier checkpoint"
             ) from None
         self._check_fingerprints(step, restored, restored.state)
@@ -146,10 +146,15 @@ class Checkpointer:
             saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.path(step)) / "state")
         except Exception as e:
             raise CheckpointError(
-                f"checkpoint {self.path(step)} has unreadable metadata ({_first_line(e)}); "
+                f"checkpoint {self.path(step)} has unreadable metadata ({first_line(e, limit=300)}); "
                 "remove it to resume from an earlier checkpoint"
             ) from None
         return {tree_path_name(path): tuple(leaf.shape) for path, leaf in _leaves(saved) if hasattr(leaf, "shape")}
+
+    def saved_config_fields(self, step: int) -> dict[str, Any]:
+        """The config saved at step as written: nested JSON fields, with its sha256 (saved_config checks and
+        merges them)."""
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
     def restore_params(self, step: int, abstract_params, shardings):
         """Only the parameters of the state saved at step, placed by `shardings` (each process reads its shards)."""
@@ -170,7 +175,7 @@ class Checkpointer:
                 ),
             )
         except Exception as e:
-            raise CheckpointError(f"checkpoint {self.path(step)} cannot be read ({_first_line(e)})") from None
+            raise CheckpointError(f"checkpoint {self.path(step)} cannot be read ({first_line(e, limit=300)})") from None
         self._check_fingerprints(step, restored, restored.state["params"], "params/")
         return restored.state["params"]
 
@@ -266,11 +271,6 @@ def tree_path_name(path) -> str:
     return "/".join(parts)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
 def saved_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
     """The config saved with a checkpoint (the latest one by default), on top of today's defaults."""
     manager = Checkpointer(workdir)
@@ -281,12 +281,10 @@ def saved_config(workdir: str, step: int | None = None) -> ml_collections.Config
         )
     where = manager.path(step)
     try:
-        saved: dict[str, Any] = manager._manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-        ).config
+        saved = manager.saved_config_fields(step)
     except Exception as e:
         raise CheckpointError(
-            f"checkpoint {where} has no readable config ({_first_line(e)}); remove it to resume "
+            f"checkpoint {where} has no readable config ({first_line(e, limit=300)}); remove it to resume "
             "from an earlier checkpoint"
         ) from None
     finally:

@@ -38,9 +38,8 @@ from skymoe_jax.checkpoint.manager import (
 )
 from skymoe_jax.errors import CheckpointError, ConfigError
 from skymoe_jax.model.spec import ModelSpec, pipeline_stage_layers
-from skymoe_jax.model.transformer import build_model
+from skymoe_jax.model.transformer import OUTSIDE_LAYERS, at_path, build_model, layer_path, path_name, put_path
 from skymoe_jax.parallel import mesh as mesh_lib
-from skymoe_jax.training import aux_coef
 from skymoe_jax.training.state import TrainState
 
 
@@ -106,7 +105,7 @@ def load_dense(
     shapes = {
         name[len("params/") :]: shape for name, shape in source.saved_shapes(step).items() if name.startswith("params/")
     }
-    ffn_key = "stacks/0/blocks/layers/0/ffn/w_up"
+    ffn_key = path_name((*layer_path(0, 0), "ffn", "w_up"))  # a dense model is one stack of one-layer blocks
     if ffn_key not in shapes:
         raise CheckpointError(f"{directory} has no dense FFN ({ffn_key}); is it a checkpoint of this trainer?")
     g = slices(config, shapes[ffn_key][-1])
@@ -162,16 +161,14 @@ def upcycle_fn(config: ml_collections.ConfigDict, dense_spec: ModelSpec, g: int,
 
     def build(dense: nnx.State) -> TrainState:
         src = nnx.to_pure_dict(dense)
-        layers = src["stacks"][0]["blocks"]["layers"][0]  # a dense model is one stack of one-layer blocks
+        layers = at_path(src, layer_path(0, 0))  # a dense model is one stack of one-layer blocks
         source = np.array([slot for _, _, slot in dense_spec.layer_places()])
         places = spec.layer_places()
         params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
         stored = nnx.to_pure_dict(params)
         key = jax.random.key(config.seed)
-        out = {name: src[name] for name in ("embed", "final_norm", "head")}
-        out["stacks"] = {}
+        out = {name: src[name] for name in OUTSIDE_LAYERS}
         for s, (pattern, _) in enumerate(spec.stacks()):
-            stack = {}
             for p, is_moe in enumerate(pattern):
                 ids = [i for i, (stack_of, position, _) in enumerate(places) if (stack_of, position) == (s, p)]
                 layer = jax.tree.map(lambda a, ids=ids: a[source[ids]], layers)
@@ -186,19 +183,14 @@ def upcycle_fn(config: ml_collections.ConfigDict, dense_spec: ModelSpec, g: int,
                 # Pipelined stacks are padded per stage: layers go to their slots, the padding stays zero
                 # as in a fresh model.
                 slots = np.array([places[i][2] for i in ids])
-                stack[p] = jax.tree.map(
+                padded = jax.tree.map(
                     lambda want, a, slots=slots: jnp.zeros(want.shape, a.dtype).at[slots].set(a),
-                    stored["stacks"][s]["blocks"]["layers"][p],
+                    at_path(stored, layer_path(s, p)),
                     layer,
                 )
-            out["stacks"][s] = {"blocks": {"layers": stack}}
+                put_path(out, layer_path(s, p), padded)
         nnx.replace_by_pure_dict(params, out)  # in place
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            alpha=aux_coef.initial_alpha(config, spec.num_moe_layers),
-        )
+        return TrainState.fresh(params, tx, config)
 
     return jax.jit(build, out_shardings=shardings)
 

@@ -19,7 +19,7 @@ import numpy as np
 from skymoe_jax.config import parse_sources
 from skymoe_jax.data import shard_format
 from skymoe_jax.data.sources import in_validation
-from skymoe_jax.errors import DataError
+from skymoe_jax.errors import DataError, first_line
 
 
 class _Shards:
@@ -40,7 +40,7 @@ class _Shards:
             self.source = grain.sources.ArrayRecordDataSource(self.paths)
         except RuntimeError as e:  # a damaged index; find the shard to name it
             bad = next((p for p in self.paths if shard_format.indexed_records(p) is None), self.paths[0])
-            raise DataError(self.damaged(bad, _first_line(e))) from None
+            raise DataError(self.damaged(bad, first_line(e))) from None
         if len(self.source) != self.ends[-1]:  # a metadata file that does not describe these shards
             raise DataError(
                 f"{os.path.join(directory, shard_format.METADATA)} counts {self.ends[-1]} documents but "
@@ -59,7 +59,7 @@ class _Shards:
             raw = self.source[record]
         except RuntimeError as e:  # a chunk that fails its checksum
             shard = self.paths[int(np.searchsorted(self.ends, record, side="right"))]
-            raise DataError(self.damaged(shard, _first_line(e))) from None
+            raise DataError(self.damaged(shard, first_line(e))) from None
         return np.frombuffer(raw, self.dtype).astype(np.int32)
 
 
@@ -75,10 +75,6 @@ class PreparedDocuments:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self._shards.read(int(self._indices[index]))
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _open(directory: str, tokenizer: str, what: str) -> tuple[_Shards, dict[str, Any]]:

@@ -40,7 +40,6 @@ class ModelSpec:
     gate_norm_ddof: int
     gate_norm_eps: float
     renormalize: bool
-    aux_loss: str
     capacity_factor: float
     eval_capacity_factor: float
     group_size: int
@@ -145,7 +144,6 @@ class ModelSpec:
             gate_norm_ddof=int(e.gate_norm_ddof),
             gate_norm_eps=float(e.gate_norm_eps),
             renormalize=bool(e.renormalize),
-            aux_loss=e.aux_loss,
             capacity_factor=float(e.capacity_factor),
             eval_capacity_factor=float(e.eval_capacity_factor),
             group_size=e.group_size,

@@ -146,3 +146,32 @@ class Transformer(nnx.Module):
 
 def build_model(spec: ModelSpec, seed: int = 0) -> Transformer:
     return Transformer(spec, nnx.Rngs(params=seed))
+
+
+# Where a Transformer keeps its parameters, for code that reads or writes them as nested dicts
+# (nnx.to_pure_dict): upcycling and the Hugging Face conversion. Each layer's place comes from
+# ModelSpec.layer_places() as (stack, position, stored index).
+OUTSIDE_LAYERS = ("embed", "final_norm", "head")
+
+
+def layer_path(stack: int, position: int) -> tuple[str | int, ...]:
+    """The parameters of the layer at `position` in stack `stack`'s block, stacked over its stored layers."""
+    return ("stacks", stack, "blocks", "layers", position)
+
+
+def path_name(path: tuple[str | int, ...]) -> str:
+    """A path as checkpoints name it: 'stacks/0/blocks/layers/0/ffn/w_up'."""
+    return "/".join(str(part) for part in path)
+
+
+def at_path(tree: dict, path: tuple[str | int, ...]):
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def put_path(tree: dict, path: tuple[str | int, ...], value) -> None:
+    """Set tree[path] = value, making the dicts on the way."""
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value

@@ -22,6 +22,19 @@ class TrainState:
     opt_state: optax.OptState
     alpha: jax.Array | None  # [num MoE layers] float32 aux-loss coefficients, updated inside the step
 
+    @classmethod
+    def fresh(
+        cls, params: nnx.State, tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+    ) -> TrainState:
+        """Step 0 around params (random, upcycled, imported or another run's): a new optimizer state and the
+        initial aux coefficients."""
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            alpha=aux_coef.initial_alpha(config, ModelSpec.from_config(config).num_moe_layers),
+        )
+
 
 def create(
     config: ml_collections.ConfigDict,
@@ -34,12 +47,6 @@ def create(
     tx = optim.make_optimizer(config, abstract_params)
 
     def init() -> TrainState:
-        params = nnx.state(build_model(spec, config.seed))
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            alpha=aux_coef.initial_alpha(config, spec.num_moe_layers),
-        )
+        return TrainState.fresh(nnx.state(build_model(spec, config.seed)), tx, config)
 
     return graphdef, init, tx

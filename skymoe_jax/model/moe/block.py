@@ -114,7 +114,6 @@ def moe_tokens(
     mean = comm.mean
     stats = router.router_stats(r.probs, r.experts, mean)
     stats.update(
-        aux_loss=router.aux_loss_from_means(stats["mean_probs"], stats["expert_load"], spec.aux_loss),
         z_loss=router.z_loss(r.logits, mean),
         drop_rate=mean(dropped) / k,
     )
