@@ -27,7 +27,7 @@ from skymoe_jax.config import capacity
 from skymoe_jax.kernels import gather
 from skymoe_jax.kernels.combine import combine
 from skymoe_jax.kernels.common import compiler_params
-from skymoe_jax.kernels.permute import permute
+from skymoe_jax.kernels.dispatch import dispatch as dispatch_kernel
 from skymoe_jax.kernels.positions import expert_positions
 from skymoe_jax.kernels.route import route
 from skymoe_jax.model.moe import dispatch, router
@@ -165,7 +165,7 @@ GATHER_CASES = [
 
 
 @pytest.mark.parametrize("tokens,experts,k,width,capacity_factor", GATHER_CASES)
-def test_permute_and_combine_match_dispatch_with_gradients(tokens, experts, k, width, capacity_factor):
+def test_dispatch_and_combine_kernels_match_xla_with_gradients(tokens, experts, k, width, capacity_factor):
     rng = np.random.default_rng(tokens + width)
     slots, num_slots = _slots(rng, tokens, experts, k, capacity_factor)
     assert 0 < int(jnp.sum(slots < 0)) and int(jnp.sum(slots >= 0)) < num_slots
@@ -175,14 +175,14 @@ def test_permute_and_combine_match_dispatch_with_gradients(tokens, experts, k, w
     c_slots = jnp.asarray(rng.normal(size=(num_slots, width)).astype(np.float32))
     c_tokens = jnp.asarray(rng.normal(size=(tokens, width)).astype(np.float32))
 
-    def run(permute_fn, combine_fn):
+    def run(dispatch_fn, combine_fn):
         def loss(x, y, w):
-            p, c = permute_fn(x, slots, num_slots), combine_fn(y, slots, w)
+            p, c = dispatch_fn(x, slots, num_slots), combine_fn(y, slots, w)
             return jnp.sum(p * c_slots) + jnp.sum(c * c_tokens), (p, c)
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, y, w)
 
-    (_, (p, c)), grads = run(permute, combine)
+    (_, (p, c)), grads = run(dispatch_kernel, combine)
     (_, (p_twin, c_twin)), twin_grads = run(dispatch.dispatch, dispatch.combine)
     np.testing.assert_array_equal(p, p_twin)  # a copy: exact
     _close(c, c_twin)
@@ -190,7 +190,7 @@ def test_permute_and_combine_match_dispatch_with_gradients(tokens, experts, k, w
         _close(g, g_twin)
 
 
-def test_permute_and_combine_bfloat16_and_vmapped_over_groups():
+def test_dispatch_and_combine_bfloat16_and_vmapped_over_groups():
     """As the block calls them: vmapped over groups, activations in bfloat16, weights float32."""
     rng = np.random.default_rng(5)
     groups = [_slots(rng, 60, 8, 2, 1.0) for _ in range(2)]
@@ -199,7 +199,7 @@ def test_permute_and_combine_bfloat16_and_vmapped_over_groups():
     y = jnp.asarray(rng.normal(size=(2, num_slots, 48)), jnp.bfloat16)
     w = jnp.asarray(rng.random((2, 60, 2)).astype(np.float32))
     vmapped = lambda f: jax.vmap(f, in_axes=(0, 0, None))  # noqa: E731
-    p = vmapped(permute)(x, slots, num_slots)
+    p = vmapped(dispatch_kernel)(x, slots, num_slots)
     assert p.dtype == jnp.bfloat16
     np.testing.assert_array_equal(p, vmapped(dispatch.dispatch)(x, slots, num_slots))
     c, c_twin = jax.vmap(combine)(y, slots, w), jax.vmap(dispatch.combine)(y, slots, w)
@@ -303,8 +303,10 @@ def test_kernels_lower_for_cuda_through_triton(tokens, width, experts, k):
         "skymoe_expert_counts",
         "skymoe_expert_ranks",
     ]
-    permute_grad = jax.value_and_grad(lambda x, s: jnp.sum(permute(x, s, num_slots, **compiled).astype(jnp.float32)))
-    assert _kernels(_lowered(permute_grad, x, chosen)) == [
+    dispatch_grad = jax.value_and_grad(
+        lambda x, s: jnp.sum(dispatch_kernel(x, s, num_slots, **compiled).astype(jnp.float32))
+    )
+    assert _kernels(_lowered(dispatch_grad, x, chosen)) == [
         "skymoe_slot_sources",
         "skymoe_gather_rows",
         "skymoe_gather_sum",
@@ -321,7 +323,7 @@ def test_kernels_lower_for_cuda_through_triton(tokens, width, experts, k):
 
 
 def test_vmapped_kernels_lower_for_cuda():
-    """The block vmaps positions, permute and combine over routing groups: a grid axis more."""
+    """The block vmaps positions, dispatch and combine over routing groups: a grid axis more."""
     g, s, e, k, d = 4, 300, 16, 2, 128
     num_slots = e * capacity(s, e, k, 1.25)
     chosen = jax.ShapeDtypeStruct((g, s, k), jnp.int32)
@@ -332,7 +334,7 @@ def test_vmapped_kernels_lower_for_cuda():
     text = _lowered(
         lambda e_, x, y, w: (
             jax.vmap(positions)(e_),
-            jax.vmap(functools.partial(permute, num_slots=num_slots, interpret=False))(x, e_),
+            jax.vmap(functools.partial(dispatch_kernel, num_slots=num_slots, interpret=False))(x, e_),
             jax.vmap(functools.partial(combine, interpret=False))(y, e_, w),
         ),
         chosen,

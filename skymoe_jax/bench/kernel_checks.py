@@ -22,7 +22,7 @@ import numpy as np
 from skymoe_jax.config import capacity
 from skymoe_jax.kernels import common
 from skymoe_jax.kernels.combine import combine
-from skymoe_jax.kernels.permute import permute
+from skymoe_jax.kernels.dispatch import dispatch as dispatch_kernel
 from skymoe_jax.kernels.positions import expert_positions
 from skymoe_jax.kernels.route import route
 from skymoe_jax.model.moe import dispatch, router
@@ -140,7 +140,7 @@ def _stage_fns(case: Case, a: dict, interpret: bool) -> dict[str, tuple[Callable
     def positioned(fn):
         return lambda chosen: (dict(zip(("positions", "counts"), fn(chosen, e))), None)
 
-    def permuted(fn):
+    def dispatched(fn):
         def run(x, slots):
             out, vjp = jax.vjp(lambda x: fn(x, slots, num_slots), x)
             return {"slots": out}, {"d_x": vjp(a["d_slots"])[0]}
@@ -163,9 +163,9 @@ def _stage_fns(case: Case, a: dict, interpret: bool) -> dict[str, tuple[Callable
             positioned(dispatch.expert_positions),
             (a["chosen"],),
         ),
-        "permute": (
-            permuted(lambda x, s, n: permute(x, s, n, **kernel)),
-            permuted(dispatch.dispatch),
+        "dispatch": (
+            dispatched(lambda x, s, n: dispatch_kernel(x, s, n, **kernel)),
+            dispatched(dispatch.dispatch),
             (a["x"], a["slots"]),
         ),
         "combine": (
@@ -211,7 +211,7 @@ def _triton_kernels(case: Case, lowered_only: bool) -> list[str]:
         return (
             fns["route"][0](z),
             fns["positions"][0](chosen),
-            fns["permute"][0](x, slots),
+            fns["dispatch"][0](x, slots),
             fns["combine"][0](y, slots, w),
         )
 

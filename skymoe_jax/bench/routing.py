@@ -3,7 +3,7 @@
     skymoe bench routing [--small] [--tokens=T --width=D --experts=E --top_k=K] [--impls=xla,pallas]
                          [--dtype=bfloat16] [--repeats=N] [--ragged [--ffn=F]] [--json]
 
-Times route, positions, permute and combine (each jitted alone, median of --repeats calls
+Times route, positions, dispatch and combine (each jitted alone, median of --repeats calls
 after a warm-up) and their sum, and reports effective bandwidth: the bytes a stage must
 move at least (each input read once, each output written once) over its time. Off a GPU
 the Pallas kernels run in interpret mode, which measures the interpreter rather than the
@@ -40,7 +40,7 @@ class Shape(NamedTuple):
 SHAPES = (Shape(16384, 4096, 16, 2), Shape(32768, 2048, 64, 8))
 # The same expert counts and k at 1/16 of the tokens and width: minutes, not hours, in interpret mode.
 SMALL_SHAPES = (Shape(1024, 256, 16, 2), Shape(2048, 128, 64, 8))
-STAGES = ("route", "positions", "permute", "combine")
+STAGES = ("route", "positions", "dispatch", "combine")
 CAPACITY_FACTOR = 1.25  # the config default (moe.capacity_factor)
 
 
@@ -79,7 +79,7 @@ def _stages(ops: RoutingOps, shape: Shape, inputs: dict[str, Any]) -> dict[str, 
     return {
         "route": (jax.jit(lambda z: ops.route(z, k, gate_norm=True)), (inputs["z"],)),
         "positions": (jax.jit(lambda ex: ops.expert_positions(ex, e)), (inputs["experts"],)),
-        "permute": (jax.jit(lambda x, s: ops.dispatch(x, s, num_slots)), (inputs["x"], inputs["slots"])),
+        "dispatch": (jax.jit(lambda x, s: ops.dispatch(x, s, num_slots)), (inputs["x"], inputs["slots"])),
         "combine": (jax.jit(ops.combine), (inputs["y"], inputs["slots"], inputs["weights"])),
     }
 
@@ -91,7 +91,7 @@ def _bytes(stage: str, shape: Shape, inputs: dict[str, Any], itemsize: int) -> i
     return {
         "route": 4 * t * e * 3 + 2 * assignments,  # logits in; probs, normalized logits, weights, experts out
         "positions": 2 * assignments,  # experts in, positions out
-        "permute": assignments + (inputs["kept"] + inputs["num_slots"]) * d * itemsize,  # kept rows in, slots out
+        "dispatch": assignments + (inputs["kept"] + inputs["num_slots"]) * d * itemsize,  # kept rows in, slots out
         "combine": 2 * assignments + (inputs["kept"] + t) * d * itemsize,  # kept slots in, tokens out
     }[stage]
 

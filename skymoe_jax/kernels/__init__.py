@@ -1,2 +1,2 @@
-"""Pallas GPU kernels for MoE routing (route, capacity positions, permute, combine), each with an
+"""Pallas GPU kernels for MoE routing (route, capacity positions, dispatch, combine), each with an
 XLA twin of the same signature; `ops.routing_ops` picks one set per `moe.routing_impl`."""

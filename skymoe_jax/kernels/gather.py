@@ -1,4 +1,4 @@
-"""Row-gather kernels that permute and combine (and their backward passes) are built from.
+"""Row-gather kernels that dispatch and combine (and their backward passes) are built from.
 
 Rows only ever move by gathers: each output element is computed by exactly one program and
 written once, so results are deterministic and no float atomics are needed. The transpose of

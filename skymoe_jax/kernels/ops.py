@@ -15,7 +15,7 @@ import jax
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.kernels import common
 from skymoe_jax.kernels.combine import combine
-from skymoe_jax.kernels.permute import permute
+from skymoe_jax.kernels.dispatch import dispatch as dispatch_kernel
 from skymoe_jax.kernels.positions import expert_positions
 from skymoe_jax.kernels.route import route
 from skymoe_jax.model.moe import dispatch, router
@@ -34,7 +34,7 @@ XLA_OPS = RoutingOps(router.route, dispatch.expert_positions, dispatch.dispatch,
 def pallas_ops(interpret: bool | None = None) -> RoutingOps:
     """The Pallas kernels; interpret None: compiled on a GPU, interpreted elsewhere."""
     bind = functools.partial(functools.partial, interpret=interpret)
-    return RoutingOps(bind(route), bind(expert_positions), bind(permute), bind(combine))
+    return RoutingOps(bind(route), bind(expert_positions), bind(dispatch_kernel), bind(combine))
 
 
 def interpreted(impl: str) -> bool:

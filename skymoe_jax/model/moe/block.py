@@ -1,14 +1,28 @@
-"""The MoE feed-forward block: float32 router, capacity or dropless dispatch,
-experts, combine, and the per-layer statistics the trainer needs (aux loss,
-z-loss, drop rate, router metrics).
+"""The MoE feed-forward layer, as named phases (the way Megatron-Core's MoELayer and token dispatchers read):
 
-`moe_tokens` is the whole layer on one shard of tokens. Without a device mesh it
-sees every token; under a mesh, model/moe/expert_parallel.py runs it inside
-shard_map and `Comm` tells it how to reach the other shards (all-to-all of slot
-buffers over the expert axis, means over the token axes).
+    route     float32 logits, gate normalization, softmax, top-k          router.py, kernels/route.py
+    place     each assignment's position in its expert within its routing  dispatch.py, kernels/positions.py
+              group; the capacity; which assignments drop
+    dispatch  tokens into the experts' inputs      }
+    experts   the expert FFNs                      }  one Dispatcher per path, below
+    combine   the weighted sum back to the tokens  }
+    stats     the router's batch means (for the aux loss), z-loss, drop rate, router metrics
+
+Each stage has one name across the XLA functions and their Pallas twins (kernels/ops.py). The dispatchers:
+- SlotDispatcher: capacity-bounded slot buffers [E, G*cap, d] on this device, the experts as a batched
+  matmul (dropless `padded`: room for the whole group in every expert).
+- ExpertParallelDispatcher: the same slots sent by all-to-all over the expert axis to the devices holding
+  their experts, and back; dropless `ragged` exchanges worst-case slots and computes only the filled ones.
+- RaggedDispatcher: dropless on one device: every assignment sorted by expert through jax.lax.ragged_dot.
+
+`moe_tokens` is the whole layer on one shard of tokens. Without a device mesh it sees every token; under a
+mesh, model/moe/expert_parallel.py runs it inside shard_map and `Comm` tells it how to reach the other
+shards (all-to-all over the expert axis, means over the token axes).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +59,16 @@ class MoEBlock(nnx.Module):
         return y.astype(x.dtype), stats
 
 
+class Placement(NamedTuple):
+    """Where each assignment goes, per routing group [G, S_g, k]."""
+
+    experts: jax.Array  # int32 chosen experts
+    weights: jax.Array  # combine weights
+    positions: jax.Array  # int32 rank among its expert's assignments in the group
+    capacity: int  # slots per expert and group
+    dropped: jax.Array  # [T] float32 assignments of each token beyond capacity
+
+
 def moe_tokens(
     tokens: jax.Array,
     gate: jax.Array,
@@ -62,12 +86,18 @@ def moe_tokens(
     so the adaptive aux coefficients get the same signal either way.
     """
     t, d = tokens.shape
-    n, k = spec.num_experts, spec.top_k
-    logits = jnp.dot(tokens.astype(jnp.float32), gate.astype(jnp.float32))
     ops = routing_ops(spec.routing_impl)
-    r = ops.route(
+    routing = route(tokens, gate, spec, ops)
+    placement = place(routing, spec, group, train, ops)
+    y = dispatcher(spec, comm, ops, group, placement.capacity)(tokens, routing, placement, weights)
+    return y.reshape(t, d), statistics(routing, placement, spec.top_k, comm)
+
+
+def route(tokens: jax.Array, gate: jax.Array, spec: ModelSpec, ops: RoutingOps) -> router.Routing:
+    logits = jnp.dot(tokens.astype(jnp.float32), gate.astype(jnp.float32))
+    return ops.route(
         logits,
-        k,
+        spec.top_k,
         gate_norm=spec.gate_norm,
         lam=spec.gate_norm_lambda,
         ddof=spec.gate_norm_ddof,
@@ -75,49 +105,109 @@ def moe_tokens(
         renormalize=spec.renormalize,
     )
 
+
+def place(routing: router.Routing, spec: ModelSpec, group: int, train: bool, ops: RoutingOps) -> Placement:
+    """Positions within routing groups of `group` tokens, by token order or (drop_policy=probs) by gate
+    probability; the capacity of the configured factor (the eval factor when not training)."""
+    t, k = routing.experts.shape
+    n = spec.num_experts
     if t % group:
         raise ValueError(f"moe.group_size={group} does not divide the {t} tokens of this shard")
     num_groups = t // group
     cap = capacity(group, n, k, spec.capacity_factor if train else spec.eval_capacity_factor)
-    experts_g = r.experts.reshape(num_groups, group, k)
-    weights_g = r.weights.reshape(num_groups, group, k)
+    experts_g = routing.experts.reshape(num_groups, group, k)
     if spec.drop_policy == "probs":
-        priority = jnp.take_along_axis(r.probs, r.experts, axis=-1).reshape(num_groups, group, k)
+        priority = jnp.take_along_axis(routing.probs, routing.experts, axis=-1).reshape(num_groups, group, k)
         positions = jax.vmap(lambda e, p: ops.expert_positions(e, n, p).positions)(experts_g, priority)
     else:
         positions = jax.vmap(lambda e: ops.expert_positions(e, n).positions)(experts_g)
     dropped = jnp.sum(positions >= cap, axis=-1).reshape(t).astype(jnp.float32)
+    return Placement(experts_g, routing.weights.reshape(num_groups, group, k), positions, cap, dropped)
 
-    tokens_g = tokens.reshape(num_groups, group, d)
-    if not spec.dropless:
-        y = _through_slots(tokens_g, experts_g, positions, weights_g, cap, n, weights, comm, compact=False, ops=ops)
-    elif spec.dropless_impl == "padded" or comm.expert_axis:
-        # Room for the whole group in every expert: nothing can drop. Across devices this is the
-        # capacity-bounded exchange (worst-case slots); `ragged` then computes only the used ones.
-        y = _through_slots(
-            tokens_g,
-            experts_g,
-            positions,
-            weights_g,
-            group,
-            n,
-            weights,
-            comm,
-            compact=spec.dropless_impl == "ragged",
-            ops=ops,
-        )
-    else:
-        order = dispatch.sort_by_expert(r.experts, n)
-        rows = dispatch.gather_sorted(tokens, order, k)
-        y = dispatch.combine_sorted(experts.ragged(weights, rows, order.group_sizes), order, r.weights)
 
+def statistics(routing: router.Routing, placement: Placement, top_k: int, comm: Comm) -> dict[str, jax.Array]:
     mean = comm.mean
-    stats = router.router_stats(r.probs, r.experts, mean)
-    stats.update(
-        z_loss=router.z_loss(r.logits, mean),
-        drop_rate=mean(dropped) / k,
-    )
-    return y.reshape(t, d), stats
+    stats = router.router_stats(routing.probs, routing.experts, mean)
+    stats.update(z_loss=router.z_loss(routing.logits, mean), drop_rate=mean(placement.dropped) / top_k)
+    return stats
+
+
+def dispatcher(spec: ModelSpec, comm: Comm, ops: RoutingOps, group: int, cap: int):
+    """The dispatch path of this layer on this mesh."""
+    n = spec.num_experts
+    if not spec.dropless:
+        slots = cap
+    elif spec.dropless_impl == "ragged" and not comm.expert_axis:
+        return RaggedDispatcher(n)
+    else:
+        slots = group  # room for the whole group in every expert: nothing can drop
+    if comm.expert_axis:
+        # Dropless across devices is the capacity-bounded exchange of worst-case slots; `ragged` then
+        # computes only the used ones.
+        return ExpertParallelDispatcher(
+            n, slots, ops, comm.expert_axis, compact=spec.dropless and spec.dropless_impl == "ragged"
+        )
+    return SlotDispatcher(n, slots, ops)
+
+
+class SlotDispatcher:
+    """Groups [G, S_g, d] -> slot buffers [E, G*cap, d] -> experts -> combine, on this device."""
+
+    compact = False
+
+    def __init__(self, num_experts: int, capacity: int, ops: RoutingOps):
+        self.num_experts, self.capacity, self.ops = num_experts, capacity, ops
+
+    def __call__(self, tokens: jax.Array, routing: router.Routing, placement: Placement, weights: ExpertWeights):
+        n, cap = self.num_experts, self.capacity
+        g = placement.experts.shape[0]
+        tokens_g = tokens.reshape(g, -1, tokens.shape[-1])
+        slots = dispatch.slot_indices(placement.experts, placement.positions, cap)
+        buf = _expert_major(jax.vmap(self.ops.dispatch, in_axes=(0, 0, None))(tokens_g, slots, n * cap), n)
+        filled = (
+            _expert_major(jax.vmap(dispatch.filled_slots, in_axes=(0, None))(slots, n * cap), n)
+            if self.compact
+            else None
+        )
+        buf, filled = self.send(buf, filled)
+        out = experts.compact_ragged(weights, buf, filled) if self.compact else experts.batched(weights, buf)
+        return jax.vmap(self.ops.combine)(_group_major(self.receive(out), g), slots, placement.weights)
+
+    def send(self, buf: jax.Array, filled: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        return buf, filled
+
+    def receive(self, out: jax.Array) -> jax.Array:
+        return out
+
+
+class ExpertParallelDispatcher(SlotDispatcher):
+    """The slot path with the experts on other devices: an all-to-all sends each expert's slots to the
+    device holding it ([E, R, d] -> [E/ep, ep*R, d]) and a second one brings the outputs back."""
+
+    def __init__(self, num_experts: int, capacity: int, ops: RoutingOps, axis: str, *, compact: bool):
+        super().__init__(num_experts, capacity, ops)
+        self.axis, self.compact = axis, compact
+
+    def send(self, buf: jax.Array, filled: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        buf = jax.lax.all_to_all(buf, self.axis, 0, 1, tiled=True)
+        if filled is not None:
+            filled = jax.lax.all_to_all(filled, self.axis, 0, 1, tiled=True)
+        return buf, filled
+
+    def receive(self, out: jax.Array) -> jax.Array:
+        return jax.lax.all_to_all(out, self.axis, 1, 0, tiled=True)
+
+
+class RaggedDispatcher:
+    """Dropless on one device: assignments sorted by expert [T*k, d], a grouped matmul, and back."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def __call__(self, tokens: jax.Array, routing: router.Routing, placement: Placement, weights: ExpertWeights):
+        order = dispatch.sort_by_expert(routing.experts, self.num_experts)
+        rows = dispatch.gather_sorted(tokens, order, routing.experts.shape[-1])
+        return dispatch.combine_sorted(experts.ragged(weights, rows, order.group_sizes), order, routing.weights)
 
 
 def _expert_major(a: jax.Array, num_experts: int) -> jax.Array:
@@ -134,39 +224,3 @@ def _group_major(a: jax.Array, groups: int) -> jax.Array:
     cap = rows // groups
     a = a.reshape(e, groups, cap, *a.shape[2:])
     return jnp.moveaxis(a, 0, 1).reshape(groups, e * cap, *a.shape[3:])
-
-
-def _through_slots(
-    tokens_g: jax.Array,
-    experts_g: jax.Array,
-    positions: jax.Array,
-    weights_g: jax.Array,
-    cap: int,
-    num_experts: int,
-    weights: ExpertWeights,
-    comm: Comm,
-    *,
-    compact: bool,
-    ops: RoutingOps,
-) -> jax.Array:
-    """Capacity path: groups [G, S_g, d] -> slot buffers [E, G*cap, d] -> experts -> combine.
-
-    With an expert axis, an all-to-all sends each expert's slots to the device holding
-    it ([E, R, d] -> [E/ep, ep*R, d]) and a second one brings the outputs back.
-    """
-    g = tokens_g.shape[0]
-    slots = dispatch.slot_indices(experts_g, positions, cap)
-    buf = _expert_major(jax.vmap(ops.dispatch, in_axes=(0, 0, None))(tokens_g, slots, num_experts * cap), num_experts)
-    filled = (
-        _expert_major(jax.vmap(dispatch.filled_slots, in_axes=(0, None))(slots, num_experts * cap), num_experts)
-        if compact
-        else None
-    )
-    if comm.expert_axis:
-        buf = jax.lax.all_to_all(buf, comm.expert_axis, 0, 1, tiled=True)
-        if compact:
-            filled = jax.lax.all_to_all(filled, comm.expert_axis, 0, 1, tiled=True)
-    out = experts.compact_ragged(weights, buf, filled) if compact else experts.batched(weights, buf)
-    if comm.expert_axis:
-        out = jax.lax.all_to_all(out, comm.expert_axis, 1, 0, tiled=True)
-    return jax.vmap(ops.combine)(_group_major(out, g), slots, weights_g)

@@ -16,22 +16,22 @@ from skymoe_jax.kernels.common import resolve_interpret
 from skymoe_jax.kernels.gather import gather_rows, gather_sum, slot_sources
 
 
-def permute(x: jax.Array, slots: jax.Array, num_slots: int, *, interpret: bool | None = None) -> jax.Array:
+def dispatch(x: jax.Array, slots: jax.Array, num_slots: int, *, interpret: bool | None = None) -> jax.Array:
     """Token rows x [S, d] -> slot rows [num_slots, d]; slots [S, k] holds each assignment's slot or -1."""
-    return _permute(num_slots, resolve_interpret(interpret), x, slots)
+    return _dispatch(num_slots, resolve_interpret(interpret), x, slots)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _permute(num_slots: int, interpret: bool, x: jax.Array, slots: jax.Array) -> jax.Array:
+def _dispatch(num_slots: int, interpret: bool, x: jax.Array, slots: jax.Array) -> jax.Array:
     return gather_rows(x, slot_sources(slots, num_slots, interpret=interpret), slots.shape[1], interpret=interpret)
 
 
-def _permute_fwd(num_slots: int, interpret: bool, x: jax.Array, slots: jax.Array):
-    return _permute(num_slots, interpret, x, slots), slots
+def _dispatch_fwd(num_slots: int, interpret: bool, x: jax.Array, slots: jax.Array):
+    return _dispatch(num_slots, interpret, x, slots), slots
 
 
-def _permute_bwd(num_slots: int, interpret: bool, slots: jax.Array, d_out: jax.Array):
+def _dispatch_bwd(num_slots: int, interpret: bool, slots: jax.Array, d_out: jax.Array):
     return gather_sum(d_out, slots, interpret=interpret), None
 
 
-_permute.defvjp(_permute_fwd, _permute_bwd)
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
