@@ -2,6 +2,8 @@
 against a numpy reference, GQA as MHA with repeated K/V heads, document masking, causality,
 layer layout and per-MoE-layer statistics, dense and bfloat16 configs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,7 +182,8 @@ def test_moe_stats_are_per_layer_in_layer_order():
     tokens = _tokens(4)
     out = model(tokens, train=True)
     assert out.moe["expert_load"].shape == (2, E)
-    assert all(out.moe[name].shape == (2,) for name in ("aux_loss", "z_loss", "drop_rate", "max1_max2"))
+    assert out.moe["mean_probs"].shape == (2, E)
+    assert all(out.moe[name].shape == (2,) for name in ("z_loss", "drop_rate", "max1_max2"))
 
     # The same layers applied one by one, unstacked by hand, give the logits and the stats rows in order.
     positions = jnp.broadcast_to(jnp.arange(S), tokens.shape)
@@ -210,7 +213,7 @@ def test_bfloat16_router_stays_float32():
     y, stats16 = b16(x, train=True)
     _, stats32 = f32(x.astype(jnp.float32), train=True)
     assert y.dtype == jnp.bfloat16
-    for name in ("z_loss", "aux_loss", "max1_max2", "router_entropy", "expert_load", "drop_rate"):
+    for name in ("z_loss", "mean_probs", "max1_max2", "router_entropy", "expert_load", "drop_rate"):
         assert stats16[name].dtype == jnp.float32, name
         np.testing.assert_allclose(stats16[name], stats32[name], rtol=1e-6, err_msg=name)
 
@@ -226,3 +229,14 @@ def test_bfloat16_model_runs_close_to_float32():
     # tied can switch expert and jump by O(1), so compare the median.
     scale = float(jnp.max(jnp.abs(out32.logits)))
     assert np.median(np.abs(out16.logits - out32.logits)) < 0.01 * scale
+
+
+def test_the_spec_reads_every_model_field_of_the_config():
+    """ModelSpec.from_config takes the model and moe sections by field name: a new config field the model needs
+    is declared on ModelSpec once; the training-only ones are named here."""
+    c = base_config()
+    names = {f.name for f in dataclasses.fields(ModelSpec)}
+    unread = {f"{section}.{name}" for section in ("model", "moe") for name in c[section] if name not in names}
+    assert unread == {"moe.aux_loss", "moe.z_loss_coef"}  # the loss's, in training/step.py
+    c.model.rope_theta = 500000  # an int where the spec declares a float
+    assert isinstance(ModelSpec.from_config(c).rope_theta, float)

@@ -117,41 +117,14 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict) -> ModelSpec:
-        m, e = c.model, c.moe
+        """The model and moe sections' fields that the model reads (each cast to its declared type: a config
+        may give 10000 for a float), the parallel layout and the pipeline split."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        taken = {name: value for section in (c.model, c.moe) for name, value in section.items() if name in fields}
+        cast = {"int": int, "float": float, "str": str, "bool": bool}
         return cls(
-            vocab_size=m.vocab_size,
-            d_model=m.d_model,
-            num_layers=m.num_layers,
-            num_heads=m.num_heads,
-            num_kv_heads=m.num_kv_heads,
-            ffn_dim=m.ffn_dim,
-            rope_theta=float(m.rope_theta),
-            norm_eps=float(m.norm_eps),
-            init_std=float(m.init_std),
-            dtype=m.dtype,
-            param_dtype=m.param_dtype,
-            remat=m.remat,
-            attention_impl=m.attention_impl,
-            qkv_bias=bool(m.qkv_bias),
-            first_k_dense=e.first_k_dense,
-            moe_every=e.moe_every,
-            num_experts=e.num_experts,
-            top_k=e.top_k,
-            expert_ffn_dim=e.expert_ffn_dim,
-            router_init_std=float(e.router_init_std),
-            gate_norm=bool(e.gate_norm),
-            gate_norm_lambda=float(e.gate_norm_lambda),
-            gate_norm_ddof=int(e.gate_norm_ddof),
-            gate_norm_eps=float(e.gate_norm_eps),
-            renormalize=bool(e.renormalize),
-            capacity_factor=float(e.capacity_factor),
-            eval_capacity_factor=float(e.eval_capacity_factor),
-            group_size=e.group_size,
-            drop_policy=e.drop_policy,
-            dropless=bool(e.dropless),
-            dropless_impl=e.dropless_impl,
+            **{name: cast[fields[name]](value) for name, value in taken.items()},
             layout=c.parallel.layout,
-            routing_impl=e.routing_impl,
             stage_layers=pipeline_stage_layers(c),
         )
 
