@@ -11,3 +11,22 @@ os.environ["XLA_FLAGS"] = " ".join(
     + [f"{k}={v}" for k, v in FLAGS.items()]
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402  (after XLA_FLAGS: nothing may import jax before they are set)
+
+LONG = "SKYMOE_LONG"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"long: a case the default run leaves to the long profile ({LONG}=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Cases marked long repeat a property a default case already checks, on another mesh or setting; the
+    default run skips them to stay near 20 minutes on 2 cores, SKYMOE_LONG=1 runs them."""
+    if os.environ.get(LONG) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"long profile ({LONG}=1)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)

@@ -31,7 +31,7 @@ def _seeds() -> list[int]:
         return [int(s) for s in os.environ["SKYMOE_FUZZ_SEEDS"].split(",")]
     if os.environ.get("SKYMOE_FUZZ") == "long":
         return list(range(int(os.environ.get("SKYMOE_FUZZ_COUNT", "300"))))
-    return FAST_SEEDS
+    return FAST_SEEDS + (LONG_SEEDS if os.environ.get("SKYMOE_LONG") == "1" else [])
 
 
 def _pick(rng, options, weights=None):
@@ -115,9 +115,11 @@ def draw(seed: int) -> dict[str, object]:
     return {"start": start, "overrides": c}
 
 
-# The paper's layout (pipeline x data x EDP, ZeRO-1, an uneven split) upcycled from a dense run, and a dense
-# bfloat16-parameter pipeline started from another run's checkpoint; the long profile draws the rest.
-FAST_SEEDS = [16, 9]
+# The paper's layout (pipeline x data x EDP, ZeRO-1, an uneven split) upcycled from a dense run; with
+# SKYMOE_LONG=1 also a dense bfloat16-parameter pipeline started from another run's checkpoint; SKYMOE_FUZZ=long
+# draws the rest.
+FAST_SEEDS = [16]
+LONG_SEEDS = [9]
 
 
 def _flags(overrides: dict[str, object]) -> list[str]:

@@ -91,16 +91,19 @@ def reference():
 
 # Every mesh in both layouts; ZeRO-1 and FSDP each ride on two of them, one per layout, rather than
 # adding cases (each compiles a sharded step).
+# The long profile (SKYMOE_LONG=1) adds the rest: every mesh in both layouts, FSDP on gshard, dropless EDP.
 CASES = [
     ((1, 8, 1), "gshard", {}),
     ((1, 4, 2), "gshard", {"zero1": True}),
-    ((1, 2, 4), "gshard", {"fsdp": True}),
-    ((1, 1, 8), "gshard", {}),
-    ((1, 8, 1), "edp", {}),
+    pytest.param((1, 2, 4), "gshard", {"fsdp": True}, marks=pytest.mark.long),
+    pytest.param((1, 1, 8), "gshard", {}, marks=pytest.mark.long),
+    pytest.param((1, 8, 1), "edp", {}, marks=pytest.mark.long),
     ((1, 4, 2), "edp", {"fsdp": True}),
     ((1, 2, 4), "edp", {"zero1": True}),
     ((1, 1, 8), "edp", {}),
-] + [((1, 2, 4), layout, {"dropless": True}) for layout in ("gshard", "edp")]
+    ((1, 2, 4), "gshard", {"dropless": True}),
+    pytest.param((1, 2, 4), "edp", {"dropless": True}, marks=pytest.mark.long),
+]
 
 
 @pytest.mark.parametrize("mesh,layout,opts", CASES, ids=lambda v: str(v).replace(" ", ""))

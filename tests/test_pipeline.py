@@ -42,7 +42,7 @@ def reference():
 
 
 CASES = [
-    ((2, 4, 1), (), "gshard", (), {}),  # 2 even stages x data
+    pytest.param((2, 4, 1), (), "gshard", (), {}, marks=pytest.mark.long),  # 2 even stages x data
     ((4, 1, 2), (2, 2, 1, 1), "edp", ("full", "none", "dots", "full"), {}),  # 4 uneven stages, EDP, remat by stage
     # The paper's pipeline x data x expert, every axis above 1, in both layouts; between them FSDP and ZeRO-1,
     # an uneven and an even split, two microbatches and one.

@@ -84,7 +84,7 @@ def test_block_pallas_equals_xla(moe):
     if "dropless" not in moe and moe.get("capacity_factor"):
         assert float(stats0["drop_rate"]) > 0
     # float32 sums in another order, then through the expert FFN and its backward pass.
-    for name in ("aux_loss", "z_loss", "max1_max2", "router_entropy"):
+    for name in ("mean_probs", "z_loss", "max1_max2", "router_entropy"):
         np.testing.assert_allclose(stats[name], stats0[name], rtol=1e-6)
     np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5 * np.max(np.abs(y0)))
     for a, b in zip(g + [g_x], g0 + [g_x0]):
@@ -175,7 +175,7 @@ def test_bench_routing_and_ragged(capsys):
     assert main(["bench", "routing", *shape]) == 0
     out = capsys.readouterr().out
     assert "INTERPRET mode" in out
-    for stage in ("route", "positions", "permute", "combine", "sum"):
+    for stage in ("route", "positions", "dispatch", "combine", "sum"):
         assert out.count(f" {stage} ") == 2, stage  # an xla and a pallas row
     assert main(["bench", "routing", "--ragged", *shape]) == 0
     out = capsys.readouterr().out

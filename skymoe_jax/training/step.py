@@ -18,7 +18,7 @@ from flax import nnx
 from skymoe_jax.model import pipeline
 from skymoe_jax.model.loss import cross_entropy
 from skymoe_jax.model.moe import router
-from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.model.spec import pipeline_stage_layers
 from skymoe_jax.training import aux_coef
 from skymoe_jax.training.optim import schedule
 from skymoe_jax.training.state import TrainState
@@ -45,7 +45,7 @@ class LossSettings(NamedTuple):
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> LossSettings:
-        stages = len(ModelSpec.from_config(config).stage_layers)
+        stages = len(pipeline_stage_layers(config))
         remat = tuple(config.parallel.stage_remat) or (config.model.remat,) * stages
         return cls(config.moe.aux_loss, float(config.moe.z_loss_coef), config.parallel.num_microbatches, remat)
 
