@@ -7,12 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from skymoe_jax.bench.kernel_checks import triton_calls
 from skymoe_jax.config import base_config, validate
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.kernels.attention import pallas_attention, tile
 from skymoe_jax.model.attention import attention_mask
-
-TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def _inputs(b=2, s=64, h=4, kv=2, d=16, seed=0):
@@ -62,8 +61,7 @@ def test_lowers_for_cuda_to_triton_kernels_forward_and_backward():
         .as_text()
     )
     assert "mosaic" not in text.lower()  # Triton, as jax's kernel asks through its compiler params
-    kernels = sorted(chunk.split('name = "', 1)[1].split('"', 1)[0] for chunk in text.split(TRITON_CALL)[1:])
-    assert kernels == ["mha_backward", "mha_forward", "mha_preprocess_backward"]
+    assert triton_calls(text) == ["mha_backward", "mha_forward", "mha_preprocess_backward"]
 
 
 def _config(impl):

@@ -21,10 +21,12 @@ import numpy as np
 
 from skymoe_jax.config import capacity
 from skymoe_jax.kernels import common
+from skymoe_jax.kernels.attention import pallas_attention
 from skymoe_jax.kernels.combine import combine
 from skymoe_jax.kernels.dispatch import dispatch as dispatch_kernel
 from skymoe_jax.kernels.positions import expert_positions
 from skymoe_jax.kernels.route import route
+from skymoe_jax.model.attention import attention_mask
 from skymoe_jax.model.moe import dispatch, router
 
 TOLERANCE = 1e-5
@@ -202,6 +204,11 @@ def _difference(got: dict[str, jax.Array], want: dict[str, jax.Array], tolerance
     return {"max_rel_error": worst, "tolerance": tolerance, "passed": bool(passed)}
 
 
+def triton_calls(text: str) -> list[str]:
+    """Names of the Triton kernels a lowered (StableHLO) program calls, sorted, each once."""
+    return sorted({chunk.split('name = "', 1)[1].split('"', 1)[0] for chunk in text.split(TRITON_CALL)[1:]})
+
+
 def _triton_kernels(case: Case, lowered_only: bool) -> list[str]:
     """Names of the Triton calls in all four stages, forward and backward, compiled (interpret=False)."""
     a = _inputs(case)
@@ -217,15 +224,12 @@ def _triton_kernels(case: Case, lowered_only: bool) -> list[str]:
 
     traced = jax.jit(everything).trace(a["z"], a["chosen"], a["x"], a["y"], a["slots"], a["weights"])
     text = traced.lower(lowering_platforms=("cuda",)).as_text() if lowered_only else traced.lower().as_text()
-    return sorted({chunk.split('name = "', 1)[1].split('"', 1)[0] for chunk in text.split(TRITON_CALL)[1:]})
+    return triton_calls(text)
 
 
 def check_attention(case: AttentionCase) -> dict[str, Any]:
     """Flash attention against dense attention on packed rows (values, and gradients of q, k, v), and the
     Triton calls of its forward and backward: {'rows', 'triton_kernels', 'missing_kernels', 'passed'}."""
-    from skymoe_jax.kernels.attention import pallas_attention
-    from skymoe_jax.model.attention import attention_mask
-
     compiled = common.on_gpu()
     b, s, h, kv, d = case
     rng = np.random.default_rng(0)
@@ -250,7 +254,7 @@ def check_attention(case: AttentionCase) -> dict[str, Any]:
     compiled_flash = run(lambda q, k, v, seg: pallas_attention(q, k, v, seg, "gshard", interpret=False))
     traced = jax.jit(compiled_flash).trace(q, k, v, segments)
     text = traced.lower().as_text() if compiled else traced.lower(lowering_platforms=("cuda",)).as_text()
-    found = sorted({chunk.split('name = "', 1)[1].split('"', 1)[0] for chunk in text.split(TRITON_CALL)[1:]})
+    found = triton_calls(text)
     missing = sorted(set(ATTENTION_KERNELS) - set(found))
     return {
         "rows": rows,
