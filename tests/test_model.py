@@ -12,6 +12,7 @@ from flax import nnx
 
 from skymoe_jax.config import base_config
 from skymoe_jax.model.attention import Attention
+from skymoe_jax.model.mesh_layout import MeshLayout
 from skymoe_jax.model.moe.block import MoEBlock
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import build_model
@@ -97,7 +98,7 @@ def _x(seed=1):
 @pytest.mark.parametrize("impl", ["xla", "chunked"])
 def test_attention_matches_numpy_reference(impl):
     spec = _spec(model__attention_impl=impl)
-    attn = _materialize(lambda: Attention(spec, nnx.Rngs(params=0)))
+    attn = _materialize(lambda: Attention(spec, nnx.Rngs(params=0), "gshard"))
     x = _x()
     got = attn(x, POSITIONS, SEGMENTS)
     # float32 vs float64 on O(1) activations: a few 1e-7; a wrong mask, rotation or head grouping moves O(0.1).
@@ -107,8 +108,8 @@ def test_attention_matches_numpy_reference(impl):
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
-    gqa = _materialize(lambda: Attention(_spec(), nnx.Rngs(params=0)))
-    mha = _materialize(lambda: Attention(_spec(model__num_kv_heads=H), nnx.Rngs(params=0)), seed=1)
+    gqa = _materialize(lambda: Attention(_spec(), nnx.Rngs(params=0), "gshard"))
+    mha = _materialize(lambda: Attention(_spec(model__num_kv_heads=H), nnx.Rngs(params=0), "gshard"), seed=1)
     mha.wq[...], mha.wo[...] = gqa.wq[...], gqa.wo[...]
     mha.wk[...] = jnp.repeat(gqa.wk[...], H // KV, axis=1)
     mha.wv[...] = jnp.repeat(gqa.wv[...], H // KV, axis=1)
@@ -208,8 +209,8 @@ def test_bfloat16_router_stays_float32():
     # Same parameters (float32) and the same bfloat16-representable input: if the gate matmul ran
     # in bfloat16 (8-bit mantissa) the logits would move by ~1e-2 and so would the z-loss.
     x = jnp.asarray(_x(), jnp.bfloat16)
-    b16 = _materialize(lambda: MoEBlock(_spec(model__dtype="bfloat16"), nnx.Rngs(params=0)))
-    f32 = _materialize(lambda: MoEBlock(_spec(), nnx.Rngs(params=0)))
+    b16 = _materialize(lambda: MoEBlock(_spec(model__dtype="bfloat16"), nnx.Rngs(params=0), "gshard"))
+    f32 = _materialize(lambda: MoEBlock(_spec(), nnx.Rngs(params=0), "gshard"))
     y, stats16 = b16(x, train=True)
     _, stats32 = f32(x.astype(jnp.float32), train=True)
     assert y.dtype == jnp.bfloat16
@@ -240,3 +241,18 @@ def test_the_spec_reads_every_model_field_of_the_config():
     assert unread == {"moe.aux_loss", "moe.z_loss_coef"}  # the loss's, in training/step.py
     c.model.rope_theta = 500000  # an int where the spec declares a float
     assert isinstance(ModelSpec.from_config(c).rope_theta, float)
+
+
+def test_mesh_facts_stay_out_of_the_model_spec():
+    """The same model on another mesh has the same ModelSpec; the mesh's part (MoE layout, pipeline split)
+    is the MeshLayout, which stores the (1, 3) split as stages of 3 slots: layer 0 at slot 0, layers 1-3 at
+    slots 3-5."""
+    one = base_config()
+    split = base_config()
+    split.parallel.update(mesh=(2, 4, 1), layout="edp", pipeline_stage_layers=(1, 3))
+    assert ModelSpec.from_config(one) == ModelSpec.from_config(split)
+    layout = MeshLayout.from_config(split)
+    assert (layout.layout, layout.pipelined, layout.stored_layers(4)) == ("edp", True, 6)
+    assert layout.layer_slots(4).tolist() == [0, 3, 4, 5]
+    assert layout.layer_places(ModelSpec.from_config(split)) == ((0, 0, 0), (0, 0, 3), (0, 0, 4), (0, 0, 5))
+    assert MeshLayout.from_config(one).layer_slots(4).tolist() == [0, 1, 2, 3]

@@ -39,7 +39,7 @@ def _materialize(ctor, seed=0, std=0.5):
 
 
 def _block(spec, seed=0):
-    return _materialize(lambda: MoEBlock(spec, nnx.Rngs(params=0)), seed)
+    return _materialize(lambda: MoEBlock(spec, nnx.Rngs(params=0), "gshard"), seed)
 
 
 def _x(seed=1, shape=(B, S, D)):

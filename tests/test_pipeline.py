@@ -10,6 +10,7 @@ from test_parallel import _step_and_hlo
 from skymoe_jax.config import apply_overrides, base_config, load_config
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.metrics.flops import pipeline_utilization, stage_flops_per_token
+from skymoe_jax.model.mesh_layout import MeshLayout
 from skymoe_jax.model.pipeline import bubble_fraction
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.parallel.plan import plan
@@ -29,9 +30,9 @@ def _config(mesh=(1, 1, 1), split=(), microbatches=2, layout="gshard", remat=())
     return c
 
 
-def _canonical(tree, spec):
+def _canonical(tree, config):
     """Pipelined parameters are stored stage by stage with padding; put the layers back in order."""
-    slots = spec.layer_slots()
+    slots = MeshLayout.from_config(config).layer_slots(config.model.num_layers)
     stacks = tree["stacks"][0]["blocks"]
     return jax.tree.map(lambda a: a[slots], stacks), {k: tree[k] for k in ("embed", "final_norm", "head")}
 
@@ -62,20 +63,21 @@ def test_pipelined_step_equals_unpipelined(reference, mesh, split, layout, remat
     c.parallel.update(parallel)
     (grads, state, metrics), hlo = _step_and_hlo(c, jax.devices())
     assert "collective_permute" in hlo  # stage-to-stage sends (StableHLO spelling)
-    spec = ModelSpec.from_config(c)
     np.testing.assert_array_equal(metrics["drop_rate"], metrics0["drop_rate"])
     np.testing.assert_array_equal(metrics["expert_load"], metrics0["expert_load"])
     np.testing.assert_allclose(metrics["loss"], metrics0["loss"], rtol=2e-6)
     np.testing.assert_allclose(metrics["alpha"], metrics0["alpha"], rtol=1e-6)
     # The pipelined layout keeps the plain init's layers at their slots, so parameters are equal; the math
     # is the same in other summation orders (tolerances as in test_parallel).
-    for g, g0 in zip(jax.tree.leaves(_canonical(grads, spec)), jax.tree.leaves(_layers_and_rest(grads0))):
+    for g, g0 in zip(jax.tree.leaves(_canonical(grads, c)), jax.tree.leaves(_layers_and_rest(grads0))):
         np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-7)
-    for p, p0 in zip(jax.tree.leaves(_canonical(state.params, spec)), jax.tree.leaves(_layers_and_rest(state0.params))):
+    for p, p0 in zip(jax.tree.leaves(_canonical(state.params, c)), jax.tree.leaves(_layers_and_rest(state0.params))):
         # Adam's first update is lr * g / (|g| + eps): for |g| near eps it amplifies the tiny absolute
         # gradient differences allowed above, so allow 1% of lr (3e-3); a wrong gradient moves it by ~lr.
         np.testing.assert_allclose(p, p0, atol=3e-5)
-    padding = np.setdiff1d(np.arange(spec.stored_layers), spec.layer_slots())
+    split = MeshLayout.from_config(c)
+    n = c.model.num_layers
+    padding = np.setdiff1d(np.arange(split.stored_layers(n)), split.layer_slots(n))
     for p in jax.tree.leaves(state.params["stacks"][0]["blocks"]):
         assert not np.any(np.asarray(p)[padding])  # padded slots never train
 
@@ -86,17 +88,17 @@ def test_bfloat16_pipeline_trains_like_the_unpipelined_bfloat16_step():
     def step(mesh, devices):
         c = _config(mesh, (4, 2), layout="edp")
         c.model.update(dtype="bfloat16", param_dtype="bfloat16")
-        return _step_and_hlo(c, devices)[0], ModelSpec.from_config(c)
+        return _step_and_hlo(c, devices)[0], c
 
     (grads0, _, metrics0), _ = step((1, 1, 1), jax.devices()[:1])
-    (grads, _, metrics), spec = step((2, 2, 2), jax.devices())
+    (grads, _, metrics), c = step((2, 2, 2), jax.devices())
     assert jax.tree.leaves(grads)[0].dtype == np.dtype("bfloat16")
     np.testing.assert_allclose(metrics["loss"], metrics0["loss"], rtol=1e-3)  # measured: 2e-5
     # Routing decides on bfloat16 activations, so rounding in another summation order flips a few top-k
     # choices and capacity drops: measured against one device, the router's gradient differs by 7% on the
     # unpipelined (1, 2, 4) mesh and 15% on this one, the other leaves by 1-9%. A lost stage or microbatch
     # is off by about 100%.
-    for g, g0 in zip(jax.tree.leaves(_canonical(grads, spec)), jax.tree.leaves(_layers_and_rest(grads0))):
+    for g, g0 in zip(jax.tree.leaves(_canonical(grads, c)), jax.tree.leaves(_layers_and_rest(grads0))):
         g, g0 = np.asarray(g, np.float32), np.asarray(g0, np.float32)
         assert np.linalg.norm(g - g0) <= 0.3 * np.linalg.norm(g0)
 

@@ -48,7 +48,7 @@ def _block_spec(routing_impl, **moe) -> ModelSpec:
 
 def _block(spec):
     """Parameters drawn with numpy: the same for both implementations, and no RNG program to compile."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MoEBlock(spec, nnx.Rngs(params=0))))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MoEBlock(spec, nnx.Rngs(params=0), "gshard")))
     rng = np.random.default_rng(0)
     return nnx.merge(graphdef, jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(a.dtype), abstract))
 

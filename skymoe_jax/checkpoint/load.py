@@ -10,6 +10,7 @@ from flax import nnx
 
 from skymoe_jax.checkpoint.manager import Checkpointer, saved_config, split_checkpoint_path
 from skymoe_jax.errors import CheckpointError
+from skymoe_jax.model.mesh_layout import MeshLayout
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import Transformer, build_model
 from skymoe_jax.parallel import mesh as mesh_lib
@@ -30,7 +31,9 @@ def load_model(path: str) -> tuple[Transformer, ml_collections.ConfigDict]:
     source = Checkpointer(workdir)
     step = source.latest_step() if step is None else step
     spec = ModelSpec.from_config(config)
-    abstract = nnx.eval_shape(lambda: build_model(dataclasses.replace(spec, group_size=0)))
+    abstract = nnx.eval_shape(
+        lambda: build_model(dataclasses.replace(spec, group_size=0), mesh_layout=MeshLayout.from_config(config))
+    )
     graphdef, params = nnx.split(abstract, nnx.Param)
     mesh = mesh_lib.make_mesh(config)
     restored = source.restore_params(

@@ -20,7 +20,6 @@ outputs carry the MoE shardings: no host ever holds the whole model.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -37,7 +36,8 @@ from skymoe_jax.checkpoint.manager import (
     tree_path_name,
 )
 from skymoe_jax.errors import CheckpointError, ConfigError
-from skymoe_jax.model.spec import ModelSpec, pipeline_stage_layers
+from skymoe_jax.model.mesh_layout import MeshLayout
+from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import OUTSIDE_LAYERS, at_path, build_model, layer_path, path_name, put_path
 from skymoe_jax.parallel import mesh as mesh_lib
 from skymoe_jax.training.state import TrainState
@@ -82,10 +82,10 @@ def _paths(tree) -> dict[str, nnx.Variable]:
 
 def load_dense(
     dense_dir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-) -> tuple[nnx.State, int, ModelSpec]:
+) -> tuple[nnx.State, int, tuple[tuple[int, int, int], ...]]:
     """The dense checkpoint's parameters (a workdir's latest, or WORKDIR/checkpoints/STEP), restored onto
-    `mesh` in the layer layout they were saved in, G (see `slices`) and the dense model's spec, whose
-    `layer_places` say where each layer is in that layout."""
+    `mesh` in the layer layout they were saved in, G (see `slices`) and where each layer is in that layout
+    (MeshLayout.layer_places)."""
     dense_dir, step = split_checkpoint_path(dense_dir)
     dense_config = saved_config(dense_dir, step)
     if dense_config.moe.num_experts:
@@ -110,10 +110,8 @@ def load_dense(
         raise CheckpointError(f"{directory} has no dense FFN ({ffn_key}); is it a checkpoint of this trainer?")
     g = slices(config, shapes[ffn_key][-1])
     # The dense run stored its layers by its own pipeline split, which need not be the MoE's.
-    spec = dataclasses.replace(
-        ModelSpec.from_config(_dense_counterpart(config, shapes[ffn_key][-1])),
-        stage_layers=pipeline_stage_layers(dense_config),
-    )
+    spec = ModelSpec.from_config(_dense_counterpart(config, shapes[ffn_key][-1]))
+    dense_layout = MeshLayout(stage_layers=MeshLayout.from_config(dense_config).stage_layers)
     if (
         any(not is_moe for is_moe in ModelSpec.from_config(config).moe_layers)
         and config.model.ffn_dim != shapes[ffn_key][-1]
@@ -122,7 +120,7 @@ def load_dense(
             f"the MoE config's dense layers have model.ffn_dim={config.model.ffn_dim} but the dense "
             f"checkpoint's FFN width is {shapes[ffn_key][-1]}"
         )
-    params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
+    params = nnx.state(nnx.eval_shape(lambda: build_model(spec, mesh_layout=dense_layout)), nnx.Param)
     for name, leaf in _paths(params).items():
         if name not in shapes:
             raise CheckpointError(f"dense checkpoint {directory} has no parameter {name}, which the MoE config needs")
@@ -134,13 +132,16 @@ def load_dense(
     rules = mesh_lib.param_rules(config.parallel)
     if g > 1:
         rules = {**rules, "mlp": ("expert",)}  # each device reads only the slices its experts are made of
-    return source.restore_params(step, params, mesh_lib.tree_shardings(params, mesh, rules)), g, spec
+    restored = source.restore_params(step, params, mesh_lib.tree_shardings(params, mesh, rules))
+    return restored, g, dense_layout.layer_places(spec)
 
 
-def upcycle_fn(config: ml_collections.ConfigDict, dense_spec: ModelSpec, g: int, tx, shardings: TrainState):
-    """jit(dense params laid out as `dense_spec` -> fresh MoE TrainState) with the MoE state's shardings on
-    its outputs."""
-    spec = ModelSpec.from_config(config)
+def upcycle_fn(
+    config: ml_collections.ConfigDict, dense_places: tuple[tuple[int, int, int], ...], g: int, tx, shardings: TrainState
+):
+    """jit(dense params with their layers at `dense_places` -> fresh MoE TrainState) with the MoE state's
+    shardings on its outputs."""
+    spec, mesh_layout = ModelSpec.from_config(config), MeshLayout.from_config(config)
     n, k = spec.num_experts, spec.top_k
     noise = config.init.upcycle_noise
     scale = 1.0 if g == 1 else float(k if spec.renormalize else n)
@@ -162,9 +163,9 @@ def upcycle_fn(config: ml_collections.ConfigDict, dense_spec: ModelSpec, g: int,
     def build(dense: nnx.State) -> TrainState:
         src = nnx.to_pure_dict(dense)
         layers = at_path(src, layer_path(0, 0))  # a dense model is one stack of one-layer blocks
-        source = np.array([slot for _, _, slot in dense_spec.layer_places()])
-        places = spec.layer_places()
-        params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
+        source = np.array([slot for _, _, slot in dense_places])
+        places = mesh_layout.layer_places(spec)
+        params = nnx.state(nnx.eval_shape(lambda: build_model(spec, mesh_layout=mesh_layout)), nnx.Param)
         stored = nnx.to_pure_dict(params)
         key = jax.random.key(config.seed)
         out = {name: src[name] for name in OUTSIDE_LAYERS}
@@ -197,8 +198,8 @@ def upcycle_fn(config: ml_collections.ConfigDict, dense_spec: ModelSpec, g: int,
 
 def upcycled_state(config: ml_collections.ConfigDict, runtime) -> TrainState:
     """The MoE train state upcycled from config.init.upcycle_from, on the runtime's mesh."""
-    dense, g, dense_spec = load_dense(config.init.upcycle_from, config, runtime.mesh)
-    return upcycle_fn(config, dense_spec, g, runtime.tx, runtime.shardings)(dense)
+    dense, g, dense_places = load_dense(config.init.upcycle_from, config, runtime.mesh)
+    return upcycle_fn(config, dense_places, g, runtime.tx, runtime.shardings)(dense)
 
 
 def upcycle(config: ml_collections.ConfigDict, dense: str, out: str) -> str:

@@ -36,8 +36,8 @@ class ParamCounts:
 
 
 def param_counts(spec: ModelSpec) -> ParamCounts:
-    # Layers, not a pipeline's padded slots; neither the layout nor remat changes the parameters.
-    return _counts(dataclasses.replace(spec, stage_layers=(), layout="gshard", remat="none"))
+    # Remat does not change the parameters (one cache entry for all three).
+    return _counts(dataclasses.replace(spec, remat="none"))
 
 
 @functools.lru_cache(maxsize=64)

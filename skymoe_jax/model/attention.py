@@ -39,7 +39,8 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, layout: str):
+        """layout: parallel.layout, which says how the Pallas kernel's shard_map splits heads and batch."""
         d, h, kv, hd = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim
         std, dt = spec.init_std, spec.weight_dtype
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, dt)
@@ -54,7 +55,7 @@ class Attention(nnx.Module):
         self.theta = spec.rope_theta
         self.dtype = spec.compute_dtype
         self.impl = spec.attention_impl
-        self.layout = spec.layout
+        self.layout = layout
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         dt = self.dtype

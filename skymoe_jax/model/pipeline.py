@@ -63,9 +63,9 @@ def forward(
     model: Transformer, batch: dict[str, jax.Array], *, train: bool, microbatches: int, stage_remat: Sequence[str]
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """(sum of token cross-entropies, counted tokens, per-layer MoE means in layer order)."""
-    spec = model.spec
-    stages, longest = len(spec.stage_layers), max(spec.stage_layers)
-    sizes = jnp.asarray(spec.stage_layers, jnp.int32)
+    split = model.mesh_layout
+    stages, longest = len(split.stage_layers), max(split.stage_layers)
+    sizes = jnp.asarray(split.stage_layers, jnp.int32)
     policies = sorted(set(stage_remat))
     policy_of_stage = jnp.asarray([policies.index(r) for r in stage_remat], jnp.int32)
     blocks_def, blocks = nnx.split(model.stacks[0].blocks)
@@ -144,6 +144,6 @@ def forward(
         check_vma=False,
     )(blocks, _as_float32(replicated), mbs)
     # acc: [stored slots, MoE layers per block (1), ...] sums over microbatches -> per-layer means in order.
-    slots = spec.layer_slots()
+    slots = split.layer_slots(model.spec.num_layers)
     moe = jax.tree.map(lambda a: a[slots].reshape(-1, *a.shape[2:]) / microbatches, acc) if acc else {}
     return ce_sum, count, moe

@@ -10,7 +10,6 @@ import dataclasses
 
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +45,7 @@ class ModelSpec:
     drop_policy: str
     dropless: bool
     dropless_impl: str
-    layout: str = "gshard"  # parallel.layout: how the MoE layer is laid out over a mesh
     routing_impl: str = "auto"  # moe.routing_impl: XLA or Pallas routing kernels (kernels/ops.py)
-    # Layers per pipeline stage when the `pipeline` mesh axis is > 1, else (). The layer stack is then
-    # stored stage by stage, each stage padded to the longest (model/pipeline.py).
-    stage_layers: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -83,59 +78,14 @@ class ModelSpec:
         return tuple(out)
 
     @property
-    def pipelined(self) -> bool:
-        return len(self.stage_layers) > 1
-
-    @property
-    def stored_layers(self) -> int:
-        """Length of the stored layer stack: num_layers, or stages x the longest stage when pipelined."""
-        return len(self.stage_layers) * max(self.stage_layers) if self.pipelined else self.num_layers
-
-    def layer_slots(self) -> np.ndarray:
-        """For each layer (in order), its index in the stored stack."""
-        if not self.pipelined:
-            return np.arange(self.num_layers)
-        longest = max(self.stage_layers)
-        return np.concatenate([s * longest + np.arange(n) for s, n in enumerate(self.stage_layers)])
-
-    def layer_places(self) -> tuple[tuple[int, int, int], ...]:
-        """For each layer (in order), where its parameters live: (stack, position in the stack's pattern,
-        index on the stack's stored 'layers' axis), i.e. params["stacks"][stack]["blocks"]["layers"][position]
-        at that index."""
-        # A pipelined model is one stack of one-layer blocks (validated), so block r is layer r.
-        slots = self.layer_slots()
-        return tuple(
-            (s, p, int(slots[r]) if self.pipelined else r)
-            for s, (pattern, repeats) in enumerate(self.stacks())
-            for r in range(repeats)
-            for p in range(len(pattern))
-        )
-
-    @property
     def moe_layers(self) -> tuple[bool, ...]:
         return tuple(is_moe for pattern, repeats in self.stacks() for _ in range(repeats) for is_moe in pattern)
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict) -> ModelSpec:
-        """The model and moe sections' fields that the model reads (each cast to its declared type: a config
-        may give 10000 for a float), the parallel layout and the pipeline split."""
+        """The model and moe sections' fields that the model reads, each cast to its declared type (a config
+        may give 10000 for a float). The mesh's part is MeshLayout.from_config (model/mesh_layout.py)."""
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
         taken = {name: value for section in (c.model, c.moe) for name, value in section.items() if name in fields}
         cast = {"int": int, "float": float, "str": str, "bool": bool}
-        return cls(
-            **{name: cast[fields[name]](value) for name, value in taken.items()},
-            layout=c.parallel.layout,
-            stage_layers=pipeline_stage_layers(c),
-        )
-
-
-def pipeline_stage_layers(c: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """Layers per pipeline stage: parallel.pipeline_stage_layers, or as even as possible (earlier
-    stages take the remainder); () without a pipeline axis."""
-    stages = c.parallel.mesh[0]
-    if stages <= 1:
-        return ()
-    if c.parallel.pipeline_stage_layers:
-        return tuple(c.parallel.pipeline_stage_layers)
-    base, extra = divmod(c.model.num_layers, stages)
-    return tuple(base + (i < extra) for i in range(stages))
+        return cls(**{name: cast[fields[name]](value) for name, value in taken.items()})

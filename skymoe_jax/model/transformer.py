@@ -12,6 +12,7 @@ from flax import nnx
 
 from skymoe_jax.model.attention import Attention
 from skymoe_jax.model.layers import Embed, Head, RMSNorm, SwiGLU
+from skymoe_jax.model.mesh_layout import MeshLayout
 from skymoe_jax.model.moe.block import MoEBlock
 from skymoe_jax.model.spec import ModelSpec
 
@@ -27,11 +28,11 @@ class ModelOutput(NamedTuple):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, spec: ModelSpec, is_moe: bool, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, is_moe: bool, rngs: nnx.Rngs, layout: str):
         self.attn_norm = RMSNorm(spec)
-        self.attn = Attention(spec, rngs)
+        self.attn = Attention(spec, rngs, layout)
         self.ffn_norm = RMSNorm(spec)
-        self.ffn = MoEBlock(spec, rngs) if is_moe else SwiGLU(spec, spec.ffn_dim, rngs)
+        self.ffn = MoEBlock(spec, rngs, layout) if is_moe else SwiGLU(spec, spec.ffn_dim, rngs)
         self.is_moe = is_moe
 
     def __call__(self, x, positions, segment_ids, *, train: bool):
@@ -46,8 +47,8 @@ class DecoderLayer(nnx.Module):
 class SuperBlock(nnx.Module):
     """A fixed pattern of layers (e.g. dense, MoE); a stack scans over copies of it."""
 
-    def __init__(self, spec: ModelSpec, pattern: tuple[bool, ...], rngs: nnx.Rngs):
-        self.layers = nnx.List([DecoderLayer(spec, is_moe, rngs) for is_moe in pattern])
+    def __init__(self, spec: ModelSpec, pattern: tuple[bool, ...], rngs: nnx.Rngs, layout: str):
+        self.layers = nnx.List([DecoderLayer(spec, is_moe, rngs, layout) for is_moe in pattern])
 
     def __call__(self, x, positions, segment_ids, *, train: bool):
         stats = []
@@ -77,6 +78,7 @@ class Stack(nnx.Module):
         pattern: tuple[bool, ...],
         repeats: int,
         rngs: nnx.Rngs,
+        layout: str,
         stored: tuple[int, np.ndarray] | None = None,
     ):
         """stored=(length, slots): keep the blocks in a longer stack at these slots, zeros elsewhere (the
@@ -85,7 +87,7 @@ class Stack(nnx.Module):
 
         @nnx.vmap(in_axes=0, out_axes=0)
         def make(key):
-            return SuperBlock(spec, pattern, nnx.Rngs(params=key))
+            return SuperBlock(spec, pattern, nnx.Rngs(params=key), layout)
 
         blocks = make(keys)
         graphdef, state = nnx.split(blocks)
@@ -110,12 +112,16 @@ class Stack(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, mesh_layout: MeshLayout = MeshLayout()):
         self.spec = spec
+        self.mesh_layout = mesh = mesh_layout
         self.embed = Embed(spec, rngs)
         # Pipelined: one stack (validated), stored stage by stage with each stage padded to the longest.
-        stored = (spec.stored_layers, spec.layer_slots()) if spec.pipelined else None
-        self.stacks = nnx.List([Stack(spec, pattern, repeats, rngs, stored) for pattern, repeats in spec.stacks()])
+        n = spec.num_layers
+        stored = (mesh.stored_layers(n), mesh.layer_slots(n)) if mesh.pipelined else None
+        self.stacks = nnx.List(
+            [Stack(spec, pattern, repeats, rngs, mesh.layout, stored) for pattern, repeats in spec.stacks()]
+        )
         self.final_norm = RMSNorm(spec)
         self.head = Head(spec, rngs)
 
@@ -134,23 +140,23 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones_like(tokens)
         x = self.embed(tokens)
         per_stack = []
+        mesh = self.mesh_layout
+        slots = mesh.layer_slots(self.spec.num_layers) if mesh.pipelined else None
         for stack in self.stacks:
-            x, stats = stack(
-                x, positions, segment_ids, train=train, slots=self.spec.layer_slots() if self.spec.pipelined else None
-            )
+            x, stats = stack(x, positions, segment_ids, train=train, slots=slots)
             if stats:  # [repeats, moe layers per block, ...] -> [moe layers of the stack, ...]
                 per_stack.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats))
         moe = jax.tree.map(lambda *a: jnp.concatenate(a), *per_stack) if per_stack else {}
         return ModelOutput(self.head(self.final_norm(x)), moe)
 
 
-def build_model(spec: ModelSpec, seed: int = 0) -> Transformer:
-    return Transformer(spec, nnx.Rngs(params=seed))
+def build_model(spec: ModelSpec, seed: int = 0, mesh_layout: MeshLayout = MeshLayout()) -> Transformer:
+    return Transformer(spec, nnx.Rngs(params=seed), mesh_layout)
 
 
 # Where a Transformer keeps its parameters, for code that reads or writes them as nested dicts
 # (nnx.to_pure_dict): upcycling and the Hugging Face conversion. Each layer's place comes from
-# ModelSpec.layer_places() as (stack, position, stored index).
+# MeshLayout.layer_places(spec) as (stack, position, stored index).
 OUTSIDE_LAYERS = ("embed", "final_norm", "head")
 
 

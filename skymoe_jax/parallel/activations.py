@@ -44,6 +44,7 @@ from skymoe_jax.model.attention import Attention, resolve_attention_impl
 from skymoe_jax.model.chunked_attention import block_size
 from skymoe_jax.model.layers import Head, RMSNorm, SwiGLU
 from skymoe_jax.model.loss import cross_entropy
+from skymoe_jax.model.mesh_layout import MeshLayout
 from skymoe_jax.model.moe.block import moe_tokens
 from skymoe_jax.model.moe.experts import Experts
 from skymoe_jax.model.spec import ModelSpec
@@ -113,8 +114,9 @@ def activation_memory(
     """Per-device activation bytes of a train step of config on mesh (pipeline, data, expert), given the
     bytes of one device's whole (unsplit by ZeRO-1 / FSDP) gradients: of its stage and of its layer stack."""
     pipeline, data, expert = mesh
-    edp = config.parallel.layout == "edp"
-    microbatches = config.parallel.num_microbatches if spec.pipelined else 1
+    split = MeshLayout.from_config(config)
+    edp = split.layout == "edp"
+    microbatches = config.parallel.num_microbatches if split.pipelined else 1
     seq = config.data.seq_len
     rows = config.data.batch_size // microbatches // (data if edp else data * expert)
     # What a layer keeps grows in proportion to its rows (every residual has a token dimension), so it is
@@ -128,17 +130,17 @@ def activation_memory(
         if rows % r == 0 and r * seq % tp == 0 and (not spec.num_experts or r * seq // tp % group == 0)
     )
     traced_expert = expert if edp or spec.dropless else 1
-    layer = _layer_bytes(dataclasses.replace(spec, stage_layers=()), unit, seq, traced_expert)
+    layer = _layer_bytes(spec, split.layout, unit, seq, traced_expert)
     scale = rows // unit
     kept = {is_moe: scale * b for is_moe, b in layer.kept.items()}
-    ticks = microbatches + pipeline - 1 if spec.pipelined else 1
-    held = spec.moe_layers[: max(spec.stage_layers)] if spec.pipelined else spec.moe_layers
+    ticks = microbatches + pipeline - 1 if split.pipelined else 1
+    held = spec.moe_layers[: max(split.stage_layers)] if split.pipelined else spec.moe_layers
     per_tick = sum(kept[is_moe] for is_moe in held)
-    pipeline_bytes = per_tick + PIPELINE_GRADIENT_COPIES * stage_gradient_bytes if spec.pipelined else 0.0
+    pipeline_bytes = per_tick + PIPELINE_GRADIENT_COPIES * stage_gradient_bytes if split.pipelined else 0.0
     # Pipelined, the loss is recomputed in the backward (model/pipeline.py), so one microbatch's head
     # residuals exist at a time, as without a pipeline.
     reduced = data > 1 or (expert > 1 and not edp)
-    reduction = layer_gradient_bytes if reduced and not spec.pipelined else 0.0
+    reduction = layer_gradient_bytes if reduced and not split.pipelined else 0.0
     return Activations(
         layers=ticks * per_tick,
         head=scale * layer.head,
@@ -155,9 +157,9 @@ class _LayerBytes(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)
-def _layer_bytes(spec: ModelSpec, rows: int, seq: int, expert: int) -> _LayerBytes:
+def _layer_bytes(spec: ModelSpec, layout: str, rows: int, seq: int, expert: int) -> _LayerBytes:
     """What one device's layers keep, traced from the model on rows x seq tokens."""
-    edp = spec.layout == "edp"
+    edp = layout == "edp"
     dtype = spec.compute_dtype
     x = _abstract((rows, seq, spec.d_model), dtype)
     ints = _abstract((rows, seq), jnp.int32)
@@ -165,9 +167,9 @@ def _layer_bytes(spec: ModelSpec, rows: int, seq: int, expert: int) -> _LayerByt
 
     def split(build):
         graphdef, state = nnx.split(nnx.eval_shape(build))
-        return graphdef, _tensor_parallel(state, spec, spec.layout, expert if edp else 1)
+        return graphdef, _tensor_parallel(state, spec, layout, expert if edp else 1)
 
-    attn_def, attn_state = split(lambda: (RMSNorm(spec), Attention(spec, nnx.Rngs(0))))
+    attn_def, attn_state = split(lambda: (RMSNorm(spec), Attention(spec, nnx.Rngs(0), layout)))
 
     def attention(state, x, positions, segment_ids):
         norm, attn = nnx.merge(attn_def, state)

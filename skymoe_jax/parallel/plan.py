@@ -26,7 +26,8 @@ from flax import nnx
 from skymoe_jax.config import capacity, validate
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.metrics.flops import pipeline_utilization, stage_flops_per_token
-from skymoe_jax.model.spec import ModelSpec, pipeline_stage_layers
+from skymoe_jax.model.mesh_layout import MeshLayout
+from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import build_model
 from skymoe_jax.parallel.activations import Activations, activation_memory
 from skymoe_jax.parallel.mesh import AXES, check_fits, layout_rules, optimizer_rules, param_rules, partition_spec
@@ -67,15 +68,15 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def _abstract_params(spec: ModelSpec) -> nnx.State:
-    """Shapes of the model's parameters; a mesh search plans many layouts of few distinct models (the
-    rematerialization policy does not change the parameters)."""
-    return _params_of(dataclasses.replace(spec, remat="none"))
+def _abstract_params(spec: ModelSpec, stage_layers: tuple[int, ...]) -> nnx.State:
+    """Shapes of the model's parameters as stored for a pipeline split; a mesh search plans many layouts
+    of few distinct models (neither the rematerialization policy nor the MoE layout changes them)."""
+    return _params_of(dataclasses.replace(spec, remat="none"), MeshLayout(stage_layers=stage_layers))
 
 
 @functools.lru_cache(maxsize=256)
-def _params_of(spec: ModelSpec) -> nnx.State:
-    return nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
+def _params_of(spec: ModelSpec, mesh_layout: MeshLayout) -> nnx.State:
+    return nnx.state(nnx.eval_shape(lambda: build_model(spec, mesh_layout=mesh_layout)), nnx.Param)
 
 
 def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
@@ -84,12 +85,13 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
     planned.parallel.mesh = tuple(mesh)
     validate(planned)
     check_fits(planned, mesh)
-    stages = pipeline_stage_layers(planned) or (config.model.num_layers,)
+    stored = MeshLayout.from_config(planned).stage_layers
+    stages = stored or (config.model.num_layers,)
     spec = ModelSpec.from_config(planned)
     sizes = dict(zip(AXES, mesh))
     if spec.num_experts and spec.num_experts % expert:
         raise ConfigError(f"moe.num_experts={spec.num_experts} must be divisible by the expert axis ({expert})")
-    params = _abstract_params(spec)
+    params = _abstract_params(spec, stored)
 
     def per_device(rules, bytes_per_value, layers_only=False):
         total = 0.0

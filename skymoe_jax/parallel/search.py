@@ -34,7 +34,8 @@ import ml_collections
 
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.metrics.flops import stage_flops_per_token
-from skymoe_jax.model.spec import ModelSpec, pipeline_stage_layers
+from skymoe_jax.model.mesh_layout import pipeline_stage_layers
+from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.parallel.devices import Device
 from skymoe_jax.parallel.plan import Plan, plan
 

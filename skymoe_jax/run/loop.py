@@ -19,6 +19,7 @@ from skymoe_jax.metrics.flops import flops_per_token, peak_flops, pipeline_utili
 from skymoe_jax.metrics.similarity import similarity_fn
 from skymoe_jax.metrics.tensorboard import TensorBoardWriter
 from skymoe_jax.metrics.writers import Console, JsonlWriter
+from skymoe_jax.model.mesh_layout import pipeline_stage_layers
 from skymoe_jax.model.pipeline import bubble_fraction
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.run.actions import FiniteGuard, Recorder, Saver, Schedule
@@ -84,8 +85,8 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
         f"{flops_tok / 1e6:.1f} MFLOP/token; {origin}; workdir {workdir}"
     )
     console.print(whoami(runtime))
-    if spec.pipelined:
-        console.print(pipeline_summary(spec, config))
+    if len(stages := pipeline_stage_layers(config)) > 1:
+        console.print(pipeline_summary(spec, config, stages))
 
     compile_start = time.perf_counter()
     batch = runtime.batch(next(train_iter))
@@ -151,11 +152,11 @@ def whoami(runtime: runtime_lib.Runtime) -> str:
     )
 
 
-def pipeline_summary(spec: ModelSpec, config: ml_collections.ConfigDict) -> str:
-    per_stage = stage_flops_per_token(spec, config.data.seq_len, spec.stage_layers)
+def pipeline_summary(spec: ModelSpec, config: ml_collections.ConfigDict, stages: tuple[int, ...]) -> str:
+    per_stage = stage_flops_per_token(spec, config.data.seq_len, stages)
     m = config.parallel.num_microbatches
     return (
-        f"pipeline: stages {spec.stage_layers}, {m} microbatches; training MFLOP/token by stage "
+        f"pipeline: stages {stages}, {m} microbatches; training MFLOP/token by stage "
         f"[{', '.join(f'{f / 1e6:.2f}' for f in per_stage)}] (head on the last); bubble "
         f"{100 * bubble_fraction(len(per_stage), m):.1f}% for equal stages, "
         f"{100 * (1 - pipeline_utilization(per_stage, m)):.1f}% with this split's imbalance"

@@ -10,6 +10,7 @@ import ml_collections
 import optax
 from flax import nnx, struct
 
+from skymoe_jax.model.mesh_layout import MeshLayout
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import build_model
 from skymoe_jax.training import aux_coef, optim
@@ -41,12 +42,12 @@ def create(
 ) -> tuple[nnx.GraphDef, Callable[[], TrainState], optax.GradientTransformation]:
     """(graphdef, init, optimizer). init() makes a fresh state from config.seed; jit it with
     out_shardings so parameters never exist whole on one device (see training/runtime.py)."""
-    spec = ModelSpec.from_config(config)
-    abstract = nnx.eval_shape(lambda: build_model(spec, config.seed))
+    spec, mesh_layout = ModelSpec.from_config(config), MeshLayout.from_config(config)
+    abstract = nnx.eval_shape(lambda: build_model(spec, config.seed, mesh_layout))
     graphdef, abstract_params = nnx.split(abstract)
     tx = optim.make_optimizer(config, abstract_params)
 
     def init() -> TrainState:
-        return TrainState.fresh(nnx.state(build_model(spec, config.seed)), tx, config)
+        return TrainState.fresh(nnx.state(build_model(spec, config.seed, mesh_layout)), tx, config)
 
     return graphdef, init, tx

@@ -17,8 +17,8 @@ from flax import nnx
 
 from skymoe_jax.model import pipeline
 from skymoe_jax.model.loss import cross_entropy
+from skymoe_jax.model.mesh_layout import pipeline_stage_layers
 from skymoe_jax.model.moe import router
-from skymoe_jax.model.spec import pipeline_stage_layers
 from skymoe_jax.training import aux_coef
 from skymoe_jax.training.optim import schedule
 from skymoe_jax.training.state import TrainState
@@ -53,7 +53,7 @@ class LossSettings(NamedTuple):
 def forward(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, settings: LossSettings, *, train: bool):
     """(sum of token cross-entropies, counted tokens, per-MoE-layer token means), pipelined when the model is."""
     model = nnx.merge(graphdef, params)
-    if model.spec.pipelined:
+    if model.mesh_layout.pipelined:
         return pipeline.forward(
             model, batch, train=train, microbatches=settings.microbatches, stage_remat=settings.stage_remat
         )

@@ -38,10 +38,12 @@ from skymoe_jax.model.spec import ModelSpec
 
 
 class MoEBlock(nnx.Module):
-    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, layout: str):
+        """layout: parallel.layout, how the layer is laid over the expert axis (model/moe/expert_parallel.py)."""
         self.gate = param(rngs, (spec.d_model, spec.num_experts), ("embed", None), spec.router_init_std, jnp.float32)
         self.experts = Experts(spec, rngs)
         self.spec = spec
+        self.layout = layout
 
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x [B, S, d] -> (y [B, S, d], stats over every token of the global batch)."""
@@ -54,7 +56,7 @@ class MoEBlock(nnx.Module):
         # The Pallas interpreter mixes mesh-varying operands with its own unvarying loop indices, which
         # shard_map's varying-axes type check rejects (JAX 0.10-0.11); the program itself is sound.
         y, stats = expert_parallel.apply(
-            layer, x, self.gate[...], self.experts.weights(), spec.layout, check_vma=not interpreted(spec.routing_impl)
+            layer, x, self.gate[...], self.experts.weights(), self.layout, check_vma=not interpreted(spec.routing_impl)
         )
         return y.astype(x.dtype), stats
 
