@@ -1,9 +1,11 @@
 """The `skymoe` command.
 
     skymoe train  [--config=PATH] [--config.a.b=VALUE ...] [--workdir=DIR] [--stop_exit_code=N]
+    skymoe config [--config=PATH | --workdir=DIR] [--config.a.b=VALUE ...] [--json]
     skymoe eval   --workdir=DIR [--config.a.b=VALUE ...]
     skymoe upcycle --dense=DIR --out=DIR [--config=MOE_CONFIG] [--config.a.b=VALUE ...]
     skymoe import-hf --hf_dir=DIR --out=DIR
+    skymoe export-hf --workdir=DIR --out=DIR [--step=N] [--dtype=fp32|bf16] [--max_shard_size=5GB]
     skymoe advise --dense_params=N --dense_tokens=D --moe_tokens=D [--top_k=2] [--no_dense] [--json]
     skymoe params [--config=PATH] [--config.a.b=VALUE ...] [--mesh=PIPE,DATA,EXPERT] [--device_memory=80GB|H100-80GB]
                   [--json]
@@ -15,8 +17,10 @@
                         [--workers=N] [--shard_docs=N]
     skymoe report --workdir=DIR [--compare DIR ...] [--out=DIR]
     skymoe acceptance [--out=acceptance.json] [--reduced]
+    skymoe --version
 
-User mistakes (bad flag, config, data file, checkpoint) print one line to stderr
+`skymoe COMMAND --help` lists a command's flags and what they do; every command reads
+--flagfile=PATH (one flag per line). User mistakes (bad flag, config, data file, checkpoint) print one line to stderr
 and exit with status 2; nothing is written.
 """
 
@@ -29,7 +33,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from skymoe_jax.args import Args
+from skymoe_jax.args import Args, Flag, Help
 from skymoe_jax.errors import ConfigError, UserError
 
 USAGE = __doc__.split("\n\n")[1]
@@ -41,12 +45,19 @@ def _config(args: Args):
     return load_config(args.config or DEFAULT_CONFIG, args.overrides)
 
 
+TRAIN_ABOUT = "Train on a config (the built-in default without --config); resumes when --workdir holds checkpoints."
+TRAIN_FLAGS = {  # also read by the launch tests, which parse the commands in the launch manifests
+    "workdir": Flag("", "the run's directory: checkpoints, metrics.jsonl, config (default: runs/NAME)"),
+    "stop_exit_code": Flag(0, "exit status after a stop by signal, so a launcher restarts the run"),
+}
+
+
 def cmd_train(argv: Sequence[str]) -> int:
     from skymoe_jax.checkpoint.manager import checkpoint_dir, saved_config
     from skymoe_jax.config import DEFAULT_CONFIG, apply_overrides, load_file, resolve_config_path, shape_changes
     from skymoe_jax.run.loop import train
 
-    args = Args(argv, {"workdir": "", "stop_exit_code": 0})
+    args = Args(argv, "train", TRAIN_ABOUT, TRAIN_FLAGS, config=True)
     if not 0 <= args.stop_exit_code <= 255:
         raise ConfigError(f"--stop_exit_code={args.stop_exit_code} must be an exit status between 0 and 255")
     workdir = args.workdir or os.path.join("runs", load_file(resolve_config_path(args.config or DEFAULT_CONFIG)).name)
@@ -68,12 +79,43 @@ def cmd_train(argv: Sequence[str]) -> int:
     return args.stop_exit_code if train(config, workdir).get("stopped") else 0
 
 
+def cmd_config(argv: Sequence[str]) -> int:
+    from skymoe_jax.checkpoint.manager import saved_config
+    from skymoe_jax.config import apply_overrides, flatten
+
+    args = Args(
+        argv,
+        "config",
+        "Print the config a command would run, resolved and validated: the file's (or a run's saved one) with "
+        "the overrides applied.",
+        {
+            "workdir": Flag("", "a run's workdir: its saved config, as resuming it would run"),
+            "json": Flag(False, "print it as one JSON object"),
+        },
+        config=True,
+    )
+    if args.workdir and args.config:
+        raise ConfigError("give --config=PATH or --workdir=DIR, not both: a run's saved config is what it resumes with")
+    config = apply_overrides(saved_config(args.workdir), args.overrides) if args.workdir else _config(args)
+    if args.json:
+        print(json.dumps(config.to_dict(), indent=2))
+    else:
+        print("\n".join(f"{key} = {value!r}" for key, value in flatten(config)))
+    return 0
+
+
 def cmd_eval(argv: Sequence[str]) -> int:
     from skymoe_jax.checkpoint.manager import saved_config
     from skymoe_jax.config import apply_overrides
     from skymoe_jax.run.loop import evaluate
 
-    args = Args(argv, {"workdir": "", "json": False})
+    args = Args(
+        argv,
+        "eval",
+        "Evaluate a run's latest checkpoint on its validation data, with the config saved in the run.",
+        {"workdir": Flag("", "the run's directory"), "json": Flag(False, "print one JSON object")},
+        config=True,
+    )
     if not args.workdir:
         raise ConfigError("skymoe eval needs --workdir=DIR (a directory written by skymoe train)")
     if args.config:
@@ -103,7 +145,16 @@ def cmd_upcycle(argv: Sequence[str]) -> int:
     from skymoe_jax.metrics.flops import param_counts
     from skymoe_jax.model.spec import ModelSpec
 
-    args = Args(argv, {"dense": "", "out": ""})
+    args = Args(
+        argv,
+        "upcycle",
+        "Turn a dense run's checkpoint into the MoE config's experts (moe.*, init.upcycle_mode), as a new run.",
+        {
+            "dense": Flag("", "the dense run's workdir, or WORKDIR/checkpoints/STEP"),
+            "out": Flag("", "a new workdir for the MoE run"),
+        },
+        config=True,
+    )
     if not args.dense or not args.out:
         raise ConfigError("skymoe upcycle needs --dense=DIR (a dense run's workdir) and --out=DIR (a new workdir)")
     config = _config(args)
@@ -122,8 +173,16 @@ def cmd_import_hf(argv: Sequence[str]) -> int:
     from skymoe_jax.metrics.flops import param_counts
     from skymoe_jax.model.spec import ModelSpec
 
-    args = Args(argv, {"hf_dir": "", "out": ""})
-    if not args.hf_dir or not args.out or args.config or args.overrides:
+    args = Args(
+        argv,
+        "import-hf",
+        "Import a local Hugging Face Llama, Mistral, Qwen2 or Mixtral checkpoint as a run with a config file.",
+        {
+            "hf_dir": Flag("", "a directory with config.json and *.safetensors"),
+            "out": Flag("", "a new workdir (checkpoint at step 0 and config.py)"),
+        },
+    )
+    if not args.hf_dir or not args.out:
         raise ConfigError("skymoe import-hf takes --hf_dir=DIR (config.json + safetensors) and --out=DIR")
     config = import_hf(args.hf_dir, args.out)
     counts = param_counts(ModelSpec.from_config(config))
@@ -136,24 +195,60 @@ def cmd_import_hf(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_export_hf(argv: Sequence[str]) -> int:
+    from skymoe_jax.checkpoint.hf_export import export_hf
+    from skymoe_jax.parallel.devices import parse_size
+
+    args = Args(
+        argv,
+        "export-hf",
+        "Write a checkpoint as a Hugging Face model (Mixtral for MoE, Llama or Qwen2 for dense) for vLLM, "
+        "SGLang or transformers.",
+        {
+            "workdir": Flag("", "a run's workdir (its latest checkpoint) or WORKDIR/checkpoints/STEP"),
+            "out": Flag("", "a new directory for config.json, safetensors and tokenizer files"),
+            "step": Flag(-1, "the checkpoint step to export (-1: the latest, or the one in --workdir)"),
+            "dtype": Flag("fp32", "tensor type on disk: fp32 or bf16"),
+            "max_shard_size": Flag("5GB", "largest safetensors file; bigger models get several and an index"),
+        },
+    )
+    if not args.workdir or not args.out:
+        raise ConfigError(
+            "skymoe export-hf takes --workdir=DIR (a run's workdir or WORKDIR/checkpoints/STEP) and --out=DIR "
+            "(a new directory), and optionally --step, --dtype and --max_shard_size"
+        )
+    done = export_hf(
+        args.workdir,
+        args.out,
+        step=None if args.step < 0 else args.step,
+        dtype=args.dtype,
+        max_shard_bytes=parse_size(args.max_shard_size, "max_shard_size"),
+    )
+    files = "1 safetensors file" if done.files == 1 else f"{done.files} safetensors files with an index"
+    print(f"exported step {done.step} of {args.workdir} as {done.architecture} to {done.out} ({files})")
+    for note in done.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def cmd_advise(argv: Sequence[str]) -> int:
     from skymoe_jax.advise import advise, describe
 
     args = Args(
         argv,
+        "advise",
+        "Upcycle a dense checkpoint or train the MoE from scratch? The paper's cost rule for a token budget.",
         {
-            "dense_params": "",
-            "dense_tokens": "",
-            "moe_tokens": "",
-            "top_k": 2,
-            "ffn_share": "",
-            "comm_overhead": "",
-            "no_dense": False,
-            "json": False,
+            "dense_params": Flag("", "the dense model's parameters (3e8, 300M, 0.3B)"),
+            "dense_tokens": Flag("", "tokens the dense checkpoint was trained on"),
+            "moe_tokens": Flag("", "the MoE training budget in tokens"),
+            "top_k": Flag(2, "experts per token"),
+            "ffn_share": Flag("", "share of the dense FLOPs in the FFN (default: the model family's)"),
+            "comm_overhead": Flag("", "MoE step-time overhead for all-to-all, as a fraction"),
+            "no_dense": Flag(False, "there is no dense checkpoint yet (its training counts as a cost)"),
+            "json": Flag(False, "print one JSON object"),
         },
     )
-    if args.config or args.overrides:
-        raise ConfigError("skymoe advise takes no config; give --dense_params, --dense_tokens and --moe_tokens")
     numbers = {name: _number(name, getattr(args, name)) for name in ("dense_params", "dense_tokens", "moe_tokens")}
     extra = {name: _number(name, getattr(args, name)) for name in ("ffn_share", "comm_overhead") if getattr(args, name)}
     a = advise(**numbers, top_k=args.top_k, have_dense=not args.no_dense, **extra)
@@ -192,7 +287,17 @@ def cmd_params(argv: Sequence[str]) -> int:
     from skymoe_jax.parallel.devices import parse_device_memory
     from skymoe_jax.parallel.plan import parse_mesh, plan
 
-    args = Args(argv, {"json": False, "mesh": "", "device_memory": ""})
+    args = Args(
+        argv,
+        "params",
+        "Parameter and FLOP counts of a config; with --mesh, the per-device memory plan (state and activations).",
+        {
+            "mesh": Flag("", "PIPELINE,DATA,EXPERT sizes to plan for, e.g. 12,32,4"),
+            "device_memory": Flag("", "memory per device to check the plan against: 80GB, 80GiB or a device name"),
+            "json": Flag(False, "print one JSON object"),
+        },
+        config=True,
+    )
     mesh = parse_mesh(args.mesh) if args.mesh else None
     if args.device_memory and not mesh:
         raise ConfigError("--device_memory needs --mesh=PIPE,DATA,EXPERT: memory per device depends on the mesh")
@@ -285,7 +390,20 @@ def cmd_plan(argv: Sequence[str]) -> int:
     from skymoe_jax.parallel.devices import find_device
     from skymoe_jax.parallel.search import Candidate, layout_key, search
 
-    args = Args(argv, {"devices": 0, "device": "", "mfu": "0.4", "memory_fraction": "0.9", "top": 10, "json": False})
+    args = Args(
+        argv,
+        "plan",
+        "Rank every mesh, layout, ZeRO-1/FSDP, remat and pipeline split of a config on N devices by predicted speed.",
+        {
+            "devices": Flag(0, "how many accelerators"),
+            "device": Flag("", "the accelerator: A800-80GB, A100-80GB, H100-80GB or H200"),
+            "mfu": Flag("0.4", "model FLOPs utilization assumed for compute time, in (0, 1]"),
+            "memory_fraction": Flag("0.9", "share of device memory a layout may plan to use, in (0, 1]"),
+            "top": Flag(10, "how many layouts to print"),
+            "json": Flag(False, "print one JSON object"),
+        },
+        config=True,
+    )
     if args.devices < 1 or not args.device:
         raise ConfigError("skymoe plan needs --devices=N (how many accelerators) and --device=NAME (e.g. A800-80GB)")
     if args.top < 1:
@@ -377,6 +495,11 @@ def _count(n: float, billion: str = "B") -> str:
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        raise Help(
+            f"usage: skymoe bench {'|'.join(BENCHES)} [flags]\n\nBenchmarks of the train step, the input pipeline "
+            "and the routing kernels; `skymoe bench NAME --help` lists each one's flags."
+        )
     if not argv or argv[0] not in BENCHES:
         raise ConfigError(f"skymoe bench needs one of: {', '.join(BENCHES)} (e.g. skymoe bench step)")
     return BENCHES[argv[0]](argv[1:])
@@ -385,7 +508,13 @@ def cmd_bench(argv: Sequence[str]) -> int:
 def bench_step(argv: Sequence[str]) -> int:
     from skymoe_jax.bench.step import step_benchmark
 
-    args = Args(argv, {"steps": 10, "json": False})
+    args = Args(
+        argv,
+        "bench step",
+        "Time the train step of a config (and its dense twin), in tokens/s and MFU.",
+        {"steps": Flag(10, "timed steps after compilation"), "json": Flag(False, "print one JSON object")},
+        config=True,
+    )
     result = step_benchmark(_config(args), steps=args.steps)
     print(json.dumps(result) if args.json else result["summary"])
     return 0
@@ -395,9 +524,18 @@ def cmd_report(argv: Sequence[str]) -> int:
     from skymoe_jax.metrics.report import write_report
     from skymoe_jax.metrics.runs import load_runs, summary_table
 
-    compare, rest = _multi_flag(argv, "compare")
-    args = Args(rest, {"workdir": "", "out": ""})
-    if not args.workdir or args.config or args.overrides:
+    args = Args(
+        _spread(argv, "compare"),
+        "report",
+        "Figures (loss, drop rate, alpha, expert load) and a summary table of a run, overlaying others.",
+        {
+            "workdir": Flag("", "the run's workdir"),
+            "compare": Flag([], "runs to overlay: --compare DIR ... or --compare=DIR, repeated"),
+            "out": Flag("", "where the figures go (default: WORKDIR/report)"),
+        },
+    )
+    compare = args.compare
+    if not args.workdir:
         raise ConfigError(
             "skymoe report takes --workdir=DIR (a run's workdir), optionally --compare DIR ... "
             "(runs to overlay) and --out=DIR (default: WORKDIR/report)"
@@ -410,9 +548,10 @@ def cmd_report(argv: Sequence[str]) -> int:
     return 0
 
 
-def _multi_flag(argv: Sequence[str], name: str) -> tuple[list[str], list[str]]:
-    """Values of a flag given as --name=A and/or --name A B ... (up to the next flag); and the other args."""
-    values, rest, i = [], [], 0
+def _spread(argv: Sequence[str], name: str) -> list[str]:
+    """argv with `--name A B ...` (values up to the next flag) written as --name=A --name=B, as absl's
+    repeated flags take them."""
+    out, i = [], 0
     while i < len(argv):
         arg, i = argv[i], i + 1
         if arg == f"--{name}":
@@ -421,18 +560,29 @@ def _multi_flag(argv: Sequence[str], name: str) -> tuple[list[str], list[str]]:
         elif arg.startswith(f"--{name}="):
             taken = [arg.partition("=")[2]] if arg.partition("=")[2] else []
         else:
-            rest.append(arg)
+            out.append(arg)
             continue
         if not taken:
             raise ConfigError(f"--{name} needs at least one directory")
-        values += taken
-    return values, rest
+        out += [f"--{name}={value}" for value in taken]
+    return out
 
 
 def bench_data(argv: Sequence[str]) -> int:
     from skymoe_jax.bench.data import data_benchmark
 
-    args = Args(argv, {"workers": os.cpu_count() or 1, "batches": 512, "step_tokens_per_sec": "", "json": False})
+    args = Args(
+        argv,
+        "bench data",
+        "Time the input pipeline of a config in batches/s and tokens/s, against the step's rate.",
+        {
+            "workers": Flag(os.cpu_count() or 1, "grain worker processes (0: in the main process)"),
+            "batches": Flag(512, "batches to read"),
+            "step_tokens_per_sec": Flag("", "the train step's tokens/s, to say whether data keeps up"),
+            "json": Flag(False, "print one JSON object"),
+        },
+        config=True,
+    )
     if args.workers < 0 or args.batches < 1:
         raise ConfigError("skymoe bench data needs --workers >= 0 (0: none) and --batches >= 1")
     step_rate = _number("step_tokens_per_sec", args.step_tokens_per_sec) if args.step_tokens_per_sec else 0.0
@@ -446,17 +596,19 @@ def cmd_prepare_data(argv: Sequence[str]) -> int:
 
     args = Args(
         argv,
+        "prepare-data",
+        "Tokenize documents once into array_record shards for data.source=prepared.",
         {
-            "input": "",
-            "tokenizer": "",
-            "out": "",
-            "format": "text",
-            "field": "text",
-            "workers": os.cpu_count() or 1,
-            "shard_docs": 10_000,
+            "input": Flag("", "a glob of input files"),
+            "tokenizer": Flag("", "byte, or a Hugging Face tokenizer.json"),
+            "out": Flag("", "a new directory for the shards and their metadata"),
+            "format": Flag("text", "text (one document per file) or jsonl"),
+            "field": Flag("text", "the JSON field holding a document's text (jsonl)"),
+            "workers": Flag(os.cpu_count() or 1, "tokenizing processes"),
+            "shard_docs": Flag(10_000, "documents per shard"),
         },
     )
-    if args.config or args.overrides or not (args.input and args.tokenizer and args.out):
+    if not (args.input and args.tokenizer and args.out):
         raise ConfigError(
             "skymoe prepare-data takes --input=GLOB, --tokenizer=PATH|byte and --out=DIR "
             "(and optionally --format, --field, --workers, --shard_docs)"
@@ -491,9 +643,11 @@ BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
 }
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train,
+    "config": cmd_config,
     "eval": cmd_eval,
     "upcycle": cmd_upcycle,
     "import-hf": cmd_import_hf,
+    "export-hf": cmd_export_hf,
     "advise": cmd_advise,
     "params": cmd_params,
     "plan": cmd_plan,
@@ -503,7 +657,15 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "acceptance": cmd_acceptance,
 }
 # Commands that run on devices join a multi-process run when the environment describes one.
-DISTRIBUTED = {"train", "eval", "upcycle", "bench"}
+DISTRIBUTED = {"train", "eval", "upcycle", "export-hf", "bench"}
+
+
+def version() -> str:
+    from importlib import metadata
+
+    import jax
+
+    return f"skymoe-jax {metadata.version('skymoe-jax')} (jax {jax.__version__}, {jax.default_backend()})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -511,6 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(version())
+        return 0
     command = COMMANDS.get(argv[0])
     if command is None:
         print(f"skymoe: unknown command {argv[0]!r}; commands are {', '.join(COMMANDS)}", file=sys.stderr)
@@ -524,6 +689,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             initialize()
         return command(argv[1:])
+    except Help as e:
+        print(e)
+        return 0
     except UserError as e:
         print(f"skymoe {argv[0]}: error: {e}", file=sys.stderr)
         return 2

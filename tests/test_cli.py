@@ -52,6 +52,10 @@ def _skymoe(*args, cwd=None):
         ),
         (["train", "--config=configs/missing.py"], "config file 'configs/missing.py' not found"),
         (["train", "--bogus=1"], "unknown flag --bogus"),
+        (["train", "--stop_exit_code=abc"], "--stop_exit_code='abc' must be an integer"),
+        (["train", "--flagfile=/no/such/flags.txt"], "--flagfile: Unable to open flagfile"),
+        (["import-hf", "--config.moe.top_k=2"], "skymoe import-hf reads no config"),
+        (["config", "--config=configs/default.py", "--workdir=x"], "not both"),
         (["train", "--stop_exit_code=300"], "--stop_exit_code=300 must be an exit status between 0 and 255"),
         (["eval"], "needs --workdir"),
         (["params", "--mesh=1,1,1", "--device_memory=80XB"], "--device_memory='80XB' must be a size with its unit"),
@@ -106,6 +110,11 @@ def test_train_then_eval_then_resume(tmp_path, capsys):
     assert "eval_loss" in records[-1] and "eval_loss" not in records[0]
     assert "done: 6 steps" in capsys.readouterr().out
 
+    # `skymoe config --workdir` shows what resuming would run: the saved config plus the overrides.
+    assert main(["config", f"--workdir={workdir}", "--config.train.steps=8", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["model"]["d_model"], shown["train"]["steps"]) == (32, 8)
+
     assert main(["eval", f"--workdir={workdir}", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 6
@@ -118,3 +127,40 @@ def test_train_then_eval_then_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", f"--workdir={workdir}", *TINY, "--config.moe.num_experts=8"]) == 2
     assert "moe.num_experts 4 -> 8" in capsys.readouterr().err
+
+
+def test_every_command_has_help_listing_its_flags(monkeypatch, capsys):
+    from skymoe_jax.args import Args
+    from skymoe_jax.cli import BENCHES, COMMANDS
+
+    declared = {}
+    original = Args.help
+
+    def recording(self, about):
+        declared.update(self._flags)
+        return original(self, about)
+
+    monkeypatch.setattr(Args, "help", recording)
+    commands = [[c] for c in COMMANDS if c != "bench"] + [["bench", b] for b in BENCHES]
+    for words in commands:
+        declared.clear()
+        assert main([*words, "--help"]) == 0, words
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: skymoe {' '.join(words)} [flags]"), out
+        for name, flag in declared.items():
+            assert f"--{name}  {flag.help}" in out, (words, name)
+        assert "--flagfile=PATH" in out
+    assert main(["bench", "--help"]) == 0 and "skymoe bench NAME --help" in capsys.readouterr().out
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("skymoe-jax ")
+
+
+def test_config_prints_the_resolved_config_and_reads_flagfiles(tmp_path, capsys):
+    assert main(["config", "--config.moe.top_k=4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "moe.top_k = 4" in lines and "model.d_model = 128" in lines
+    flags = tmp_path / "flags.txt"
+    flags.write_text("--config.moe.top_k=3\n--json\n")
+    assert main(["config", f"--flagfile={flags}"]) == 0
+    assert json.loads(capsys.readouterr().out)["moe"]["top_k"] == 3
+    assert main(["config", "--config.moe.top_k=99"]) == 2  # validated as for train
+    assert "moe.top_k=99" in capsys.readouterr().err

@@ -21,7 +21,7 @@ import yaml
 
 from skymoe_jax.args import Args
 from skymoe_jax.checkpoint.manager import Checkpointer
-from skymoe_jax.cli import main
+from skymoe_jax.cli import TRAIN_ABOUT, TRAIN_FLAGS, main
 from skymoe_jax.config import load_config
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.metrics.writers import read_jsonl
@@ -288,7 +288,7 @@ def test_kubernetes_manifest():
 
     # Restart and resume: a stopped process exits non-zero, which fails its Job (no retries of a single
     # pod), which restarts the whole group; a user mistake (status 2) fails the JobSet instead.
-    args = Args(container["command"][2:], {"workdir": "", "stop_exit_code": 0})
+    args = Args(container["command"][2:], "train", TRAIN_ABOUT, TRAIN_FLAGS, config=True)
     assert container["command"][:2] == ["skymoe", "train"] and args.stop_exit_code not in (0, 2)
     assert pod["restartPolicy"] == "Never" and job["backoffLimit"] == 0
     assert jobset["spec"]["failurePolicy"]["maxRestarts"] >= 10

@@ -30,7 +30,6 @@ from skymoe_jax.bench import kernel_checks as kernel_acceptance
 from skymoe_jax.bench.routing import SHAPES, Shape, routing_benchmark
 from skymoe_jax.bench.step import step_benchmark
 from skymoe_jax.config import load_config
-from skymoe_jax.errors import ConfigError
 from skymoe_jax.kernels import common
 from skymoe_jax.run.loop import train
 
@@ -140,11 +139,18 @@ def _describe_attention(a: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    from skymoe_jax.args import Args
+    from skymoe_jax.args import Args, Flag
 
-    args = Args(argv, {"out": "acceptance.json", "reduced": not common.on_gpu()})
-    if args.config or args.overrides:
-        raise ConfigError("skymoe acceptance takes only --out=FILE and --reduced; it runs configs/gpu_medium.py")
+    args = Args(
+        argv,
+        "acceptance",
+        "The GPU acceptance run: kernels against XLA (forward and backward), routing and step benchmarks, and a "
+        "short configs/gpu_medium.py run, into one JSON file.",
+        {
+            "out": Flag("acceptance.json", "the JSON file to write"),
+            "reduced": Flag(not common.on_gpu(), "the CPU-sized version (the default without a GPU)"),
+        },
+    )
     result = run(args.out, args.reduced)
     print(describe(result, args.out))
     return 0 if result["passed"] else 1

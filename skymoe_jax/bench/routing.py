@@ -220,23 +220,26 @@ def _ragged_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> int:
-    from skymoe_jax.args import Args
+    from skymoe_jax.args import Args, Flag
     from skymoe_jax.errors import ConfigError
 
     args = Args(
         argv,
+        "bench routing",
+        "Time the routing stages (route, dispatch, combine) in XLA and as Pallas kernels, forward and backward; "
+        "with --ragged, the dropless expert matmuls.",
         {
-            "small": False,
-            "tokens": 0,
-            "width": 0,
-            "experts": 0,
-            "top_k": 0,
-            "impls": "xla,pallas",
-            "dtype": "bfloat16",
-            "repeats": 5,
-            "ragged": False,
-            "ffn": 0,
-            "json": False,
+            "small": Flag(False, "the small shape table (quick, CPU-sized)"),
+            "tokens": Flag(0, "one custom shape: tokens (with --width, --experts, --top_k)"),
+            "width": Flag(0, "one custom shape: model width"),
+            "experts": Flag(0, "one custom shape: experts"),
+            "top_k": Flag(0, "one custom shape: experts per token"),
+            "impls": Flag("xla,pallas", "implementations to time, comma-separated"),
+            "dtype": Flag("bfloat16", "bfloat16 or float32"),
+            "repeats": Flag(5, "timed repeats per case"),
+            "ragged": Flag(False, "time the dropless expert matmuls (ragged_dot against padded) instead"),
+            "ffn": Flag(0, "expert FFN width for --ragged (0: 2 x width)"),
+            "json": Flag(False, "print one JSON object"),
         },
     )
     custom = (args.tokens, args.width, args.experts, args.top_k)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +24,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from skymoe_jax.checkpoint.hf_names import layer_tensors, outside_tensors
 from skymoe_jax.checkpoint.manager import Checkpointer, tree_path_name
 from skymoe_jax.config import base_config, flatten, validate
 from skymoe_jax.errors import CheckpointError
 from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.model.transformer import build_model, layer_path, put_path
+from skymoe_jax.model.transformer import at_path, build_model, layer_path, put_path
 from skymoe_jax.training.optim import make_optimizer
 from skymoe_jax.training.state import TrainState
 
@@ -121,57 +121,27 @@ class _Tensors:
         return np.asarray(self._files[self._where[key]].get_tensor(key).astype(jnp.float32))
 
 
-def _params(hf: dict, config: ml_collections.ConfigDict, get: _Tensors) -> dict:
-    """The pure-dict parameter tree of this trainer from HF tensors (torch Linear weights are [out, in])."""
-    m = config.model
-    d, h, kv, hd = m.d_model, m.num_heads, m.num_kv_heads, m.d_model // m.num_heads
-    L = m.num_layers
-
-    def stack(fn: Callable[[int], np.ndarray]) -> np.ndarray:
-        return np.stack([fn(i) for i in range(L)])
-
-    p = lambda i, name: get(f"model.layers.{i}.{name}")
-    layer = {
-        "attn_norm": {"scale": stack(lambda i: p(i, "input_layernorm.weight"))},
-        "ffn_norm": {"scale": stack(lambda i: p(i, "post_attention_layernorm.weight"))},
-        "attn": {
-            "wq": stack(lambda i: p(i, "self_attn.q_proj.weight").T.reshape(d, h, hd)),
-            "wk": stack(lambda i: p(i, "self_attn.k_proj.weight").T.reshape(d, kv, hd)),
-            "wv": stack(lambda i: p(i, "self_attn.v_proj.weight").T.reshape(d, kv, hd)),
-            "wo": stack(lambda i: p(i, "self_attn.o_proj.weight").T.reshape(h, hd, d)),
-        },
-    }
-    if m.qkv_bias:
-        layer["attn"].update(
-            bq=stack(lambda i: p(i, "self_attn.q_proj.bias").reshape(h, hd)),
-            bk=stack(lambda i: p(i, "self_attn.k_proj.bias").reshape(kv, hd)),
-            bv=stack(lambda i: p(i, "self_attn.v_proj.bias").reshape(kv, hd)),
-        )
-    if config.moe.num_experts:
-        n = config.moe.num_experts
-        expert = lambda i, j, w: p(i, f"block_sparse_moe.experts.{j}.{w}.weight").T
-        layer["ffn"] = {
-            "gate": stack(lambda i: p(i, "block_sparse_moe.gate.weight").T),
-            "experts": {
-                "w_gate": stack(lambda i: np.stack([expert(i, j, "w1") for j in range(n)])),
-                "w_up": stack(lambda i: np.stack([expert(i, j, "w3") for j in range(n)])),
-                "w_down": stack(lambda i: np.stack([expert(i, j, "w2") for j in range(n)])),
-            },
-        }
-    else:
-        layer["ffn"] = {
-            "w_gate": stack(lambda i: p(i, "mlp.gate_proj.weight").T),
-            "w_up": stack(lambda i: p(i, "mlp.up_proj.weight").T),
-            "w_down": stack(lambda i: p(i, "mlp.down_proj.weight").T),
-        }
-    embed = get("model.embed_tokens.weight")
+def _params(hf: dict, config: ml_collections.ConfigDict, get: _Tensors, abstract: dict) -> dict:
+    """The pure-dict parameter tree of this trainer from HF tensors, shaped like `abstract` (a pure dict
+    of the model's parameter shapes; one stack of one-layer blocks)."""
     tied = hf.get("tie_word_embeddings", False) or not get.has("lm_head.weight")
-    params = {
-        "embed": {"table": embed},
-        "final_norm": {"scale": get("model.norm.weight")},
-        "head": {"w": (embed if tied else get("lm_head.weight")).T},
-    }
-    put_path(params, layer_path(0, 0), layer)  # an imported model is one stack of one-layer blocks
+    params = {}
+    for t in outside_tensors():
+        name = "model.embed_tokens.weight" if tied and t.hf == "lm_head.weight" else t.hf
+        put_path(params, t.path, t.to_ours(get(name), at_path(abstract, t.path).shape))
+    layers = at_path(abstract, layer_path(0, 0))
+    per_layer = {}
+    for i in range(config.model.num_layers):
+        for t in layer_tensors(i, num_experts=config.moe.num_experts, qkv_bias=config.model.qkv_bias):
+            shape = at_path(layers, t.path).shape[1 if t.expert is None else 2 :]
+            per_layer.setdefault(t.path, []).append(t.to_ours(get(t.hf), shape))
+    stacked = {}
+    for path, values in per_layer.items():
+        n = config.moe.num_experts
+        if path[:2] == ("ffn", "experts"):  # [layers x experts] in order -> [layers, experts, ...]
+            values = [np.stack(values[i : i + n]) for i in range(0, len(values), n)]
+        put_path(stacked, path, np.stack(values))
+    put_path(params, layer_path(0, 0), stacked)
     return params
 
 
@@ -184,7 +154,7 @@ def import_hf(hf_dir: str, out: str) -> ml_collections.ConfigDict:
         raise CheckpointError(f"--out={out} already holds checkpoints; choose a new directory")
     spec = ModelSpec.from_config(config)
     params = nnx.state(nnx.eval_shape(lambda: build_model(spec)), nnx.Param)
-    values = _params(hf, config, _Tensors(hf_dir))
+    values = _params(hf, config, _Tensors(hf_dir), nnx.to_pure_dict(params))
     expected = {
         tree_path_name(path): tuple(v.shape)
         for path, v in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda v: isinstance(v, nnx.Variable))

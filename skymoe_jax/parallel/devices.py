@@ -34,7 +34,7 @@ DEVICES = {
     )
 }
 
-_UNITS = {"gb": 1e9, "gib": GIB, "tb": 1e12, "tib": 2**40}
+_UNITS = {"kb": 1e3, "kib": 2**10, "mb": 1e6, "mib": 2**20, "gb": 1e9, "gib": GIB, "tb": 1e12, "tib": 2**40}
 
 
 def find_device(name: str) -> Device:
@@ -50,10 +50,12 @@ def parse_device_memory(text: str) -> tuple[float, str]:
     if text.lower() in (name.lower() for name in DEVICES):
         device = find_device(text)
         return device.memory, device.name
+    return parse_size(text, "device_memory", f" or one of {', '.join(DEVICES)}"), text
+
+
+def parse_size(text: str, flag: str, alternatives: str = "") -> float:
+    """Bytes from a size with its unit: 80GB = 80e9, 80GiB = 80 x 2^30, 500MB, 0.14TB."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text)
     if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(
-            f"--device_memory={text!r} must be a size with its unit (80GB, 80GiB, 0.14TB) or one of "
-            f"{', '.join(DEVICES)}"
-        )
-    return float(match.group(1)) * _UNITS[match.group(2).lower()], text
+        raise ConfigError(f"--{flag}={text!r} must be a size with its unit (500MB, 80GB, 80GiB, 0.14TB){alternatives}")
+    return float(match.group(1)) * _UNITS[match.group(2).lower()]

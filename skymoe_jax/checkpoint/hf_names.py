@@ -1,0 +1,66 @@
+"""Where each Hugging Face tensor (Llama, Mistral, Qwen2, Mixtral naming) lives in this trainer's
+parameters, and how its layout differs; import and export both read this one table, so a round trip
+is exact by construction.
+
+torch Linear weights are [out, in]; this model keeps [in..., out...] with heads split out (wq is
+[d_model, heads, head_dim], wo is [heads, head_dim, d_model]). Biases are [heads, head_dim] here and
+flat there. Norm scales and the embedding table have the same layout on both sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    hf: str  # name in the Hugging Face checkpoint
+    path: tuple[str, ...]  # parameter path: inside a layer for per-layer tensors, else from the root
+    inputs: int = 0  # > 0: a Linear weight whose input spans the first `inputs` dimensions here
+    flat: bool = False  # a bias, [heads, head_dim] here
+    expert: int | None = None  # index on the experts axis of an MoE layer's expert weights
+
+    def to_ours(self, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return (value.T if self.inputs else value).reshape(shape)
+
+    def to_hf(self, value: np.ndarray) -> np.ndarray:
+        if self.inputs:
+            return value.reshape(math.prod(value.shape[: self.inputs]), -1).T
+        return value.reshape(-1) if self.flat else value
+
+
+def outside_tensors() -> list[Tensor]:
+    """The tensors outside the layer stack (the head is untied here; a tied HF model shares the table)."""
+    return [
+        Tensor("model.embed_tokens.weight", ("embed", "table")),
+        Tensor("model.norm.weight", ("final_norm", "scale")),
+        Tensor("lm_head.weight", ("head", "w"), inputs=1),
+    ]
+
+
+def layer_tensors(i: int, *, num_experts: int, qkv_bias: bool) -> list[Tensor]:
+    """Layer i's tensors, paths inside the layer (model/transformer.py's layer_path)."""
+    p = f"model.layers.{i}."
+    out = [
+        Tensor(p + "input_layernorm.weight", ("attn_norm", "scale")),
+        Tensor(p + "self_attn.q_proj.weight", ("attn", "wq"), inputs=1),
+        Tensor(p + "self_attn.k_proj.weight", ("attn", "wk"), inputs=1),
+        Tensor(p + "self_attn.v_proj.weight", ("attn", "wv"), inputs=1),
+        Tensor(p + "self_attn.o_proj.weight", ("attn", "wo"), inputs=2),
+    ]
+    if qkv_bias:
+        out += [Tensor(p + f"self_attn.{x}_proj.bias", ("attn", f"b{x}"), flat=True) for x in "qkv"]
+    out.append(Tensor(p + "post_attention_layernorm.weight", ("ffn_norm", "scale")))
+    if num_experts:
+        moe = p + "block_sparse_moe."
+        out.append(Tensor(moe + "gate.weight", ("ffn", "gate"), inputs=1))
+        for j in range(num_experts):  # Mixtral: w1 gate, w3 up, w2 down
+            for hf_name, ours in (("w1", "w_gate"), ("w2", "w_down"), ("w3", "w_up")):
+                out.append(Tensor(moe + f"experts.{j}.{hf_name}.weight", ("ffn", "experts", ours), inputs=1, expert=j))
+    else:
+        for hf_name, ours in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")):
+            out.append(Tensor(p + f"mlp.{hf_name}.weight", ("ffn", ours), inputs=1))
+    return out
