@@ -11,7 +11,8 @@
                   [--json]
     skymoe plan   --devices=N --device=A800-80GB|A100-80GB|H100-80GB|H200 [--config=PATH] [--config.a.b=VALUE ...]
                   [--mfu=0.4] [--memory_fraction=0.9] [--top=10] [--json]
-    skymoe bench step [--config=PATH] [--config.a.b=VALUE ...] [--steps=N] [--json]
+    skymoe bench step [--config=PATH] [--config.a.b=VALUE ...] [--steps=N] [--peer=hf] [--json]
+    skymoe bench layers [--config=PATH] [--config.a.b=VALUE ...] [--repeats=N] [--json]
     skymoe bench data [--config=PATH] [--config.a.b=VALUE ...] [--workers=N] [--batches=N] [--json]
     skymoe prepare-data --input=GLOB --tokenizer=PATH|byte --out=DIR [--format=text|jsonl] [--field=text]
                         [--workers=N] [--shard_docs=N]
@@ -497,8 +498,8 @@ def _count(n: float, billion: str = "B") -> str:
 def cmd_bench(argv: Sequence[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         raise Help(
-            f"usage: skymoe bench {'|'.join(BENCHES)} [flags]\n\nBenchmarks of the train step, the input pipeline "
-            "and the routing kernels; `skymoe bench NAME --help` lists each one's flags."
+            f"usage: skymoe bench {'|'.join(BENCHES)} [flags]\n\nBenchmarks of the train step, its blocks, the input "
+            "pipeline and the routing kernels; `skymoe bench NAME --help` lists each one's flags."
         )
     if not argv or argv[0] not in BENCHES:
         raise ConfigError(f"skymoe bench needs one of: {', '.join(BENCHES)} (e.g. skymoe bench step)")
@@ -511,11 +512,50 @@ def bench_step(argv: Sequence[str]) -> int:
     args = Args(
         argv,
         "bench step",
-        "Time the train step of a config (and its dense twin), in tokens/s and MFU.",
-        {"steps": Flag(10, "timed steps after compilation"), "json": Flag(False, "print one JSON object")},
+        "Time the train step of a config (and its dense twin), in tokens/s and MFU; with --peer=hf, against "
+        "transformers' Mixtral (Llama when dense) with the same shapes, one step of each in turn.",
+        {
+            "steps": Flag(10, "timed steps after compilation"),
+            "peer": Flag("", "hf: compare with the transformers model (needs torch and the hf extra)"),
+            "json": Flag(False, "print one JSON object"),
+        },
         config=True,
     )
-    result = step_benchmark(_config(args), steps=args.steps)
+    if args.peer not in ("", "hf"):
+        raise ConfigError(f"--peer={args.peer!r} is not a known peer; the one there is: hf")
+    config = _config(args)
+    if args.peer:
+        from skymoe_jax.bench.peer import compare
+
+        result = compare(config, args.steps)
+        gib = 2**30
+        result["summary"] = (
+            f"{config.name}: skymoe {result['skymoe_tokens_per_sec']:,.0f} tokens/s "
+            f"({1e3 * result['skymoe_step_s']:.0f} ms/step, peak RSS {result['skymoe_peak_rss'] / gib:.2f} GiB); "
+            f"{result['peer']} {result['peer_tokens_per_sec']:,.0f} tokens/s "
+            f"({1e3 * result['peer_step_s']:.0f} ms/step, peak RSS {result['peer_peak_rss'] / gib:.2f} GiB); "
+            f"skymoe/peer speed {result['speedup']:.2f}x, {result['threads']} threads, steps alternated"
+        )
+    else:
+        result = step_benchmark(config, steps=args.steps)
+    print(json.dumps(result) if args.json else result["summary"])
+    return 0
+
+
+def bench_layers(argv: Sequence[str]) -> int:
+    from skymoe_jax.bench.layers import layer_benchmark
+
+    args = Args(
+        argv,
+        "bench layers",
+        "Where a train step's time goes: each block (attention, MoE, dense FFN, head and loss) jitted alone, "
+        "forward and backward, on the config's batch.",
+        {"repeats": Flag(10, "timed repeats per block"), "json": Flag(False, "print one JSON object")},
+        config=True,
+    )
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats={args.repeats} must be at least 1")
+    result = layer_benchmark(_config(args), args.repeats)
     print(json.dumps(result) if args.json else result["summary"])
     return 0
 
@@ -638,6 +678,7 @@ def cmd_acceptance(argv: Sequence[str]) -> int:
 
 BENCHES: dict[str, Callable[[Sequence[str]], int]] = {
     "step": bench_step,
+    "layers": bench_layers,
     "data": bench_data,
     "routing": lambda argv: __import__("skymoe_jax.bench.routing", fromlist=["main"]).main(argv),
 }

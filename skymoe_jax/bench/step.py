@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -47,12 +48,16 @@ def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return twin
 
 
-def time_steps(config: ml_collections.ConfigDict, steps: int) -> dict[str, float]:
-    """Median seconds per train step (after compile) on random tokens, and the compile time."""
-    runtime = runtime_lib.build(config)
+def random_tokens(config: ml_collections.ConfigDict) -> np.ndarray:
+    """Token ids [batch, seq + 1] (inputs and their next tokens), the same for every caller."""
     b, s, v = config.data.batch_size, config.data.seq_len, config.model.vocab_size
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, v, (b, s + 1), dtype=np.int32)
+    return np.random.default_rng(0).integers(0, v, (b, s + 1), dtype=np.int32)
+
+
+def skymoe_step_fn(config: ml_collections.ConfigDict, tokens: np.ndarray) -> tuple[Callable[[], None], float]:
+    """(a function running one compiled train step on tokens and waiting for it, the compile seconds)."""
+    runtime = runtime_lib.build(config)
+    b, s = tokens.shape[0], tokens.shape[1] - 1
     batch = {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
@@ -63,16 +68,23 @@ def time_steps(config: ml_collections.ConfigDict, steps: int) -> dict[str, float
     with jax.set_mesh(runtime.mesh):
         state, batch = runtime.init(), runtime.batch(batch)
         start = time.perf_counter()
-        step_fn = runtime.train_step.lower(state, batch).compile()
+        compiled = runtime.train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - start
-        state, metrics = step_fn(state, batch)  # warm-up
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, metrics = step_fn(state, batch)
+    held = {"state": state}
+
+    def step() -> None:
+        with jax.set_mesh(runtime.mesh):
+            held["state"], metrics = compiled(held["state"], batch)
             jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
+
+    return step, compile_s
+
+
+def time_steps(config: ml_collections.ConfigDict, steps: int) -> dict[str, float]:
+    """Median seconds per train step (after compile) on random tokens, and the compile time."""
+    step, compile_s = skymoe_step_fn(config, random_tokens(config))
+    step()  # warm-up
+    times = [_timed(step) for _ in range(steps)]
     return {"step_s": float(np.median(times)), "compile_s": compile_s}
 
 

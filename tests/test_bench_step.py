@@ -1,0 +1,71 @@
+"""`skymoe bench step --peer=hf`: the PyTorch peer is the same model (parameter for parameter), trains,
+and is timed beside the skymoe step; without torch the command says what to install. `skymoe bench
+layers` times every block of the model."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from skymoe_jax.cli import main
+from skymoe_jax.config import load_config
+from skymoe_jax.metrics.flops import param_counts
+from skymoe_jax.model.spec import ModelSpec
+
+TINY = [
+    "--config.model.d_model=32",
+    "--config.model.num_layers=2",
+    "--config.model.num_heads=4",
+    "--config.model.num_kv_heads=2",
+    "--config.model.ffn_dim=48",
+    "--config.moe.expert_ffn_dim=24",
+    "--config.moe.num_experts=4",
+    "--config.data.seq_len=32",
+    "--config.data.batch_size=8",
+    "--config.data.num_streams=8",
+    "--config.moe.group_size=0",
+]
+
+
+@pytest.mark.parametrize("experts", [4, 0])
+def test_the_peer_has_the_same_parameters_and_trains(experts):
+    pytest.importorskip("torch", reason="torch is not installed: pip install -e '.[hf]'")
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install -e '.[hf]'")
+    from skymoe_jax.bench.peer import peer_model, peer_step_fn
+    from skymoe_jax.bench.step import random_tokens
+
+    config = load_config("configs/default.py", [*TINY, f"--config.moe.num_experts={experts}"])
+    model, _ = peer_model(config)
+    assert sum(p.numel() for p in model.parameters()) == param_counts(ModelSpec.from_config(config)).total
+    step = peer_step_fn(config, random_tokens(config))
+    losses = [step() for _ in range(3)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_bench_step_against_the_peer(capsys):
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install -e '.[hf]'")
+    assert main(["bench", "step", "--peer=hf", "--steps=2", "--json", *TINY]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["peer"] == "transformers MixtralForCausalLM"
+    assert result["speedup"] == pytest.approx(result["peer_step_s"] / result["skymoe_step_s"])
+    assert result["skymoe_tokens_per_sec"] == pytest.approx(8 * 32 / result["skymoe_step_s"])
+    assert result["skymoe_peak_rss"] > 0 and result["peer_peak_rss"] > 0
+
+
+def test_peer_without_torch_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    assert main(["bench", "step", "--peer=hf", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "pip install" in err and len(err.strip().splitlines()) == 1
+    assert main(["bench", "step", "--peer=pytorch", *TINY]) == 2
+    assert "--peer='pytorch'" in capsys.readouterr().err
+
+
+def test_bench_layers_times_every_block_of_the_model(capsys):
+    assert main(["bench", "layers", "--repeats=1", "--json", *TINY, "--config.moe.first_k_dense=1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["ms"]) == {"attention", "moe", "dense_ffn", "head_and_loss"}
+    ms = result["ms"]  # 2 layers: one dense, one MoE
+    want = 2 * ms["attention"] + ms["moe"] + ms["dense_ffn"] + ms["head_and_loss"]
+    assert result["blocks_per_step_ms"] == pytest.approx(want)
