@@ -137,10 +137,10 @@ def _params(hf: dict, config: ml_collections.ConfigDict, get: _Tensors, abstract
             per_layer.setdefault(t.path, []).append(t.to_ours(get(t.hf), shape))
     stacked = {}
     for path, values in per_layer.items():
-        n = config.moe.num_experts
-        if path[:2] == ("ffn", "experts"):  # [layers x experts] in order -> [layers, experts, ...]
-            values = [np.stack(values[i : i + n]) for i in range(0, len(values), n)]
-        put_path(stacked, path, np.stack(values))
+        stack = np.stack(values)  # expert tensors come layer by layer, expert by expert
+        if path[:2] == ("ffn", "experts"):
+            stack = stack.reshape(config.model.num_layers, -1, *values[0].shape)
+        put_path(stacked, path, stack)
     put_path(params, layer_path(0, 0), stacked)
     return params
 
