@@ -28,14 +28,16 @@ TINY = [
 ]
 
 
-@pytest.mark.parametrize("experts", [4, 0])
-def test_the_peer_has_the_same_parameters_and_trains(experts):
+@pytest.mark.parametrize(
+    "overrides", [[], [*TINY, "--config.moe.num_experts=4"], [*TINY, "--config.moe.num_experts=0"]]
+)  # [] = the default config, the one the benchmark compares
+def test_the_peer_has_the_same_parameters_and_trains(overrides):
     pytest.importorskip("torch", reason="torch is not installed: pip install -e '.[hf]'")
     pytest.importorskip("transformers", reason="transformers is not installed: pip install -e '.[hf]'")
     from skymoe_jax.bench.peer import peer_model, peer_step_fn
     from skymoe_jax.bench.step import random_tokens
 
-    config = load_config("configs/default.py", [*TINY, f"--config.moe.num_experts={experts}"])
+    config = load_config("configs/default.py", overrides)
     model, _ = peer_model(config)
     assert sum(p.numel() for p in model.parameters()) == param_counts(ModelSpec.from_config(config)).total
     step = peer_step_fn(config, random_tokens(config))
