@@ -52,8 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
     # auto: chunked from 1024 tokens (memory linear in the sequence; see model/chunked_attention.py), xla below
-    c.model.attention_impl = "auto"  # auto | xla (dense [S, S] scores) | chunked | pallas (Triton flash attention)
+    c.model.attention_impl = "auto"  # auto | xla (dense [S, S] scores) | blocked | chunked | pallas (Triton flash)
     c.model.remat = "none"  # none | full | dots: activation rematerialization per layer
+    # True: lax.scan over each stack's layers (compile time independent of depth); False: the same layers
+    # unrolled, which spares the scan's stacked residual buffers (faster on the CPU, slower to compile)
+    c.model.scan_layers = True
 
     c.moe = ml_collections.ConfigDict()
     c.moe.num_experts = 8  # 0 = dense model
@@ -230,7 +233,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
-    "model.attention_impl": ("auto", "xla", "chunked", "pallas"),
+    "model.attention_impl": ("auto", "xla", "blocked", "chunked", "pallas"),
     "moe.aux_loss": ("paper", "switch"),
     "moe.drop_policy": ("position", "probs"),
     "moe.dropless_impl": ("ragged", "padded"),

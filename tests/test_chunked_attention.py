@@ -49,7 +49,7 @@ def test_bfloat16_inputs_stay_close_to_the_float32_reference():
 
 def test_block_size_tiles_the_sequence():
     assert [block_size(s) for s in (48, 512, 1000, 4096, 8192)] == [48, 512, 500, 512, 512]
-    assert resolve_attention_impl("auto", 512) == "xla" and resolve_attention_impl("auto", 1024) == "chunked"
+    assert resolve_attention_impl("auto", 512, "gpu") == "xla" and resolve_attention_impl("auto", 1024) == "chunked"
     assert resolve_attention_impl("xla", 8192) == "xla"
 
 

@@ -95,7 +95,7 @@ def _x(seed=1):
     return np.random.default_rng(seed).normal(size=(2, S, D)).astype(np.float32)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "blocked", "chunked"])
 def test_attention_matches_numpy_reference(impl):
     spec = _spec(model__attention_impl=impl)
     attn = _materialize(lambda: Attention(spec, nnx.Rngs(params=0), "gshard"))
@@ -174,10 +174,16 @@ def test_dense_layout_and_empty_moe_stats():
     assert out.logits.shape == (2, S, V) and out.moe == {}
 
 
-def test_moe_stats_are_per_layer_in_layer_order():
-    # 6 layers, 2 dense then (dense, MoE) x 2: MoE layers 3 and 5, scanned in two stacks, with remat.
+@pytest.mark.parametrize("scan", [True, False])
+def test_moe_stats_are_per_layer_in_layer_order(scan):
+    # 6 layers, 2 dense then (dense, MoE) x 2: MoE layers 3 and 5, in two stacks (scanned or unrolled), remat.
     spec = _spec(
-        model__num_layers=6, moe__first_k_dense=2, moe__moe_every=2, moe__capacity_factor=1.0, model__remat="full"
+        model__num_layers=6,
+        moe__first_k_dense=2,
+        moe__moe_every=2,
+        moe__capacity_factor=1.0,
+        model__remat="full",
+        model__scan_layers=scan,
     )
     model = _model(spec)
     tokens = _tokens(4)
@@ -198,7 +204,7 @@ def test_moe_stats_are_per_layer_in_layer_order():
                 x, stats = layer(x, positions, segments, train=True)
                 if stats is not None:
                     per_layer.append(stats)
-    # Scanned and unrolled run the same float32 ops; only XLA's fusion and summation order differ.
+    # The stack and the hand loop run the same float32 ops; only XLA's fusion and summation order differ.
     np.testing.assert_allclose(out.logits, model.head(model.final_norm(x)), rtol=1e-5, atol=1e-5)
     for name, rows in out.moe.items():
         np.testing.assert_allclose(rows, np.stack([s[name] for s in per_layer]), rtol=1e-5, atol=1e-6)

@@ -73,7 +73,7 @@ def test_search_reports_only_what_fits_fastest_first_and_finds_the_configs_own_l
     meshes = {x.plan.mesh for x in result.candidates}
     assert {(1, 8, 1), (1, 4, 2), (2, 2, 2), (8, 1, 1)} <= meshes
     own = [x for x in result.candidates if x.key == ((2, 2, 2), "edp", "zero1", "none", 2, (4, 4))]
-    assert len(own) == 1 and own[0].plan.peak_bytes == plan(c, (2, 2, 2)).peak_bytes
+    assert len(own) == 1 and own[0].plan.peak_bytes == plan(c, (2, 2, 2), platform="gpu").peak_bytes
     tiny = Device("tiny", memory=2**20, peak_flops=1e12, intra_node=100e9, inter_node=10e9)
     assert not search(c, 8, tiny).fitting
 

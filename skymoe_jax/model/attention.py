@@ -1,10 +1,12 @@
 """Grouped-query self-attention with rotary embeddings and document (segment) masking.
 
 `model.attention_impl` picks how: xla materializes [B, H, S, S] scores (jax.nn.dot_product_attention
-with a [B, 1, S, S] mask), memory quadratic in the sequence; chunked (model/chunked_attention.py)
-takes keys a block at a time and keeps memory linear; pallas (kernels/attention.py) is a Triton flash
-attention kernel for the GPU, linear too; auto is chunked from CHUNKED_FROM tokens and never picks
-pallas until a GPU measurement does (none yet).
+with a [B, 1, S, S] mask), memory quadratic in the sequence; blocked (model/blocked_attention.py) cuts
+the queries into blocks that skip the keys above the diagonal, still quadratic; chunked
+(model/chunked_attention.py) takes keys a block at a time and keeps memory linear; pallas
+(kernels/attention.py) is a Triton flash attention kernel for the GPU, linear too. auto is chunked from
+CHUNKED_FROM tokens; below, blocked on the CPU (where it was measured faster) and xla elsewhere; it never
+picks pallas until a GPU measurement does (none yet).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from skymoe_jax.kernels.attention import pallas_attention
+from skymoe_jax.model.blocked_attention import blocked_attention
 from skymoe_jax.model.chunked_attention import chunked_attention
 from skymoe_jax.model.layers import param, rotary
 from skymoe_jax.model.spec import ModelSpec
@@ -23,11 +26,14 @@ from skymoe_jax.model.spec import ModelSpec
 CHUNKED_FROM = 1024
 
 
-def resolve_attention_impl(impl: str, seq_len: int) -> str:
-    """model.attention_impl for a sequence length: auto -> chunked from CHUNKED_FROM tokens, xla below."""
-    if impl == "auto":
-        return "chunked" if seq_len >= CHUNKED_FROM else "xla"
-    return impl
+def resolve_attention_impl(impl: str, seq_len: int, platform: str | None = None) -> str:
+    """model.attention_impl for a sequence length on a platform (cpu, gpu, ...; default: JAX's default
+    backend): auto -> chunked from CHUNKED_FROM tokens; below, blocked on the CPU and xla elsewhere."""
+    if impl != "auto":
+        return impl
+    if seq_len >= CHUNKED_FROM:
+        return "chunked"
+    return "blocked" if (platform or jax.default_backend()) == "cpu" else "xla"
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -68,6 +74,8 @@ class Attention(nnx.Module):
         impl = resolve_attention_impl(self.impl, x.shape[1])
         if impl == "chunked":
             out = chunked_attention(q, k, v, segment_ids)
+        elif impl == "blocked":
+            out = blocked_attention(q, k, v, segment_ids)
         elif impl == "pallas":
             out = pallas_attention(q, k, v, segment_ids, self.layout)
         else:

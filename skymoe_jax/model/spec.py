@@ -27,6 +27,7 @@ class ModelSpec:
     param_dtype: str
     remat: str
     attention_impl: str
+    scan_layers: bool
     qkv_bias: bool
     first_k_dense: int
     moe_every: int

@@ -70,7 +70,8 @@ def _stacked_axes(state: nnx.State) -> nnx.State:
 
 
 class Stack(nnx.Module):
-    """`repeats` copies of a SuperBlock with parameters stacked on a leading 'layers' axis, applied by lax.scan."""
+    """`repeats` copies of a SuperBlock with parameters stacked on a leading 'layers' axis, applied by lax.scan
+    (unrolled unless model.scan_layers)."""
 
     def __init__(
         self,
@@ -96,6 +97,7 @@ class Stack(nnx.Module):
             state = jax.tree.map(lambda a: jnp.zeros((length, *a.shape[1:]), a.dtype).at[slots].set(a), state)
         self.blocks = nnx.merge(graphdef, _stacked_axes(state))
         self.remat = spec.remat
+        self.scan = spec.scan_layers
 
     def __call__(self, x, positions, segment_ids, *, train: bool, slots: np.ndarray | None = None):
         """Apply the stacked blocks in order; `slots` picks and orders stored blocks (pipelined layouts)."""
@@ -108,7 +110,7 @@ class Stack(nnx.Module):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
-        return jax.lax.scan(body, x, state)
+        return jax.lax.scan(body, x, state, unroll=not self.scan)
 
 
 class Transformer(nnx.Module):

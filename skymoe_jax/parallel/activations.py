@@ -110,14 +110,17 @@ def activation_memory(
     mesh: tuple[int, int, int],
     stage_gradient_bytes: float,
     layer_gradient_bytes: float,
+    platform: str | None = None,
 ) -> Activations:
     """Per-device activation bytes of a train step of config on mesh (pipeline, data, expert), given the
-    bytes of one device's whole (unsplit by ZeRO-1 / FSDP) gradients: of its stage and of its layer stack."""
+    bytes of one device's whole (unsplit by ZeRO-1 / FSDP) gradients: of its stage and of its layer stack.
+    `platform` (default: this machine's) is where it runs, which decides what attention_impl=auto runs."""
     pipeline, data, expert = mesh
+    seq = config.data.seq_len
+    spec = dataclasses.replace(spec, attention_impl=resolve_attention_impl(spec.attention_impl, seq, platform))
     split = MeshLayout.from_config(config)
     edp = split.layout == "edp"
     microbatches = config.parallel.num_microbatches if split.pipelined else 1
-    seq = config.data.seq_len
     rows = config.data.batch_size // microbatches // (data if edp else data * expert)
     # What a layer keeps grows in proportion to its rows (every residual has a token dimension), so it is
     # traced once on the fewest rows that still fill whole routing groups and scaled; the stage split

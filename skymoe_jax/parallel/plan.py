@@ -79,7 +79,9 @@ def _params_of(spec: ModelSpec, mesh_layout: MeshLayout) -> nnx.State:
     return nnx.state(nnx.eval_shape(lambda: build_model(spec, mesh_layout=mesh_layout)), nnx.Param)
 
 
-def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
+def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int], platform: str | None = None) -> Plan:
+    """The per-device memory of config on mesh (pipeline, data, expert), run on `platform` (cpu or gpu; default:
+    this machine's), which decides what attention_impl=auto runs."""
     pipeline, data, expert = mesh
     planned = config.copy_and_resolve_references()
     planned.parallel.mesh = tuple(mesh)
@@ -136,6 +138,11 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int]) -> Plan:
         microbatches=microbatches,
         pipeline_utilization=pipeline_utilization(per_stage, microbatches) if per_stage else 1.0,
         activations=activation_memory(
-            planned, spec, mesh, stage_gradient_bytes=gathered_bytes, layer_gradient_bytes=layer_grad_bytes
+            planned,
+            spec,
+            mesh,
+            stage_gradient_bytes=gathered_bytes,
+            layer_gradient_bytes=layer_grad_bytes,
+            platform=platform,
         ),
     )

@@ -222,7 +222,7 @@ def search(
                 stage_remat=(),
             )
             try:
-                p = plan(candidate_config, (pipeline, data, expert))  # validates
+                p = plan(candidate_config, (pipeline, data, expert), platform="gpu")  # validates
             except ConfigError:
                 refused += 1
                 continue

@@ -1,0 +1,218 @@
+"""The adaptive aux-loss coefficient study (Skywork-MoE section 3.2) at small scale.
+
+Paper: alpha_{i+1} = beta alpha_i + (1 - beta) min(xi d_i, alpha_max) per MoE layer, with d_i the
+layer's token drop rate (xi = 0.2, beta = 0.99, alpha_max = 0.01), keeps the drop rate low early
+and relaxes the balancing pressure once the routing has settled. Here, per routing regime and
+seed, the same initialisation and batches for every arm:
+
+    none                  no aux loss (alpha fixed at 0)
+    fixed 1e-3, 1e-2      a constant alpha
+    adaptive 0.01         the paper's rule (alpha_max 0.01)
+    adaptive 0.05, 0.1    the rule with a larger ceiling (small models saturate 0.01)
+
+each (except none) with the paper's eq. 4 loss, sum_j (1/n - mean_t g_tj)^2, and with the Switch
+loss, n sum_j f_j P_j (moe.aux_loss). Regimes: e8 is the default model (8 experts top-2, routing
+groups of 512); e16 has 16 experts of half the width (the same expert parameters) in groups of
+2048 tokens. Runs last STEPS = 600 steps (twice the default's 300): in the default run the drop
+rate is still falling at step 300.
+
+    python configs/experiments/aux_coef.py --out=runs/aux_coef [--regime=e8] [--seeds=0,1,2] [--jobs=2]
+
+trains the runs that are not finished in OUT/<regime>/seed<N>/<arm> (a run cut short resumes from
+its last checkpoint), writes one comparison report per seed to OUT/<regime>/seed<N>/report with
+`skymoe report --compare`, and prints the table: each arm's final eval loss (mean and spread over
+seeds), drop rate, busiest expert, Max1/Max2, alpha and tokens/s, and which eval-loss differences
+from the paper's arm exceed the seed noise. --jobs runs that many trainings at once, each pinned
+to its own cores (on 2 cores, two one-core runs finish more work than one two-core run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+STEPS = 600
+COMMON = [
+    f"--config.train.steps={STEPS}",
+    f"--config.train.checkpoint_every={STEPS // 4}",
+    "--config.train.eval_every=100",
+    "--config.train.progress=False",
+]
+REGIMES = {
+    "e8": [],
+    "e16": ["--config.moe.num_experts=16", "--config.moe.expert_ffn_dim=128", "--config.moe.group_size=2048"],
+}
+FORMS = {"eq4": "paper", "switch": "switch"}
+
+
+def arms() -> dict[str, list[str]]:
+    """Arm name -> its flags; the paper's own arm is 'eq4 adaptive 0.01'."""
+    out = {"none": ["--config.aux_coef.mode=fixed", "--config.aux_coef.initial_alpha=0.0"]}
+    for form, loss in FORMS.items():
+        for alpha in ("1e-3", "1e-2"):
+            out[f"{form} fixed {alpha}"] = [
+                f"--config.moe.aux_loss={loss}",
+                "--config.aux_coef.mode=fixed",
+                f"--config.aux_coef.initial_alpha={alpha}",
+            ]
+        for ceiling in ("0.01", "0.05", "0.1"):
+            out[f"{form} adaptive {ceiling}"] = [
+                f"--config.moe.aux_loss={loss}",
+                "--config.aux_coef.mode=adaptive",
+                f"--config.aux_coef.alpha_max={ceiling}",
+            ]
+    return out
+
+
+PAPER_ARM = "eq4 adaptive 0.01"
+
+
+def workdir(out: str, regime: str, seed: int, arm: str) -> str:
+    return os.path.join(out, regime, f"seed{seed}", arm.replace(" ", "_"))
+
+
+def finished(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints", str(STEPS)))
+
+
+def train_command(path: str, regime: str, seed: int, flags: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "skymoe_jax.cli",
+        "train",
+        f"--workdir={path}",
+        f"--config.seed={seed}",
+        f"--config.data.shuffle_seed={seed}",
+        *COMMON,
+        *REGIMES[regime],
+        *flags,
+    ]
+
+
+def train_all(jobs: list[tuple[str, list[str]]], parallel: int) -> bool:
+    """Run (workdir, command) jobs, `parallel` at a time, each pinned to its share of the cores; logs in
+    WORKDIR.log. False when one failed."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // parallel)
+    slots = [cores[i * share : (i + 1) * share] for i in range(parallel)]
+    running: dict[int, tuple[subprocess.Popen, str]] = {}
+    pending, ok = list(jobs), True
+    while pending or running:
+        for slot in range(parallel):
+            if slot not in running and pending:
+                path, command = pending.pop(0)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                log = open(path + ".log", "a", encoding="utf-8")
+                pinned = ["taskset", "-c", ",".join(map(str, slots[slot]))] if parallel > 1 else []
+                print(f"training {path}", flush=True)
+                running[slot] = (subprocess.Popen(pinned + command, stdout=log, stderr=subprocess.STDOUT), path)
+        time.sleep(2)
+        for slot, (process, path) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[slot]
+            if process.returncode:
+                print(f"{path} failed (exit {process.returncode}); see {path}.log", flush=True)
+                ok = False
+    return ok
+
+
+def busiest_expert(run) -> float:
+    """The busiest expert's share of the assignments over the uniform share, averaged over MoE layers and
+    the last 20% of steps."""
+    steps, load = run.series("expert_load")  # [N, layers, experts]
+    tail = steps > 0.8 * run.last_step
+    return float(np.mean(load[tail].max(-1) * load.shape[-1]))
+
+
+def table(out: str, regime: str, seeds: list[int]) -> str:
+    """Per arm over the seeds that finished it: mean and (max - min) of the final eval loss, and the means of
+    the routing columns (last 20% of steps)."""
+    from skymoe_jax.metrics.runs import load_run, summarize
+
+    rows, finals = [], {}
+    for arm in arms():
+        runs = [load_run(workdir(out, regime, s, arm)) for s in seeds if finished(workdir(out, regime, s, arm))]
+        if not runs:
+            continue
+        summaries = [summarize(r) for r in runs]
+        finals[arm] = np.array([s["eval loss"] for s in summaries])
+        alpha = np.mean([r.series("alpha")[1][-1] for r in runs], axis=0)
+
+        def mean(key: str, summaries=summaries) -> float:
+            return float(np.mean([s[key] for s in summaries]))
+
+        rows.append(
+            f"| {arm} | {len(runs)} | {finals[arm].mean():.3f} | {np.ptp(finals[arm]):.3f} | "
+            f"{mean('drop rate %'):.1f} | {np.mean([busiest_expert(r) for r in runs]):.2f} | "
+            f"{mean('Max1/Max2'):.2f} | {' '.join(f'{a:.3g}' for a in alpha)} | {mean('tokens/s'):,.0f} |"
+        )
+    head = [
+        f"{regime}, {STEPS} steps; eval loss at the last step; routing columns average the last 20% of steps "
+        "and the MoE layers; alpha per layer at the end",
+        "",
+        "| arm | seeds | eval loss | spread | drop rate % | busiest expert / uniform | Max1/Max2 | alpha | tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    return "\n".join(head + rows + ["", *noise(finals)])
+
+
+def noise(finals: dict[str, np.ndarray]) -> list[str]:
+    """Which arms' eval loss differs from the paper's arm by more than the seed noise: the mean difference
+    over paired seeds beyond twice its standard error (and beyond the largest spread of any arm)."""
+    if PAPER_ARM not in finals or len(finals[PAPER_ARM]) < 2:
+        return ["(seed noise needs at least two seeds of the paper's arm)"]
+    spread = max(np.ptp(v) for v in finals.values() if len(v) > 1)
+    lines = [f"largest seed spread of any arm: {spread:.3f}"]
+    for arm, values in finals.items():
+        n = min(len(values), len(finals[PAPER_ARM]))
+        if arm == PAPER_ARM or n < 2:
+            continue
+        diff = values[:n] - finals[PAPER_ARM][:n]
+        error = diff.std(ddof=1) / np.sqrt(n)
+        beyond = abs(diff.mean()) > max(2 * error, spread)
+        lines.append(
+            f"{arm} - {PAPER_ARM}: {diff.mean():+.3f} (paired standard error {error:.3f}): "
+            + ("beyond the seed noise" if beyond else "within the seed noise")
+        )
+    return lines
+
+
+def main() -> int:
+    from skymoe_jax.cli import main as skymoe
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/aux_coef")
+    parser.add_argument("--regime", default="e8", choices=sorted(REGIMES))
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each pinned to its own cores")
+    parser.add_argument("--only", default="", help="train only the arms whose name contains this text")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    jobs = [
+        (path, train_command(path, args.regime, seed, flags))
+        for seed in seeds
+        for arm, flags in arms().items()
+        if args.only in arm and not finished(path := workdir(args.out, args.regime, seed, arm))
+    ]
+    if not train_all(jobs, max(1, args.jobs)):
+        return 1
+    for seed in seeds:
+        done = [workdir(args.out, args.regime, seed, arm) for arm in arms()]
+        done = [w for w in done if finished(w)]
+        if len(done) > 1:
+            report = ["report", f"--workdir={done[0]}", "--compare", *done[1:]]
+            if skymoe([*report, f"--out={os.path.join(args.out, args.regime, f'seed{seed}', 'report')}"]) != 0:
+                return 1
+    print(table(args.out, args.regime, seeds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
