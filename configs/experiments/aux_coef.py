@@ -16,10 +16,12 @@ groups of 512); e16 has 16 experts of half the width (the same expert parameters
 2048 tokens. Runs last STEPS = 600 steps (twice the default's 300): in the default run the drop
 rate is still falling at step 300.
 
-    python configs/experiments/aux_coef.py --out=runs/aux_coef [--regime=e8] [--seeds=0,1,2] [--jobs=2]
+    python configs/experiments/aux_coef.py [--out=experiments/aux_coef] [--regime=e8] [--seeds=0,1,2] [--jobs=2]
 
 trains the runs that are not finished in OUT/<regime>/seed<N>/<arm> (a run cut short resumes from
-its last checkpoint), writes one comparison report per seed to OUT/<regime>/seed<N>/report with
+its last checkpoint; a run is finished when its metrics.jsonl has step STEPS, so the default OUT keeps
+the finished runs' metrics in the repository, where the next session finds them, and .gitignore
+leaves out their checkpoints), writes one comparison report per seed to OUT/<regime>/seed<N>/report with
 `skymoe report --compare`, and prints the table: each arm's final eval loss (mean and spread over
 seeds), drop rate, busiest expert, Max1/Max2, alpha and tokens/s, and which eval-loss differences
 from the paper's arm exceed the seed noise. --jobs runs that many trainings at once, each pinned
@@ -29,6 +31,7 @@ to its own cores (on 2 cores, two one-core runs finish more work than one two-co
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -77,7 +80,12 @@ def workdir(out: str, regime: str, seed: int, arm: str) -> str:
 
 
 def finished(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "checkpoints", str(STEPS)))
+    """Whether the run logged its last step's evaluation."""
+    try:
+        with open(os.path.join(path, "metrics.jsonl"), encoding="utf-8") as f:
+            return any(json.loads(line).get("step") == STEPS and "eval_loss" in line for line in f if line.strip())
+    except FileNotFoundError:
+        return False
 
 
 def train_command(path: str, regime: str, seed: int, flags: list[str]) -> list[str]:
@@ -188,7 +196,7 @@ def main() -> int:
     from skymoe_jax.cli import main as skymoe
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/aux_coef")
+    parser.add_argument("--out", default="experiments/aux_coef")
     parser.add_argument("--regime", default="e8", choices=sorted(REGIMES))
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each pinned to its own cores")
