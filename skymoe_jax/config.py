@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "auto"  # auto | xla (dense [S, S] scores) | blocked | chunked | pallas (Triton flash)
     c.model.remat = "none"  # none | full | dots: activation rematerialization per layer
     # True: lax.scan over each stack's layers (compile time independent of depth); False: the same layers
-    # unrolled, which spares the scan's stacked residual buffers (faster on the CPU, slower to compile)
+    # unrolled, which spares the scan's stacked residual buffers (faster on the CPU, slower to compile).
+    # A pipelined model always scans its stage's layers (model/pipeline.py).
     c.model.scan_layers = True
 
     c.moe = ml_collections.ConfigDict()

@@ -116,6 +116,7 @@ def test_summary_averages_the_tail_and_takes_the_last_eval():
     assert s["train CE"] == pytest.approx(np.mean([5 - 90 / 50, 5 - 100 / 50]))  # steps 90 and 100 (last 20%)
     assert s["drop rate %"] == pytest.approx(2.0)  # layers at 1, 2, 3 %
     assert s["expert similarity"] == pytest.approx(0.4)
+    assert s["busiest expert / uniform"] == pytest.approx((1 / EXPERTS + 0.1) * EXPERTS)  # expert 0, every layer
 
 
 def test_two_expert_runs_have_no_max2_max3(tmp_path):

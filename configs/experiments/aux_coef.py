@@ -83,9 +83,10 @@ def finished(path: str) -> bool:
     """Whether the run logged its last step's evaluation."""
     try:
         with open(os.path.join(path, "metrics.jsonl"), encoding="utf-8") as f:
-            return any(json.loads(line).get("step") == STEPS and "eval_loss" in line for line in f if line.strip())
+            records = [json.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return False
+    return any(r.get("step") == STEPS and "eval_loss" in r for r in records)
 
 
 def train_command(path: str, regime: str, seed: int, flags: list[str]) -> list[str]:
@@ -109,7 +110,7 @@ def train_all(jobs: list[tuple[str, list[str]]], parallel: int) -> bool:
     cores = sorted(os.sched_getaffinity(0))
     share = max(1, len(cores) // parallel)
     slots = [cores[i * share : (i + 1) * share] for i in range(parallel)]
-    running: dict[int, tuple[subprocess.Popen, str]] = {}
+    running: dict[int, tuple[subprocess.Popen, str, object]] = {}
     pending, ok = list(jobs), True
     while pending or running:
         for slot in range(parallel):
@@ -119,24 +120,17 @@ def train_all(jobs: list[tuple[str, list[str]]], parallel: int) -> bool:
                 log = open(path + ".log", "a", encoding="utf-8")
                 pinned = ["taskset", "-c", ",".join(map(str, slots[slot]))] if parallel > 1 else []
                 print(f"training {path}", flush=True)
-                running[slot] = (subprocess.Popen(pinned + command, stdout=log, stderr=subprocess.STDOUT), path)
+                running[slot] = (subprocess.Popen(pinned + command, stdout=log, stderr=subprocess.STDOUT), path, log)
         time.sleep(2)
-        for slot, (process, path) in list(running.items()):
+        for slot, (process, path, log) in list(running.items()):
             if process.poll() is None:
                 continue
             del running[slot]
+            log.close()
             if process.returncode:
                 print(f"{path} failed (exit {process.returncode}); see {path}.log", flush=True)
                 ok = False
     return ok
-
-
-def busiest_expert(run) -> float:
-    """The busiest expert's share of the assignments over the uniform share, averaged over MoE layers and
-    the last 20% of steps."""
-    steps, load = run.series("expert_load")  # [N, layers, experts]
-    tail = steps > 0.8 * run.last_step
-    return float(np.mean(load[tail].max(-1) * load.shape[-1]))
 
 
 def table(out: str, regime: str, seeds: list[int]) -> str:
@@ -158,7 +152,7 @@ def table(out: str, regime: str, seeds: list[int]) -> str:
 
         rows.append(
             f"| {arm} | {len(runs)} | {finals[arm].mean():.3f} | {np.ptp(finals[arm]):.3f} | "
-            f"{mean('drop rate %'):.1f} | {np.mean([busiest_expert(r) for r in runs]):.2f} | "
+            f"{mean('drop rate %'):.1f} | {mean('busiest expert / uniform'):.2f} | "
             f"{mean('Max1/Max2'):.2f} | {' '.join(f'{a:.3g}' for a in alpha)} | {mean('tokens/s'):,.0f} |"
         )
     head = [

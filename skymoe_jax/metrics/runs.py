@@ -80,6 +80,7 @@ COLUMNS = (
     ("drop rate %", "drop_rate", "tail"),
     ("Max1/Max2", "max1_max2", "tail"),
     ("Max2/Max3", "max2_max3", "tail"),
+    ("busiest expert / uniform", "expert_load", "busiest"),
     ("alpha", "alpha", "last"),
     ("expert similarity", "expert_similarity", "last"),
     ("tokens/s", "tokens_per_sec", "tail"),
@@ -89,13 +90,16 @@ COLUMNS = (
 
 def summarize(run: Run) -> dict[str, float]:
     """Final values: 'last' = the last record holding the key; 'tail' = mean over the records of the
-    last 20% of steps; per-layer values are averaged over layers. Percent columns are scaled."""
+    last 20% of steps ('busiest': of the busiest expert's share over the uniform share); per-layer values
+    are averaged over layers. Percent columns are scaled."""
     out = {}
     for heading, key, how in COLUMNS:
         if not run.has(key):
             continue
         steps, values = run.series(key)
         tail = steps > (1 - TAIL) * run.last_step
+        if how == "busiest":  # [steps, layers, experts] shares -> the busiest expert over the uniform share
+            values = values.max(-1) * values.shape[-1]
         chosen = values[-1:] if how == "last" or not tail.any() else values[tail]
         out[heading] = float(np.nanmean(chosen)) * (100 if heading.endswith("%") else 1)
     return out
