@@ -3,7 +3,6 @@ differs from the default only where the arm says, and the seed-noise verdict fol
 
 import importlib.util
 
-import numpy as np
 import pytest
 
 from skymoe_jax.config import load_config
@@ -33,15 +32,23 @@ def test_every_arm_is_a_valid_config_with_its_own_aux_setting(regime):
     assert len(seen) == 11 and study.PAPER_ARM in study.arms()
 
 
-def test_noise_verdict():
-    paper = np.array([2.00, 2.02, 1.98])
-    finals = {
+def test_noise_verdict_pairs_seeds_both_arms_finished():
+    paper = {0: 2.00, 1: 2.02, 2: 1.98}
+    per_arm = {
         study.PAPER_ARM: paper,
-        "none": paper + np.array([0.10, 0.11, 0.09]),  # consistently worse by far more than any spread
-        "eq4 fixed 1e-2": paper + np.array([0.03, -0.02, 0.01]),  # mixed signs: noise
+        "none": {s: v + d for (s, v), d in zip(paper.items(), [0.10, 0.11, 0.09])},  # worse by far more than any spread
+        "eq4 fixed 1e-2": {s: v + d for (s, v), d in zip(paper.items(), [0.03, -0.02, 0.01])},  # mixed signs: noise
+        # seed 1 unfinished: paired on seeds 0 and 2 (+0.2 and +0.3), never against seed 1's 2.02
+        "switch fixed 1e-2": {0: 2.20, 2: 2.28},
+        "switch fixed 1e-3": {2: 1.5},  # one seed: no verdict
     }
-    lines = study.noise(finals)
-    assert lines[0] == "largest seed spread of any arm: 0.060"  # the none arm: 2.07 to 2.13
-    assert "none - eq4 adaptive 0.01: +0.100" in lines[1] and lines[1].endswith("beyond the seed noise")
+    lines = study.noise("eval loss", per_arm, "{:+.3f}")
+    assert lines[0] == "eval loss: largest seed spread of any arm 0.080"  # switch fixed 1e-2: 2.20 to 2.28
+    assert "none - eq4 adaptive 0.01: +0.100 over 3 seeds" in lines[1] and lines[1].endswith("beyond the seed noise")
     assert lines[2].endswith("within the seed noise")
-    assert study.noise({study.PAPER_ARM: paper[:1]}) == ["(seed noise needs at least two seeds of the paper's arm)"]
+    assert "switch fixed 1e-2 - eq4 adaptive 0.01: +0.250 over 2 seeds" in lines[3]
+    assert "(paired standard error 0.050)" in lines[3] and lines[3].endswith("beyond the seed noise")
+    assert len(lines) == 4
+    assert study.noise("eval loss", {study.PAPER_ARM: {0: 2.0}}, "{:+.3f}") == [
+        "eval loss: the seed noise needs at least two seeds of the paper's arm"
+    ]

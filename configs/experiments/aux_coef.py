@@ -23,7 +23,7 @@ its last checkpoint; a run is finished when its metrics.jsonl has step STEPS, so
 the finished runs' metrics in the repository, where the next session finds them, and .gitignore
 leaves out their checkpoints), writes one comparison report per seed to OUT/<regime>/seed<N>/report with
 `skymoe report --compare`, and prints the table: each arm's final eval loss (mean and spread over
-seeds), drop rate, busiest expert, Max1/Max2, alpha and tokens/s, and which eval-loss differences
+seeds), drop rate, busiest expert, Max1/Max2, alpha and tokens/s, and which eval-loss and drop-rate differences
 from the paper's arm exceed the seed noise. --jobs runs that many trainings at once, each pinned
 to its own cores (on 2 cores, two one-core runs finish more work than one two-core run).
 """
@@ -135,23 +135,27 @@ def train_all(jobs: list[tuple[str, list[str]]], parallel: int) -> bool:
 
 def table(out: str, regime: str, seeds: list[int]) -> str:
     """Per arm over the seeds that finished it: mean and (max - min) of the final eval loss, and the means of
-    the routing columns (last 20% of steps)."""
+    the routing columns (last 20% of steps); then which eval-loss and drop-rate differences from the paper's
+    arm exceed the seed noise."""
     from skymoe_jax.metrics.runs import load_run, summarize
 
-    rows, finals = [], {}
+    rows, finals, drops = [], {}, {}
     for arm in arms():
-        runs = [load_run(workdir(out, regime, s, arm)) for s in seeds if finished(workdir(out, regime, s, arm))]
-        if not runs:
+        done = [s for s in seeds if finished(workdir(out, regime, s, arm))]
+        if not done:
             continue
+        runs = [load_run(workdir(out, regime, s, arm)) for s in done]
         summaries = [summarize(r) for r in runs]
-        finals[arm] = np.array([s["eval loss"] for s in summaries])
+        finals[arm] = {s: m["eval loss"] for s, m in zip(done, summaries)}
+        drops[arm] = {s: m["drop rate %"] for s, m in zip(done, summaries)}
+        loss = np.array(list(finals[arm].values()))
         alpha = np.mean([r.series("alpha")[1][-1] for r in runs], axis=0)
 
         def mean(key: str, summaries=summaries) -> float:
             return float(np.mean([s[key] for s in summaries]))
 
         rows.append(
-            f"| {arm} | {len(runs)} | {finals[arm].mean():.3f} | {np.ptp(finals[arm]):.3f} | "
+            f"| {arm} | {len(runs)} | {loss.mean():.3f} | {np.ptp(loss):.3f} | "
             f"{mean('drop rate %'):.1f} | {mean('busiest expert / uniform'):.2f} | "
             f"{mean('Max1/Max2'):.2f} | {' '.join(f'{a:.3g}' for a in alpha)} | {mean('tokens/s'):,.0f} |"
         )
@@ -162,25 +166,29 @@ def table(out: str, regime: str, seeds: list[int]) -> str:
         "| arm | seeds | eval loss | spread | drop rate % | busiest expert / uniform | Max1/Max2 | alpha | tokens/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    return "\n".join(head + rows + ["", *noise(finals)])
+    verdicts = ["", *noise("eval loss", finals, "{:+.3f}"), "", *noise("drop rate %", drops, "{:+.1f}")]
+    return "\n".join(head + rows + verdicts)
 
 
-def noise(finals: dict[str, np.ndarray]) -> list[str]:
-    """Which arms' eval loss differs from the paper's arm by more than the seed noise: the mean difference
-    over paired seeds beyond twice its standard error (and beyond the largest spread of any arm)."""
-    if PAPER_ARM not in finals or len(finals[PAPER_ARM]) < 2:
-        return ["(seed noise needs at least two seeds of the paper's arm)"]
-    spread = max(np.ptp(v) for v in finals.values() if len(v) > 1)
-    lines = [f"largest seed spread of any arm: {spread:.3f}"]
-    for arm, values in finals.items():
-        n = min(len(values), len(finals[PAPER_ARM]))
-        if arm == PAPER_ARM or n < 2:
+def noise(metric: str, per_arm: dict[str, dict[int, float]], fmt: str) -> list[str]:
+    """Which arms' metric (per arm, per seed) differs from the paper's arm by more than the seed noise: the
+    mean difference over the seeds both finished beyond twice its standard error, and beyond the largest
+    spread (max - min over seeds) of any arm."""
+    paper = per_arm.get(PAPER_ARM, {})
+    if len(paper) < 2:
+        return [f"{metric}: the seed noise needs at least two seeds of the paper's arm"]
+    spread = max(np.ptp(list(v.values())) for v in per_arm.values() if len(v) > 1)
+    lines = [f"{metric}: largest seed spread of any arm {fmt.format(spread).lstrip('+')}"]
+    for arm, values in per_arm.items():
+        common = sorted(set(values) & set(paper))
+        if arm == PAPER_ARM or len(common) < 2:
             continue
-        diff = values[:n] - finals[PAPER_ARM][:n]
-        error = diff.std(ddof=1) / np.sqrt(n)
+        diff = np.array([values[s] - paper[s] for s in common])
+        error = diff.std(ddof=1) / np.sqrt(len(common))
         beyond = abs(diff.mean()) > max(2 * error, spread)
         lines.append(
-            f"{arm} - {PAPER_ARM}: {diff.mean():+.3f} (paired standard error {error:.3f}): "
+            f"{metric}, {arm} - {PAPER_ARM}: {fmt.format(diff.mean())} over {len(common)} seeds "
+            f"(paired standard error {fmt.format(error).lstrip('+')}): "
             + ("beyond the seed noise" if beyond else "within the seed noise")
         )
     return lines
