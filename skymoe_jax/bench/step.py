@@ -16,6 +16,7 @@ import numpy as np
 
 from skymoe_jax.metrics.flops import device_peak_flops, flops_per_token, param_counts
 from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.run.host_memory import release_free_heap
 from skymoe_jax.training import runtime as runtime_lib
 
 
@@ -70,6 +71,7 @@ def skymoe_step_fn(config: ml_collections.ConfigDict, tokens: np.ndarray) -> tup
         start = time.perf_counter()
         compiled = runtime.train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - start
+    release_free_heap()  # as skymoe train does after compiling
     held = {"state": state}
 
     def step() -> None:

@@ -47,7 +47,10 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
         scores = jnp.einsum("bqkgd,bjkd->bkgqj", grouped[:, start:end], k[:, :end], preferred_element_type=jnp.float32)
         causal = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
         same_doc = segment_ids[:, start:end, None] == segment_ids[:, None, :end]
-        scores = jnp.where((causal & same_doc)[:, None, None], scores, _MASKED)
+        # lax.select rather than jnp.where, whose inner jit hides the fill's broadcast from the planner's
+        # residual count (parallel/activations.py saved_bytes).
+        visible = jnp.broadcast_to((causal & same_doc)[:, None, None], scores.shape)
+        scores = jax.lax.select(visible, scores, jnp.full_like(scores, _MASKED))
         # The row maximum only keeps exp in range; treating it as a constant leaves the gradient exact.
         weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
         unnormalized = jnp.einsum(

@@ -39,6 +39,30 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, whose gradient keeps only its two inputs for the backward pass and recomputes
+    the rest there; autodiff keeps the sigmoid and the derivative factor as well, two more tensors of
+    the FFN's widest shape per layer."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate: jax.Array, up: jax.Array):
+    return jax.nn.silu(gate) * up, (gate, up)
+
+
+def _swiglu_bwd(saved, dh: jax.Array):
+    # The recomputed sigmoid must depend on the incoming gradient: otherwise XLA schedules it in the
+    # forward pass and keeps it alive until here, the memory this gradient exists to save. XLA keeps
+    # `0 * dh` (it is NaN where dh is not finite), where an optimization barrier is gone before scheduling.
+    gate, up = saved
+    sigmoid = jax.nn.sigmoid(gate + 0 * dh)
+    return dh * up * sigmoid * (1 + gate * (1 - sigmoid)), dh * gate * sigmoid
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class SwiGLU(nnx.Module):
     """Dense feed-forward: down(silu(x W_gate) * (x W_up))."""
 
@@ -51,8 +75,7 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
-        return h @ self.w_down[...].astype(dt)
+        return swiglu(x @ self.w_gate[...].astype(dt), x @ self.w_up[...].astype(dt)) @ self.w_down[...].astype(dt)
 
 
 class Embed(nnx.Module):

@@ -73,14 +73,24 @@ class Activations:
         return dataclasses.asdict(self)
 
 
-def saved_bytes(fn: Callable, *args, remat: str = "none") -> int:
+def saved_bytes(fn: Callable, *args, remat: str = "none", fills: bool = False) -> int:
     """Bytes of the residuals fn's VJP keeps for the backward pass under a remat policy, not counting
-    fn's inputs (those are held anyway)."""
+    fn's inputs (those are held anyway), nor scalars broadcast to a full shape (the fill of a masked
+    select) unless `fills`: XLA fuses those into their users, except where a pipeline's tick loop
+    copies every residual out of its cond."""
     if remat != "none":
         fn = jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
     jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(fn, *a)[1])(*args).jaxpr
     inputs = {id(v) for v in jaxpr.invars}
-    kept = {id(v): v.aval for v in jaxpr.outvars if hasattr(v, "aval") and id(v) not in inputs}
+    fused = set()
+    if not fills:
+        fused = {
+            id(out)
+            for eqn in jaxpr.eqns
+            if eqn.primitive.name == "broadcast_in_dim" and not getattr(eqn.invars[0].aval, "shape", (1,))
+            for out in eqn.outvars
+        }
+    kept = {id(v): v.aval for v in jaxpr.outvars if hasattr(v, "aval") and id(v) not in inputs | fused}
     return sum(math.prod(a.shape) * a.dtype.itemsize for a in kept.values())
 
 
@@ -133,7 +143,7 @@ def activation_memory(
         if rows % r == 0 and r * seq % tp == 0 and (not spec.num_experts or r * seq // tp % group == 0)
     )
     traced_expert = expert if edp or spec.dropless else 1
-    layer = _layer_bytes(spec, split.layout, unit, seq, traced_expert)
+    layer = _layer_bytes(spec, split.layout, unit, seq, traced_expert, pipelined=split.pipelined)
     scale = rows // unit
     kept = {is_moe: scale * b for is_moe, b in layer.kept.items()}
     ticks = microbatches + pipeline - 1 if split.pipelined else 1
@@ -160,7 +170,7 @@ class _LayerBytes(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)
-def _layer_bytes(spec: ModelSpec, layout: str, rows: int, seq: int, expert: int) -> _LayerBytes:
+def _layer_bytes(spec: ModelSpec, layout: str, rows: int, seq: int, expert: int, *, pipelined: bool) -> _LayerBytes:
     """What one device's layers keep, traced from the model on rows x seq tokens."""
     edp = layout == "edp"
     dtype = spec.compute_dtype
@@ -201,7 +211,7 @@ def _layer_bytes(spec: ModelSpec, layout: str, rows: int, seq: int, expert: int)
         halves["dense"] = (dense, (dense_state, x))
 
     def saved(remat: str) -> dict[str, float]:
-        return {name: saved_bytes(fn, *args, remat=remat) for name, (fn, args) in halves.items()}
+        return {name: saved_bytes(fn, *args, remat=remat, fills=pipelined) for name, (fn, args) in halves.items()}
 
     def per_layer(halves_saved: dict[str, float], remat: str) -> dict[bool, float]:
         # The layer input is the scan's carry, kept per layer; without remat the FFN half's input too.

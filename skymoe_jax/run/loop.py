@@ -23,6 +23,7 @@ from skymoe_jax.model.mesh_layout import pipeline_stage_layers
 from skymoe_jax.model.pipeline import bubble_fraction
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.run.actions import FiniteGuard, Recorder, Saver, Schedule
+from skymoe_jax.run.host_memory import release_free_heap
 from skymoe_jax.training import runtime as runtime_lib
 from skymoe_jax.training.preemption import StopSignals
 
@@ -92,6 +93,7 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     batch = runtime.batch(next(train_iter))
     train_step = runtime.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - compile_start
+    release_free_heap()  # the compiler's freed memory, before the step's buffers come on top of it
     guard = FiniteGuard(t.nonfinite, ckpt)
     recorder = Recorder(
         writers=writers,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from skymoe_jax.model.layers import param
+from skymoe_jax.model.layers import param, swiglu
 from skymoe_jax.model.spec import ModelSpec
 
 
@@ -37,13 +37,13 @@ class Experts(nnx.Module):
 
 def batched(w: ExpertWeights, x: jax.Array) -> jax.Array:
     """x [E, C, d]: row block e goes through expert e."""
-    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x, w.gate)) * jnp.einsum("ecd,edf->ecf", x, w.up)
+    h = swiglu(jnp.einsum("ecd,edf->ecf", x, w.gate), jnp.einsum("ecd,edf->ecf", x, w.up))
     return jnp.einsum("ecf,efd->ecd", h, w.down)
 
 
 def ragged(w: ExpertWeights, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """x [A, d] sorted by expert, group_sizes [E] rows per expert (rows past their sum are not computed)."""
-    h = jax.nn.silu(jax.lax.ragged_dot(x, w.gate, group_sizes)) * jax.lax.ragged_dot(x, w.up, group_sizes)
+    h = swiglu(jax.lax.ragged_dot(x, w.gate, group_sizes), jax.lax.ragged_dot(x, w.up, group_sizes))
     return jax.lax.ragged_dot(h, w.down, group_sizes)
 
 
