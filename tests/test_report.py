@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+from matplotlib import colors as matplotlib_colors
 
 from skymoe_jax.cli import main
 from skymoe_jax.metrics import plots
@@ -90,6 +91,15 @@ def test_compared_runs_are_overlaid(tmp_path, capsys):
     overlay = drop.axes[len(runs)]
     np.testing.assert_allclose([line.get_ydata()[-1] for line in overlay.get_lines()], [2, 4, 6])
 
+
+
+@pytest.mark.parametrize("count", [3, 11, 25])
+def test_every_compared_run_has_its_own_colour(tmp_path, count):
+    # The aux-coef study compares 11 arms; tab10 alone gave the 11th the first one's colour.
+    runs = [load_run(_workdir(tmp_path, f"r{i}", _records(0.01 * (i + 1)))) for i in range(count)]
+    overlay = plots.drop_rate_figure(runs).axes[count]
+    colours = {tuple(np.round(matplotlib_colors.to_rgba(line.get_color()), 6)) for line in overlay.get_lines()}
+    assert len(overlay.get_lines()) == count and len(colours) == count
 
 def test_run_without_moe_metrics(tmp_path):
     dense = _workdir(tmp_path, "dense", _records(0.0, moe=False))

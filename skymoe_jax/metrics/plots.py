@@ -24,8 +24,13 @@ BAND = "\n(line: mean over MoE layers, band: min to max)"
 
 
 def _colors(runs: Sequence[Run]) -> list:
-    palette = colormaps["tab10"]
-    return [palette(i % 10) for i in range(len(runs))]
+    """One distinct colour per run: tab10's, tab20's beyond 10 runs (a study of 11 arms repeated tab10's
+    first colour), and evenly spaced hues beyond 20."""
+    n = len(runs)
+    if n <= 20:
+        palette = colormaps["tab10" if n <= 10 else "tab20"]
+        return [palette(i) for i in range(n)]
+    return list(colormaps["turbo"](np.linspace(0.0, 1.0, n)))
 
 
 def _figure(panels: int) -> tuple[Figure, list[Axes]]:
