@@ -44,6 +44,8 @@ def test_the_last_value_of_a_repeated_override_wins():
         ("--config.moe.drop_policy=random", "moe.drop_policy"),
         ("--config.moe.moe_every=3", "moe.moe_every=3"),
         ("--config.data.tokenizer=/no/such/tokenizer.json", "data.tokenizer"),
+        ("--config.data.read_ahead=0", "data.read_ahead=0 must be a positive integer"),
+        ("--config.data.read_threads=-1", "data.read_threads=-1 must be a non-negative integer"),
     ],
 )
 def test_bad_overrides_name_the_field(override, needle):

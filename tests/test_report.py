@@ -92,7 +92,6 @@ def test_compared_runs_are_overlaid(tmp_path, capsys):
     np.testing.assert_allclose([line.get_ydata()[-1] for line in overlay.get_lines()], [2, 4, 6])
 
 
-
 @pytest.mark.parametrize("count", [3, 11, 25])
 def test_every_compared_run_has_its_own_colour(tmp_path, count):
     # The aux-coef study compares 11 arms; tab10 alone gave the 11th the first one's colour.
@@ -100,6 +99,7 @@ def test_every_compared_run_has_its_own_colour(tmp_path, count):
     overlay = plots.drop_rate_figure(runs).axes[count]
     colours = {tuple(np.round(matplotlib_colors.to_rgba(line.get_color()), 6)) for line in overlay.get_lines()}
     assert len(overlay.get_lines()) == count and len(colours) == count
+
 
 def test_run_without_moe_metrics(tmp_path):
     dense = _workdir(tmp_path, "dense", _records(0.0, moe=False))

@@ -40,7 +40,8 @@ def _packed(
 ) -> grain.IterDataset:
     """Packed sequences of documents index, index + streams, ... in a per-epoch shuffled order."""
     ds = grain.MapDataset.source(docs)[index::streams]
-    ds = ds.shuffle(seed=seed).repeat().map(lambda tokens: {"tokens": tokens}).to_iter_dataset()
+    reading = grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.read_ahead)
+    ds = ds.shuffle(seed=seed).repeat().map(lambda tokens: {"tokens": tokens}).to_iter_dataset(reading)
     return grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": data.seq_len + 1})
 
 
