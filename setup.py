@@ -27,7 +27,8 @@ setup(
         "safetensors",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (protobuf only)
     ],
-    # JAX versions the tests have seen: 0.10.2 (CPU, CI) and 0.11.2 (H200). No upper bound: none is known to break.
+    # JAX versions the tests have seen: 0.10.2 (CPU, CI); not yet the GPU machine's 0.11.2. No upper bound: none is
+    # known to break.
     extras_require={
         # NVIDIA GPUs: JAX's CUDA 12 wheels (CUDA, cuDNN and NCCL as pip packages; the host needs only a driver).
         "cuda": ["jax[cuda12]>=0.10.2"],
@@ -38,6 +39,7 @@ setup(
         # The tests also execute the notebook headless (nbclient on an ipykernel).
         "test": [
             "pytest",
+            "pytest-xdist>=3",
             "matplotlib>=3.8",
             "ipywidgets>=8",
             "nbclient>=0.10",
@@ -45,7 +47,8 @@ setup(
             "ipykernel>=6",
             "pyyaml>=6",
             "ruff>=0.6",
-        ],  # pyyaml: tests/test_launch.py reads the Kubernetes manifest; ruff: test_lint
+        ],  # pytest-xdist: the suite runs in two processes; pyyaml: tests/test_launch.py reads the Kubernetes manifest;
+        # ruff: test_lint
         # Only for tests/test_hf_import.py, which compares imported models with transformers' PyTorch ones.
         "hf": ["torch>=2.4", "transformers>=4.45"],
     },
