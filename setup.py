@@ -25,7 +25,6 @@ setup(
         "rich",
         "tokenizers",
         "safetensors",
-        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (protobuf only)
     ],
     # JAX versions the tests have seen: 0.10.2 (CPU, CI); not yet the GPU machine's 0.11.2. No upper bound: none is
     # known to break.
@@ -39,7 +38,6 @@ setup(
         # The tests also execute the notebook headless (nbclient on an ipykernel).
         "test": [
             "pytest",
-            "pytest-xdist>=3",
             "matplotlib>=3.8",
             "ipywidgets>=8",
             "nbclient>=0.10",
@@ -47,8 +45,9 @@ setup(
             "ipykernel>=6",
             "pyyaml>=6",
             "ruff>=0.6",
-        ],  # pytest-xdist: the suite runs in two processes; pyyaml: tests/test_launch.py reads the Kubernetes manifest;
-        # ruff: test_lint
+            "tensorboardX>=2.6",
+        ],  # pyyaml: tests/test_launch.py reads the Kubernetes manifest; ruff: test_lint; tensorboardX: test_metrics
+        # decodes the event files with its protobuf and CRC (an independent reader of metrics/tensorboard.py's files)
         # Only for tests/test_hf_import.py, which compares imported models with transformers' PyTorch ones.
         "hf": ["torch>=2.4", "transformers>=4.45"],
     },

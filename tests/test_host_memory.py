@@ -1,5 +1,6 @@
 """Returning the free C heap to the OS (run/host_memory.py): a fragmented glibc heap keeps its freed pages
-resident until release_free_heap, and skymoe train calls it once the train step is compiled."""
+resident until release_free_heap, and skymoe train calls it once the train step is compiled and after each
+evaluation, similarity or checkpoint, not at every step."""
 
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def test_release_returns_a_fragmented_heaps_free_pages():
     assert before - after > 150, (before, after)
 
 
-def test_train_releases_after_compiling(monkeypatch, tmp_path):
+def test_train_releases_after_compiling_and_after_checkpoints(monkeypatch, tmp_path):
     from skymoe_jax.config import load_config
     from skymoe_jax.run import loop
 
@@ -52,9 +53,11 @@ def test_train_releases_after_compiling(monkeypatch, tmp_path):
     tiny += [
         "--config.data.batch_size=8",
         "--config.data.shuffle_window=64",
-        "--config.train.steps=2",
+        "--config.train.steps=5",
+        "--config.train.checkpoint_every=2",
+        "--config.metrics.similarity_every=0",
         "--config.optim.warmup_steps=1",
     ]
     tiny += ["--config.train.eval_every=0", "--config.train.progress=False", "--config.metrics.tensorboard=False"]
     loop.train(load_config(overrides=tiny), str(tmp_path))
-    assert calls == [True]  # once, after the compile, not per step
+    assert len(calls) == 4  # after the compile and after the checkpoints of steps 2, 4 and 5; not per step

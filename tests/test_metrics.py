@@ -7,6 +7,8 @@ test_router.py and test_moe_block.py.)"""
 import glob
 import os
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
+from tensorboardX.crc32c import crc32c as reference_crc32c
 from tensorboardX.proto import event_pb2
 
 import skymoe_jax
@@ -21,6 +24,7 @@ from skymoe_jax.cli import main
 from skymoe_jax.config import base_config, validate
 from skymoe_jax.metrics.flops import flops_per_token, mfu, peak_flops
 from skymoe_jax.metrics.similarity import expert_similarity, layer_similarity
+from skymoe_jax.metrics.tensorboard import crc32c
 from skymoe_jax.metrics.writers import JsonlWriter, read_jsonl
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import build_model
@@ -171,20 +175,57 @@ def test_logged_similarity_matches_the_checkpointed_experts(run):
     np.testing.assert_allclose(records[-1]["expert_similarity"], expected, atol=1e-5)
 
 
+def _masked(data: bytes) -> int:
+    crc = reference_crc32c(data)  # TFRecord's checksum mask, from its specification
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 def _tensorboard_scalars(logdir: str) -> dict[tuple[str, int], float]:
-    """Every scalar in the event files, read with the TFRecord framing and the Event protobuf."""
+    """Every scalar in the event files, read with the TFRecord framing (checksums checked with tensorboardX's
+    CRC-32C) and tensorboardX's Event protobuf."""
     out = {}
     for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
         with open(path, "rb") as f:
             data = f.read()
         offset = 0
         while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset : offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            header, (length_crc,) = data[offset : offset + 8], struct.unpack("<I", data[offset + 8 : offset + 12])
+            (length,) = struct.unpack("<Q", header)
+            record = data[offset + 12 : offset + 12 + length]
+            (record_crc,) = struct.unpack("<I", data[offset + 12 + length : offset + 16 + length])
+            assert (length_crc, record_crc) == (_masked(header), _masked(record)), f"bad checksum in {path}"
+            event = event_pb2.Event.FromString(record)
             offset += 12 + length + 4  # length, its CRC, the record, its CRC
             for value in event.summary.value:
                 out[value.tag, event.step] = value.simple_value
     return out
+
+
+def test_crc32c_check_value():
+    assert crc32c(b"123456789") == 0xE3069283 == reference_crc32c(b"123456789")  # the CRC-32C catalogue's
+
+
+def test_tensorboard_writer_reads_back_without_pytorch(tmp_path):
+    # tensorboardX imports PyTorch where it is installed (190 MB resident); the writer needs neither.
+    script = (
+        "import sys\n"
+        "from skymoe_jax.metrics.tensorboard import TensorBoardWriter\n"
+        f"w = TensorBoardWriter({str(tmp_path)!r})\n"
+        "w.write({'step': 7, 'loss': 2.5, 'drop_rate': [0.25, float('nan')], 'expert_load': [[1.0, 3.0]]})\n"
+        "w.write({'step': 300, 'loss': float('inf'), 'eval_loss': 1.875})\n"
+        "w.close()\n"
+        "print(sorted(m for m in ('torch', 'tensorboardX') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    assert _tensorboard_scalars(str(tmp_path)) == {
+        ("loss", 7): 2.5,
+        ("drop_rate/layer_0", 7): 0.25,
+        ("drop_rate/mean", 7): 0.25,
+        ("expert_load/layer_0/expert_0", 7): 1.0,
+        ("expert_load/layer_0/expert_1", 7): 3.0,
+        ("eval_loss", 300): 1.875,
+    }
 
 
 def test_tensorboard_events_read_back(run):

@@ -119,6 +119,8 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
                 due = schedule.at(step)
                 for action in actions:
                     action(due, state, metrics)
+                if due.eval or due.similarity or due.save:
+                    release_free_heap()  # their compiles and host copies, freed, would stay under every later step
                 if due.stop:
                     ckpt.wait()
                     console.print(
