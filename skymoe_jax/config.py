@@ -118,8 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shuffle_window = 4096  # packed sequences shuffled together; 0 or 1 = no sequence shuffling
     c.data.num_streams = 8  # independent packing streams, each filling batch_size / num_streams rows
     # Each stream reads documents ahead of its packer on read_threads threads, read_ahead documents at most
-    # (grain's ReadOptions; its defaults, 16 and 500, held 300 MB of the built-in corpus's repeated validation
-    # documents). Raise both for slow (network) storage.
+    # (grain's ReadOptions; with its defaults, 16 and 500, the training iterator held 299 MiB of the built-in
+    # corpus's documents, tokenized and repeated). Raise both for slow (network) storage.
     c.data.read_threads = 2
     c.data.read_ahead = 16
     # prepared: "DIR:WEIGHT,DIR:WEIGHT" (weights normalized; DIR/val, if present, is that source's validation set)

@@ -206,7 +206,7 @@ def test_crc32c_check_value():
 
 
 def test_tensorboard_writer_reads_back_without_pytorch(tmp_path):
-    # tensorboardX imports PyTorch where it is installed (190 MB resident); the writer needs neither.
+    # tensorboardX imports PyTorch where it is installed (217 MiB resident); the writer needs neither.
     script = (
         "import sys\n"
         "from skymoe_jax.metrics.tensorboard import TensorBoardWriter\n"

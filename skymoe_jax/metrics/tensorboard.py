@@ -5,7 +5,7 @@ Tags: a scalar keeps its metrics.jsonl key (`loss`, `mfu`); a per-MoE-layer list
 `expert_load` becomes `expert_load/layer_I/expert_J`. Non-finite values (JSON null) are skipped.
 
 The file is written here, not with tensorboardX: that imports PyTorch whenever it is installed, which
-held 190 MB of the default training run's memory for a writer of scalars. An event file is a TFRecord
+added 217 MiB to the default training run's resident memory for a writer of scalars. An event file is a TFRecord
 file (each record framed by its length and masked CRC-32C checksums) of `Event` protocol buffers; a
 record here is one metrics record, its scalars as the `simple_value`s of one `Summary`.
 """
