@@ -38,6 +38,8 @@ setup(
         # The tests also execute the notebook headless (nbclient on an ipykernel).
         "test": [
             "pytest",
+            "pytest-xdist>=3",
+            "filelock>=3",
             "matplotlib>=3.8",
             "ipywidgets>=8",
             "nbclient>=0.10",
@@ -46,8 +48,10 @@ setup(
             "pyyaml>=6",
             "ruff>=0.6",
             "tensorboardX>=2.6",
-        ],  # pyyaml: tests/test_launch.py reads the Kubernetes manifest; ruff: test_lint; tensorboardX: test_metrics
-        # decodes the event files with its protobuf and CRC (an independent reader of metrics/tensorboard.py's files)
+        ],  # pytest-xdist: the README's command runs the tests in 2 processes; filelock: JAX locks the tests'
+        # compilation cache with it (tests/conftest.py); pyyaml: tests/test_launch.py reads
+        # the Kubernetes manifest; ruff: test_lint; tensorboardX: test_metrics decodes the event files with its
+        # protobuf and CRC (an independent reader of metrics/tensorboard.py's files)
         # Only for tests/test_hf_import.py, which compares imported models with transformers' PyTorch ones.
         "hf": ["torch>=2.4", "transformers>=4.45"],
     },

@@ -1,27 +1,7 @@
-"""Helpers shared by the fault and fuzz tests: a workdir's content hashes, a small Hugging Face tokenizer, and a
-persistent compilation cache for modules that compile the same programs again (a resume, an eval)."""
+"""Helpers shared by the fault and fuzz tests: a workdir's content hashes and a small Hugging Face tokenizer."""
 
 import hashlib
 import os
-
-import jax
-import pytest
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Imported by a test module, it applies to that module: later runs read what the first one compiled."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    before = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (str(tmp_path_factory.mktemp("xla_cache")), 0.0, 0)):
-        jax.config.update(name, value)
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
 
 
 def digest(workdir) -> dict[str, str]:

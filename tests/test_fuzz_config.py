@@ -14,7 +14,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from faults import compilation_cache  # noqa: F401 (autouse: the resumed run and eval reuse the first run's compiles)
 
 from skymoe_jax import load_model
 from skymoe_jax.cli import main

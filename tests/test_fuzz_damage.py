@@ -31,7 +31,7 @@ import shutil
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
-from faults import compilation_cache, digest, train_tokenizer  # noqa: F401 (compilation_cache: autouse)
+from faults import digest, train_tokenizer
 from test_cli import TINY
 
 from skymoe_jax.cli import main
