@@ -17,10 +17,11 @@ from skymoe_jax.model.blocked_attention import blocked_attention, query_block
 def test_values_and_gradients_equal_the_dense_reference(s):
     q, k, v, segments = _inputs(s=s)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
-    np.testing.assert_allclose(blocked_attention(q, k, v, segments), _dense(q, k, v, segments), rtol=1e-5, atol=1e-5)
-    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * weights)
-    want = jax.grad(loss(lambda q, k, v: _dense(q, k, v, segments)), argnums=(0, 1, 2))(q, k, v)
-    got = jax.grad(loss(lambda q, k, v: blocked_attention(q, k, v, segments)), argnums=(0, 1, 2))(q, k, v)
+    # Jitted: run op by op, the blocks' many small ops took 5-12 s a case on the 2-core machine.
+    got = jax.jit(blocked_attention)(q, k, v, segments)
+    np.testing.assert_allclose(got, jax.jit(_dense)(q, k, v, segments), rtol=1e-5, atol=1e-5)
+    grad = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, segments) * weights), argnums=(0, 1, 2)))
+    want, got = grad(_dense)(q, k, v), grad(blocked_attention)(q, k, v)
     # float32 sums over fewer keys in another order: ~1e-6 on O(1) values; a wrong mask moves O(0.1).
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
@@ -32,11 +33,11 @@ def test_query_blocks():
 
 def test_bfloat16_inputs_stay_close_to_the_float32_reference():
     q, k, v, segments = _inputs(s=128, dtype=jnp.bfloat16)
-    got = blocked_attention(q, k, v, segments)
+    got = jax.jit(blocked_attention)(q, k, v, segments)
     assert got.dtype == jnp.bfloat16
     wide = [a.astype(jnp.float32) for a in (q, k, v)]
     # Scores and sums are float32 inside; the probabilities enter the value product in bfloat16 (2^-8).
-    np.testing.assert_allclose(np.asarray(got, np.float32), _dense(*wide, segments), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(got, np.float32), jax.jit(_dense)(*wide, segments), rtol=2e-2, atol=2e-2)
 
 
 def test_auto_picks_blocked_on_the_cpu_only_and_chunked_for_long_sequences():

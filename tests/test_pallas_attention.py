@@ -31,10 +31,10 @@ def test_values_and_gradients_equal_the_dense_reference(s):
     q, k, v, segments = _inputs(s=s)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
     flash = lambda q, k, v: pallas_attention(q, k, v, segments, "gshard", interpret=True)  # noqa: E731
-    np.testing.assert_allclose(flash(q, k, v), _dense(q, k, v, segments), rtol=1e-5, atol=1e-5)
-    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * weights)  # noqa: E731
-    want = jax.grad(loss(lambda q, k, v: _dense(q, k, v, segments)), argnums=(0, 1, 2))(q, k, v)
-    got = jax.grad(loss(flash), argnums=(0, 1, 2))(q, k, v)
+    # Jitted, as the model runs it: op by op, the interpreter's many small ops are slower than one compile.
+    np.testing.assert_allclose(jax.jit(flash)(q, k, v), _dense(q, k, v, segments), rtol=1e-5, atol=1e-5)
+    grad = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * weights), argnums=(0, 1, 2)))  # noqa: E731
+    want, got = grad(lambda q, k, v: _dense(q, k, v, segments))(q, k, v), grad(flash)(q, k, v)
     # float32 sums in another order (online softmax per tile): ~1e-6 on O(1) values.
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
