@@ -125,11 +125,14 @@ LONG_MEMORY_CASES = ("dp8", "pp2-mb2", "edp4-dots")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def no_compilation_cache():
-    """Each program here is compiled once: writing it to the test run's cache (conftest.py) only costs time."""
-    jax.config.update("jax_enable_compilation_cache", False)
+def no_compilation_cache_writes():
+    """Each program here is compiled once: writing it to the test run's cache (conftest.py) only costs time.
+    (Not jax_enable_compilation_cache: JAX decides once per process whether it uses the cache.)"""
+    name = "jax_persistent_cache_min_compile_time_secs"
+    before = getattr(jax.config, name)
+    jax.config.update(name, float("inf"))
     yield
-    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update(name, before)
 
 
 @pytest.mark.parametrize(
