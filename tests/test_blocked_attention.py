@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_chunked_attention import _dense, _inputs
+from test_chunked_attention import _dense, _grads, _inputs
 
 from skymoe_jax.model.attention import resolve_attention_impl
 from skymoe_jax.model.blocked_attention import blocked_attention, query_block
@@ -20,8 +20,8 @@ def test_values_and_gradients_equal_the_dense_reference(s):
     # Jitted: run op by op, the blocks' many small ops took 5-12 s a case on the 2-core machine.
     got = jax.jit(blocked_attention)(q, k, v, segments)
     np.testing.assert_allclose(got, jax.jit(_dense)(q, k, v, segments), rtol=1e-5, atol=1e-5)
-    grad = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, segments) * weights), argnums=(0, 1, 2)))
-    want, got = grad(_dense)(q, k, v), grad(blocked_attention)(q, k, v)
+    want = _grads(lambda q, k, v: _dense(q, k, v, segments), weights)(q, k, v)
+    got = _grads(lambda q, k, v: blocked_attention(q, k, v, segments), weights)(q, k, v)
     # float32 sums over fewer keys in another order: ~1e-6 on O(1) values; a wrong mask moves O(0.1).
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -23,6 +23,12 @@ def _dense(q, k, v, segments):
     return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segments))
 
 
+def _grads(attend, weights):
+    """Jitted gradients of sum(attend(q, k, v) * weights) in q, k and v (op by op, the blocked and interpreted
+    kernels' many small ops took seconds a case)."""
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * weights), argnums=(0, 1, 2)))
+
+
 @pytest.mark.parametrize("block", [16, 48, 7])  # three blocks; one; a non-divisor (6 blocks of 8 are used)
 def test_values_and_gradients_equal_the_dense_reference(block):
     q, k, v, segments = _inputs()
@@ -30,9 +36,8 @@ def test_values_and_gradients_equal_the_dense_reference(block):
     np.testing.assert_allclose(
         chunked_attention(q, k, v, segments, block), _dense(q, k, v, segments), rtol=1e-5, atol=1e-5
     )
-    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * weights)
-    want = jax.grad(loss(lambda q, k, v: _dense(q, k, v, segments)), argnums=(0, 1, 2))(q, k, v)
-    got = jax.grad(loss(lambda q, k, v: chunked_attention(q, k, v, segments, block)), argnums=(0, 1, 2))(q, k, v)
+    want = _grads(lambda q, k, v: _dense(q, k, v, segments), weights)(q, k, v)
+    got = _grads(lambda q, k, v: chunked_attention(q, k, v, segments, block), weights)(q, k, v)
     # float32 sums in another order (online softmax, per-block rescaling): ~1e-6 on O(1) values.
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

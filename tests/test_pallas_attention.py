@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_chunked_attention import _dense, _grads
 
 from skymoe_jax.bench.kernel_checks import triton_calls
 from skymoe_jax.config import base_config, validate
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.kernels.attention import pallas_attention, tile
-from skymoe_jax.model.attention import attention_mask
 
 
 def _inputs(b=2, s=64, h=4, kv=2, d=16, seed=0):
@@ -22,19 +22,13 @@ def _inputs(b=2, s=64, h=4, kv=2, d=16, seed=0):
     return q, k, v, jnp.asarray(segments, jnp.int32)
 
 
-def _dense(q, k, v, segments):
-    return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segments))
-
-
 @pytest.mark.parametrize("s", [64, 48])  # one forward tile of 64 (backward tiles of 32); three tiles of 16
 def test_values_and_gradients_equal_the_dense_reference(s):
     q, k, v, segments = _inputs(s=s)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
     flash = lambda q, k, v: pallas_attention(q, k, v, segments, "gshard", interpret=True)  # noqa: E731
-    # Jitted, as the model runs it: op by op, the interpreter's many small ops are slower than one compile.
     np.testing.assert_allclose(jax.jit(flash)(q, k, v), _dense(q, k, v, segments), rtol=1e-5, atol=1e-5)
-    grad = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * weights), argnums=(0, 1, 2)))  # noqa: E731
-    want, got = grad(lambda q, k, v: _dense(q, k, v, segments))(q, k, v), grad(flash)(q, k, v)
+    want, got = _grads(lambda q, k, v: _dense(q, k, v, segments), weights)(q, k, v), _grads(flash, weights)(q, k, v)
     # float32 sums in another order (online softmax per tile): ~1e-6 on O(1) values.
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
