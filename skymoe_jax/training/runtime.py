@@ -22,6 +22,11 @@ from skymoe_jax.training import state as state_lib
 from skymoe_jax.training.state import TrainState
 from skymoe_jax.training.step import make_eval_step, make_train_step
 
+# The init program runs once. On the CPU, LLVM's default O3 spends about 2 of its 3 s of compilation on the
+# per-parameter random initializers for nothing: O1 compiles in a third of the time and gives bit-identical
+# values (tests/test_runtime.py; docs/BENCHMARKS.md, "Start-up"). Unmeasured elsewhere, so CPU only.
+CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
 
 @dataclasses.dataclass
 class Runtime:
@@ -74,7 +79,12 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         graphdef=graphdef,
         tx=tx,
         shardings=shardings,
-        init=jax.jit(init, out_shardings=shardings),
+        init=jax.jit(init, out_shardings=shardings, compiler_options=init_compiler_options(mesh)),
         train_step=train_step,
         eval_step=eval_step,
     )
+
+
+def init_compiler_options(mesh: Mesh) -> dict[str, int] | None:
+    """XLA options for compiling the init program on this mesh's platform (None: XLA's defaults)."""
+    return CPU_INIT_COMPILER_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None

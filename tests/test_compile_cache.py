@@ -1,0 +1,88 @@
+"""train.compilation_cache_dir: `skymoe train` and `skymoe eval` point JAX's persistent compilation cache at
+it, unless the environment chose one; a second run loads the programs the first compiled."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from skymoe_jax.errors import ConfigError
+from skymoe_jax.run import compile_cache
+from tests.test_cli import TINY
+
+
+@pytest.fixture
+def no_cache_chosen():
+    """This pytest process's cache (tests/conftest.py) unset for the test, as in a user's fresh process."""
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    yield
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_compilation_cache_max_size", saved[1])
+
+
+def test_enable_sets_the_directory_and_a_size_bound(no_cache_chosen, tmp_path):
+    assert compile_cache.enable("") is None
+    assert jax.config.jax_compilation_cache_dir is None
+    path = compile_cache.enable(str(tmp_path / "a" / "xla"))
+    assert path == str(tmp_path / "a" / "xla") and os.path.isdir(path)
+    assert jax.config.jax_compilation_cache_dir == path
+    assert jax.config.jax_compilation_cache_max_size == compile_cache.MAX_BYTES
+
+
+def test_a_directory_chosen_before_wins(no_cache_chosen, tmp_path):
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "env"))
+    jax.config.update("jax_compilation_cache_max_size", 123)
+    assert compile_cache.enable(str(tmp_path / "config")) == str(tmp_path / "env")
+    assert not (tmp_path / "config").exists()
+    assert jax.config.jax_compilation_cache_max_size == 123
+
+
+def test_a_directory_that_cannot_be_made_is_a_config_error(no_cache_chosen, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"train.compilation_cache_dir=.*cannot be created"):
+        compile_cache.enable(str(tmp_path / "file" / "xla"))
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+def _train(workdir, cache, env):
+    flags = [*TINY, "--config.train.steps=3", "--config.train.eval_every=3", "--config.train.checkpoint_every=3"]
+    return subprocess.run(
+        [sys.executable, "-m", "skymoe_jax.cli", "train", f"--workdir={workdir}", *flags,
+         f"--config.train.compilation_cache_dir={cache}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+
+
+def test_a_second_run_loads_the_first_runs_programs(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    cache = tmp_path / "cache"
+    first = _train(tmp_path / "one", cache, env)
+    assert first.returncode == 0, first.stderr
+    entries = {p.name for p in cache.iterdir() if p.name.endswith("-cache")}
+    assert any(name.startswith("jit_train_step-") for name in entries), entries
+    read = {p.name: p.read_bytes() for p in cache.iterdir() if p.name.endswith("-atime")}
+    second = _train(tmp_path / "two", cache, env)
+    assert second.returncode == 0, second.stderr
+    # Nothing new was compiled and written, and the train step's entry was read (JAX stamps its access time).
+    assert {p.name for p in cache.iterdir() if p.name.endswith("-cache")} == entries
+    train_atime = next(n for n in read if n.startswith("jit_train_step-"))
+    assert (cache / train_atime).read_bytes() != read[train_atime]
+    assert first.stdout.split("train loss")[1].split(",")[0] == second.stdout.split("train loss")[1].split(",")[0]
+
+
+def test_the_command_says_so_in_one_line_when_the_directory_cannot_be_made(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    result = subprocess.run(
+        [sys.executable, "-m", "skymoe_jax.cli", "train", "--config.train.compilation_cache_dir=/dev/null/xla"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "skymoe train: error: train.compilation_cache_dir=/dev/null/xla cannot be created (Not a directory); "
+        "point it at a writable directory, or set it to '' to compile every run"
+    )
+    assert not (tmp_path / "runs").exists()
