@@ -25,6 +25,7 @@ setup(
         "rich",
         "tokenizers",
         "safetensors",
+        "filelock>=3",  # JAX locks a size-bounded compilation cache with it (run/compile_cache.py, the tests' cache)
     ],
     # JAX versions the tests have seen: 0.10.2 (CPU, CI); not yet the GPU machine's 0.11.2. No upper bound: none is
     # known to break.
@@ -39,7 +40,6 @@ setup(
         "test": [
             "pytest",
             "pytest-xdist>=3",
-            "filelock>=3",
             "matplotlib>=3.8",
             "ipywidgets>=8",
             "nbclient>=0.10",
@@ -48,8 +48,7 @@ setup(
             "pyyaml>=6",
             "ruff>=0.6",
             "tensorboardX>=2.6",
-        ],  # pytest-xdist: the README's command runs the tests in 2 processes; filelock: JAX locks the tests'
-        # compilation cache with it (tests/conftest.py); pyyaml: tests/test_launch.py reads
+        ],  # pytest-xdist: the README's command runs the tests in 2 processes; pyyaml: tests/test_launch.py reads
         # the Kubernetes manifest; ruff: test_lint; tensorboardX: test_metrics decodes the event files with its
         # protobuf and CRC (an independent reader of metrics/tensorboard.py's files)
         # Only for tests/test_hf_import.py, which compares imported models with transformers' PyTorch ones.

@@ -56,7 +56,6 @@ TRAIN_FLAGS = {  # also read by the launch tests, which parse the commands in th
 def cmd_train(argv: Sequence[str]) -> int:
     from skymoe_jax.checkpoint.manager import checkpoint_dir, saved_config
     from skymoe_jax.config import DEFAULT_CONFIG, apply_overrides, load_file, resolve_config_path, shape_changes
-    from skymoe_jax.run import compile_cache
     from skymoe_jax.run.loop import train
 
     args = Args(argv, "train", TRAIN_ABOUT, TRAIN_FLAGS, config=True)
@@ -76,7 +75,6 @@ def cmd_train(argv: Sequence[str]) -> int:
             )
     else:
         config = _config(args)
-    compile_cache.enable(config.train.compilation_cache_dir)
     # A stop by signal saved a checkpoint; a non-zero status tells a launcher that restarts failed
     # groups (a Kubernetes JobSet) to run it again, which resumes.
     return args.stop_exit_code if train(config, workdir).get("stopped") else 0
@@ -110,7 +108,6 @@ def cmd_config(argv: Sequence[str]) -> int:
 def cmd_eval(argv: Sequence[str]) -> int:
     from skymoe_jax.checkpoint.manager import saved_config
     from skymoe_jax.config import apply_overrides
-    from skymoe_jax.run import compile_cache
     from skymoe_jax.run.loop import evaluate
 
     args = Args(
@@ -125,7 +122,6 @@ def cmd_eval(argv: Sequence[str]) -> int:
     if args.config:
         raise ConfigError("skymoe eval reads the config saved in --workdir; pass --config.a.b=value overrides only")
     config = apply_overrides(saved_config(args.workdir), args.overrides)
-    compile_cache.enable(config.train.compilation_cache_dir)
     result = evaluate(config, args.workdir)
     if args.json:
         print(

@@ -152,8 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.progress = True  # progress bar on a terminal or in a notebook
     # Several processes agree on a SIGTERM/SIGINT stop every N steps (a collective that waits for the step)
     c.train.stop_check_every = 10
-    # JAX's persistent compilation cache for `skymoe train` and `skymoe eval` (run/compile_cache.py): a rerun
-    # loads its compiled programs. '' = off; JAX_COMPILATION_CACHE_DIR in the environment wins.
+    # JAX's persistent compilation cache for training and evaluation (run/compile_cache.py): a rerun loads its
+    # compiled programs. '' = off; JAX_COMPILATION_CACHE_DIR in the environment wins.
     c.train.compilation_cache_dir = "~/.cache/skymoe_jax/xla"
 
     c.metrics = ml_collections.ConfigDict()

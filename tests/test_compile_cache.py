@@ -1,5 +1,5 @@
-"""train.compilation_cache_dir: `skymoe train` and `skymoe eval` point JAX's persistent compilation cache at
-it, unless the environment chose one; a second run loads the programs the first compiled."""
+"""train.compilation_cache_dir: training and evaluation point JAX's persistent compilation cache at it, unless
+the environment chose one; a second run loads the programs the first compiled."""
 
 import os
 import subprocess
@@ -72,6 +72,16 @@ def test_a_second_run_loads_the_first_runs_programs(tmp_path):
     train_atime = next(n for n in read if n.startswith("jit_train_step-"))
     assert (cache / train_atime).read_bytes() != read[train_atime]
     assert first.stdout.split("train loss")[1].split(",")[0] == second.stdout.split("train loss")[1].split(",")[0]
+    # `skymoe eval` reads the eval step the training runs compiled.
+    eval_atime = next(n for n in read if n.startswith("jit_eval_step-"))
+    before = (cache / eval_atime).read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-m", "skymoe_jax.cli", "eval", f"--workdir={tmp_path / 'one'}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in cache.iterdir() if p.name.endswith("-cache")} == entries
+    assert (cache / eval_atime).read_bytes() != before
 
 
 def test_the_command_says_so_in_one_line_when_the_directory_cannot_be_made(tmp_path):

@@ -1,4 +1,4 @@
-"""JAX's persistent compilation cache for the commands that compile a model (`skymoe train`, `skymoe eval`).
+"""JAX's persistent compilation cache for train() and evaluate() (`skymoe train`, `skymoe eval`, notebooks).
 
 A second run of the same config on the same devices loads its init, train and eval programs instead of
 compiling them: about 9 s of the default `skymoe train` on 2 CPU cores (docs/BENCHMARKS.md, "Start-up").
@@ -21,9 +21,8 @@ MAX_BYTES = 2 << 30
 
 def enable(directory: str) -> str | None:
     """Point the cache at directory (train.compilation_cache_dir; '' leaves it off) unless one is already
-    chosen, by JAX_COMPILATION_CACHE_DIR or jax.config, which wins. Returns the directory in use, or None.
-
-    Call it before the process compiles anything: JAX decides once per process whether it has a cache.
+    chosen, by JAX_COMPILATION_CACHE_DIR, jax.config or an earlier call, which wins: JAX opens the cache
+    once per process, at the first compile after a directory is set. Returns the directory in use, or None.
     """
     chosen = jax.config.jax_compilation_cache_dir
     if chosen:

@@ -22,6 +22,7 @@ from skymoe_jax.metrics.writers import Console, JsonlWriter
 from skymoe_jax.model.mesh_layout import pipeline_stage_layers
 from skymoe_jax.model.pipeline import bubble_fraction
 from skymoe_jax.model.spec import ModelSpec
+from skymoe_jax.run import compile_cache
 from skymoe_jax.run.actions import FiniteGuard, Recorder, Saver, Schedule
 from skymoe_jax.run.host_memory import release_free_heap
 from skymoe_jax.training import runtime as runtime_lib
@@ -56,6 +57,7 @@ def _live(record: dict[str, Any]) -> str:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or resume) in workdir; returns the final summary. Writes WORKDIR/metrics.jsonl."""
     t = config.train
+    compile_cache.enable(t.compilation_cache_dir)
     runtime = runtime_lib.build(config)  # a mesh that does not fit stops here
     train_ds, val_ds = _datasets(config)  # and bad data here, before anything is written
     os.makedirs(workdir, exist_ok=True)
@@ -188,6 +190,7 @@ def summary_line(s: dict[str, Any]) -> str:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Validation loss of the latest checkpoint in workdir."""
+    compile_cache.enable(config.train.compilation_cache_dir)
     _, val_ds = _datasets(config)
     val_batches = list(itertools.islice(iter(val_ds), config.train.eval_batches))
     runtime = runtime_lib.build(config)
