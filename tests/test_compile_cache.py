@@ -33,6 +33,13 @@ def test_enable_sets_the_directory_and_a_size_bound(no_cache_chosen, tmp_path):
     assert jax.config.jax_compilation_cache_max_size == compile_cache.MAX_BYTES
 
 
+def test_without_filelock_the_cache_stays_unbounded_rather_than_failing(no_cache_chosen, tmp_path, monkeypatch):
+    real = compile_cache.importlib.util.find_spec
+    monkeypatch.setattr(compile_cache.importlib.util, "find_spec", lambda n: None if n == "filelock" else real(n))
+    assert compile_cache.enable(str(tmp_path)) == str(tmp_path)
+    assert jax.config.jax_compilation_cache_max_size == -1
+
+
 def test_a_directory_chosen_before_wins(no_cache_chosen, tmp_path):
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "env"))
     jax.config.update("jax_compilation_cache_max_size", 123)

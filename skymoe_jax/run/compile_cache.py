@@ -9,6 +9,7 @@ JAX writes from one of them and the others read.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -43,6 +44,8 @@ def enable(directory: str) -> str | None:
             "or set it to '' to compile every run"
         )
     jax.config.update("jax_compilation_cache_dir", path)
-    if jax.config.jax_compilation_cache_max_size == -1:  # unbounded, JAX's default
+    # JAX bounds the cache only with filelock installed, and fails at the first compile without it: a
+    # dependency here, but an environment installed with --no-deps (the GPU machine's) may lack it.
+    if jax.config.jax_compilation_cache_max_size == -1 and importlib.util.find_spec("filelock"):
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
