@@ -148,6 +148,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 2  # the last K checkpoints are kept
     c.train.keep_every = 0  # and every checkpoint at a multiple of M steps (0: none)
+    # Asynchronous saves: training goes on while a thread writes a host copy of the state. False: the step
+    # waits for the write, and no second copy of the state lives beside the next steps.
+    c.train.async_checkpointing = True
     c.train.nonfinite = "stop"  # non-finite loss or gradients: stop | skip the step (counted in the metrics)
     c.train.progress = True  # progress bar on a terminal or in a notebook
     # Several processes agree on a SIGTERM/SIGINT stop every N steps (a collective that waits for the step)

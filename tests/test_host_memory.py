@@ -1,6 +1,6 @@
 """Returning the free C heap to the OS (run/host_memory.py): a fragmented glibc heap keeps its freed pages
 resident until release_free_heap, and skymoe train calls it once the train step is compiled and after each
-evaluation, similarity or checkpoint, not at every step."""
+evaluation, similarity or checkpoint (once its background write has ended), not at every step."""
 
 import subprocess
 import sys
@@ -41,12 +41,29 @@ def test_release_returns_a_fragmented_heaps_free_pages():
     assert before - after > 150, (before, after)
 
 
-def test_train_releases_after_compiling_and_after_checkpoints(monkeypatch, tmp_path):
+def test_train_releases_after_compiling_and_once_each_checkpoint_is_written(monkeypatch, tmp_path):
+    from skymoe_jax.checkpoint.manager import Checkpointer
     from skymoe_jax.config import load_config
     from skymoe_jax.run import loop
 
-    calls = []
-    monkeypatch.setattr(loop, "release_free_heap", lambda: calls.append(True) or True)
+    # A save reports itself in progress at the step that starts it and done at the next: the heap is released
+    # after the compile and then only once a save's background write has ended (its host copies freed).
+    events = []
+    real_save = Checkpointer.save
+
+    def save(self, step, *args, **kwargs):
+        events.append(f"save {step}")
+        self.fake_saving = True
+        return real_save(self, step, *args, **kwargs)
+
+    def saving(self):
+        in_progress, self.fake_saving = getattr(self, "fake_saving", False), False
+        events.append(f"saving={in_progress}")
+        return in_progress
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    monkeypatch.setattr(Checkpointer, "saving", saving)
+    monkeypatch.setattr(loop, "release_free_heap", lambda: events.append("release") or True)
     tiny = ["--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2"]
     tiny += ["--config.model.num_kv_heads=1", "--config.model.ffn_dim=64", "--config.moe.expert_ffn_dim=32"]
     tiny += ["--config.moe.num_experts=4", "--config.moe.group_size=0", "--config.data.seq_len=32"]
@@ -60,4 +77,32 @@ def test_train_releases_after_compiling_and_after_checkpoints(monkeypatch, tmp_p
     ]
     tiny += ["--config.train.eval_every=0", "--config.train.progress=False", "--config.metrics.tensorboard=False"]
     loop.train(load_config(overrides=tiny), str(tmp_path))
-    assert len(calls) == 4  # after the compile and after the checkpoints of steps 2, 4 and 5; not per step
+    # Not per step: step 1 asks nothing. Each save is released at once; step 2's is released again at step 3,
+    # when its write has ended; step 4's is still being written at step 5, whose save ends the run.
+    assert events == [
+        "release",
+        "save 2",
+        "release",
+        "saving=True",
+        "saving=False",
+        "release",
+        "save 4",
+        "release",
+        "saving=True",
+        "save 5",
+        "release",
+        "saving=True",
+    ]
+
+
+def test_a_synchronous_save_is_written_when_it_returns(tmp_path):
+    import jax.numpy as jnp
+
+    from skymoe_jax.checkpoint.manager import Checkpointer
+    from skymoe_jax.config import load_config
+
+    ckpt = Checkpointer(str(tmp_path), create=True, asynchronous=False)
+    ckpt.save(7, {"w": jnp.arange(4.0)}, load_config())
+    assert not ckpt.saving()
+    assert ckpt.latest_step() == 7 and (tmp_path / "checkpoints" / "7").is_dir()
+    ckpt.close()

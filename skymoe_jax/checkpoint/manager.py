@@ -59,11 +59,24 @@ def split_checkpoint_path(path: str) -> tuple[str, int | None]:
 class Checkpointer:
     """Save every `every` steps; keep the last `keep` plus every checkpoint at a multiple of `keep_every`."""
 
-    def __init__(self, workdir: str, every: int = 0, keep: int = 0, keep_every: int = 0, *, create: bool = False):
-        """create: make WORKDIR/checkpoints (a writer); readers leave a mistyped workdir uncreated."""
+    def __init__(
+        self,
+        workdir: str,
+        every: int = 0,
+        keep: int = 0,
+        keep_every: int = 0,
+        *,
+        create: bool = False,
+        asynchronous: bool = True,
+    ):
+        """create: make WORKDIR/checkpoints (a writer); readers leave a mistyped workdir uncreated.
+        asynchronous: a save returns once the state is copied to the host, and a thread writes it."""
         self.directory = checkpoint_dir(workdir)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep or None, keep_period=keep_every or None, enable_async_checkpointing=True, create=create
+            max_to_keep=keep or None,
+            keep_period=keep_every or None,
+            enable_async_checkpointing=asynchronous,
+            create=create,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.every = every
@@ -78,7 +91,7 @@ class Checkpointer:
         return os.path.join(self.directory, str(step))
 
     def save(self, step: int, state, config: ml_collections.ConfigDict, data_iter=None) -> None:
-        """Start an asynchronous save of state, config and (if given) data position at `step`."""
+        """Save state, config and (if given) data position at `step`: start it, when asynchronous."""
         saved = config.to_dict()
         # orbax checks no bytes of a JSON item: the checksum keeps a changed byte from changing the resumed run.
         items = {
@@ -199,6 +212,10 @@ class Checkpointer:
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
+
+    def saving(self) -> bool:
+        """An asynchronous save is still being written."""
+        return self._manager.is_saving_in_progress()
 
     def close(self) -> None:
         self._manager.wait_until_finished()

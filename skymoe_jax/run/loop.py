@@ -69,7 +69,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     t = config.train
-    ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints, t.keep_every, create=True)
+    ckpt = Checkpointer(
+        workdir, t.checkpoint_every, t.keep_checkpoints, t.keep_every, create=True, asynchronous=t.async_checkpointing
+    )
     latest = ckpt.latest_step()
     if latest is None:
         state, origin = initial_state(config, runtime)
@@ -111,6 +113,7 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
         start=start,
     )
     actions = [guard, recorder, Saver(ckpt, config, train_iter)]
+    trim_due = False
     try:
         with StopSignals(t.stop_check_every) as signals:
             schedule = Schedule(t, ckpt, signals, config.metrics.similarity_every if similarity else 0)
@@ -121,8 +124,15 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
                 due = schedule.at(step)
                 for action in actions:
                     action(due, state, metrics)
+                # What evaluations, similarity and saves allocated and freed (compiles, host copies) would stay
+                # under every later step. An asynchronous save frees its host copy of the state when its
+                # background write ends, so that is trimmed again then.
                 if due.eval or due.similarity or due.save:
-                    release_free_heap()  # their compiles and host copies, freed, would stay under every later step
+                    release_free_heap()
+                    trim_due = due.save and ckpt.saving()
+                elif trim_due and not ckpt.saving():
+                    release_free_heap()
+                    trim_due = False
                 if due.stop:
                     ckpt.wait()
                     console.print(
