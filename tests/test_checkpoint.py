@@ -88,9 +88,13 @@ def test_default_data_resumes_exactly_from_a_mid_window_position():
     assert starts(first + again) == starts(first + rest) > 0
 
 
-def test_sigkill_after_step_37_resumes_bit_for_bit(tmp_path):
+# The CPU default config saves synchronously; the base config (GPU configs) asynchronously, recording the data
+# position when the save starts while training goes on.
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync-saves", "async-saves"])
+def test_sigkill_after_step_37_resumes_bit_for_bit(tmp_path, asynchronous):
     # Default data settings: a mid-window checkpoint (step 30 of a 256-step shuffle window) must resume exactly.
     flags = ["--config.train.steps=60", "--config.train.log_every=1", "--config.train.checkpoint_every=10"]
+    flags.append(f"--config.train.async_checkpointing={asynchronous}")
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_cmd(whole, *flags, model=TINY_MODEL), check=True, capture_output=True, env=_env(), timeout=600)
 
@@ -114,8 +118,10 @@ def test_sigkill_after_step_37_resumes_bit_for_bit(tmp_path):
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
-    # Big enough that writing a checkpoint takes a while, so the kill lands inside a save.
+    # Big enough that writing a checkpoint takes a while, so the kill lands inside a save, written by orbax's
+    # thread while training goes on.
     flags = [
+        "--config.train.async_checkpointing=True",
         "--config.train.steps=100",
         "--config.train.log_every=1",
         "--config.train.checkpoint_every=5",

@@ -32,10 +32,10 @@ TINY = [
 ]
 
 
-def _skymoe(*args, cwd=None):
-    """Run the installed console script the way a user does."""
+def _skymoe(*args, cwd=None, env=None):
+    """Run the installed console script the way a user does (env: its environment; None: this process's)."""
     return subprocess.run(
-        [sys.executable, "-m", "skymoe_jax.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+        [sys.executable, "-m", "skymoe_jax.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
     )
 
 

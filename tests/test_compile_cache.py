@@ -2,15 +2,13 @@
 the environment chose one; a second run loads the programs the first compiled."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import pytest
+from test_cli import TINY, _skymoe
 
 from skymoe_jax.errors import ConfigError
 from skymoe_jax.run import compile_cache
-from tests.test_cli import TINY
 
 
 @pytest.fixture
@@ -55,48 +53,46 @@ def test_a_directory_that_cannot_be_made_is_a_config_error(no_cache_chosen, tmp_
     assert jax.config.jax_compilation_cache_dir is None
 
 
-def _train(workdir, cache, env):
+def _no_cache_env():
+    """This process's environment without the test run's cache (tests/conftest.py): a user's, for the cache."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+
+
+def _train(workdir, cache):
     flags = [*TINY, "--config.train.steps=3", "--config.train.eval_every=3", "--config.train.checkpoint_every=3"]
-    return subprocess.run(
-        [sys.executable, "-m", "skymoe_jax.cli", "train", f"--workdir={workdir}", *flags,
-         f"--config.train.compilation_cache_dir={cache}"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+    cache_flag = f"--config.train.compilation_cache_dir={cache}"
+    return _skymoe("train", f"--workdir={workdir}", *flags, cache_flag, env=_no_cache_env())
+
+
+def _entries(cache, suffix):
+    return {p.name: p.read_bytes() for p in cache.iterdir() if p.name.endswith(suffix)}
 
 
 def test_a_second_run_loads_the_first_runs_programs(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     cache = tmp_path / "cache"
-    first = _train(tmp_path / "one", cache, env)
+    first = _train(tmp_path / "one", cache)
     assert first.returncode == 0, first.stderr
-    entries = {p.name for p in cache.iterdir() if p.name.endswith("-cache")}
+    entries = set(_entries(cache, "-cache"))
     assert any(name.startswith("jit_train_step-") for name in entries), entries
-    read = {p.name: p.read_bytes() for p in cache.iterdir() if p.name.endswith("-atime")}
-    second = _train(tmp_path / "two", cache, env)
+    stamps = _entries(cache, "-atime")
+    train_stamp = next(n for n in stamps if n.startswith("jit_train_step-"))
+    second = _train(tmp_path / "two", cache)
     assert second.returncode == 0, second.stderr
     # Nothing new was compiled and written, and the train step's entry was read (JAX stamps its access time).
-    assert {p.name for p in cache.iterdir() if p.name.endswith("-cache")} == entries
-    train_atime = next(n for n in read if n.startswith("jit_train_step-"))
-    assert (cache / train_atime).read_bytes() != read[train_atime]
+    assert set(_entries(cache, "-cache")) == entries
+    assert _entries(cache, "-atime")[train_stamp] != stamps[train_stamp]
     assert first.stdout.split("train loss")[1].split(",")[0] == second.stdout.split("train loss")[1].split(",")[0]
     # `skymoe eval` reads the eval step the training runs compiled.
-    eval_atime = next(n for n in read if n.startswith("jit_eval_step-"))
-    before = (cache / eval_atime).read_bytes()
-    result = subprocess.run(
-        [sys.executable, "-m", "skymoe_jax.cli", "eval", f"--workdir={tmp_path / 'one'}"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+    eval_stamp = next(n for n in stamps if n.startswith("jit_eval_step-"))
+    before = _entries(cache, "-atime")[eval_stamp]
+    result = _skymoe("eval", f"--workdir={tmp_path / 'one'}", env=_no_cache_env())
     assert result.returncode == 0, result.stderr
-    assert {p.name for p in cache.iterdir() if p.name.endswith("-cache")} == entries
-    assert (cache / eval_atime).read_bytes() != before
+    assert set(_entries(cache, "-cache")) == entries
+    assert _entries(cache, "-atime")[eval_stamp] != before
 
 
 def test_the_command_says_so_in_one_line_when_the_directory_cannot_be_made(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    result = subprocess.run(
-        [sys.executable, "-m", "skymoe_jax.cli", "train", "--config.train.compilation_cache_dir=/dev/null/xla"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
-    )  # fmt: skip
+    result = _skymoe("train", "--config.train.compilation_cache_dir=/dev/null/xla", cwd=tmp_path, env=_no_cache_env())
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "skymoe train: error: train.compilation_cache_dir=/dev/null/xla cannot be created (Not a directory); "

@@ -1,7 +1,7 @@
 """JAX's persistent compilation cache for train() and evaluate() (`skymoe train`, `skymoe eval`, notebooks).
 
 A second run of the same config on the same devices loads its init, train and eval programs instead of
-compiling them: about 9 s of the default `skymoe train` on 2 CPU cores (docs/BENCHMARKS.md, "Start-up").
+compiling them: 5-8 s of the default `skymoe train` on 2 CPU cores (docs/BENCHMARKS.md, "Start-up").
 JAX keys every entry on the program, the devices, the compile options and the jax and jaxlib versions, so
 an entry is only reused where a fresh compile would build the same executable. With several processes,
 JAX writes from one of them and the others read.
@@ -16,7 +16,7 @@ import jax
 
 from skymoe_jax.errors import ConfigError
 
-# Least recently used entries go past this size. The default config's programs take a few MB.
+# Least recently used entries go past this size. The default config's programs take under 1 MB.
 MAX_BYTES = 2 << 30
 
 
@@ -33,14 +33,12 @@ def enable(directory: str) -> str | None:
     path = os.path.expanduser(directory)
     try:
         os.makedirs(path, exist_ok=True)
+        problem = "" if os.access(path, os.W_OK) else "is not writable"
     except OSError as e:
+        problem = f"cannot be created ({e.strerror})"
+    if problem:
         raise ConfigError(
-            f"train.compilation_cache_dir={directory} cannot be created ({e.strerror}); point it at a writable "
-            "directory, or set it to '' to compile every run"
-        ) from None
-    if not os.access(path, os.W_OK):
-        raise ConfigError(
-            f"train.compilation_cache_dir={directory} is not writable; point it at a writable directory, "
+            f"train.compilation_cache_dir={directory} {problem}; point it at a writable directory, "
             "or set it to '' to compile every run"
         )
     jax.config.update("jax_compilation_cache_dir", path)
