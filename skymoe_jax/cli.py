@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 
 from skymoe_jax.args import Args, Flag, Help
 from skymoe_jax.errors import ConfigError, UserError
+from skymoe_jax.run import host_memory
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -710,6 +711,8 @@ def version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the process's entry point, not a call from Python: it may start itself again
+        host_memory.restart_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
