@@ -199,6 +199,15 @@ def test_restart_execs_the_same_program_with_the_tunable():
     assert out[1] == host_memory.HUGE_PAGES_TUNABLE and out[2:] == ["['a',", "'b']"]
 
 
+def test_a_failed_restart_runs_on(monkeypatch):
+    def refuse(*args):
+        raise OSError("no interpreter")
+
+    monkeypatch.setattr(host_memory, "huge_pages_environment", lambda *a, **k: {"GLIBC_TUNABLES": "x"})
+    monkeypatch.setattr(os, "execve", refuse)
+    assert host_memory.restart_with_huge_pages() is None
+
+
 def test_the_command_restarts_itself_only_as_the_process_entry_point(monkeypatch, capsys):
     from skymoe_jax import cli
 
