@@ -136,7 +136,8 @@ def _step_faults(env) -> float:
 
 
 def _cli_environment():
-    """The environment `skymoe` gives itself on this machine, or None where it has nothing to gain."""
+    """(this environment without any huge-page setting, the one `skymoe` would restart itself with from it: None
+    where this machine has nothing to gain)."""
     base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
     return base, host_memory.huge_pages_environment(
         base, thp=host_memory.thp_mode(), glibc=host_memory.glibc_version(), cpu_only=True
@@ -192,11 +193,10 @@ def test_restart_execs_the_same_program_with_the_tunable():
     if huge is None:
         pytest.skip("nothing to restart for on this machine")
     code = "from skymoe_jax.run import host_memory; host_memory.restart_with_huge_pages(); import os, sys; "
-    code += "print(os.getpid(), os.environ['GLIBC_TUNABLES'], sys.argv[1:])"
-    out = subprocess.run(
-        [sys.executable, "-c", code, "a", "b"], capture_output=True, text=True, check=True, env=base
-    ).stdout.split()
-    assert out[1] == host_memory.HUGE_PAGES_TUNABLE and out[2:] == ["['a',", "'b']"]
+    code += "print(os.getpid(), os.environ['GLIBC_TUNABLES'], *sys.argv[1:])"
+    child = subprocess.Popen([sys.executable, "-c", code, "a", "b"], stdout=subprocess.PIPE, text=True, env=base)
+    out = child.communicate()[0].split()
+    assert child.returncode == 0 and out == [str(child.pid), host_memory.HUGE_PAGES_TUNABLE, "a", "b"]
 
 
 def test_a_failed_restart_runs_on(monkeypatch):
@@ -208,7 +208,7 @@ def test_a_failed_restart_runs_on(monkeypatch):
     assert host_memory.restart_with_huge_pages() is None
 
 
-def test_the_command_restarts_itself_only_as_the_process_entry_point(monkeypatch, capsys):
+def test_the_command_restarts_itself_only_as_the_process_entry_point(monkeypatch):
     from skymoe_jax import cli
 
     calls = []

@@ -10,8 +10,9 @@ Two things glibc's malloc does by default cost the CPU trainer:
 - It maps every block over 32 MB (a worker thread's over 64 MB) fresh from the kernel and unmaps it when freed.
   Each execution of the default train step allocates its temporaries as one 353 MB block from an XLA worker
   thread, so every step faulted in 90,000 zero-filled 4 KiB pages: 0.17 s of kernel time a step, and the
-  default job took 152 s instead of 123 (docs/BENCHMARKS.md). With glibc's `glibc.malloc.hugetlb=1` tunable those
-  mappings ask for transparent huge pages (under the kernel's usual `madvise` THP mode): 180 faults of 2 MiB.
+  default job took 152 s against 116 s without (docs/BENCHMARKS.md). With glibc's `glibc.malloc.hugetlb=1`
+  tunable those mappings ask for transparent huge pages (under the kernel's usual `madvise` THP mode): the block
+  takes 180 faults of 2 MiB, and a whole step about 550.
   glibc reads tunables when a process starts, so the `skymoe` command starts itself again with it once
   (`restart_with_huge_pages`); elsewhere (a notebook, a script) set GLIBC_TUNABLES before Python starts.
 
@@ -30,7 +31,8 @@ import os
 import sys
 from collections.abc import Mapping
 
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGES = "glibc.malloc.hugetlb"
+HUGE_PAGES_TUNABLE = f"{HUGE_PAGES}=1"
 OPT_OUT = "SKYMOE_HUGE_PAGES"  # =0 keeps glibc's defaults
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -93,7 +95,7 @@ def huge_pages_environment(
     first with it), THP not in `madvise` mode (`always` gives every mapping huge pages already, `never` none), or
     an accelerator that JAX may run on instead (its buffers are not the host's)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if HUGE_PAGES_TUNABLE.split("=")[0] in tunables or environ.get(OPT_OUT) == "0":
+    if HUGE_PAGES in tunables or environ.get(OPT_OUT) == "0":
         return None
     if glibc is None or glibc < (2, 35) or thp != "madvise" or not cpu_only:
         return None

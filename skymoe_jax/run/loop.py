@@ -129,7 +129,7 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
                 # background write ends, so that is trimmed again then.
                 if due.eval or due.similarity or due.save:
                     release_free_heap()
-                    trim_due = due.save and ckpt.saving()
+                    trim_due = ckpt.saving()
                 elif trim_due and not ckpt.saving():
                     release_free_heap()
                     trim_due = False
