@@ -108,6 +108,24 @@ def test_topk_weights_and_experts(k, renormalize):
     np.testing.assert_allclose(r.weights, expected, rtol=RTOL)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, E])
+def test_top_k_by_argmax_is_lax_top_k(k):
+    """Values, indices, the order of equal values (lowest index first) and the gradient, against
+    jax.lax.top_k on rows with repeated values, including a row of all-equal values."""
+    x = np.round(np.random.default_rng(3).normal(size=(T, E)), 1).astype(np.float32)
+    x[0] = 0.25
+    x[1, 2] = x[1, 5] = x[1].max() + 1
+    values, indices = router.top_k_by_argmax(jnp.asarray(x), k)
+    ref_values, ref_indices = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_array_equal(values, ref_values)
+    assert indices.dtype == jnp.int32
+    cotangent = np.random.default_rng(4).normal(size=(T, k)).astype(np.float32)
+    grad = jax.grad(lambda a: jnp.sum(router.top_k_by_argmax(a, k)[0] * cotangent))(jnp.asarray(x))
+    ref_grad = jax.grad(lambda a: jnp.sum(jax.lax.top_k(a, k)[0] * cotangent))(jnp.asarray(x))
+    np.testing.assert_array_equal(grad, ref_grad)
+
+
 def _probs_and_choices(seed: int, k: int = 2):
     # Skewed logits so the gate is far from balanced and both losses are far from their minima.
     z = _logits(seed, scale=2.0) + np.linspace(0.0, 2.0, E, dtype=np.float32)

@@ -54,6 +54,20 @@ def _safe_std(z: jax.Array, ddof: int) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
 
 
+def top_k_by_argmax(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """jax.lax.top_k over the last axis, as k argmax passes: (values, int32 indices), equal values in index
+    order as lax.top_k gives them. XLA's CPU backend sorts each row for lax.top_k; the passes took the
+    default train step 1.4% faster there (docs/BENCHMARKS.md), and k is a handful of experts."""
+    n = x.shape[-1]
+    values, indices = [], []
+    for _ in range(k):
+        index = jnp.argmax(x, axis=-1).astype(jnp.int32)
+        values.append(jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0])
+        indices.append(index)
+        x = jnp.where(jnp.arange(n) == index[..., None], -jnp.inf, x)
+    return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
+
+
 def route(
     z: jax.Array,
     top_k: int,
@@ -69,7 +83,7 @@ def route(
     if gate_norm:
         z = normalize_logits(z, lam, ddof, eps)
     probs = jax.nn.softmax(z, axis=-1)
-    weights, experts = jax.lax.top_k(probs, top_k)
+    weights, experts = top_k_by_argmax(probs, top_k)
     if renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return Routing(probs, weights, experts.astype(jnp.int32), z)
@@ -115,7 +129,7 @@ def router_stats(probs: jax.Array, experts: jax.Array, mean: TokenMean = local_m
     Max2/Max3 needs three experts; with two it is NaN (reported as null).
     """
     n = probs.shape[-1]
-    top = jax.lax.top_k(probs, min(3, n))[0]
+    top = top_k_by_argmax(probs, min(3, n))[0]
     tiny = jnp.finfo(jnp.float32).tiny
     max1_max2 = mean(top[:, 0] / jnp.maximum(top[:, 1], tiny))
     max2_max3 = mean(top[:, 1] / jnp.maximum(top[:, 2], tiny)) if n >= 3 else jnp.float32(jnp.nan)
