@@ -535,7 +535,8 @@ def bench_step(argv: Sequence[str]) -> int:
             f"({1e3 * result['skymoe_step_s']:.0f} ms/step, peak RSS {result['skymoe_peak_rss'] / gib:.2f} GiB); "
             f"{result['peer']} {result['peer_tokens_per_sec']:,.0f} tokens/s "
             f"({1e3 * result['peer_step_s']:.0f} ms/step, peak RSS {result['peer_peak_rss'] / gib:.2f} GiB); "
-            f"skymoe/peer speed {result['speedup']:.2f}x, {result['threads']} threads, steps alternated"
+            f"skymoe/peer speed {result['speedup']:.2f}x (90% interval {result['speedup_interval'][0]:.2f}-"
+            f"{result['speedup_interval'][1]:.2f}, {result['rounds']} paired rounds), {result['threads']} threads"
         )
     else:
         result = step_benchmark(config, steps=args.steps)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from skymoe_jax.bench.paired import paired_ratio
 from skymoe_jax.cli import main
 from skymoe_jax.config import load_config
 from skymoe_jax.metrics.flops import param_counts
@@ -50,9 +51,26 @@ def test_bench_step_against_the_peer(capsys):
     assert main(["bench", "step", "--peer=hf", "--steps=2", "--json", *TINY]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["peer"] == "transformers MixtralForCausalLM"
-    assert result["speedup"] == pytest.approx(result["peer_step_s"] / result["skymoe_step_s"])
+    low, high = result["speedup_interval"]
+    assert result["rounds"] == 2 and low <= result["speedup"] <= high
+    assert result["skymoe_min_step_s"] <= result["skymoe_step_s"] and result["peer_min_step_s"] <= result["peer_step_s"]
     assert result["skymoe_tokens_per_sec"] == pytest.approx(8 * 32 / result["skymoe_step_s"])
     assert result["skymoe_peak_rss"] > 0 and result["peer_peak_rss"] > 0
+
+
+def test_paired_ratio_against_numpy():
+    peer = np.array([3.0, 3.3, 2.9, 6.0, 3.1, 3.2, 3.0])
+    ours = np.array([3.0, 3.0, 2.9, 3.0, 3.5, 3.1, 2.5])  # round 4: the machine stalled the peer's step
+    ratio = paired_ratio(peer, ours)
+    ratios = peer / ours
+    assert ratio.median == pytest.approx(np.median(ratios)) and ratio.rounds == 7
+    # The interval of a median lies within the spread of the rounds and holds the estimate.
+    assert ratios.min() <= ratio.low <= ratio.median <= ratio.high <= ratios.max()
+    assert ratio.high < 2.0  # the one stalled round does not carry the interval
+    assert paired_ratio(peer, ours) == ratio  # seeded: the same rounds give the same interval
+    assert paired_ratio([2.0] * 5, [1.0] * 5)[:3] == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError, match="same positive number of rounds"):
+        paired_ratio([], [])
 
 
 def test_peer_without_torch_says_what_to_install(monkeypatch, capsys):

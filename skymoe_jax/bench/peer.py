@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from skymoe_jax.bench.paired import paired_ratio
 from skymoe_jax.errors import ConfigError
 
 
@@ -131,7 +132,10 @@ def peak_memory(config: ml_collections.ConfigDict, steps: int = 3) -> dict[str, 
 
 
 def compare(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
-    """skymoe's train step and the peer's, timed alternately in this process; their ratio and peak memory."""
+    """skymoe's train step and the peer's, timed alternately in this process; their ratio and peak memory.
+
+    speedup is peer time / skymoe time (above 1: skymoe is faster), the median over the rounds of each
+    round's ratio, with a 90% bootstrap interval; the step times are each side's median."""
     from skymoe_jax.bench.step import random_tokens, skymoe_step_fn
 
     _torch()  # before compiling anything: say what to install
@@ -140,13 +144,18 @@ def compare(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
     for step in sides.values():  # warm-up: compilation, allocator pools
         step()
     times: dict[str, list[float]] = {side: [] for side in sides}
+    order = list(sides)
     for _ in range(steps):
-        for side, step in sides.items():
+        for side in order:
             start = time.perf_counter()
-            step()
+            sides[side]()
             times[side].append(time.perf_counter() - start)
+        # Each side follows the other equally often: what one step leaves behind (spinning threads, freed
+        # memory) does not fall on one side only.
+        order.reverse()
     tokens_per_step = config.data.batch_size * config.data.seq_len
     step_s = {side: float(np.median(t)) for side, t in times.items()}
+    speedup = paired_ratio(times["hf"], times["skymoe"])
     memory = peak_memory(config)
     return {
         "peer": "transformers " + ("MixtralForCausalLM" if config.moe.num_experts else "LlamaForCausalLM"),
@@ -154,7 +163,11 @@ def compare(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
         "peer_step_s": step_s["hf"],
         "skymoe_tokens_per_sec": tokens_per_step / step_s["skymoe"],
         "peer_tokens_per_sec": tokens_per_step / step_s["hf"],
-        "speedup": step_s["hf"] / step_s["skymoe"],
+        "speedup": speedup.median,
+        "speedup_interval": [speedup.low, speedup.high],
+        "rounds": speedup.rounds,
+        "skymoe_min_step_s": min(times["skymoe"]),
+        "peer_min_step_s": min(times["hf"]),
         "skymoe_peak_rss": memory["skymoe"],
         "peer_peak_rss": memory["hf"],
         "threads": os.cpu_count() or 1,
