@@ -514,7 +514,7 @@ def bench_step(argv: Sequence[str]) -> int:
         argv,
         "bench step",
         "Time the train step of a config (and its dense twin), in tokens/s and MFU; with --peer=hf, against "
-        "transformers' Mixtral (Llama when dense) with the same shapes, one step of each in turn.",
+        "transformers' Mixtral (Llama when dense) with the same shapes, each in a process of its own, taking turns.",
         {
             "steps": Flag(10, "timed steps after compilation"),
             "peer": Flag("", "hf: compare with the transformers model (needs torch and the hf extra)"),
@@ -536,7 +536,9 @@ def bench_step(argv: Sequence[str]) -> int:
             f"{result['peer']} {result['peer_tokens_per_sec']:,.0f} tokens/s "
             f"({1e3 * result['peer_step_s']:.0f} ms/step, peak RSS {result['peer_peak_rss'] / gib:.2f} GiB); "
             f"skymoe/peer speed {result['speedup']:.2f}x (90% interval {result['speedup_interval'][0]:.2f}-"
-            f"{result['speedup_interval'][1]:.2f}, {result['rounds']} paired rounds), {result['threads']} threads"
+            f"{result['speedup_interval'][1]:.2f}, {result['rounds']} rounds of turns), {result['threads']} threads; "
+            f"untimed first step of a turn: skymoe {1e3 * result['skymoe_first_step_s']:.0f} ms, "
+            f"peer {1e3 * result['peer_first_step_s']:.0f} ms"
         )
     else:
         result = step_benchmark(config, steps=args.steps)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from skymoe_jax.bench.paired import paired_ratio
+from skymoe_jax.bench.peer import TIMED_PER_TURN
 from skymoe_jax.cli import main
 from skymoe_jax.config import load_config
 from skymoe_jax.metrics.flops import param_counts
@@ -48,14 +49,51 @@ def test_the_peer_has_the_same_parameters_and_trains(overrides):
 
 def test_bench_step_against_the_peer(capsys):
     pytest.importorskip("transformers", reason="transformers is not installed: pip install -e '.[hf]'")
-    assert main(["bench", "step", "--peer=hf", "--steps=2", "--json", *TINY]) == 0
+    assert main(["bench", "step", "--peer=hf", "--steps=4", "--json", *TINY]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["peer"] == "transformers MixtralForCausalLM"
     low, high = result["speedup_interval"]
-    assert result["rounds"] == 2 and low <= result["speedup"] <= high
-    assert result["skymoe_min_step_s"] <= result["skymoe_step_s"] and result["peer_min_step_s"] <= result["peer_step_s"]
+    assert result["rounds"] == 4 // TIMED_PER_TURN and low <= result["speedup"] <= high
+    for side in ("skymoe", "peer"):
+        assert 0 < result[f"{side}_min_step_s"] <= result[f"{side}_step_s"]
+        assert result[f"{side}_first_step_s"] > 0
     assert result["skymoe_tokens_per_sec"] == pytest.approx(8 * 32 / result["skymoe_step_s"])
     assert result["skymoe_peak_rss"] > 0 and result["peer_peak_rss"] > 0
+
+
+def test_turns_alternate_and_leave_each_turns_first_step_untimed():
+    from skymoe_jax.bench.peer import take_turns
+
+    calls = []
+
+    def step(side):  # a step right after the other side's is slow, as on the development VM
+        slow = bool(calls) and calls[-1] != side
+        calls.append(side)
+        return 10.0 if slow else 1.0
+
+    timed, first = take_turns(step, ["a", "b"], 5)
+    rounds = -(-5 // TIMED_PER_TURN)
+    turn = 1 + TIMED_PER_TURN
+    assert calls == [
+        side for r in range(rounds) for side in (("a", "b") if r % 2 == 0 else ("b", "a")) for _ in range(turn)
+    ]
+    assert timed == {"a": [[1.0] * TIMED_PER_TURN] * rounds, "b": [[1.0] * TIMED_PER_TURN] * rounds}
+    # The side going second in a round follows the other; the one going first follows itself (or nothing).
+    assert first == {
+        "a": [10.0 if r % 2 else 1.0 for r in range(rounds)],
+        "b": [1.0 if r % 2 else 10.0 for r in range(rounds)],
+    }
+
+
+def test_a_failed_benchmark_worker_says_why(tmp_path):
+    from skymoe_jax.bench.peer import _Worker
+
+    script = "import sys; print('a library talking'); sys.stderr.write('the reason'); sys.exit(3)"
+    with open(tmp_path / "log", "w+") as log:
+        worker = _Worker("hf", [sys.executable, "-c", script], log)
+        with pytest.raises(RuntimeError, match="the hf benchmark worker failed: the reason"):
+            worker.ask()
+        worker.close()
 
 
 def test_paired_ratio_against_numpy():

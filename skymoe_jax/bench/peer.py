@@ -1,11 +1,13 @@
 """The PyTorch peer of `skymoe bench step`: transformers' MixtralForCausalLM (LlamaForCausalLM for a
 dense config) with the config's shapes, trained the same way (AdamW with the config's betas, eps and
-weight decay, global-norm clipping, cross-entropy plus the router's load-balancing loss), timed in
-the same process as the skymoe step, one step of each in turn, so both see the same machine load.
+weight decay, global-norm clipping, cross-entropy plus the router's load-balancing loss), timed beside
+the skymoe step in one run, the two taking turns of a few steps, so both see the same machine load.
 
-The peer is dropless (transformers' Mixtral drops nothing) and runs PyTorch eager with SDPA attention
-on as many threads as XLA's CPU backend uses (all cores). Peak memory is measured per side in a
-fresh Python process, so neither side's allocations count for the other.
+Each side runs in a worker process of its own, started by `compare` with the same environment (so the
+same allocator settings: the `skymoe` command's huge pages reach the peer too), and steps only while the
+other waits. The peer is dropless (transformers' Mixtral drops nothing) and runs PyTorch eager
+with SDPA attention on as many threads as XLA's CPU backend uses (all cores). Peak memory is each
+worker's, so neither side's allocations count for the other.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -98,65 +101,121 @@ def peer_step_fn(config: ml_collections.ConfigDict, tokens: np.ndarray):
     return step
 
 
-def _peak_rss_of(side: str, config: ml_collections.ConfigDict, steps: int) -> float:
-    """Build one side, run `steps` steps, return this process's peak RSS in bytes."""
-    from skymoe_jax.bench.step import random_tokens, skymoe_step_fn
+# Each side takes turns of 1 + TIMED_PER_TURN steps and the first is reported but not counted: on the
+# development VM a skymoe step that followed a pause of its process (the other side's turn) took 28-41%
+# longer, its fresh memory zeroed more slowly after the pause, while one that followed its own step did not;
+# a training run's steps follow each other (docs/BENCHMARKS.md).
+TIMED_PER_TURN = 2
+_REPLY = "skymoe-bench-peer:"  # marks the worker's answers among anything else a library prints
 
-    tokens = random_tokens(config)
-    step = peer_step_fn(config, tokens) if side == "hf" else skymoe_step_fn(config, tokens)[0]
-    for _ in range(steps):
-        step()
-    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
+
+def _peak_rss() -> float:
+    """This process's peak RSS in bytes (VmHWM, not getrusage's ru_maxrss, which Linux carries over from
+    the parent across exec)."""
     with open("/proc/self/status", encoding="ascii") as f:
         return next(float(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def peak_memory(config: ml_collections.ConfigDict, steps: int = 3) -> dict[str, float]:
-    """Peak RSS in bytes of a fresh Python process training each side for a few steps."""
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "config.pkl")
-        with open(path, "wb") as f:
-            pickle.dump(config, f)
-        for side in ("skymoe", "hf"):
-            run = subprocess.run(
-                [sys.executable, "-m", "skymoe_jax.bench.peer", side, path, str(steps)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if run.returncode:
-                raise RuntimeError(f"measuring {side}'s memory failed: {run.stderr.strip()[-2000:]}")
-            out[side] = float(run.stdout.split()[-1])
-    return out
+def _serve(side: str, config: ml_collections.ConfigDict) -> None:
+    """The worker: build one side, run a warm-up step, then one timed step per `step` line on stdin,
+    answering its seconds; `peak` answers the peak RSS and ends."""
+    from skymoe_jax.bench.step import random_tokens, skymoe_step_fn
+
+    tokens = random_tokens(config)
+    step = peer_step_fn(config, tokens) if side == "hf" else skymoe_step_fn(config, tokens)[0]
+    step()  # compilation, allocator pools
+    print(_REPLY, "ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "peak":
+            print(_REPLY, _peak_rss(), flush=True)
+            return
+        start = time.perf_counter()
+        step()
+        print(_REPLY, time.perf_counter() - start, flush=True)
+
+
+class _Worker:
+    """One side in a process of its own, stepping when asked: each library runs with its own allocator and
+    threads, as its users run it, and the peak RSS it reports is its own."""
+
+    def __init__(self, side: str, argv: list[str], log: Any):
+        self.side = side
+        self.log = log
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+
+    def ask(self, command: str | None = None) -> str:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(_REPLY):
+                return line[len(_REPLY) :].strip()
+        self.proc.wait()
+        self.log.seek(0)
+        raise RuntimeError(f"the {self.side} benchmark worker failed: {self.log.read().strip()[-2000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def take_turns(
+    step: Callable[[str], float], sides: list[str], steps: int
+) -> tuple[dict[str, list[list[float]]], dict[str, list[float]]]:
+    """Rounds of one turn per side, each turn 1 + TIMED_PER_TURN calls of step(side) (seconds), until about
+    `steps` steps of each side are timed: (each turn's timed seconds, each turn's untimed first step)."""
+    timed: dict[str, list[list[float]]] = {side: [] for side in sides}
+    first: dict[str, list[float]] = {side: [] for side in sides}
+    order = list(sides)
+    for _ in range(max(1, -(-steps // TIMED_PER_TURN))):
+        for side in order:
+            turn = [step(side) for _ in range(1 + TIMED_PER_TURN)]
+            first[side].append(turn[0])
+            timed[side].append(turn[1:])
+        # Each side goes first in every other round, so neither always follows the other.
+        order.reverse()
+    return timed, first
 
 
 def compare(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
-    """skymoe's train step and the peer's, timed alternately in this process; their ratio and peak memory.
+    """skymoe's train step and the peer's, each in a process of its own, timed in turns; their ratio and
+    each process's peak memory.
 
-    speedup is peer time / skymoe time (above 1: skymoe is faster), the median over the rounds of each
-    round's ratio, with a 90% bootstrap interval; the step times are each side's median."""
-    from skymoe_jax.bench.step import random_tokens, skymoe_step_fn
-
-    _torch()  # before compiling anything: say what to install
-    tokens = random_tokens(config)
-    sides = {"skymoe": skymoe_step_fn(config, tokens)[0], "hf": peer_step_fn(config, tokens)}
-    for step in sides.values():  # warm-up: compilation, allocator pools
-        step()
-    times: dict[str, list[float]] = {side: [] for side in sides}
-    order = list(sides)
-    for _ in range(steps):
-        for side in order:
-            start = time.perf_counter()
-            sides[side]()
-            times[side].append(time.perf_counter() - start)
-        # Each side follows the other equally often: what one step leaves behind (spinning threads, freed
-        # memory) does not fall on one side only.
-        order.reverse()
+    A round is one turn of each side (1 + TIMED_PER_TURN steps, the first untimed); about `steps` steps of
+    each side are timed. speedup is peer time / skymoe time (above 1: skymoe is faster), the median over
+    the rounds of each round's ratio of the turns' medians, with a 90% bootstrap interval; the step times
+    are each side's median over all its timed steps."""
+    _torch()  # before starting anything: say what to install
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        tempfile.TemporaryFile("w+") as log_a,
+        tempfile.TemporaryFile("w+") as log_b,
+    ):
+        path = os.path.join(tmp, "config.pkl")
+        with open(path, "wb") as f:
+            pickle.dump(config, f)
+        workers = {
+            side: _Worker(side, [sys.executable, "-m", "skymoe_jax.bench.peer", side, path], log)
+            for side, log in (("skymoe", log_a), ("hf", log_b))
+        }
+        try:
+            for worker in workers.values():  # both build and warm up at once
+                worker.ask()
+            times, first = take_turns(lambda side: float(workers[side].ask("step")), list(workers), steps)
+            peak = {side: float(worker.ask("peak")) for side, worker in workers.items()}
+        finally:
+            for worker in workers.values():
+                worker.close()
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    step_s = {side: float(np.median(t)) for side, t in times.items()}
-    speedup = paired_ratio(times["hf"], times["skymoe"])
-    memory = peak_memory(config)
+    step_s = {side: float(np.median(turns)) for side, turns in times.items()}
+    speedup = paired_ratio(*(np.median(times[side], axis=1) for side in ("hf", "skymoe")))
     return {
         "peer": "transformers " + ("MixtralForCausalLM" if config.moe.num_experts else "LlamaForCausalLM"),
         "skymoe_step_s": step_s["skymoe"],
@@ -166,14 +225,17 @@ def compare(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
         "speedup": speedup.median,
         "speedup_interval": [speedup.low, speedup.high],
         "rounds": speedup.rounds,
-        "skymoe_min_step_s": min(times["skymoe"]),
-        "peer_min_step_s": min(times["hf"]),
-        "skymoe_peak_rss": memory["skymoe"],
-        "peer_peak_rss": memory["hf"],
+        "skymoe_min_step_s": float(np.min(times["skymoe"])),
+        "peer_min_step_s": float(np.min(times["hf"])),
+        # reported, not counted: the untimed first step of each turn
+        "skymoe_first_step_s": float(np.median(first["skymoe"])),
+        "peer_first_step_s": float(np.median(first["hf"])),
+        "skymoe_peak_rss": peak["skymoe"],
+        "peer_peak_rss": peak["hf"],
         "threads": os.cpu_count() or 1,
     }
 
 
-if __name__ == "__main__":  # peak_memory's child: SIDE CONFIG_PICKLE STEPS
+if __name__ == "__main__":  # a _Worker: SIDE CONFIG_PICKLE
     with open(sys.argv[2], "rb") as f:
-        print(_peak_rss_of(sys.argv[1], pickle.load(f), int(sys.argv[3])))
+        _serve(sys.argv[1], pickle.load(f))
