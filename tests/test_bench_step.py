@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from skymoe_jax.bench.paired import paired_ratio
-from skymoe_jax.bench.peer import TIMED_PER_TURN
+from skymoe_jax.bench.peer import TIMED_PER_TURN, _Worker, take_turns
 from skymoe_jax.cli import main
 from skymoe_jax.config import load_config
 from skymoe_jax.metrics.flops import param_counts
@@ -62,8 +62,6 @@ def test_bench_step_against_the_peer(capsys):
 
 
 def test_turns_alternate_and_leave_each_turns_first_step_untimed():
-    from skymoe_jax.bench.peer import take_turns
-
     calls = []
 
     def step(side):  # a step right after the other side's is slow, as on the development VM
@@ -86,8 +84,6 @@ def test_turns_alternate_and_leave_each_turns_first_step_untimed():
 
 
 def test_a_failed_benchmark_worker_says_why(tmp_path):
-    from skymoe_jax.bench.peer import _Worker
-
     script = "import sys; print('a library talking'); sys.stderr.write('the reason'); sys.exit(3)"
     with open(tmp_path / "log", "w+") as log:
         worker = _Worker("hf", [sys.executable, "-c", script], log)

@@ -174,22 +174,29 @@ def test_saved_bytes_counts_what_the_backward_keeps_beyond_the_inputs():
     assert saved_bytes(layer, w, x, remat="dots") == 4 * 16 * 4  # x @ w, saveable under dots; cos recomputed
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_shrinks_the_step_of_the_unrolled_default_config(remat):
+SMALL_DEFAULT = [
+    "--config.model.d_model=64",
+    "--config.moe.expert_ffn_dim=64",
+    "--config.data.seq_len=64",
+    "--config.moe.group_size=0",
+    "--config.data.batch_size=64",
+]
+
+
+@pytest.mark.parametrize(
+    "remat, overrides, bound",
+    [("full", SMALL_DEFAULT, 0.6), ("dots", SMALL_DEFAULT, 0.6), ("full", [], 0.7)],
+    ids=["full-small", "dots-small", "full-defaults"],
+)
+def test_remat_shrinks_the_step_of_the_unrolled_default_config(remat, overrides, bound):
     """configs/default.py unrolls its layers (model.scan_layers=False). Rematerialized layers run as a loop
     there: unrolled, XLA's CPU scheduler ran every layer's recomputation at once and the temporaries stayed
-    where they were without remat (19.2 MiB a device here, 353 MiB for the full default on one); looped they
-    are 39-47% of that."""
-    small = [
-        "--config.model.d_model=64",
-        "--config.moe.expert_ffn_dim=64",
-        "--config.data.seq_len=64",
-        "--config.moe.group_size=0",
-    ]
+    where they were without remat (19.2 MiB a device for the small model, 55.7 for the defaults on 8 devices);
+    looped they are 39-47% and 56% of that."""
 
     def temporaries(policy: str) -> int:
-        c = load_config("configs/default.py", [*small, "--config.data.batch_size=64", f"--config.model.remat={policy}"])
+        c = load_config("configs/default.py", [*overrides, f"--config.model.remat={policy}"])
         assert not c.model.scan_layers
         return _compiled_memory(c).temp_size_in_bytes
 
-    assert temporaries(remat) < 0.6 * temporaries("none")
+    assert temporaries(remat) < bound * temporaries("none")

@@ -12,6 +12,7 @@ worker's, so neither side's allocations count for the other.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import subprocess
@@ -174,7 +175,7 @@ def take_turns(
     timed: dict[str, list[list[float]]] = {side: [] for side in sides}
     first: dict[str, list[float]] = {side: [] for side in sides}
     order = list(sides)
-    for _ in range(max(1, -(-steps // TIMED_PER_TURN))):
+    for _ in range(max(1, math.ceil(steps / TIMED_PER_TURN))):
         for side in order:
             turn = [step(side) for _ in range(1 + TIMED_PER_TURN)]
             first[side].append(turn[0])

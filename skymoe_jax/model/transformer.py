@@ -108,13 +108,13 @@ class Stack(nnx.Module):
         def body(carry, layer_state):
             return nnx.merge(graphdef, layer_state)(carry, positions, segment_ids, train=train)
 
-        if self.remat == "none":
-            return jax.lax.scan(body, x, state, unroll=not self.scan)
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
         # Rematerialized layers run as a loop even when scan_layers=False: unrolled, nothing ties a layer's
         # recomputation to its place in the backward pass, and XLA's CPU scheduler ran all of them at once,
         # keeping every layer's activations live (353 -> 355 MiB of temporaries under `full` instead of 136
         # looped; docs/BENCHMARKS.md).
-        return jax.lax.scan(jax.checkpoint(body, policy=REMAT_POLICIES[self.remat]), x, state)
+        return jax.lax.scan(body, x, state, unroll=not self.scan and self.remat == "none")
 
 
 class Transformer(nnx.Module):
