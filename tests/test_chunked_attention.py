@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from skymoe_jax.model.attention import attention_mask, resolve_attention_impl
-from skymoe_jax.model.chunked_attention import block_size, chunked_attention
+from skymoe_jax.model.chunked_attention import block_size, chunked_attention, preferred_block
 
 
 def _inputs(b=2, s=48, h=4, kv=2, d=8, dtype=jnp.float32, seed=0):
@@ -43,6 +43,18 @@ def test_values_and_gradients_equal_the_dense_reference(block):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+def test_query_blocks_never_read_the_key_blocks_above_the_diagonal():
+    """NaN in the last key block: a path that computes it for earlier queries (even masked, 0 * NaN) spreads
+    NaN there; skipping it leaves every earlier query block equal to the dense attention of the prefix."""
+    q, k, v, segments = _inputs(s=64)
+    poisoned = [a.at[:, 48:].set(jnp.nan) for a in (k, v)]
+    got = chunked_attention(q, *poisoned, segments, 16)
+    np.testing.assert_allclose(
+        got[:, :48], _dense(q[:, :48], k[:, :48], v[:, :48], segments[:, :48]), rtol=1e-5, atol=1e-5
+    )
+    assert np.isnan(np.asarray(got[:, 48:])).all()
+
+
 def test_bfloat16_inputs_stay_close_to_the_float32_reference():
     q, k, v, segments = _inputs(dtype=jnp.bfloat16)
     wide = [a.astype(jnp.float32) for a in (q, k, v)]
@@ -56,6 +68,7 @@ def test_block_size_tiles_the_sequence():
     assert [block_size(s) for s in (48, 512, 1000, 4096, 8192)] == [48, 512, 500, 512, 512]
     assert resolve_attention_impl("auto", 512, "gpu") == "xla" and resolve_attention_impl("auto", 1024) == "chunked"
     assert resolve_attention_impl("xla", 8192) == "xla"
+    assert (preferred_block("cpu"), preferred_block("gpu")) == (256, 512)
 
 
 def _temp_bytes(attend, s, h=4, kv=2, d=32):

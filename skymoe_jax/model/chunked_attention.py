@@ -1,14 +1,18 @@
 """Causal attention over packed documents in memory linear in the sequence length.
 
 The keys are taken a block at a time with an online softmax (running maximum and sum per query),
-so no [S, S] score matrix exists: the forward keeps [S, block] scores, and the backward recomputes
+so no [S, S] score matrix exists: the forward keeps [block, block] scores, and the backward recomputes
 them block by block from the saved log-sum-exp (the FlashAttention recurrence) instead of keeping
 the probabilities, so what a layer saves for the backward pass is q, k, v, the output and one
 float per query and head. Plain JAX (no kernel), so it runs and shards wherever XLA does.
 
-Every query block is computed against every key block (masked where the key is later or in
-another document): the same FLOPs as the dense path, since skipping blocks above the diagonal
-would need a loop over query blocks too.
+The queries are cut into blocks of the same size, and query block i runs over key blocks 0..i only:
+the key blocks above the diagonal, which it cannot see, are never computed, so the scores cover
+(n + 1) / 2n of the [S, S] square for n blocks (62.5% at 4 blocks, 53% at 16). Each query block is a
+scan of its own, unrolled in Python (n of them forward and n backward); in the backward pass query
+block i adds its keys' gradients into d_k and d_v, carried from one query block to the next. The
+scans index the keys (a dynamic slice per step), so nothing is copied per query block and memory
+stays linear in S.
 """
 
 from __future__ import annotations
@@ -19,48 +23,61 @@ import math
 import jax
 import jax.numpy as jnp
 
+# Blocks of queries and keys. On the CPU 256 took about half the time of 512 at 1,024 tokens, forward and
+# backward (docs/BENCHMARKS.md, "Chunked attention skips the blocks above the diagonal"): its scores stay in
+# cache. Elsewhere 512 keeps the matmuls large; unmeasured on a GPU.
+CPU_BLOCK = 256
+DEFAULT_BLOCK = 512
 
-def block_size(seq_len: int, preferred: int = 512) -> int:
+
+def preferred_block(platform: str | None = None) -> int:
+    """The block chunked attention takes on a platform (cpu, gpu, ...; default: JAX's default backend)."""
+    return CPU_BLOCK if (platform or jax.default_backend()) == "cpu" else DEFAULT_BLOCK
+
+
+def block_size(seq_len: int, preferred: int = DEFAULT_BLOCK) -> int:
     """The largest divisor of seq_len not above `preferred`: blocks must tile the sequence."""
     return max(d for d in range(1, min(seq_len, preferred) + 1) if seq_len % d == 0)
 
 
-def _split(a: jax.Array, n: int) -> jax.Array:
-    """[B, S, ...] -> [n, B, S / n, ...]"""
-    return a.reshape(a.shape[0], n, a.shape[1] // n, *a.shape[2:]).swapaxes(0, 1)
-
-
-def _unsplit(a: jax.Array) -> jax.Array:
-    """[n, B, S / n, ...] -> [B, S, ...]"""
-    a = a.swapaxes(0, 1)
-    return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
-
-
-def _visible(segment_ids: jax.Array, key_segments: jax.Array, key_start: jax.Array) -> jax.Array:
-    """[B, 1, 1, S, block]: query i sees key j when j <= i and both are in the same document."""
-    s, block = segment_ids.shape[1], key_segments.shape[1]
-    causal = jnp.arange(s)[:, None] >= key_start + jnp.arange(block)[None, :]
-    same = segment_ids[:, :, None] == key_segments[:, None, :]
+def _visible(q_segments: jax.Array, q_start: int, k_segments: jax.Array, k_start: jax.Array) -> jax.Array:
+    """[B, 1, 1, Sq, block]: query q_start + i sees key k_start + j when it is not later and both are in the same
+    document."""
+    sq, block = q_segments.shape[1], k_segments.shape[1]
+    causal = q_start + jnp.arange(sq)[:, None] >= k_start + jnp.arange(block)[None, :]
+    same = q_segments[:, :, None] == k_segments[:, None, :]
     return (causal & same)[:, None, None]
 
 
 def _scores(q, k_block, visible):
-    """q [B, KV, G, S, D] (scaled), k_block [B, block, KV, D] -> float32 scores [B, KV, G, S, block], -inf where
+    """q [B, KV, G, Sq, D] (scaled), k_block [B, block, KV, D] -> float32 scores [B, KV, G, Sq, block], -inf where
     hidden."""
     s = jnp.einsum("bkgqd,bjkd->bkgqj", q, k_block, preferred_element_type=jnp.float32)
     return jnp.where(visible, s, -jnp.inf)
 
 
-def _forward(q, k, v, segment_ids, block):
-    n = k.shape[1] // block
-    b, kv, g, s, d = q.shape
-    keys = (_split(k, n), _split(v, n), _split(segment_ids, n), jnp.arange(n) * block)
+def _rows(a: jax.Array, start: jax.Array, block: int) -> jax.Array:
+    """a[:, start : start + block] for a traced start (the scans index the keys; slicing each query block's
+    prefix of keys up front would copy them, (n + 1) / 2 times over)."""
+    return jax.lax.dynamic_slice_in_dim(a, start, block, axis=1)
 
-    def step(carry, key):
+
+def _query_block(a, i, block):
+    """Query block i of a [B, KV, G, S, ...] array."""
+    return a[:, :, :, i * block : (i + 1) * block]
+
+
+def _forward_block(q_i, q_start, k, v, segment_ids, block):
+    """One query block against the key blocks up to and including its own (the later ones it cannot see):
+    (out [B, KV, G, block, D] float32, log-sum-exp [B, KV, G, block])."""
+    b, kv, g, sq, d = q_i.shape
+    q_segments = segment_ids[:, q_start : q_start + sq]
+
+    def step(carry, start):
         m, denom, acc = carry
-        k_j, v_j, seg_j, start = key
-        visible = _visible(segment_ids, seg_j, start)
-        scores = _scores(q, k_j, visible)
+        k_j, v_j = _rows(k, start, block), _rows(v, start, block)
+        visible = _visible(q_segments, q_start, _rows(segment_ids, start, block), start)
+        scores = _scores(q_i, k_j, visible)
         m_new = jnp.maximum(m, scores.max(-1))
         # Rows with nothing visible yet keep m = -inf; their probabilities are zero, not exp(nan).
         safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -73,13 +90,22 @@ def _forward(q, k, v, segment_ids, block):
         return (m_new, denom, acc), None
 
     init = (
-        jnp.full((b, kv, g, s), -jnp.inf, jnp.float32),
-        jnp.zeros((b, kv, g, s), jnp.float32),
-        jnp.zeros((b, kv, g, s, d), jnp.float32),
+        jnp.full((b, kv, g, sq), -jnp.inf, jnp.float32),
+        jnp.zeros((b, kv, g, sq), jnp.float32),
+        jnp.zeros((b, kv, g, sq, d), jnp.float32),
     )
-    (m, denom, acc), _ = jax.lax.scan(step, init, keys)
+    (m, denom, acc), _ = jax.lax.scan(step, init, jnp.arange(q_start // block + 1) * block)
     # Every query sees itself, so denom > 0 and m is finite.
-    return (acc / denom[..., None]).astype(q.dtype), m + jnp.log(denom)
+    return acc / denom[..., None], m + jnp.log(denom)
+
+
+def _forward(q, k, v, segment_ids, block):
+    blocks = [
+        _forward_block(_query_block(q, i, block), i * block, k, v, segment_ids, block)
+        for i in range(q.shape[3] // block)
+    ]
+    out = jnp.concatenate([o for o, _ in blocks], axis=3)
+    return out.astype(q.dtype), jnp.concatenate([lse for _, lse in blocks], axis=3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -92,37 +118,57 @@ def _attention_fwd(q, k, v, segment_ids, block):
     return out, (q, k, v, segment_ids, out, lse)
 
 
+def _backward_block(q_i, q_start, d_out_i, lse_i, delta_i, k, v, segment_ids, block, d_kv):
+    """One query block's gradients: d_q [B, KV, G, block, D], and (d_k, d_v) [B, S, KV, D] float32 with its
+    share added to the keys it sees. The key gradients are carried from block to block, so one pair of
+    accumulators exists however many query blocks there are."""
+    q_segments = segment_ids[:, q_start : q_start + q_i.shape[3]]
+
+    def step(carry, start):
+        d_q, (d_k, d_v) = carry
+        k_j, v_j = _rows(k, start, block), _rows(v, start, block)
+        visible = _visible(q_segments, q_start, _rows(segment_ids, start, block), start)
+        p = jnp.where(visible, jnp.exp(_scores(q_i, k_j, visible) - lse_i[..., None]), 0.0)
+        d_v_j = jnp.einsum("bkgqj,bkgqd->bjkd", p.astype(d_out_i.dtype), d_out_i, preferred_element_type=jnp.float32)
+        d_p = jnp.einsum("bkgqd,bjkd->bkgqj", d_out_i, v_j, preferred_element_type=jnp.float32)
+        d_s = p * (d_p - delta_i[..., None])
+        d_q = d_q + jnp.einsum("bkgqj,bjkd->bkgqd", d_s.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
+        d_k_j = jnp.einsum("bkgqj,bkgqd->bjkd", d_s.astype(q_i.dtype), q_i, preferred_element_type=jnp.float32)
+        add = lambda acc, part: jax.lax.dynamic_update_slice_in_dim(acc, _rows(acc, start, block) + part, start, 1)
+        return (d_q, (add(d_k, d_k_j), add(d_v, d_v_j))), None
+
+    starts = jnp.arange(q_start // block + 1) * block
+    (d_q, d_kv), _ = jax.lax.scan(step, (jnp.zeros(q_i.shape, jnp.float32), d_kv), starts)
+    return d_q, d_kv
+
+
 def _attention_bwd(block, residuals, d_out):
     q, k, v, segment_ids, out, lse = residuals
-    n = k.shape[1] // block
     # delta_i = sum_d dO_id O_id: the softmax Jacobian's row term.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
-
-    def step(d_q, key):
-        k_j, v_j, seg_j, start = key
-        visible = _visible(segment_ids, seg_j, start)
-        p = jnp.where(visible, jnp.exp(_scores(q, k_j, visible) - lse[..., None]), 0.0)
-        d_v = jnp.einsum("bkgqj,bkgqd->bjkd", p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
-        d_p = jnp.einsum("bkgqd,bjkd->bkgqj", d_out, v_j, preferred_element_type=jnp.float32)
-        d_s = p * (d_p - delta[..., None])
-        d_q = d_q + jnp.einsum("bkgqj,bjkd->bkgqd", d_s.astype(k_j.dtype), k_j, preferred_element_type=jnp.float32)
-        d_k = jnp.einsum("bkgqj,bkgqd->bjkd", d_s.astype(q.dtype), q, preferred_element_type=jnp.float32)
-        return d_q, (d_k.astype(k.dtype), d_v.astype(v.dtype))
-
-    keys = (_split(k, n), _split(v, n), _split(segment_ids, n), jnp.arange(n) * block)
-    d_q, (d_k, d_v) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), keys)
-    return d_q.astype(q.dtype), _unsplit(d_k), _unsplit(d_v), None
+    d_kv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    d_q = []
+    for i in range(q.shape[3] // block):
+        part = functools.partial(_query_block, i=i, block=block)
+        d_q_i, d_kv = _backward_block(
+            part(q), i * block, part(d_out), part(lse), part(delta), k, v, segment_ids, block, d_kv
+        )
+        d_q.append(d_q_i)
+    d_k, d_v = d_kv
+    return jnp.concatenate(d_q, axis=3).astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int = 512) -> jax.Array:
+def chunked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int | None = None
+) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v, causal within each document: q [B, S, H, D], k and v [B, S, KV, D] with H a
-    multiple of KV (grouped queries), segment_ids [B, S] -> [B, S, H, D]. `block` keys at a time (a divisor of S
-    is used)."""
+    multiple of KV (grouped queries), segment_ids [B, S] -> [B, S, H, D]. Queries and keys in blocks of `block`
+    (default: `preferred_block()`; a divisor of S is used)."""
     b, s, h, d = q.shape
     kv = k.shape[2]
     grouped = (q * jnp.asarray(1 / math.sqrt(d), q.dtype)).reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
-    out = _attention(grouped, k, v, segment_ids, block_size(s, block))
+    out = _attention(grouped, k, v, segment_ids, block_size(s, block or preferred_block()))
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)

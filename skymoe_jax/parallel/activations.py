@@ -17,7 +17,7 @@ Terms, per device:
   schedule recomputes the loss in its backward pass).
 - backward: the working set of one layer's backward pass: under remat the layer's recomputed residuals,
   and with chunked attention its per-block float32 scores (scores, probabilities and their two
-  cotangents, [rows, heads, S, block] each).
+  cotangents, [rows, heads, block, block] each: a query block against a key block).
 - pipeline: what the GPipe backward holds beyond the residuals, calibrated against XLA's buffer
   assignment (tests/test_plan.py): one tick's residuals copied out of the schedule's cond, and five
   copies of the stage's gradients (the tick loop's accumulator and the cond and remat-switch branches).
@@ -41,7 +41,7 @@ import ml_collections
 from flax import nnx
 
 from skymoe_jax.model.attention import Attention, resolve_attention_impl
-from skymoe_jax.model.chunked_attention import block_size
+from skymoe_jax.model.chunked_attention import block_size, preferred_block
 from skymoe_jax.model.layers import Head, RMSNorm, SwiGLU
 from skymoe_jax.model.loss import cross_entropy
 from skymoe_jax.model.mesh_layout import MeshLayout
@@ -238,7 +238,8 @@ def _layer_bytes(spec: ModelSpec, layout: str, rows: int, seq: int, expert: int,
     blocks = 0.0
     if resolve_attention_impl(spec.attention_impl, seq) == "chunked":
         heads = spec.num_heads // expert if edp and spec.num_heads % expert == 0 else spec.num_heads
-        blocks = CHUNKED_BACKWARD_BLOCKS * rows * heads * seq * block_size(seq) * 4
+        block = block_size(seq, preferred_block())
+        blocks = CHUNKED_BACKWARD_BLOCKS * rows * heads * block * block * 4
     backward = max(
         max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0, recomputed["attention"] + blocks
     )
