@@ -200,3 +200,17 @@ def test_remat_shrinks_the_step_of_the_unrolled_default_config(remat, overrides,
         return _compiled_memory(c).temp_size_in_bytes
 
     assert temporaries(remat) < bound * temporaries("none")
+
+
+def test_chunked_attentions_backward_blocks_are_those_of_the_platform_planned_for():
+    """Chunked attention's per-block scores are [block, block] per row and head, in blocks of 256 on the CPU and
+    512 on a GPU: a GPU plan made on this machine must count the GPU's."""
+    from skymoe_jax.parallel.activations import CHUNKED_BACKWARD_BLOCKS
+
+    c = _config((1, 1, 1), "gshard")
+    c.data.update(seq_len=1024, batch_size=2, num_streams=2)
+    c.model.remat = "none"
+    backward = {platform: plan(c, (1, 1, 1), platform).activations.backward for platform in ("cpu", "gpu")}
+    rows, heads, float32 = 2, 4, 4
+    for platform, block in (("cpu", 256), ("gpu", 512)):
+        assert backward[platform] == CHUNKED_BACKWARD_BLOCKS * rows * heads * block * block * float32

@@ -143,7 +143,8 @@ def activation_memory(
         if rows % r == 0 and r * seq % tp == 0 and (not spec.num_experts or r * seq // tp % group == 0)
     )
     traced_expert = expert if edp or spec.dropless else 1
-    layer = _layer_bytes(spec, split.layout, unit, seq, traced_expert, pipelined=split.pipelined)
+    chunk = block_size(seq, preferred_block(platform))
+    layer = _layer_bytes(spec, split.layout, unit, seq, traced_expert, chunk, pipelined=split.pipelined)
     scale = rows // unit
     kept = {is_moe: scale * b for is_moe, b in layer.kept.items()}
     ticks = microbatches + pipeline - 1 if split.pipelined else 1
@@ -170,8 +171,11 @@ class _LayerBytes(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)
-def _layer_bytes(spec: ModelSpec, layout: str, rows: int, seq: int, expert: int, *, pipelined: bool) -> _LayerBytes:
-    """What one device's layers keep, traced from the model on rows x seq tokens."""
+def _layer_bytes(
+    spec: ModelSpec, layout: str, rows: int, seq: int, expert: int, chunk: int, *, pipelined: bool
+) -> _LayerBytes:
+    """What one device's layers keep, traced from the model on rows x seq tokens; `chunk` is the block of chunked
+    attention on the platform planned for."""
     edp = layout == "edp"
     dtype = spec.compute_dtype
     x = _abstract((rows, seq, spec.d_model), dtype)
@@ -238,8 +242,7 @@ def _layer_bytes(spec: ModelSpec, layout: str, rows: int, seq: int, expert: int,
     blocks = 0.0
     if resolve_attention_impl(spec.attention_impl, seq) == "chunked":
         heads = spec.num_heads // expert if edp and spec.num_heads % expert == 0 else spec.num_heads
-        block = block_size(seq, preferred_block())
-        blocks = CHUNKED_BACKWARD_BLOCKS * rows * heads * block * block * 4
+        blocks = CHUNKED_BACKWARD_BLOCKS * rows * heads * chunk * chunk * 4
     backward = max(
         max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0, recomputed["attention"] + blocks
     )
