@@ -63,13 +63,18 @@ def _swiglu_fwd(gate: jax.Array, up: jax.Array):
     return jax.nn.silu(gate) * up, (gate, up)
 
 
-def _swiglu_bwd(saved, dh: jax.Array):
+def swiglu_backward(gate: jax.Array, up: jax.Array, dh: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """SwiGLU recomputed in a backward pass from its inputs and the gradient dh of its output:
+    (silu(gate) * up, d_gate, d_up)."""
     # The recomputed sigmoid must depend on the incoming gradient: otherwise XLA schedules it in the
     # forward pass and keeps it alive until here, the memory this gradient exists to save. XLA keeps
     # `0 * dh` (it is NaN where dh is not finite), where an optimization barrier is gone before scheduling.
-    gate, up = saved
     sigmoid = jax.nn.sigmoid(gate + 0 * dh)
-    return dh * up * sigmoid * (1 + gate * (1 - sigmoid)), dh * gate * sigmoid
+    return gate * sigmoid * up, dh * up * sigmoid * (1 + gate * (1 - sigmoid)), dh * gate * sigmoid
+
+
+def _swiglu_bwd(saved, dh: jax.Array):
+    return swiglu_backward(*saved, dh)[1:]
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

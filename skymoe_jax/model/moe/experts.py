@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from skymoe_jax.model.layers import param, swiglu
+from skymoe_jax.model.layers import param, swiglu, swiglu_backward
 from skymoe_jax.model.spec import ModelSpec
 
 
@@ -37,8 +37,38 @@ class Experts(nnx.Module):
 
 def batched(w: ExpertWeights, x: jax.Array) -> jax.Array:
     """x [E, C, d]: row block e goes through expert e."""
-    h = swiglu(jnp.einsum("ecd,edf->ecf", x, w.gate), jnp.einsum("ecd,edf->ecf", x, w.up))
-    return jnp.einsum("ecf,efd->ecd", h, w.down)
+    if jax.sharding.AxisType.Manual in jax.sharding.get_abstract_mesh().axis_types:
+        # Under shard_map the weights vary over fewer mesh axes than x, and a custom gradient must come back
+        # with its input's type. Adding a zero that depends on x makes them vary like x (JAX casts them and
+        # sums their gradient over those axes, as autodiff of the einsums would), whatever the mesh; XLA
+        # removes the addition. Off a mesh there is nothing to cast, and the weights stay the inputs they are
+        # (the planner counts what the backward keeps beyond its inputs).
+        zero = jnp.where(True, jnp.zeros((), w.gate.dtype), x[0, 0, 0].astype(w.gate.dtype))
+        w = ExpertWeights(*(a + zero for a in w))
+    return _batched(w, x)
+
+
+@jax.custom_vjp
+def _batched(w: ExpertWeights, x: jax.Array) -> jax.Array:
+    return _batched_fwd(w, x)[0]
+
+
+def _batched_fwd(w: ExpertWeights, x: jax.Array):
+    gate, up = jnp.einsum("ecd,edf->ecf", x, w.gate), jnp.einsum("ecd,edf->ecf", x, w.up)
+    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w.down), (w, x, gate, up)
+
+
+def _batched_bwd(saved, dy: jax.Array):
+    # Keeps x and the two projections and recomputes the SwiGLU output for the down projection's gradient
+    # (autodiff keeps it too: a tensor of the widest shape per layer), behind the incoming gradient.
+    w, x, gate, up = saved
+    h, d_gate, d_up = swiglu_backward(gate, up, jnp.einsum("ecd,efd->ecf", dy, w.down))
+    d_down = jnp.einsum("ecf,ecd->efd", h, dy)
+    dx = jnp.einsum("ecf,edf->ecd", d_gate, w.gate) + jnp.einsum("ecf,edf->ecd", d_up, w.up)
+    return ExpertWeights(jnp.einsum("ecd,ecf->edf", x, d_gate), jnp.einsum("ecd,ecf->edf", x, d_up), d_down), dx
+
+
+_batched.defvjp(_batched_fwd, _batched_bwd)
 
 
 def ragged(w: ExpertWeights, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
