@@ -8,7 +8,7 @@ Two things glibc's malloc does by default cost the CPU trainer:
   RSS was 1.25 GB, of which 0.34 GB was free heap (docs/BENCHMARKS.md). `release_free_heap` returns the free
   pages (malloc_trim).
 - It maps every block over 32 MB (a worker thread's over 64 MB) fresh from the kernel and unmaps it when freed.
-  Each execution of the default train step allocates its temporaries as one 353 MB block from an XLA worker
+  Each execution of the default train step allocates its temporaries as one block of over 300 MB from an XLA worker
   thread, so every step faulted in 90,000 zero-filled 4 KiB pages: 0.17 s of kernel time a step, and the
   default job took 152 s against 116 s without (docs/BENCHMARKS.md). With glibc's `glibc.malloc.hugetlb=1`
   tunable those mappings ask for transparent huge pages (under the kernel's usual `madvise` THP mode): the block
