@@ -51,8 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (router always float32)
     c.model.param_dtype = "float32"
     c.model.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
-    # auto: chunked from 1024 tokens (memory linear in the sequence; see model/chunked_attention.py); below,
-    # blocked on the CPU (model/blocked_attention.py) and xla elsewhere
+    # auto: chunked (memory linear in the sequence; see model/chunked_attention.py) from 512 tokens on the CPU
+    # and 1024 elsewhere; below, blocked on the CPU (model/blocked_attention.py) and xla elsewhere
     c.model.attention_impl = "auto"  # auto | xla (dense [S, S] scores) | blocked | chunked | pallas (Triton flash)
     c.model.remat = "none"  # none | full | dots: activation rematerialization per layer
     # True: lax.scan over each stack's layers (compile time independent of depth); False: the same layers

@@ -44,5 +44,10 @@ def test_auto_picks_blocked_on_the_cpu_only_and_chunked_for_long_sequences():
     assert resolve_attention_impl("auto", 256, "cpu") == "blocked"
     assert resolve_attention_impl("auto", 256, "gpu") == "xla"
     assert resolve_attention_impl("auto", 1024, "cpu") == resolve_attention_impl("auto", 1024, "gpu") == "chunked"
+    # From 512 tokens on the CPU, where chunked attention skips the blocks above the diagonal in four blocks.
+    assert (resolve_attention_impl("auto", 512, "cpu"), resolve_attention_impl("auto", 512, "gpu")) == (
+        "chunked",
+        "xla",
+    )
     assert resolve_attention_impl("xla", 256, "cpu") == "xla"
     assert resolve_attention_impl("auto", 256) == "blocked"  # these tests run on the CPU

@@ -68,7 +68,9 @@ def test_block_size_tiles_the_sequence():
     assert [block_size(s) for s in (48, 512, 1000, 4096, 8192)] == [48, 512, 500, 512, 512]
     assert resolve_attention_impl("auto", 512, "gpu") == "xla" and resolve_attention_impl("auto", 1024) == "chunked"
     assert resolve_attention_impl("xla", 8192) == "xla"
-    assert (preferred_block("cpu"), preferred_block("gpu")) == (256, 512)
+    # The CPU keeps at least four query blocks, up to 256; elsewhere 512.
+    assert [preferred_block(s, "cpu") for s in (256, 512, 1024, 8192)] == [64, 128, 256, 256]
+    assert preferred_block(1024, "gpu") == 512
 
 
 def _temp_bytes(attend, s, h=4, kv=2, d=32):

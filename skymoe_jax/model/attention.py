@@ -3,10 +3,10 @@
 `model.attention_impl` picks how: xla materializes [B, H, S, S] scores (jax.nn.dot_product_attention
 with a [B, 1, S, S] mask), memory quadratic in the sequence; blocked (model/blocked_attention.py) cuts
 the queries into blocks that skip the keys above the diagonal, still quadratic; chunked
-(model/chunked_attention.py) takes keys a block at a time and keeps memory linear; pallas
-(kernels/attention.py) is a Triton flash attention kernel for the GPU, linear too. auto is chunked from
-CHUNKED_FROM tokens; below, blocked on the CPU (where it was measured faster) and xla elsewhere; it never
-picks pallas until a GPU measurement does (none yet).
+(model/chunked_attention.py) takes queries and keys a block at a time, skips the blocks above the diagonal
+and keeps memory linear; pallas (kernels/attention.py) is a Triton flash attention kernel for the GPU, linear
+too. auto is chunked from CPU_CHUNKED_FROM tokens on the CPU (blocked below) and from CHUNKED_FROM elsewhere
+(xla below); it never picks pallas until a GPU measurement does (none yet).
 """
 
 from __future__ import annotations
@@ -22,18 +22,23 @@ from skymoe_jax.model.layers import param, rotary
 from skymoe_jax.model.spec import ModelSpec
 
 # Measured in docs/BENCHMARKS.md ("Attention", CPU): at 1,024 tokens chunked was already faster and smaller; at
-# 256 (one block) the two were within the machine's noise, so shorter sequences keep XLA's fused path.
+# 256 (one block) the two were within the machine's noise, so shorter sequences keep XLA's fused path. On the
+# CPU, since chunked attention skips the blocks above the diagonal, it is also the faster from 512 tokens
+# (the train step 0.94x blocked's time at 512; at 256 level with it, and slower at heads of 64).
 CHUNKED_FROM = 1024
+CPU_CHUNKED_FROM = 512
 
 
 def resolve_attention_impl(impl: str, seq_len: int, platform: str | None = None) -> str:
     """model.attention_impl for a sequence length on a platform (cpu, gpu, ...; default: JAX's default
-    backend): auto -> chunked from CHUNKED_FROM tokens; below, blocked on the CPU and xla elsewhere."""
+    backend): auto -> chunked from CPU_CHUNKED_FROM tokens on the CPU, blocked below; elsewhere chunked from
+    CHUNKED_FROM tokens, xla below."""
     if impl != "auto":
         return impl
-    if seq_len >= CHUNKED_FROM:
+    cpu = (platform or jax.default_backend()) == "cpu"
+    if seq_len >= (CPU_CHUNKED_FROM if cpu else CHUNKED_FROM):
         return "chunked"
-    return "blocked" if (platform or jax.default_backend()) == "cpu" else "xla"
+    return "blocked" if cpu else "xla"
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:

@@ -4,7 +4,7 @@ The queries are cut into blocks of about QUERY_BLOCK tokens; block i attends to 
 end only, so the scores cover (n + 1) / 2n of the [S, S] square (62.5% at 4 blocks) instead of all of
 it. Each block is an ordinary softmax over its keys: the probabilities are normalized after the value
 product (a [.., D] division instead of one over [.., keys]). Memory is still quadratic in S, so it serves
-the short sequences below model/attention.py's CHUNKED_FROM; chunked attention takes over from there.
+the short sequences below model/attention.py's CPU_CHUNKED_FROM; chunked attention takes over from there.
 
 Measured on the 2-core CPU (docs/BENCHMARKS.md, "CPU step against the PyTorch peer"): forward + backward
 of the default shapes (16 x 256 tokens, 4 heads / 2 KV heads of 32) about 2x faster than

@@ -23,16 +23,20 @@ import math
 import jax
 import jax.numpy as jnp
 
-# Blocks of queries and keys. On the CPU 256 took about half the time of 512 at 1,024 tokens, forward and
-# backward (docs/BENCHMARKS.md, "Chunked attention skips the blocks above the diagonal"): its scores stay in
-# cache. Elsewhere 512 keeps the matmuls large; unmeasured on a GPU.
+# Blocks of queries and keys. On the CPU a quarter of the sequence up to 256: at 1,024 tokens 256 took about
+# half the time of 512 forward and backward (its scores stay in cache), and shorter sequences keep four query
+# blocks so that skipping the diagonal's upper side pays (docs/BENCHMARKS.md, "Chunked attention skips the
+# blocks above the diagonal"). Elsewhere 512 keeps the matmuls large; unmeasured on a GPU.
 CPU_BLOCK = 256
 DEFAULT_BLOCK = 512
 
 
-def preferred_block(platform: str | None = None) -> int:
-    """The block chunked attention takes on a platform (cpu, gpu, ...; default: JAX's default backend)."""
-    return CPU_BLOCK if (platform or jax.default_backend()) == "cpu" else DEFAULT_BLOCK
+def preferred_block(seq_len: int, platform: str | None = None) -> int:
+    """The block chunked attention takes for a sequence on a platform (cpu, gpu, ...; default: JAX's default
+    backend); `block_size` then picks a divisor of the sequence not above it."""
+    if (platform or jax.default_backend()) == "cpu":
+        return min(CPU_BLOCK, max(seq_len // 4, 1))
+    return DEFAULT_BLOCK
 
 
 def block_size(seq_len: int, preferred: int = DEFAULT_BLOCK) -> int:
@@ -166,9 +170,9 @@ def chunked_attention(
 ) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v, causal within each document: q [B, S, H, D], k and v [B, S, KV, D] with H a
     multiple of KV (grouped queries), segment_ids [B, S] -> [B, S, H, D]. Queries and keys in blocks of `block`
-    (default: `preferred_block()`; a divisor of S is used)."""
+    (default: `preferred_block(S)`; a divisor of S is used)."""
     b, s, h, d = q.shape
     kv = k.shape[2]
     grouped = (q * jnp.asarray(1 / math.sqrt(d), q.dtype)).reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
-    out = _attention(grouped, k, v, segment_ids, block_size(s, block or preferred_block()))
+    out = _attention(grouped, k, v, segment_ids, block_size(s, block or preferred_block(s)))
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)

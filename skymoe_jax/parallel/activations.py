@@ -143,7 +143,7 @@ def activation_memory(
         if rows % r == 0 and r * seq % tp == 0 and (not spec.num_experts or r * seq // tp % group == 0)
     )
     traced_expert = expert if edp or spec.dropless else 1
-    chunk = block_size(seq, preferred_block(platform))
+    chunk = block_size(seq, preferred_block(seq, platform))
     layer = _layer_bytes(spec, split.layout, unit, seq, traced_expert, chunk, pipelined=split.pipelined)
     scale = rows // unit
     kept = {is_moe: scale * b for is_moe, b in layer.kept.items()}
