@@ -23,8 +23,9 @@ from skymoe_jax.model.spec import ModelSpec
 
 # Measured in docs/BENCHMARKS.md ("Attention", CPU): at 1,024 tokens chunked was already faster and smaller; at
 # 256 (one block) the two were within the machine's noise, so shorter sequences keep XLA's fused path. On the
-# CPU, since chunked attention skips the blocks above the diagonal, it is also the faster from 512 tokens
-# (the train step 0.94x blocked's time at 512; at 256 level with it, and slower at heads of 64).
+# CPU, since chunked attention skips the blocks above the diagonal, it is also used from 512 tokens: there it
+# was 0.94x blocked's step time alternating in one process and level against the PyTorch peer (within the
+# noise), with 0.1 GiB less peak memory; at 256 blocked stays (chunked was slower against the peer).
 CHUNKED_FROM = 1024
 CPU_CHUNKED_FROM = 512
 
