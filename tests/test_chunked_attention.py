@@ -43,6 +43,18 @@ def test_values_and_gradients_equal_the_dense_reference(block):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+def test_the_default_blocks_at_1024_tokens_equal_the_dense_reference():
+    """What `auto` runs on the CPU from 512 tokens: the default block rule (four query blocks of 256 here)."""
+    q, k, v, segments = _inputs(b=1, s=1024)
+    assert preferred_block(1024) == 256
+    weights = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
+    np.testing.assert_allclose(chunked_attention(q, k, v, segments), _dense(q, k, v, segments), rtol=1e-5, atol=1e-5)
+    want = _grads(lambda q, k, v: _dense(q, k, v, segments), weights)(q, k, v)
+    got = _grads(lambda q, k, v: chunked_attention(q, k, v, segments), weights)(q, k, v)
+    for g, w in zip(got, want):  # as above: float32 sums in another order
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_query_blocks_never_read_the_key_blocks_above_the_diagonal():
     """NaN in the last key block: a path that computes it for earlier queries (even masked, 0 * NaN) spreads
     NaN there; skipping it leaves every earlier query block equal to the dense attention of the prefix."""

@@ -33,10 +33,9 @@ DEFAULT_BLOCK = 512
 
 def preferred_block(seq_len: int, platform: str | None = None) -> int:
     """The block chunked attention takes for a sequence on a platform (cpu, gpu, ...; default: JAX's default
-    backend); `block_size` then picks a divisor of the sequence not above it."""
-    if (platform or jax.default_backend()) == "cpu":
-        return min(CPU_BLOCK, max(seq_len // 4, 1))
-    return DEFAULT_BLOCK
+    backend): a divisor of the sequence."""
+    cpu = (platform or jax.default_backend()) == "cpu"
+    return block_size(seq_len, min(CPU_BLOCK, max(seq_len // 4, 1)) if cpu else DEFAULT_BLOCK)
 
 
 def block_size(seq_len: int, preferred: int = DEFAULT_BLOCK) -> int:
@@ -66,6 +65,12 @@ def _rows(a: jax.Array, start: jax.Array, block: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(a, start, block, axis=1)
 
 
+def _key_block(k, v, segment_ids, q_segments, q_start, start, block):
+    """Key block at `start` (traced) as query block `q_start` sees it: (k_j, v_j, visible)."""
+    visible = _visible(q_segments, q_start, _rows(segment_ids, start, block), start)
+    return _rows(k, start, block), _rows(v, start, block), visible
+
+
 def _query_block(a, i, block):
     """Query block i of a [B, KV, G, S, ...] array."""
     return a[:, :, :, i * block : (i + 1) * block]
@@ -79,8 +84,7 @@ def _forward_block(q_i, q_start, k, v, segment_ids, block):
 
     def step(carry, start):
         m, denom, acc = carry
-        k_j, v_j = _rows(k, start, block), _rows(v, start, block)
-        visible = _visible(q_segments, q_start, _rows(segment_ids, start, block), start)
+        k_j, v_j, visible = _key_block(k, v, segment_ids, q_segments, q_start, start, block)
         scores = _scores(q_i, k_j, visible)
         m_new = jnp.maximum(m, scores.max(-1))
         # Rows with nothing visible yet keep m = -inf; their probabilities are zero, not exp(nan).
@@ -130,8 +134,7 @@ def _backward_block(q_i, q_start, d_out_i, lse_i, delta_i, k, v, segment_ids, bl
 
     def step(carry, start):
         d_q, (d_k, d_v) = carry
-        k_j, v_j = _rows(k, start, block), _rows(v, start, block)
-        visible = _visible(q_segments, q_start, _rows(segment_ids, start, block), start)
+        k_j, v_j, visible = _key_block(k, v, segment_ids, q_segments, q_start, start, block)
         p = jnp.where(visible, jnp.exp(_scores(q_i, k_j, visible) - lse_i[..., None]), 0.0)
         d_v_j = jnp.einsum("bkgqj,bkgqd->bjkd", p.astype(d_out_i.dtype), d_out_i, preferred_element_type=jnp.float32)
         d_p = jnp.einsum("bkgqd,bjkd->bkgqj", d_out_i, v_j, preferred_element_type=jnp.float32)
@@ -170,9 +173,9 @@ def chunked_attention(
 ) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v, causal within each document: q [B, S, H, D], k and v [B, S, KV, D] with H a
     multiple of KV (grouped queries), segment_ids [B, S] -> [B, S, H, D]. Queries and keys in blocks of `block`
-    (default: `preferred_block(S)`; a divisor of S is used)."""
+    (a divisor of S is used; default: `preferred_block(S)`)."""
     b, s, h, d = q.shape
     kv = k.shape[2]
     grouped = (q * jnp.asarray(1 / math.sqrt(d), q.dtype)).reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
-    out = _attention(grouped, k, v, segment_ids, block_size(s, block or preferred_block(s)))
+    out = _attention(grouped, k, v, segment_ids, block_size(s, block) if block else preferred_block(s))
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)

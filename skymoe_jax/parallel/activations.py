@@ -41,7 +41,7 @@ import ml_collections
 from flax import nnx
 
 from skymoe_jax.model.attention import Attention, resolve_attention_impl
-from skymoe_jax.model.chunked_attention import block_size, preferred_block
+from skymoe_jax.model.chunked_attention import preferred_block
 from skymoe_jax.model.layers import Head, RMSNorm, SwiGLU
 from skymoe_jax.model.loss import cross_entropy
 from skymoe_jax.model.mesh_layout import MeshLayout
@@ -143,7 +143,7 @@ def activation_memory(
         if rows % r == 0 and r * seq % tp == 0 and (not spec.num_experts or r * seq // tp % group == 0)
     )
     traced_expert = expert if edp or spec.dropless else 1
-    chunk = block_size(seq, preferred_block(seq, platform))
+    chunk = preferred_block(seq, platform)
     layer = _layer_bytes(spec, split.layout, unit, seq, traced_expert, chunk, pipelined=split.pipelined)
     scale = rows // unit
     kept = {is_moe: scale * b for is_moe, b in layer.kept.items()}
