@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["skymoe_jax", "skymoe_jax.*"]) + ["skymoe_jax.configs"],
     # configs/ lives at the top level of the repository; wheels carry it inside the package.
     package_dir={"skymoe_jax.configs": "configs"},
-    package_data={"skymoe_jax.configs": ["*.py", "experiments/*.py"]},
+    package_data={"skymoe_jax.configs": ["*.py", "experiments/*.py"], "skymoe_jax.kernels": ["*.cc"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12",
@@ -26,6 +26,7 @@ setup(
         "tokenizers",
         "safetensors",
         "filelock>=3",  # JAX locks a size-bounded compilation cache with it (run/compile_cache.py, the tests' cache)
+        "scipy-openblas64",  # the BLAS of the CPU weight-gradient kernel (kernels/cpu_matmul.py), apart from numpy's
     ],
     # JAX versions the tests have seen: 0.10.2 (CPU, CI); not yet the GPU machine's 0.11.2. No upper bound: none is
     # known to break.

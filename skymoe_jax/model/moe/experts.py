@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from skymoe_jax.kernels.cpu_matmul import trans_a_matmul
 from skymoe_jax.model.layers import param, swiglu, swiglu_backward
 from skymoe_jax.model.spec import ModelSpec
 
@@ -61,11 +62,11 @@ def _batched_fwd(w: ExpertWeights, x: jax.Array):
 def _batched_bwd(saved, dy: jax.Array):
     # Keeps x and the two projections and recomputes the SwiGLU output for the down projection's gradient
     # (autodiff keeps it too: a tensor of the widest shape per layer), behind the incoming gradient.
+    # The weight gradients contract over the slot rows; trans_a_matmul runs them faster than XLA's dot on the CPU.
     w, x, gate, up = saved
     h, d_gate, d_up = swiglu_backward(gate, up, jnp.einsum("ecd,efd->ecf", dy, w.down))
-    d_down = jnp.einsum("ecf,ecd->efd", h, dy)
     dx = jnp.einsum("ecf,edf->ecd", d_gate, w.gate) + jnp.einsum("ecf,edf->ecd", d_up, w.up)
-    return ExpertWeights(jnp.einsum("ecd,ecf->edf", x, d_gate), jnp.einsum("ecd,ecf->edf", x, d_up), d_down), dx
+    return ExpertWeights(trans_a_matmul(x, d_gate), trans_a_matmul(x, d_up), trans_a_matmul(h, dy)), dx
 
 
 _batched.defvjp(_batched_fwd, _batched_bwd)
