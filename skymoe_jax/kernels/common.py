@@ -40,6 +40,15 @@ def rows_per_tile(width: int, cap: int = 128, floor: int = 16) -> int:
     return max(floor, min(cap, TILE_ELEMENTS // pow2(width)))
 
 
+def vary_like(a: jax.Array, *operands: jax.Array) -> jax.Array:
+    """a, cast to vary over every shard_map axis one of operands varies over (a no-op off a mesh). A custom
+    gradient or an FFI call must return values of its inputs' type; the cast's own gradient sums over the axes
+    it adds, as autodiff does where JAX inserts the cast itself."""
+    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in operands))
+    missing = varying - jax.typeof(a).manual_axis_type.varying
+    return jax.lax.pcast(a, tuple(sorted(missing)), to="varying") if missing else a
+
+
 def out_struct(shape: tuple[int, ...], dtype, *operands: jax.Array) -> jax.ShapeDtypeStruct:
     """A kernel output's type. Inside shard_map (check_vma) a pallas_call output must say which
     mesh axes it varies over; it varies over every axis one of its operands varies over."""

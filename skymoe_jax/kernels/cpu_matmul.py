@@ -26,6 +26,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from skymoe_jax.kernels.common import vary_like
+
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_matmul.cc")
 TARGET = "skymoe_trans_a_matmul"
 OPT_OUT = "SKYMOE_CPU_KERNELS"
@@ -108,13 +110,10 @@ def _einsum(x: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _kernel(x: jax.Array, g: jax.Array) -> jax.Array:
+    # Inside shard_map the call's result varies over no mesh axis, and in a backward pass (where the mesh is not
+    # in context) out_struct cannot declare it to; it is cast to its operands' axes after the call instead.
     out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], x.shape[2], g.shape[2]), jnp.float32))(x, g)
-    if any(jax.typeof(a).manual_axis_type.varying for a in (x, g)):
-        # Inside shard_map the call's result varies over no mesh axis, and in a backward pass (where the mesh is
-        # not in context) it cannot be declared to. A zero computed from the operands gives it their axes, as the
-        # einsum's result has; XLA removes the addition.
-        out = out + jnp.where(True, jnp.zeros((), out.dtype), x[0, 0, 0] + g[0, 0, 0])
-    return out
+    return vary_like(out, x, g)
 
 
 def trans_a_matmul(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -122,8 +121,7 @@ def trans_a_matmul(x: jax.Array, g: jax.Array) -> jax.Array:
     einsum otherwise (other platforms and dtypes, empty operands)."""
     if x.ndim != 3 or g.ndim != 3 or x.shape[:2] != g.shape[:2]:
         raise ValueError(f"trans_a_matmul takes [B, C, M] and [B, C, N]; got {x.shape} and {g.shape}")
-    if x.dtype != jnp.float32 or g.dtype != jnp.float32 or 0 in x.shape + g.shape:
-        return _einsum(x, g)
-    if jax.default_backend() != "cpu" or not available():
-        return _einsum(x, g)
-    return _kernel(x, g)
+    float32 = x.dtype == g.dtype == jnp.float32
+    if float32 and 0 not in x.shape + g.shape and jax.default_backend() == "cpu" and available():
+        return _kernel(x, g)
+    return _einsum(x, g)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from skymoe_jax.kernels.common import vary_like
 from skymoe_jax.kernels.cpu_matmul import trans_a_matmul
 from skymoe_jax.model.layers import param, swiglu, swiglu_backward
 from skymoe_jax.model.spec import ModelSpec
@@ -38,15 +39,11 @@ class Experts(nnx.Module):
 
 def batched(w: ExpertWeights, x: jax.Array) -> jax.Array:
     """x [E, C, d]: row block e goes through expert e."""
-    if jax.sharding.AxisType.Manual in jax.sharding.get_abstract_mesh().axis_types:
-        # Under shard_map the weights vary over fewer mesh axes than x, and a custom gradient must come back
-        # with its input's type. Adding a zero that depends on x makes them vary like x (JAX casts them and
-        # sums their gradient over those axes, as autodiff of the einsums would), whatever the mesh; XLA
-        # removes the addition. Off a mesh there is nothing to cast, and the weights stay the inputs they are
-        # (the planner counts what the backward keeps beyond its inputs).
-        zero = jnp.where(True, jnp.zeros((), w.gate.dtype), x[0, 0, 0].astype(w.gate.dtype))
-        w = ExpertWeights(*(a + zero for a in w))
-    return _batched(w, x)
+    # Under shard_map the weights vary over fewer mesh axes than x, and the custom gradient comes back with its
+    # inputs' type: cast to vary like x, they get their gradient summed over those axes, as autodiff of the
+    # einsums would. Off a mesh nothing is cast and the weights stay the inputs they are (the planner counts
+    # what the backward keeps beyond its inputs).
+    return _batched(ExpertWeights(*(vary_like(a, x) for a in w)), x)
 
 
 @jax.custom_vjp
