@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["skymoe_jax", "skymoe_jax.*"]) + ["skymoe_jax.configs"],
     # configs/ lives at the top level of the repository; wheels carry it inside the package.
     package_dir={"skymoe_jax.configs": "configs"},
-    package_data={"skymoe_jax.configs": ["*.py", "experiments/*.py"], "skymoe_jax.kernels": ["*.cc"]},
+    package_data={"skymoe_jax.configs": ["*.py", "experiments/*.py"], "skymoe_jax.kernels": ["*.cc", "*.h"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12",

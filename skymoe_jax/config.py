@@ -53,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
     # auto: chunked (memory linear in the sequence; see model/chunked_attention.py) from 512 tokens on the CPU
     # and 1024 elsewhere; below, blocked on the CPU (model/blocked_attention.py) and xla elsewhere
-    c.model.attention_impl = "auto"  # auto | xla (dense [S, S] scores) | blocked | chunked | pallas (Triton flash)
+    # auto | xla (dense [S, S] scores) | blocked | chunked | pallas (Triton flash) | cpu (C++ kernel, float32)
+    c.model.attention_impl = "auto"
     c.model.remat = "none"  # none | full | dots: activation rematerialization per layer
     # True: lax.scan over each stack's layers (compile time independent of depth); False: the same layers
     # unrolled, which spares the scan's stacked residual buffers (faster on the CPU, slower to compile).
@@ -246,7 +247,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
-    "model.attention_impl": ("auto", "xla", "blocked", "chunked", "pallas"),
+    "model.attention_impl": ("auto", "xla", "blocked", "chunked", "pallas", "cpu"),
     "moe.aux_loss": ("paper", "switch"),
     "moe.drop_policy": ("position", "probs"),
     "moe.dropless_impl": ("ragged", "padded"),
@@ -321,6 +322,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"dimension (model.d_model / model.num_heads = {head_dim}) a power of two >= 16; change them or use "
             "model.attention_impl=chunked",
         )
+    need(
+        m.attention_impl != "cpu" or m.dtype == "float32",
+        f"model.attention_impl=cpu computes in float32, not model.dtype={m.dtype}; set model.dtype=float32 or "
+        "model.attention_impl=auto",
+    )
     need(
         m.num_heads % m.num_kv_heads == 0,
         f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} (grouped-query attention)",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from test_chunked_attention import _dense, _grads, _inputs
 
+from skymoe_jax.kernels import cpu_ffi
 from skymoe_jax.model.attention import resolve_attention_impl
 from skymoe_jax.model.blocked_attention import blocked_attention, query_block
 
@@ -40,7 +41,9 @@ def test_bfloat16_inputs_stay_close_to_the_float32_reference():
     np.testing.assert_allclose(np.asarray(got, np.float32), jax.jit(_dense)(*wide, segments), rtol=2e-2, atol=2e-2)
 
 
-def test_auto_picks_blocked_on_the_cpu_only_and_chunked_for_long_sequences():
+def test_auto_picks_blocked_on_the_cpu_only_and_chunked_for_long_sequences(monkeypatch):
+    # Where the CPU kernels are off (test_cpu_attention.py covers auto with them).
+    monkeypatch.setattr(cpu_ffi, "available", lambda: False)
     assert resolve_attention_impl("auto", 256, "cpu") == "blocked"
     assert resolve_attention_impl("auto", 256, "gpu") == "xla"
     assert resolve_attention_impl("auto", 1024, "cpu") == resolve_attention_impl("auto", 1024, "gpu") == "chunked"

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from skymoe_jax.kernels import cpu_ffi
 from skymoe_jax.model.attention import attention_mask, resolve_attention_impl
 from skymoe_jax.model.chunked_attention import block_size, chunked_attention, preferred_block
 
@@ -76,8 +77,9 @@ def test_bfloat16_inputs_stay_close_to_the_float32_reference():
     np.testing.assert_allclose(np.asarray(got, np.float32), _dense(*wide, segments), rtol=2e-2, atol=2e-2)
 
 
-def test_block_size_tiles_the_sequence():
+def test_block_size_tiles_the_sequence(monkeypatch):
     assert [block_size(s) for s in (48, 512, 1000, 4096, 8192)] == [48, 512, 500, 512, 512]
+    monkeypatch.setattr(cpu_ffi, "available", lambda: False)  # auto's choice without the CPU kernels
     assert resolve_attention_impl("auto", 512, "gpu") == "xla" and resolve_attention_impl("auto", 1024) == "chunked"
     assert resolve_attention_impl("xla", 8192) == "xla"
     # The CPU keeps at least four query blocks, up to 256; elsewhere 512.
@@ -104,16 +106,18 @@ def test_compiled_memory_is_linear_for_chunked_and_quadratic_for_dense():
     assert chunked[-1] * 8 < dense[-1]
 
 
-def test_sharded_train_step_with_chunked_attention_equals_xla():
-    """EDP splits the heads over `expert` and the batch over `data`: the custom gradient must shard like the rest."""
+def sharded_step(impl: str, layout: str = "edp"):
+    """(grads, new state, metrics) of a train step on the (1, 4, 2) mesh with this attention."""
     from test_parallel import _config, _step
 
-    def step(impl):
-        c = _config((1, 4, 2), "edp")
-        c.model.attention_impl = impl
-        return _step(c, jax.devices())
+    c = _config((1, 4, 2), layout)
+    c.model.attention_impl = impl
+    return _step(c, jax.devices())
 
-    (g_xla, _, m_xla), (g_chunked, _, m_chunked) = step("xla"), step("chunked")
+
+def test_sharded_train_step_with_chunked_attention_equals_xla():
+    """EDP splits the heads over `expert` and the batch over `data`: the custom gradient must shard like the rest."""
+    (g_xla, _, m_xla), (g_chunked, _, m_chunked) = sharded_step("xla"), sharded_step("chunked")
     np.testing.assert_allclose(m_chunked["loss"], m_xla["loss"], rtol=1e-6)
     # As in test_parallel: float32 gradients in another summation order.
     for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_xla)):

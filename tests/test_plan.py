@@ -202,10 +202,14 @@ def test_remat_shrinks_the_step_of_the_unrolled_default_config(remat, overrides,
     assert temporaries(remat) < bound * temporaries("none")
 
 
-def test_chunked_attentions_backward_blocks_are_those_of_the_platform_planned_for():
+def test_chunked_attentions_backward_blocks_are_those_of_the_platform_planned_for(monkeypatch):
     """Chunked attention's per-block scores are [block, block] per row and head, in blocks of 256 on the CPU and
-    512 on a GPU: a GPU plan made on this machine must count the GPU's."""
+    512 on a GPU: a GPU plan made on this machine must count the GPU's. (On the CPU, auto runs chunked attention
+    where the CPU kernels are off.)"""
+    from skymoe_jax.kernels import cpu_ffi
     from skymoe_jax.parallel.activations import CHUNKED_BACKWARD_BLOCKS
+
+    monkeypatch.setattr(cpu_ffi, "available", lambda: False)
 
     c = _config((1, 1, 1), "gshard")
     c.data.update(seq_len=1024, batch_size=2, num_streams=2)

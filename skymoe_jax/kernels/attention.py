@@ -4,12 +4,13 @@
 The kernel is jax's own (forward, and a Triton backward through its custom VJP); what this module adds
 is how the model calls it. Grouped-query K and V are repeated to the query heads (the kernel takes
 equal head counts), tiles are the largest power of two up to 128 that divides the sequence, and the
-call runs per device under shard_map: a pallas_call has no SPMD partitioning rule, so without it XLA
-would gather the whole batch onto every device. Off a GPU the kernel runs in interpret mode (tests);
-`auto` never picks it until a GPU measurement says it is faster (docs/BENCHMARKS.md).
+call runs per device under shard_map (per_device, which the CPU kernel shares). Off a GPU the kernel runs in
+interpret mode (tests); `auto` never picks it until a GPU measurement says it is faster (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,14 +53,22 @@ def pallas_attention(
             interpret=resolve_interpret(interpret),
         )
 
+    return per_device(local, q, k, v, segment_ids, layout)
+
+
+def per_device(
+    local: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, layout: str
+) -> jax.Array:
+    """local(q, k, v, segment_ids) run on each device's rows under shard_map (directly off a mesh): a kernel call
+    has no SPMD partitioning rule, so without it XLA would gather the whole batch onto every device."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(q, k, v, segment_ids)
     ep = mesh.shape["expert"]
-    # EDP splits the heads over `expert` (tensor-parallel attention) where they divide.
-    heads = "expert" if layout == "edp" and ep > 1 and h % ep == 0 else None
+    # EDP splits the heads over `expert` (tensor-parallel attention) where both head counts divide.
+    split = layout == "edp" and ep > 1 and q.shape[2] % ep == 0 and k.shape[2] % ep == 0
     rows = batch_axes(layout)
-    qkv = P(rows, None, heads, None)
+    qkv = P(rows, None, "expert" if split else None, None)
     return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows, None)), out_specs=qkv, check_vma=False)(
         q, k, v, segment_ids
     )

@@ -5,8 +5,10 @@ with a [B, 1, S, S] mask), memory quadratic in the sequence; blocked (model/bloc
 the queries into blocks that skip the keys above the diagonal, still quadratic; chunked
 (model/chunked_attention.py) takes queries and keys a block at a time, skips the blocks above the diagonal
 and keeps memory linear; pallas (kernels/attention.py) is a Triton flash attention kernel for the GPU, linear
-too. auto is chunked from CPU_CHUNKED_FROM tokens on the CPU (blocked below) and from CHUNKED_FROM elsewhere
-(xla below); it never picks pallas until a GPU measurement does (none yet).
+too; cpu (kernels/cpu_attention.py) is a compiled C++ kernel for the CPU, float32, linear as well. auto is cpu on
+the CPU in float32 where the package's CPU kernels build (kernels/cpu_ffi.py); otherwise chunked from
+CPU_CHUNKED_FROM tokens on the CPU (blocked below) and from CHUNKED_FROM elsewhere (xla below); it never picks
+pallas until a GPU measurement does (none yet).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from skymoe_jax.errors import ConfigError
+from skymoe_jax.kernels import cpu_attention, cpu_ffi
 from skymoe_jax.kernels.attention import pallas_attention
 from skymoe_jax.model.blocked_attention import blocked_attention
 from skymoe_jax.model.chunked_attention import chunked_attention
@@ -30,13 +34,15 @@ CHUNKED_FROM = 1024
 CPU_CHUNKED_FROM = 512
 
 
-def resolve_attention_impl(impl: str, seq_len: int, platform: str | None = None) -> str:
-    """model.attention_impl for a sequence length on a platform (cpu, gpu, ...; default: JAX's default
-    backend): auto -> chunked from CPU_CHUNKED_FROM tokens on the CPU, blocked below; elsewhere chunked from
-    CHUNKED_FROM tokens, xla below."""
+def resolve_attention_impl(impl: str, seq_len: int, platform: str | None = None, dtype: str = "float32") -> str:
+    """model.attention_impl for a sequence length and compute dtype on a platform (cpu, gpu, ...; default: JAX's
+    default backend): auto -> cpu on the CPU in float32 where the CPU kernels are available; otherwise chunked
+    from CPU_CHUNKED_FROM tokens on the CPU, blocked below; elsewhere chunked from CHUNKED_FROM tokens, xla below."""
     if impl != "auto":
         return impl
     cpu = (platform or jax.default_backend()) == "cpu"
+    if cpu and jnp.dtype(dtype) == jnp.float32 and cpu_ffi.available():
+        return "cpu"
     if seq_len >= (CPU_CHUNKED_FROM if cpu else CHUNKED_FROM):
         return "chunked"
     return "blocked" if cpu else "xla"
@@ -77,8 +83,17 @@ class Attention(nnx.Module):
         if self.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
-        impl = resolve_attention_impl(self.impl, x.shape[1])
-        if impl == "chunked":
+        impl = resolve_attention_impl(self.impl, x.shape[1], dtype=dt)
+        if impl == "cpu":
+            if not cpu_attention.usable(q, k, v):
+                kernels = "built" if cpu_ffi.available() else "unavailable (the log says why)"
+                raise ConfigError(
+                    "model.attention_impl=cpu needs float32 on the CPU backend and the package's CPU kernels; here "
+                    f"the backend is {jax.default_backend()}, the dtype {q.dtype}, the kernels {kernels}: use "
+                    "model.attention_impl=auto"
+                )
+            out = cpu_attention.cpu_attention(q, k, v, segment_ids, self.layout)
+        elif impl == "chunked":
             out = chunked_attention(q, k, v, segment_ids)
         elif impl == "blocked":
             out = blocked_attention(q, k, v, segment_ids)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from skymoe_jax.config import capacity
 from skymoe_jax.model.attention import Attention, resolve_attention_impl
 from skymoe_jax.model.chunked_attention import preferred_block
 from skymoe_jax.model.layers import Head, RMSNorm, SwiGLU
@@ -127,7 +128,8 @@ def activation_memory(
     `platform` (default: this machine's) is where it runs, which decides what attention_impl=auto runs."""
     pipeline, data, expert = mesh
     seq = config.data.seq_len
-    spec = dataclasses.replace(spec, attention_impl=resolve_attention_impl(spec.attention_impl, seq, platform))
+    impl = resolve_attention_impl(spec.attention_impl, seq, platform, spec.compute_dtype)
+    spec = dataclasses.replace(spec, attention_impl=impl)
     split = MeshLayout.from_config(config)
     edp = split.layout == "edp"
     microbatches = config.parallel.num_microbatches if split.pipelined else 1
@@ -237,13 +239,23 @@ def _layer_bytes(
     head_bytes = saved_bytes(head, head_state, x, ints, _abstract((rows, seq), jnp.float32))
 
     # The backward of a layer runs its FFN half, then its attention half: under remat the whole layer's
-    # residuals are recomputed first; chunked attention's blocks exist only in the second phase.
+    # residuals are recomputed first; chunked attention's blocks exist only in the second phase. The experts'
+    # backward makes h, d_gate and d_up [slots, f] for the weight gradients, and dx, all at once.
     recomputed = saved("none") if spec.remat != "none" else dict.fromkeys(halves, 0.0)
     blocks = 0.0
-    if resolve_attention_impl(spec.attention_impl, seq) == "chunked":
+    if spec.attention_impl == "chunked":
         heads = spec.num_heads // expert if edp and spec.num_heads % expert == 0 else spec.num_heads
         blocks = CHUNKED_BACKWARD_BLOCKS * rows * heads * chunk * chunk * 4
-    backward = max(
-        max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0, recomputed["attention"] + blocks
-    )
+    experts_backward = 0.0
+    if spec.num_experts:
+        group = spec.group_size or seq
+        per_group = group if spec.dropless else capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
+        slots = spec.num_experts * per_group * (rows * seq // (expert if edp else 1)) // group
+        experts_backward = slots * (3 * spec.expert_ffn_dim + spec.d_model) * dtype.itemsize
+    layer_recomputed = max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0
+    if pipelined:
+        # Inside a pipeline tick the recomputed layer and the experts' backward were live together: the compiled
+        # pipelines held both (docs/BENCHMARKS.md, the planner after the CPU kernels).
+        layer_recomputed += experts_backward
+    backward = max(layer_recomputed, recomputed["attention"] + blocks, experts_backward)
     return _LayerBytes(kept=kept, head=head_bytes, backward=backward)

@@ -69,6 +69,7 @@ class Placement(NamedTuple):
     positions: jax.Array  # int32 rank among its expert's assignments in the group
     capacity: int  # slots per expert and group
     dropped: jax.Array  # [T] float32 assignments of each token beyond capacity
+    counts: jax.Array  # [G, E] int32 assignments per expert and group (before dropping)
 
 
 def moe_tokens(
@@ -120,11 +121,12 @@ def place(routing: router.Routing, spec: ModelSpec, group: int, train: bool, ops
     experts_g = routing.experts.reshape(num_groups, group, k)
     if spec.drop_policy == "probs":
         priority = jnp.take_along_axis(routing.probs, routing.experts, axis=-1).reshape(num_groups, group, k)
-        positions = jax.vmap(lambda e, p: ops.expert_positions(e, n, p).positions)(experts_g, priority)
+        slots = jax.vmap(lambda e, p: ops.expert_positions(e, n, p))(experts_g, priority)
     else:
-        positions = jax.vmap(lambda e: ops.expert_positions(e, n).positions)(experts_g)
-    dropped = jnp.sum(positions >= cap, axis=-1).reshape(t).astype(jnp.float32)
-    return Placement(experts_g, routing.weights.reshape(num_groups, group, k), positions, cap, dropped)
+        slots = jax.vmap(lambda e: ops.expert_positions(e, n))(experts_g)
+    dropped = jnp.sum(slots.positions >= cap, axis=-1).reshape(t).astype(jnp.float32)
+    weights = routing.weights.reshape(num_groups, group, k)
+    return Placement(experts_g, weights, slots.positions, cap, dropped, slots.counts)
 
 
 def statistics(routing: router.Routing, placement: Placement, top_k: int, comm: Comm) -> dict[str, jax.Array]:
@@ -166,17 +168,21 @@ class SlotDispatcher:
         tokens_g = tokens.reshape(g, -1, tokens.shape[-1])
         slots = dispatch.slot_indices(placement.experts, placement.positions, cap)
         buf = _expert_major(jax.vmap(self.ops.dispatch, in_axes=(0, 0, None))(tokens_g, slots, n * cap), n)
-        filled = (
-            _expert_major(jax.vmap(dispatch.filled_slots, in_axes=(0, None))(slots, n * cap), n)
-            if self.compact
-            else None
-        )
-        buf, filled = self.send(buf, filled)
-        out = experts.compact_ragged(weights, buf, filled) if self.compact else experts.batched(weights, buf)
+        if self.compact:
+            filled = _expert_major(jax.vmap(dispatch.filled_slots, in_axes=(0, None))(slots, n * cap), n)
+            buf, filled = self.send(buf, filled)
+            out = experts.compact_ragged(weights, buf, filled)
+        else:
+            # An expert's slots in a group fill from the first: the rows each group uses, [E, G], let the CPU
+            # kernel skip the empty ones (experts.batched).
+            buf, used = self.send(buf, jnp.minimum(placement.counts, cap).T.astype(jnp.int32))
+            out = experts.batched(weights, buf, used)
         return jax.vmap(self.ops.combine)(_group_major(self.receive(out), g), slots, placement.weights)
 
-    def send(self, buf: jax.Array, filled: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
-        return buf, filled
+    def send(self, buf: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The slot buffer [E, R, d] and what describes its rows ([E, R] filled, or [E, G] rows used) to the devices
+        holding the experts."""
+        return buf, rows
 
     def receive(self, out: jax.Array) -> jax.Array:
         return out
@@ -190,11 +196,8 @@ class ExpertParallelDispatcher(SlotDispatcher):
         super().__init__(num_experts, capacity, ops)
         self.axis, self.compact = axis, compact
 
-    def send(self, buf: jax.Array, filled: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
-        buf = jax.lax.all_to_all(buf, self.axis, 0, 1, tiled=True)
-        if filled is not None:
-            filled = jax.lax.all_to_all(filled, self.axis, 0, 1, tiled=True)
-        return buf, filled
+    def send(self, buf: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return tuple(jax.lax.all_to_all(a, self.axis, 0, 1, tiled=True) for a in (buf, rows))
 
     def receive(self, out: jax.Array) -> jax.Array:
         return jax.lax.all_to_all(out, self.axis, 1, 0, tiled=True)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from skymoe_jax.kernels import cpu_expert_ffn, cpu_ffi
 from skymoe_jax.kernels.common import vary_like
 from skymoe_jax.kernels.cpu_matmul import trans_a_matmul
 from skymoe_jax.model.layers import param, swiglu, swiglu_backward
@@ -37,33 +38,45 @@ class Experts(nnx.Module):
         return ExpertWeights(*(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down)))
 
 
-def batched(w: ExpertWeights, x: jax.Array) -> jax.Array:
-    """x [E, C, d]: row block e goes through expert e."""
+def batched(w: ExpertWeights, x: jax.Array, used: jax.Array | None = None) -> jax.Array:
+    """x [E, C, d]: row block e goes through expert e. used [E, K] (optional): each expert's C rows are K equal
+    runs (routing groups) that fill from their first row, used[e, k] of them; the rows past it must be zero. The
+    CPU kernels skip them; elsewhere they are computed, and give zero."""
     # Under shard_map the weights vary over fewer mesh axes than x, and the custom gradient comes back with its
     # inputs' type: cast to vary like x, they get their gradient summed over those axes, as autodiff of the
     # einsums would. Off a mesh nothing is cast and the weights stay the inputs they are (the planner counts
     # what the backward keeps beyond its inputs).
-    return _batched(ExpertWeights(*(vary_like(a, x) for a in w)), x)
+    if used is None:
+        used = jnp.full((x.shape[0], 1), x.shape[1], jnp.int32)
+    return _batched(ExpertWeights(*(vary_like(a, x) for a in w)), x, used.astype(jnp.int32))
 
 
 @jax.custom_vjp
-def _batched(w: ExpertWeights, x: jax.Array) -> jax.Array:
-    return _batched_fwd(w, x)[0]
+def _batched(w: ExpertWeights, x: jax.Array, used: jax.Array) -> jax.Array:
+    return _batched_fwd(w, x, used)[0]
 
 
-def _batched_fwd(w: ExpertWeights, x: jax.Array):
+def _batched_fwd(w: ExpertWeights, x: jax.Array, used: jax.Array):
+    # On the CPU a compiled kernel runs the three matmuls with the SwiGLU between them (kernels/cpu_expert_ffn.py).
+    if cpu_ffi.usable(x, *w):
+        y, gate, up = cpu_expert_ffn.forward(*w, x, used)
+        return y, (w, x, used, gate, up)
     gate, up = jnp.einsum("ecd,edf->ecf", x, w.gate), jnp.einsum("ecd,edf->ecf", x, w.up)
-    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w.down), (w, x, gate, up)
+    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w.down), (w, x, used, gate, up)
 
 
 def _batched_bwd(saved, dy: jax.Array):
     # Keeps x and the two projections and recomputes the SwiGLU output for the down projection's gradient
     # (autodiff keeps it too: a tensor of the widest shape per layer), behind the incoming gradient.
     # The weight gradients contract over the slot rows; trans_a_matmul runs them faster than XLA's dot on the CPU.
-    w, x, gate, up = saved
-    h, d_gate, d_up = swiglu_backward(gate, up, jnp.einsum("ecd,efd->ecf", dy, w.down))
-    dx = jnp.einsum("ecf,edf->ecd", d_gate, w.gate) + jnp.einsum("ecf,edf->ecd", d_up, w.up)
-    return ExpertWeights(trans_a_matmul(x, d_gate), trans_a_matmul(x, d_up), trans_a_matmul(h, dy)), dx
+    w, x, used, gate, up = saved
+    if cpu_ffi.usable(dy, *w):
+        dx, d_gate, d_up, h = cpu_expert_ffn.backward(*w, gate, up, dy, used)
+    else:
+        h, d_gate, d_up = swiglu_backward(gate, up, jnp.einsum("ecd,efd->ecf", dy, w.down))
+        dx = jnp.einsum("ecf,edf->ecd", d_gate, w.gate) + jnp.einsum("ecf,edf->ecd", d_up, w.up)
+    grads = (trans_a_matmul(x, d_gate, used), trans_a_matmul(x, d_up, used), trans_a_matmul(h, dy, used))
+    return ExpertWeights(*grads), dx, None
 
 
 _batched.defvjp(_batched_fwd, _batched_bwd)
