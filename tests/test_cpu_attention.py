@@ -144,7 +144,11 @@ def test_asking_for_the_kernel_where_it_cannot_run_is_a_config_error(monkeypatch
         attn(x, ids, ids)
 
 
-def test_bad_shapes_are_refused():
+def test_bad_shapes_are_refused_and_a_direct_call_without_the_kernels_says_why(monkeypatch):
     q, k, v, segments = _packed(1, 8, 3, 2, 4)
     with pytest.raises(ValueError, match="KV dividing H"):
+        cpu_attention.cpu_attention(q, k, v, segments, "gshard")
+    monkeypatch.setattr(cpu_ffi, "available", lambda: False)
+    q, k, v, segments = _packed(1, 8, 4, 2, 4)
+    with pytest.raises(RuntimeError, match="unavailable here"):
         cpu_attention.cpu_attention(q, k, v, segments, "gshard")

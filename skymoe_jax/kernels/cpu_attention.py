@@ -63,7 +63,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, layout: str) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v, causal within each document: q [B, S, H, D] float32, k and v [B, S, KV, D] with
-    KV dividing H, segment_ids [B, S] -> [B, S, H, D]; per device under a mesh (layout: parallel.layout). Callers
-    check `usable` first."""
+    KV dividing H, segment_ids [B, S] -> [B, S, H, D]; per device under a mesh (layout: parallel.layout). Where
+    the kernels are unavailable it raises; `usable` says beforehand."""
     _check(q, k, v, segment_ids)
+    cpu_ffi.require("cpu_attention")
     return per_device(_attention, q, k, v, segment_ids, layout)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from skymoe_jax.kernels import cpu_ffi
 from skymoe_jax.kernels.common import vary_like
 
 FORWARD, BACKWARD = "skymoe_expert_ffn_fwd", "skymoe_expert_ffn_bwd"
@@ -28,6 +29,7 @@ def forward(
     """x [E, C, d], w_gate and w_up [E, d, f], w_down [E, f, d] -> (y [E, C, d], gate, up [E, C, f]):
     gate = x w_gate, up = x w_up, y = (silu(gate) * up) w_down per expert. used [E, K] int32: each expert's C rows
     are K equal runs of which the first used[e, k] are in use; the other rows must be zero, and come out zero."""
+    cpu_ffi.require("expert_ffn forward")
     e, c, d = x.shape
     f = w_gate.shape[2]
     outs = jax.ffi.ffi_call(FORWARD, _types((e, c, d), (e, c, f), (e, c, f)))(x, w_gate, w_up, w_down, used)
@@ -47,6 +49,7 @@ def backward(
     """From the forward's gate and up and the output's gradient dy [E, C, d] (zero on the rows not in use): (dx
     [E, C, d], d_gate, d_up, h [E, C, f]), h = silu(gate) * up, for the weight gradients x^T d_gate, x^T d_up and
     h^T dy."""
+    cpu_ffi.require("expert_ffn backward")
     e, c, d = dy.shape
     f = gate.shape[2]
     outs = jax.ffi.ffi_call(BACKWARD, _types((e, c, d), (e, c, f), (e, c, f), (e, c, f)))(

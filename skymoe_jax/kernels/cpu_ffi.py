@@ -115,6 +115,15 @@ def available() -> bool:
     return True
 
 
+def require(kernel: str) -> None:
+    """Loads the kernels for a direct call of one of them, or says why it cannot run."""
+    if not available():
+        raise RuntimeError(
+            f"the CPU kernel {kernel} is unavailable here (SKYMOE_CPU_KERNELS=0, or no C++ compiler or "
+            "scipy-openblas64: the log says which); check kernels.cpu_ffi.usable before calling it"
+        )
+
+
 def usable(*operands: jax.Array) -> bool:
     """Whether a kernel can take these operands: all float32 (integer ids aside) and non-empty, on the CPU
     backend, with the library available."""
