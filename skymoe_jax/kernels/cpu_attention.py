@@ -21,11 +21,6 @@ from skymoe_jax.kernels.attention import per_device
 FORWARD, BACKWARD = "skymoe_attention_fwd", "skymoe_attention_bwd"
 
 
-def usable(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
-    """Whether the kernel can run these operands here (float32 on the CPU, the library built and loaded)."""
-    return cpu_ffi.usable(q, k, v)
-
-
 def _check(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> None:
     b, s, h, d = q.shape
     if k.shape != v.shape or k.shape[:2] != (b, s) or k.shape[3] != d or h % k.shape[2] or segment_ids.shape != (b, s):
@@ -38,7 +33,7 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> 
 def _forward(q, k, v, segment_ids):
     b, s, h, _ = q.shape
     out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, s), jnp.float32))
-    return jax.ffi.ffi_call(FORWARD, out_types)(q, k, v, segment_ids.astype(jnp.int32))
+    return jax.ffi.ffi_call(FORWARD, out_types)(q, k, v, segment_ids)
 
 
 @jax.custom_vjp
@@ -54,7 +49,7 @@ def _attention_fwd(q, k, v, segment_ids):
 def _attention_bwd(residuals, d_out):
     q, k, v, segment_ids, out, lse = residuals
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-    dq, dk, dv = jax.ffi.ffi_call(BACKWARD, out_types)(q, k, v, segment_ids.astype(jnp.int32), out, lse, d_out)
+    dq, dk, dv = jax.ffi.ffi_call(BACKWARD, out_types)(q, k, v, segment_ids, out, lse, d_out)
     return dq, dk, dv, None
 
 
@@ -64,7 +59,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, layout: str) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v, causal within each document: q [B, S, H, D] float32, k and v [B, S, KV, D] with
     KV dividing H, segment_ids [B, S] -> [B, S, H, D]; per device under a mesh (layout: parallel.layout). Where
-    the kernels are unavailable it raises; `usable` says beforehand."""
+    the kernels are unavailable it raises; `cpu_ffi.usable(q, k, v)` says beforehand."""
     _check(q, k, v, segment_ids)
     cpu_ffi.require("cpu_attention")
-    return per_device(_attention, q, k, v, segment_ids, layout)
+    return per_device(_attention, q, k, v, segment_ids.astype(jnp.int32), layout)

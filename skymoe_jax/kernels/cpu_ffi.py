@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 
 import jax
+import jax.numpy as jnp
 
 HERE = os.path.dirname(__file__)
 SOURCES = tuple(os.path.join(HERE, name) for name in ("cpu_matmul.cc", "cpu_attention.cc", "cpu_expert_ffn.cc"))
@@ -127,9 +128,9 @@ def require(kernel: str) -> None:
 def usable(*operands: jax.Array) -> bool:
     """Whether a kernel can take these operands: all float32 (integer ids aside) and non-empty, on the CPU
     backend, with the library available."""
-    floats = [x for x in operands if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
+    floats = [x for x in operands if jnp.issubdtype(x.dtype, jnp.floating)]
     return (
-        all(x.dtype == jax.numpy.float32 for x in floats)
+        all(x.dtype == jnp.float32 for x in floats)
         and all(x.size for x in operands)
         and jax.default_backend() == "cpu"
         and available()

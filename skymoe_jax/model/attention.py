@@ -85,7 +85,7 @@ class Attention(nnx.Module):
         q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
         impl = resolve_attention_impl(self.impl, x.shape[1], dtype=dt)
         if impl == "cpu":
-            if not cpu_attention.usable(q, k, v):
+            if not cpu_ffi.usable(q, k, v):
                 kernels = "built" if cpu_ffi.available() else "unavailable (the log says why)"
                 raise ConfigError(
                     "model.attention_impl=cpu needs float32 on the CPU backend and the package's CPU kernels; here "

@@ -172,17 +172,20 @@ class SlotDispatcher:
             filled = _expert_major(jax.vmap(dispatch.filled_slots, in_axes=(0, None))(slots, n * cap), n)
             buf, filled = self.send(buf, filled)
             out = experts.compact_ragged(weights, buf, filled)
-        else:
+        elif experts.skips_empty_slots(weights, buf):
             # An expert's slots in a group fill from the first: the rows each group uses, [E, G], let the CPU
-            # kernel skip the empty ones (experts.batched).
-            buf, used = self.send(buf, jnp.minimum(placement.counts, cap).T.astype(jnp.int32))
+            # kernels skip the empty ones. Elsewhere they are neither counted nor sent.
+            buf, used = self.send(buf, jnp.minimum(placement.counts, cap).T)
             out = experts.batched(weights, buf, used)
+        else:
+            (buf,) = self.send(buf)
+            out = experts.batched(weights, buf)
         return jax.vmap(self.ops.combine)(_group_major(self.receive(out), g), slots, placement.weights)
 
-    def send(self, buf: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The slot buffer [E, R, d] and what describes its rows ([E, R] filled, or [E, G] rows used) to the devices
-        holding the experts."""
-        return buf, rows
+    def send(self, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+        """The slot buffer [E, R, d], and what describes its rows ([E, R] filled, or [E, G] rows used), to the
+        devices holding the experts."""
+        return arrays
 
     def receive(self, out: jax.Array) -> jax.Array:
         return out
@@ -196,8 +199,8 @@ class ExpertParallelDispatcher(SlotDispatcher):
         super().__init__(num_experts, capacity, ops)
         self.axis, self.compact = axis, compact
 
-    def send(self, buf: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return tuple(jax.lax.all_to_all(a, self.axis, 0, 1, tiled=True) for a in (buf, rows))
+    def send(self, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(jax.lax.all_to_all(a, self.axis, 0, 1, tiled=True) for a in arrays)
 
     def receive(self, out: jax.Array) -> jax.Array:
         return jax.lax.all_to_all(out, self.axis, 1, 0, tiled=True)

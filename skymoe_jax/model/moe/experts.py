@@ -38,6 +38,12 @@ class Experts(nnx.Module):
         return ExpertWeights(*(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down)))
 
 
+def skips_empty_slots(w: ExpertWeights, x: jax.Array) -> bool:
+    """Whether `batched` runs the CPU kernels for these operands, which skip the rows `used` says are empty (so a
+    dispatcher need only count and send them then)."""
+    return cpu_ffi.usable(x, *w)
+
+
 def batched(w: ExpertWeights, x: jax.Array, used: jax.Array | None = None) -> jax.Array:
     """x [E, C, d]: row block e goes through expert e. used [E, K] (optional): each expert's C rows are K equal
     runs (routing groups) that fill from their first row, used[e, k] of them; the rows past it must be zero. The
@@ -58,7 +64,7 @@ def _batched(w: ExpertWeights, x: jax.Array, used: jax.Array) -> jax.Array:
 
 def _batched_fwd(w: ExpertWeights, x: jax.Array, used: jax.Array):
     # On the CPU a compiled kernel runs the three matmuls with the SwiGLU between them (kernels/cpu_expert_ffn.py).
-    if cpu_ffi.usable(x, *w):
+    if skips_empty_slots(w, x):
         y, gate, up = cpu_expert_ffn.forward(*w, x, used)
         return y, (w, x, used, gate, up)
     gate, up = jnp.einsum("ecd,edf->ecf", x, w.gate), jnp.einsum("ecd,edf->ecf", x, w.up)
@@ -70,7 +76,7 @@ def _batched_bwd(saved, dy: jax.Array):
     # (autodiff keeps it too: a tensor of the widest shape per layer), behind the incoming gradient.
     # The weight gradients contract over the slot rows; trans_a_matmul runs them faster than XLA's dot on the CPU.
     w, x, used, gate, up = saved
-    if cpu_ffi.usable(dy, *w):
+    if skips_empty_slots(w, dy):
         dx, d_gate, d_up, h = cpu_expert_ffn.backward(*w, gate, up, dy, used)
     else:
         h, d_gate, d_up = swiglu_backward(gate, up, jnp.einsum("ecd,efd->ecf", dy, w.down))
