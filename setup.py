@@ -10,7 +10,11 @@ setup(
     packages=find_packages(include=["skymoe_jax", "skymoe_jax.*"]) + ["skymoe_jax.configs"],
     # configs/ lives at the top level of the repository; wheels carry it inside the package.
     package_dir={"skymoe_jax.configs": "configs"},
-    package_data={"skymoe_jax.configs": ["*.py", "experiments/*.py"], "skymoe_jax.kernels": ["*.cc", "*.h"]},
+    package_data={
+        "skymoe_jax.configs": ["*.py", "experiments/*.py"],
+        "skymoe_jax.kernels": ["*.cc", "*.h"],
+        "skymoe_jax.parallel": ["gpu_targets/*.txtpb"],
+    },
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12",
@@ -33,6 +37,9 @@ setup(
     extras_require={
         # NVIDIA GPUs: JAX's CUDA 12 wheels (CUDA, cuDNN and NCCL as pip packages; the host needs only a driver).
         "cuda": ["jax[cuda12]>=0.10.2"],
+        # Compiling for GPUs without one (`skymoe params --compile=A800-80GB`, the XLA:GPU tests): JAX's CUDA plugin
+        # at jaxlib's version, without CUDA's libraries; run it with JAX_PLATFORMS=cpu where there is no GPU.
+        "aot": ["jax[cuda12-local]>=0.10.2"],
         # `skymoe report` and the figures in the notebook.
         "report": ["matplotlib>=3.8"],
         # notebooks/quickstart.ipynb: figures, and ipywidgets for rich's progress bar in Jupyter.

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -286,16 +287,23 @@ def _number(name: str, text: str) -> float:
 def cmd_params(argv: Sequence[str]) -> int:
     from skymoe_jax.metrics.flops import flops_per_token, param_counts
     from skymoe_jax.model.spec import ModelSpec
+    from skymoe_jax.parallel import targets
     from skymoe_jax.parallel.devices import parse_device_memory
     from skymoe_jax.parallel.plan import parse_mesh, plan
 
     args = Args(
         argv,
         "params",
-        "Parameter and FLOP counts of a config; with --mesh, the per-device memory plan (state and activations).",
+        "Parameter and FLOP counts of a config; with --mesh, the per-device memory plan (state and activations); "
+        "with --compile, XLA's own per-device bytes for the train step compiled for that target beside the plan.",
         {
             "mesh": Flag("", "PIPELINE,DATA,EXPERT sizes to plan for, e.g. 12,32,4"),
             "device_memory": Flag("", "memory per device to check the plan against: 80GB, 80GiB or a device name"),
+            "compile": Flag(
+                "",
+                f"compile the train step on the mesh for {' | '.join(targets.TARGETS)} (GPUs need no GPU here, but "
+                "JAX's CUDA plugin: pip install 'skymoe-jax[aot]') and print the compiler's per-device bytes",
+            ),
             "json": Flag(False, "print one JSON object"),
         },
         config=True,
@@ -303,6 +311,13 @@ def cmd_params(argv: Sequence[str]) -> int:
     mesh = parse_mesh(args.mesh) if args.mesh else None
     if args.device_memory and not mesh:
         raise ConfigError("--device_memory needs --mesh=PIPE,DATA,EXPERT: memory per device depends on the mesh")
+    target = targets.canonical(args.compile) if args.compile else None
+    if target and not mesh:
+        raise ConfigError("--compile needs --mesh=PIPE,DATA,EXPERT: the program is compiled for that many devices")
+    if target and target != "cpu":
+        targets.compile_only()
+    if target and not args.device_memory and targets.memory(target):
+        args.device_memory = target
     device_memory = parse_device_memory(args.device_memory) if args.device_memory else None
     if mesh:  # the planned mesh is the config's, so pipeline settings validate against it
         args.overrides.append(f"--config.parallel.mesh={mesh}")
@@ -324,7 +339,7 @@ def cmd_params(argv: Sequence[str]) -> int:
         f"{_count(flops, billion='G')}FLOP per training token at sequence length {config.data.seq_len}"
     ]
     if mesh:
-        p = plan(config, mesh)
+        p = plan(config, mesh, targets.platform(target) if target else None)
         out["plan"] = {
             "mesh": p.mesh,
             "layout": p.layout,
@@ -336,6 +351,7 @@ def cmd_params(argv: Sequence[str]) -> int:
             "stage_layers": p.stage_layers,
             "stage_flops_per_token": p.stage_flops_per_token,
             "microbatches": p.microbatches,
+            "pipeline_repeats": p.repeats,
             "pipeline_utilization": p.pipeline_utilization,
             "bubble": 1 - p.pipeline_utilization,
             "state_bytes": p.total_bytes,
@@ -368,14 +384,62 @@ def cmd_params(argv: Sequence[str]) -> int:
             per_stage = p.stage_flops_per_token
             flops = ", ".join(f"{f / 1e9:.2f}" for f in per_stage)
             imbalance = max(per_stage) * len(per_stage) / sum(per_stage)
+            kind = f"virtual stages ({p.repeats} chunks per device)" if p.repeats > 1 else "stages"
             lines.append(
-                f"pipeline stages {p.stage_layers} (layers); training GFLOP per token by stage [{flops}] "
+                f"pipeline {kind} {p.stage_layers} (layers); training GFLOP per token by stage [{flops}] "
                 f"(head on the last); slowest / mean {imbalance:.3f}; with {p.microbatches} microbatches: "
                 f"utilization {100 * p.pipeline_utilization:.1f}%, bubble "
                 f"{100 * (1 - p.pipeline_utilization):.1f}%"
             )
+        if target:
+            lines += _compiled_beside_plan(config, mesh, target, p, out)
     print(json.dumps(out) if args.json else "\n".join(lines))
     return 0
+
+
+def _compiled_beside_plan(config, mesh: tuple[int, int, int], target: str, p, out: dict) -> list[str]:
+    """Compiles the train step for `target` on the mesh's devices; fills out['compiled']; the lines to print."""
+    from skymoe_jax.parallel import targets
+    from skymoe_jax.training.compiled import compile_train_step
+
+    step = compile_train_step(config, targets.devices(target, math.prod(mesh)))
+    m = step.memory
+    planned_temp = p.grads_bytes + p.activations.total
+    out["compiled"] = {
+        "target": target,
+        "device_kind": step.device_kind,
+        "devices": step.devices,
+        "seconds": step.seconds,
+        "argument_bytes": m.arguments,
+        "output_bytes": m.outputs,
+        "alias_bytes": m.aliased,
+        "temp_bytes": m.temporaries,
+        "peak_bytes": m.peak,
+        "planned_temp_bytes": planned_temp,
+        "planned_peak_bytes": p.peak_bytes,
+    }
+    lines = [
+        f"compiled for {target} ({step.devices} {'compile-only ' if target != 'cpu' else ''}devices, "
+        f"{step.device_kind}) in {step.seconds:.0f} s; XLA's buffers per device: arguments {_size(m.arguments)}, "
+        f"outputs {_size(m.outputs)} ({_size(m.aliased)} of them written over the donated state), temporaries "
+        f"{_size(m.temporaries)}; peak {_size(m.peak)}",
+        f"planned: temporaries {_size(planned_temp)} ({planned_temp / m.temporaries:.2f}x the compiler's), "
+        f"peak {_size(p.peak_bytes)} ({p.peak_bytes / m.peak:.2f}x)",
+    ]
+    memory = targets.memory(target)
+    if memory:
+        fits = m.peak <= memory
+        out["compiled"].update(device_memory_bytes=memory, fits=fits)
+        lines.append(
+            f"the compiled step {'fits' if fits else 'does NOT fit'} in one {target} ({_size(memory)}): "
+            f"{_size(abs(memory - m.peak))} {'to spare' if fits else 'over'}"
+        )
+    return lines
+
+
+def _size(n: float) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def _fraction(name: str, text: str) -> float:

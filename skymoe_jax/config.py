@@ -137,8 +137,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.layout = "gshard"  # gshard: expert axis doubles as data parallelism | edp: Skywork EDP
     c.parallel.zero1 = False  # split the optimizer state over `data`
     c.parallel.fsdp = False  # split the parameters (and optimizer state) over `data`
-    c.parallel.pipeline_stage_layers = ()  # layers per pipeline stage, e.g. (5, 5, 5, 5, 4); () = even split
-    c.parallel.num_microbatches = 1  # pipeline microbatches per step (GPipe schedule)
+    # layers per pipeline stage, e.g. (5, 5, 5, 5, 4); with pipeline_repeats R, per virtual stage (pipeline x R of
+    # them, in the order a microbatch runs them); () = even split
+    c.parallel.pipeline_stage_layers = ()
+    c.parallel.num_microbatches = 1  # pipeline microbatches per step
+    # virtual stages per device: 1 = GPipe; R > 1 = a circular schedule, layers dealt round-robin in pipeline x R
+    # chunks, bubble (P - 1) / (M R + P - 1); needs num_microbatches >= the pipeline axis
+    c.parallel.pipeline_repeats = 1
     c.parallel.stage_remat = ()  # per-stage activation rematerialization (none | full | dots); () = model.remat
 
     c.train = ml_collections.ConfigDict()
@@ -456,21 +461,36 @@ def _validate_pipeline(c: ml_collections.ConfigDict) -> None:
         )
     if stages == -1:
         raise ConfigError("parallel.mesh: the pipeline size cannot be -1; give it explicitly (1 for none)")
+    repeats = p.pipeline_repeats
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ConfigError(f"parallel.pipeline_repeats={repeats!r} must be a positive integer (1 for GPipe)")
     if stages == 1:
-        if p.pipeline_stage_layers or p.stage_remat:
+        if p.pipeline_stage_layers or p.stage_remat or repeats > 1:
             raise ConfigError(
-                "parallel.pipeline_stage_layers and parallel.stage_remat need a pipeline axis "
-                "(parallel.mesh=(STAGES, ..., ...) with STAGES > 1)"
+                "parallel.pipeline_stage_layers, parallel.stage_remat and parallel.pipeline_repeats need a pipeline "
+                "axis (parallel.mesh=(STAGES, ..., ...) with STAGES > 1)"
             )
         return
+    virtual = stages * repeats
     layers = tuple(p.pipeline_stage_layers)
-    if layers and (len(layers) != stages or sum(layers) != c.model.num_layers or min(layers) < 1):
+    if layers and (len(layers) != virtual or sum(layers) != c.model.num_layers or min(layers) < 1):
+        what = f"{stages} stages (the pipeline axis)"
+        if repeats > 1:
+            what = f"{virtual} virtual stages (the pipeline axis {stages} x parallel.pipeline_repeats={repeats})"
         raise ConfigError(
-            f"parallel.pipeline_stage_layers={layers} must give {stages} stages (the pipeline axis) "
+            f"parallel.pipeline_stage_layers={layers} must give {what} "
             f"of at least one layer summing to model.num_layers={c.model.num_layers}"
         )
-    if c.model.num_layers < stages:
-        raise ConfigError(f"model.num_layers={c.model.num_layers} cannot fill {stages} pipeline stages")
+    if c.model.num_layers < virtual:
+        raise ConfigError(
+            f"model.num_layers={c.model.num_layers} cannot fill {virtual} pipeline stages"
+            + (f" ({stages} devices x parallel.pipeline_repeats={repeats})" if repeats > 1 else "")
+        )
+    if repeats > 1 and m < stages:
+        raise ConfigError(
+            f"parallel.pipeline_repeats={repeats} needs parallel.num_microbatches >= the pipeline axis ({stages}), "
+            f"not {m}: a microbatch comes back to the first stage after {stages} ticks"
+        )
     if c.moe.num_experts and (c.moe.first_k_dense or c.moe.moe_every != 1):
         raise ConfigError(
             "pipeline parallelism needs identical layers: moe.first_k_dense=0 and moe.moe_every=1 (or a dense model)"
@@ -497,6 +517,7 @@ SHAPE_FIELDS = (
     "moe.first_k_dense",
     "moe.moe_every",
     "parallel.pipeline_stage_layers",
+    "parallel.pipeline_repeats",
 )
 
 

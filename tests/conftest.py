@@ -31,6 +31,16 @@ os.environ.update(
 
 import pytest  # noqa: E402  (after XLA_FLAGS: nothing may import jax before they are set)
 
+# JAX's CUDA plugin (the aot extra, which .ci/run installs for the XLA:GPU compile tests) logs from C++ that it found
+# no CUDA driver whenever a process imports JAX on a machine without a GPU: lines of JAX's, not of the command's.
+JAX_PLUGIN_NOISE = ("cudart_stub.cc", "WARNING: All log messages before absl::InitializeLog() is called")
+
+
+def own_stderr(text: str) -> str:
+    """A process's stderr without the CUDA plugin's start-up lines."""
+    return "".join(line for line in text.splitlines(keepends=True) if not any(n in line for n in JAX_PLUGIN_NOISE))
+
+
 LONG = "SKYMOE_LONG"
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import own_stderr
 
 from skymoe_jax.cli import main
 from skymoe_jax.metrics.writers import read_jsonl
@@ -33,10 +34,13 @@ TINY = [
 
 
 def _skymoe(*args, cwd=None, env=None):
-    """Run the installed console script the way a user does (env: its environment; None: this process's)."""
-    return subprocess.run(
+    """Run the installed console script the way a user does (env: its environment; None: this process's); its
+    stderr without JAX's CUDA plugin's start-up lines (conftest.py)."""
+    result = subprocess.run(
         [sys.executable, "-m", "skymoe_jax.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
     )
+    result.stderr = own_stderr(result.stderr)
+    return result
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Pipeline parallelism on 8 simulated devices: pipelined steps equal the unpipelined one, for 2 and 4
-stages, even and uneven splits, combined with data and expert axes, ZeRO-1 and FSDP; the balance report; bad
-splits."""
+stages, even and uneven splits, GPipe and circular schedules, combined with data and expert axes, ZeRO-1 and FSDP;
+where the circular schedule keeps its layers; the balance report; bad splits."""
 
 import jax
 import numpy as np
@@ -49,6 +49,21 @@ CASES = [
     # profile adds it in the EDP layout, even, with ZeRO-1 and one microbatch (the bfloat16 test below runs EDP).
     ((2, 2, 2), (4, 2), "gshard", (), {"fsdp": True}),
     pytest.param((2, 2, 2), (3, 3), "edp", (), {"zero1": True, "num_microbatches": 1}, marks=pytest.mark.long),
+    # Pipeline x expert, the rest of the batch on one data row, every layer under full remat (the recomputing
+    # backward of model/pipeline.py) on the defaults' split.
+    ((2, 1, 4), (), "edp", ("full", "full"), {"zero1": True}),
+    # Circular schedules: two chunks per device (4 virtual stages of 2, 2, 1, 1 layers on (2, 1, 4); uneven chunks
+    # with ZeRO-1 and more microbatches than stages on (2, 2, 2)); the long profile adds three chunks with FSDP.
+    ((2, 1, 4), (), "gshard", (), {"pipeline_repeats": 2}),
+    ((2, 2, 2), (1, 2, 2, 1), "edp", (), {"pipeline_repeats": 2, "zero1": True, "num_microbatches": 4}),
+    pytest.param(
+        (2, 1, 4),
+        (),
+        "edp",
+        ("full", "none"),
+        {"pipeline_repeats": 3, "fsdp": True, "num_microbatches": 4},
+        marks=pytest.mark.long,
+    ),
 ]
 
 
@@ -103,6 +118,28 @@ def test_bfloat16_pipeline_trains_like_the_unpipelined_bfloat16_step():
         assert np.linalg.norm(g - g0) <= 0.3 * np.linalg.norm(g0)
 
 
+def test_a_circular_schedule_deals_the_layers_round_robin():
+    """Two devices, two chunks each: virtual stages 0..3 run on devices 0, 1, 0, 1, and each device stores its
+    chunks one after the other, padded to the longest chunk."""
+    split = MeshLayout(stage_layers=(2, 2, 1, 1), repeats=2)
+    assert split.devices == 2 and split.stored_layers(6) == 8
+    np.testing.assert_array_equal(split.chunk_layers(), [[2, 1], [2, 1]])
+    # Layers 0-1 (device 0, chunk 0), 2-3 (device 1, chunk 0), 4 (device 0, chunk 1), 5 (device 1, chunk 1).
+    np.testing.assert_array_equal(split.layer_slots(6), [0, 1, 4, 5, 2, 6])
+    c = apply_overrides(
+        _config(),
+        [
+            "--config.parallel.mesh=(2,4,1)",
+            "--config.parallel.pipeline_repeats=2",
+            "--config.parallel.num_microbatches=2",
+        ],
+    )
+    assert MeshLayout.from_config(c) == MeshLayout(stage_layers=(2, 2, 1, 1), repeats=2)
+    assert bubble_fraction(2, 4, 2) == pytest.approx(1 / 9)
+    assert bubble_fraction(2, 4, 2) < bubble_fraction(2, 4)
+    assert pipeline_utilization([1.0] * 4, 4, 2) == pytest.approx(1 - bubble_fraction(2, 4, 2))
+
+
 def test_stage_flops_and_bubble_for_24_layers():
     config = load_config("configs/experiments/pipeline_24l.py")
     spec = ModelSpec.from_config(config)
@@ -136,6 +173,33 @@ def test_stage_flops_and_bubble_for_24_layers():
             "parallel.num_microbatches=3 must be a positive divisor of data.batch_size=16",
         ),
         (["--config.parallel.mesh=(2,4,1)", "--config.moe.moe_every=2"], "pipeline parallelism needs identical layers"),
+        (
+            [
+                "--config.parallel.mesh=(2,4,1)",
+                "--config.parallel.pipeline_repeats=2",
+                "--config.parallel.num_microbatches=1",
+            ],
+            "parallel.pipeline_repeats=2 needs parallel.num_microbatches >= the pipeline axis (2), not 1",
+        ),
+        (
+            [
+                "--config.parallel.mesh=(2,4,1)",
+                "--config.parallel.pipeline_repeats=2",
+                "--config.parallel.num_microbatches=2",
+                "--config.parallel.pipeline_stage_layers=(3,3)",
+            ],
+            "must give 4 virtual stages (the pipeline axis 2 x parallel.pipeline_repeats=2)",
+        ),
+        (
+            [
+                "--config.parallel.mesh=(4,2,1)",
+                "--config.parallel.pipeline_repeats=2",
+                "--config.parallel.num_microbatches=4",
+            ],
+            "model.num_layers=6 cannot fill 8 pipeline stages (4 devices x parallel.pipeline_repeats=2)",
+        ),
+        (["--config.parallel.pipeline_repeats=2"], "need a pipeline axis"),
+        (["--config.parallel.mesh=(2,4,1)", "--config.parallel.pipeline_repeats=0"], "must be a positive integer"),
     ],
 )
 def test_bad_pipeline_settings_are_one_line(overrides, needle):

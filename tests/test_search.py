@@ -55,12 +55,32 @@ def test_step_time_counts_the_bubble_the_exchange_and_edp_tensor_parallelism():
     p = plan(c, (2, 2, 2))
     t = step_time(c, p, TOY, mfu=0.5)
     tokens = 32 * 64 // 4
-    assert t.compute == pytest.approx(3 / 2 * max(p.stage_flops_per_token) * tokens * 4 / 3 / 0.5e12)
+    # 3 ticks for 2 microbatches; a pipeline under full remat runs the forward three times (the step, the tick's
+    # recomputation, the layer's): 5/3 of a step's FLOPs.
+    assert t.compute == pytest.approx(3 / 2 * max(p.stage_flops_per_token) * tokens * 5 / 3 / 0.5e12)
     assert t.all_to_all == pytest.approx(p.all_to_all_bytes / 100e9)  # expert pairs sit in one node
-    # Four all-reduces per layer under full remat, of the replica's activations (4 stage layers).
-    assert t.tensor_parallel == pytest.approx(4 * 4 * 2 * 1 / 2 * (tokens * 2 * 64 * 4) / 100e9)
+    # Two all-reduces per layer and forward pass (six under full remat in a pipeline), of the replica's
+    # activations (4 stage layers).
+    assert t.tensor_parallel == pytest.approx(6 * 4 * 2 * 1 / 2 * (tokens * 2 * 64 * 4) / 100e9)
     # EDP: gradients are replicated over data (2 replicas, strided by expert=2, one node).
     assert t.gradients == pytest.approx(2 * 1 / 2 * p.params_bytes / 100e9)
+    # Each of the 3 ticks sends a microbatch's activations (8 rows of 64 tokens) forward and their gradient back;
+    # neighbouring stages are 4 devices apart, in two nodes of four.
+    assert t.pipeline == pytest.approx(2 * 3 * (8 * 64 * 64 * 4) / 10e9)
+
+
+def test_step_time_of_a_circular_schedule_has_a_smaller_bubble_and_more_sends():
+    c = _config(mesh=(2, 2, 2), layout="edp", zero1=True, num_microbatches=2)
+    circular = c.copy_and_resolve_references()
+    circular.parallel.pipeline_repeats = 2
+    gpipe, ring = (step_time(x, plan(x, (2, 2, 2)), TOY, mfu=0.5) for x in (c, circular))
+    p = plan(circular, (2, 2, 2))
+    assert p.repeats == 2 and p.stage_layers == (2, 2, 2, 2)
+    tokens = 32 * 64 // 4
+    # 2 x 2 + 2 - 1 = 5 ticks of the slowest virtual stage (the last: 2 layers and the head) for 2 microbatches.
+    assert ring.compute == pytest.approx(5 / 2 * max(p.stage_flops_per_token) * tokens * 4 / 3 / 0.5e12)
+    assert ring.compute < gpipe.compute
+    assert ring.pipeline == pytest.approx(5 / 3 * gpipe.pipeline)
 
 
 def test_search_reports_only_what_fits_fastest_first_and_finds_the_configs_own_layout():
@@ -72,7 +92,8 @@ def test_search_reports_only_what_fits_fastest_first_and_finds_the_configs_own_l
     assert all(x.fits == (x.plan.peak_bytes <= 0.9 * TOY.memory) for x in result.candidates)
     meshes = {x.plan.mesh for x in result.candidates}
     assert {(1, 8, 1), (1, 4, 2), (2, 2, 2), (8, 1, 1)} <= meshes
-    own = [x for x in result.candidates if x.key == ((2, 2, 2), "edp", "zero1", "none", 2, (4, 4))]
+    own = [x for x in result.candidates if x.key == ((2, 2, 2), "edp", "zero1", "none", 2, (4, 4), 1)]
+    assert any(x.plan.repeats == 2 and x.plan.mesh == (2, 2, 2) for x in result.candidates)
     assert len(own) == 1 and own[0].plan.peak_bytes == plan(c, (2, 2, 2), platform="gpu").peak_bytes
     tiny = Device("tiny", memory=2**20, peak_flops=1e12, intra_node=100e9, inter_node=10e9)
     assert not search(c, 8, tiny).fitting

@@ -3,6 +3,10 @@ block-size arithmetic and output types."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -20,13 +24,39 @@ def compiler_params(num_warps: int = 4) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=num_warps)
 
 
+_TRACED_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("traced_for", default=None)
+
+
+def platform() -> str:
+    """The platform (cpu, gpu, ...) of the program being traced: the one `traced_for` names, else that of the
+    devices of the mesh in context (jax.set_mesh, which the runtime traces its steps under), else JAX's default
+    backend. A program compiled for GPUs that are not this machine's (a deviceless compile) takes the GPU's
+    choices."""
+    named = _TRACED_FOR.get()
+    if named is not None:
+        return named
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+@contextlib.contextmanager
+def traced_for(name: str) -> Iterator[None]:
+    """Trace for platform `name` (cpu, gpu) with no devices of it: the planner traces layers as they would run
+    there."""
+    token = _TRACED_FOR.set(name)
+    try:
+        yield
+    finally:
+        _TRACED_FOR.reset(token)
+
+
 def on_gpu() -> bool:
-    """Whether kernels compile (GPU backend) or can only be interpreted."""
-    return jax.default_backend() == "gpu"
+    """Whether kernels compile (the traced program's platform is a GPU) or can only be interpreted."""
+    return platform() == "gpu"
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
-    """None: compile for the GPU when the default backend is one, else run in interpret mode."""
+    """None: compile for the GPU when the traced program runs on one, else run in interpret mode."""
     return not on_gpu() if interpret is None else interpret
 
 

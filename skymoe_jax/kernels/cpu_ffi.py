@@ -24,6 +24,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from skymoe_jax.kernels import common
+
 HERE = os.path.dirname(__file__)
 SOURCES = tuple(os.path.join(HERE, name) for name in ("cpu_matmul.cc", "cpu_attention.cc", "cpu_expert_ffn.cc"))
 HEADERS = tuple(os.path.join(HERE, name) for name in ("cpu_blas.h", "cpu_common.h"))
@@ -127,11 +129,11 @@ def require(kernel: str) -> None:
 
 def usable(*operands: jax.Array) -> bool:
     """Whether a kernel can take these operands: all float32 (integer ids aside) and non-empty, on the CPU
-    backend, with the library available."""
+    platform (of the program being traced), with the library available."""
     floats = [x for x in operands if jnp.issubdtype(x.dtype, jnp.floating)]
     return (
         all(x.dtype == jnp.float32 for x in floats)
         and all(x.size for x in operands)
-        and jax.default_backend() == "cpu"
+        and common.platform() == "cpu"
         and available()
     )

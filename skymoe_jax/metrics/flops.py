@@ -88,11 +88,12 @@ def stage_flops_per_token(
     return out
 
 
-def pipeline_utilization(stage_flops: list[float], microbatches: int) -> float:
-    """Busy share of a GPipe schedule: M microbatches take M + P - 1 ticks of the slowest stage each,
-    while the useful work is M times the sum of all stages (1 - this = bubble, imbalance included)."""
-    stages = len(stage_flops)
-    return microbatches * sum(stage_flops) / (stages * (microbatches + stages - 1) * max(stage_flops))
+def pipeline_utilization(stage_flops: list[float], microbatches: int, repeats: int = 1) -> float:
+    """Busy share of a pipeline schedule over the FLOPs of its virtual stages (P x R of them, R chunks per
+    device; R = 1 is GPipe): M R + P - 1 ticks of the slowest virtual stage each, while the useful work is M times
+    the sum of all of them (1 - this = bubble, imbalance included)."""
+    devices = len(stage_flops) // repeats
+    return microbatches * sum(stage_flops) / (devices * (microbatches * repeats + devices - 1) * max(stage_flops))
 
 
 # Dense bf16 peak FLOP/s per device (tensor cores, no sparsity), from the vendors' data sheets.

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from skymoe_jax.errors import ConfigError
-from skymoe_jax.kernels import cpu_attention, cpu_ffi
+from skymoe_jax.kernels import common, cpu_attention, cpu_ffi
 from skymoe_jax.kernels.attention import pallas_attention
 from skymoe_jax.model.blocked_attention import blocked_attention
 from skymoe_jax.model.chunked_attention import chunked_attention
@@ -35,12 +35,13 @@ CPU_CHUNKED_FROM = 512
 
 
 def resolve_attention_impl(impl: str, seq_len: int, platform: str | None = None, dtype: str = "float32") -> str:
-    """model.attention_impl for a sequence length and compute dtype on a platform (cpu, gpu, ...; default: JAX's
-    default backend): auto -> cpu on the CPU in float32 where the CPU kernels are available; otherwise chunked
-    from CPU_CHUNKED_FROM tokens on the CPU, blocked below; elsewhere chunked from CHUNKED_FROM tokens, xla below."""
+    """model.attention_impl for a sequence length and compute dtype on a platform (cpu, gpu, ...; default: the
+    platform of the program being traced, kernels/common.py): auto -> cpu on the CPU in float32 where the CPU
+    kernels are available; otherwise chunked from CPU_CHUNKED_FROM tokens on the CPU, blocked below; elsewhere
+    chunked from CHUNKED_FROM tokens, xla below."""
     if impl != "auto":
         return impl
-    cpu = (platform or jax.default_backend()) == "cpu"
+    cpu = (platform or common.platform()) == "cpu"
     if cpu and jnp.dtype(dtype) == jnp.float32 and cpu_ffi.available():
         return "cpu"
     if seq_len >= (CPU_CHUNKED_FROM if cpu else CHUNKED_FROM):
@@ -88,8 +89,8 @@ class Attention(nnx.Module):
             if not cpu_ffi.usable(q, k, v):
                 kernels = "built" if cpu_ffi.available() else "unavailable (the log says why)"
                 raise ConfigError(
-                    "model.attention_impl=cpu needs float32 on the CPU backend and the package's CPU kernels; here "
-                    f"the backend is {jax.default_backend()}, the dtype {q.dtype}, the kernels {kernels}: use "
+                    "model.attention_impl=cpu needs float32 on the CPU platform and the package's CPU kernels; here "
+                    f"the platform is {common.platform()}, the dtype {q.dtype}, the kernels {kernels}: use "
                     "model.attention_impl=auto"
                 )
             out = cpu_attention.cpu_attention(q, k, v, segment_ids, self.layout)

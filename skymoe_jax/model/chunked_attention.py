@@ -23,6 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from skymoe_jax.kernels import common
+
 # Blocks of queries and keys. On the CPU a quarter of the sequence up to 256: at 1,024 tokens 256 took about
 # half the time of 512 forward and backward (its scores stay in cache), and shorter sequences keep four query
 # blocks so that skipping the diagonal's upper side pays (docs/BENCHMARKS.md, "Chunked attention skips the
@@ -32,9 +34,9 @@ DEFAULT_BLOCK = 512
 
 
 def preferred_block(seq_len: int, platform: str | None = None) -> int:
-    """The block chunked attention takes for a sequence on a platform (cpu, gpu, ...; default: JAX's default
-    backend): a divisor of the sequence."""
-    cpu = (platform or jax.default_backend()) == "cpu"
+    """The block chunked attention takes for a sequence on a platform (cpu, gpu, ...; default: the platform
+    of the program being traced): a divisor of the sequence."""
+    cpu = (platform or common.platform()) == "cpu"
     return block_size(seq_len, min(CPU_BLOCK, max(seq_len // 4, 1)) if cpu else DEFAULT_BLOCK)
 
 

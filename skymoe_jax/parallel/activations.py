@@ -9,22 +9,27 @@ and vocabulary split over the expert axis in EDP (tensor parallelism), MoE layer
 tokens (all-to-all keeps a device's slot buffers the same size, so the unsharded layer is the
 per-device one).
 
-Terms, per device:
-- layers: each layer's residuals, plus its input (the scan's carry); under remat=none also the input
-  of its FFN half. Pipelined: every tick of the GPipe schedule (microbatches + stages - 1) keeps the
-  longest stage's layers.
-- head: final norm, float32 logits and cross-entropy residuals (one microbatch's when pipelined: the
-  schedule recomputes the loss in its backward pass).
+Terms, per device, without a pipeline:
+- layers: each layer's residuals, plus its input (the scan's carry) and, unless all is recomputed, the input of
+  its FFN half.
+- head: final norm, float32 logits and cross-entropy residuals.
 - backward: the working set of one layer's backward pass: under remat the layer's recomputed residuals,
   and with chunked attention its per-block float32 scores (scores, probabilities and their two
   cotangents, [rows, heads, block, block] each: a query block against a key block).
-- pipeline: what the GPipe backward holds beyond the residuals, calibrated against XLA's buffer
-  assignment (tests/test_plan.py): one tick's residuals copied out of the schedule's cond, and five
-  copies of the stage's gradients (the tick loop's accumulator and the cond and remat-switch branches).
-- reduction: without a pipeline, the layer scan's backward writes each layer's gradients into a stacked
-  accumulator and XLA moves their cross-device reduction into the loop, which writes a second stack
-  (seen in the buffer assignment of the default config: three [layers, experts, ...] all-reduced
-  stacks beside the three accumulated ones). None on one device, where nothing is reduced.
+- reduction: the layer scan's backward writes each layer's gradients into a stacked accumulator and XLA moves
+  their cross-device reduction into the loop, which writes a second stack (seen in the buffer assignment of the
+  default config: three [layers, experts, ...] all-reduced stacks beside the three accumulated ones). None on one
+  device, where nothing is reduced.
+With a pipeline (model/pipeline.py), whose schedule the terms follow:
+- layers: the input of every tick (microbatches x chunks + stages - 1 of them), one microbatch's activation each.
+- backward: one recomputed tick, its chunk's layers keeping what their policy keeps, and the larger working set of
+  the two that follow it: the loss's (the head's residuals) or one layer's.
+- pipeline: the one accumulator of the stage's weight gradients (split as the gradients are), the embedded batch
+  every stage holds and, under FSDP, the stage's weights gathered once for the step.
+- start: the first phase, embedding the batch next to the ticks' input stack; a peak of its own, not a term added
+  to the others (`Activations.total` takes the larger).
+- head and reduction: none (the loss is recomputed; the layers' gradients are reduced in the schedule).
+Held against XLA:CPU's and XLA:GPU's buffer assignment, within 15% for every case in tests/test_plan.py.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import ml_collections
 from flax import nnx
 
 from skymoe_jax.config import capacity
+from skymoe_jax.kernels import common, cpu_ffi
 from skymoe_jax.model.attention import Attention, resolve_attention_impl
 from skymoe_jax.model.chunked_attention import preferred_block
 from skymoe_jax.model.layers import Head, RMSNorm, SwiGLU
@@ -54,8 +60,6 @@ from skymoe_jax.parallel.mesh import layout_rules, partition_spec
 
 # The FlashAttention-style backward holds scores, probabilities and both their cotangents per key block.
 CHUNKED_BACKWARD_BLOCKS = 4
-# GPipe backward beyond the residuals, in copies of the stage's gradients (see the module docstring).
-PIPELINE_GRADIENT_COPIES = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +69,11 @@ class Activations:
     backward: float
     pipeline: float
     reduction: float
+    start: float = 0.0  # a pipeline's first phase, when it embeds the batch: a peak of its own, not added
 
     @property
     def total(self) -> float:
-        return self.layers + self.head + self.backward + self.pipeline + self.reduction
+        return max(self.layers + self.head + self.backward + self.pipeline + self.reduction, self.start)
 
     def terms(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -119,13 +124,14 @@ def activation_memory(
     config: ml_collections.ConfigDict,
     spec: ModelSpec,
     mesh: tuple[int, int, int],
-    stage_gradient_bytes: float,
     layer_gradient_bytes: float,
+    accumulated_gradient_bytes: float,
     platform: str | None = None,
 ) -> Activations:
-    """Per-device activation bytes of a train step of config on mesh (pipeline, data, expert), given the
-    bytes of one device's whole (unsplit by ZeRO-1 / FSDP) gradients: of its stage and of its layer stack.
-    `platform` (default: this machine's) is where it runs, which decides what attention_impl=auto runs."""
+    """Per-device activation bytes of a train step of config on mesh (pipeline, data, expert), given the bytes of
+    one device's gradients of its layer stack: whole (before a ZeRO-1 / FSDP split), and as the gradients are split
+    (the pipeline accumulates them so). `platform` (default: this machine's) is where it runs, which decides what
+    attention_impl=auto runs."""
     pipeline, data, expert = mesh
     seq = config.data.seq_len
     impl = resolve_attention_impl(spec.attention_impl, seq, platform, spec.compute_dtype)
@@ -146,23 +152,64 @@ def activation_memory(
     )
     traced_expert = expert if edp or spec.dropless else 1
     chunk = preferred_block(seq, platform)
-    layer = _layer_bytes(spec, split.layout, unit, seq, traced_expert, chunk, pipelined=split.pipelined)
+    runs_on = platform or common.platform()
     scale = rows // unit
-    kept = {is_moe: scale * b for is_moe, b in layer.kept.items()}
-    ticks = microbatches + pipeline - 1 if split.pipelined else 1
-    held = spec.moe_layers[: max(split.stage_layers)] if split.pipelined else spec.moe_layers
-    per_tick = sum(kept[is_moe] for is_moe in held)
-    pipeline_bytes = per_tick + PIPELINE_GRADIENT_COPIES * stage_gradient_bytes if split.pipelined else 0.0
-    # Pipelined, the loss is recomputed in the backward (model/pipeline.py), so one microbatch's head
-    # residuals exist at a time, as without a pipeline.
-    reduced = data > 1 or (expert > 1 and not edp)
-    reduction = layer_gradient_bytes if reduced and not split.pipelined else 0.0
+    if not split.pipelined:
+        layer = _layer_bytes(spec, split.layout, unit, seq, traced_expert, chunk, runs_on, pipelined=False)
+        reduced = data > 1 or (expert > 1 and not edp)
+        return Activations(
+            layers=sum(scale * layer.kept[is_moe] for is_moe in spec.moe_layers),
+            head=scale * layer.head,
+            backward=scale * layer.backward,
+            pipeline=0.0,
+            reduction=layer_gradient_bytes if reduced else 0.0,
+        )
+    # Pipelined (model/pipeline.py): the ticks keep their inputs, and every stage holds the embedded batch. One
+    # tick at a time is recomputed, its chunk's layers keeping what their policy (parallel.stage_remat, the most of
+    # any stage) keeps; then the loss is recomputed (the head's working set) and each layer in turn (a layer's). The
+    # stage's gradients build up in one accumulator, split as the gradients are.
+    policies = set(config.parallel.stage_remat) or {spec.remat}
+    longest = max(split.stage_layers)
+    per_tick = 0.0
+    working = 0.0
+    for policy in policies:
+        layer = _layer_bytes(
+            dataclasses.replace(spec, remat=policy),
+            split.layout,
+            unit,
+            seq,
+            traced_expert,
+            chunk,
+            runs_on,
+            pipelined=True,
+        )
+        kept = [scale * layer.kept[is_moe] for is_moe in spec.moe_layers[:longest]]
+        per_tick = max(per_tick, sum(kept))
+        if policy == "full":
+            # Each layer is recomputed inside its own cond in its backward (model/pipeline.py), after the loss's.
+            working = max(working, scale * layer.backward, scale * layer.head)
+        elif longest > 1:
+            # A layer's residuals come out of its cond stacked over the chunk; its backward takes them as the
+            # operands of the transposed cond: a slice of the stack and XLA's copy of it. The loss's backward
+            # comes first, on its own.
+            working = max(working, scale * layer.backward + 2 * max(kept), scale * layer.head)
+        else:
+            # A one-layer chunk has no layer loop: XLA schedules the layer's recomputation beside the loss's.
+            working = max(working, scale * (layer.backward + layer.head))
+    ticks = microbatches * split.repeats + pipeline - 1
+    x_bytes = rows * seq * spec.d_model * spec.compute_dtype.itemsize
+    # Under FSDP XLA gathers the stage's weights once, before the tick loop, and holds them for the step.
+    gathered = layer_gradient_bytes if config.parallel.fsdp else 0.0
+    # Embedding the batch: the lookup's result, its float32 copy into the pipeline region and, where the
+    # vocabulary is split (EDP), the sum of the partial lookups, next to the ticks' (empty) input stack.
+    embedding = (3 if edp else 2) * microbatches * rows * seq * spec.d_model * 4
     return Activations(
-        layers=ticks * per_tick,
-        head=scale * layer.head,
-        backward=scale * layer.backward,
-        pipeline=pipeline_bytes,
-        reduction=reduction,
+        layers=ticks * x_bytes,
+        head=0.0,
+        backward=per_tick + working,
+        pipeline=accumulated_gradient_bytes + microbatches * x_bytes + gathered,
+        reduction=0.0,
+        start=ticks * x_bytes + embedding + gathered,
     )
 
 
@@ -174,10 +221,17 @@ class _LayerBytes(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _layer_bytes(
+    spec: ModelSpec, layout: str, rows: int, seq: int, expert: int, chunk: int, platform: str, *, pipelined: bool
+) -> _LayerBytes:
+    """What one device's layers keep, traced from the model on rows x seq tokens as it runs on `platform` (which
+    picks the experts' kernels); `chunk` is the block of chunked attention there."""
+    with common.traced_for(platform):
+        return _traced_layer_bytes(spec, layout, rows, seq, expert, chunk, pipelined=pipelined)
+
+
+def _traced_layer_bytes(
     spec: ModelSpec, layout: str, rows: int, seq: int, expert: int, chunk: int, *, pipelined: bool
 ) -> _LayerBytes:
-    """What one device's layers keep, traced from the model on rows x seq tokens; `chunk` is the block of chunked
-    attention on the platform planned for."""
     edp = layout == "edp"
     dtype = spec.compute_dtype
     x = _abstract((rows, seq, spec.d_model), dtype)
@@ -217,11 +271,17 @@ def _layer_bytes(
         halves["dense"] = (dense, (dense_state, x))
 
     def saved(remat: str) -> dict[str, float]:
-        return {name: saved_bytes(fn, *args, remat=remat, fills=pipelined) for name, (fn, args) in halves.items()}
+        out = {name: saved_bytes(fn, *args, remat=remat, fills=pipelined) for name, (fn, args) in halves.items()}
+        if spec.attention_impl == "xla" and remat == "none":
+            # The traced backward keeps the masked scores, their exponent and the probabilities, [rows, heads, S, S]
+            # each; XLA (CPU and GPU alike) recomputes one of the three in a fusion and stores two.
+            out["attention"] -= rows * spec.num_heads // (expert if edp else 1) * seq * seq * 4
+        return out
 
     def per_layer(halves_saved: dict[str, float], remat: str) -> dict[bool, float]:
-        # The layer input is the scan's carry, kept per layer; without remat the FFN half's input too.
-        inputs = x_bytes * (2 if remat == "none" else 1)
+        # The layer input is the scan's carry, kept per layer; unless all is recomputed, the FFN half's input too
+        # (under `dots` the compiled programs kept it rather than add the attention output again).
+        inputs = x_bytes * (1 if remat == "full" else 2)
         return {
             is_moe: inputs
             + (0.0 if remat == "full" else halves_saved["attention"] + halves_saved["moe" if is_moe else "dense"])
@@ -241,7 +301,11 @@ def _layer_bytes(
     # The backward of a layer runs its FFN half, then its attention half: under remat the whole layer's
     # residuals are recomputed first; chunked attention's blocks exist only in the second phase. The experts'
     # backward makes h, d_gate and d_up [slots, f] for the weight gradients, and dx, all at once.
-    recomputed = saved("none") if spec.remat != "none" else dict.fromkeys(halves, 0.0)
+    recomputed = dict.fromkeys(halves, 0.0)
+    if spec.remat != "none":
+        # What the forward kept (dots' outputs under `dots`) is not made again.
+        kept_halves = saved(spec.remat)
+        recomputed = {name: b - kept_halves[name] for name, b in saved("none").items()}
     blocks = 0.0
     if spec.attention_impl == "chunked":
         heads = spec.num_heads // expert if edp and spec.num_heads % expert == 0 else spec.num_heads
@@ -253,9 +317,8 @@ def _layer_bytes(
         slots = spec.num_experts * per_group * (rows * seq // (expert if edp else 1)) // group
         experts_backward = slots * (3 * spec.expert_ffn_dim + spec.d_model) * dtype.itemsize
     layer_recomputed = max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0
-    if pipelined:
-        # Inside a pipeline tick the recomputed layer and the experts' backward were live together: the compiled
-        # pipelines held both (docs/BENCHMARKS.md, the planner after the CPU kernels).
+    if pipelined and common.platform() == "cpu" and cpu_ffi.usable(x):
+        # The CPU kernels' backward of the experts ran beside the recomputed layer in the compiled pipelines.
         layer_recomputed += experts_backward
     backward = max(layer_recomputed, recomputed["attention"] + blocks, experts_backward)
     return _LayerBytes(kept=kept, head=head_bytes, backward=backward)

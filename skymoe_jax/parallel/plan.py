@@ -5,10 +5,10 @@ applied to the abstract parameters of the model as this mesh stores them: with a
 stack is stored stage by stage, each padded to the longest stage (parallel.pipeline_stage_layers, or an
 even split), and split over `pipeline`, so every device holds the longest stage's layers. The embedding,
 final norm and head are not split over `pipeline`: every stage holds them (the embedding runs before the
-pipeline region, model/pipeline.py). Per-stage training FLOPs per token and the GPipe utilization
-(1 - bubble, with stage imbalance) come from metrics/flops.py for parallel.num_microbatches. All-to-all
-bytes are what one device sends per step: each MoE layer exchanges its slot buffer four times (dispatch
-and return, forward and backward), six with full rematerialization (the forward runs twice).
+pipeline region, model/pipeline.py). Per-stage training FLOPs per token and the pipeline's utilization
+(1 - bubble, with stage imbalance; GPipe or circular) come from metrics/flops.py for parallel.num_microbatches.
+All-to-all bytes are what one device sends per step: each MoE layer exchanges its slot buffer twice in each
+forward pass and twice in the backward; `forward_passes` says how many forwards a step runs.
 Activations (what the backward keeps, per term) come from parallel/activations.py; the peak per device
 is the state (parameters, gradients, Adam) plus the activations.
 """
@@ -42,10 +42,11 @@ class Plan:
     optimizer_bytes: float
     all_to_all_bytes: float  # sent per device per step
     tokens_per_device: int
-    stage_layers: tuple[int, ...]
-    stage_flops_per_token: tuple[float, ...]  # training FLOPs per token of each stage (head on the last)
+    stage_layers: tuple[int, ...]  # per virtual stage (pipeline x repeats of them) when pipelined
+    stage_flops_per_token: tuple[float, ...]  # training FLOPs per token of each virtual stage (head on the last)
     microbatches: int
-    pipeline_utilization: float  # 1 - bubble (GPipe, stage imbalance included)
+    pipeline_utilization: float  # 1 - bubble (stage imbalance included)
+    repeats: int  # parallel.pipeline_repeats: chunks per device (1 = GPipe)
     activations: Activations
 
     @property
@@ -56,6 +57,12 @@ class Plan:
     @property
     def peak_bytes(self) -> float:
         return self.total_bytes + self.activations.total
+
+
+def forward_passes(remat: str, pipelined: bool) -> int:
+    """Forward passes of the layers in one train step: one, and one more under full rematerialization; a
+    pipeline recomputes each tick in its backward (model/pipeline.py), and under full remat each layer again."""
+    return 1 + (remat == "full") + pipelined
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -105,12 +112,12 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int], platform
         return total
 
     param_bytes = per_device(param_rules(planned.parallel), lambda v: v.dtype.itemsize)
-    # Inside the pipeline's schedule a stage's gradients are whole (before any ZeRO-1 / FSDP split).
-    gathered_bytes = per_device(layout_rules(planned.parallel.layout), lambda v: v.dtype.itemsize)
+    # The layers' gradients as the backward makes them (before any ZeRO-1 / FSDP split), and as they are split.
     layer_grad_bytes = per_device(layout_rules(planned.parallel.layout), lambda v: v.dtype.itemsize, layers_only=True)
     split_grads = planned.parallel.zero1 or planned.parallel.fsdp
     grad_rules = optimizer_rules(planned.parallel) if split_grads else param_rules(planned.parallel)
     grad_bytes = per_device(grad_rules, lambda v: v.dtype.itemsize)
+    split_layer_grad_bytes = per_device(grad_rules, lambda v: v.dtype.itemsize, layers_only=True)
     # Adam's mu and nu: optax keeps them in the parameter's dtype.
     opt_bytes = per_device(optimizer_rules(planned.parallel), lambda v: 2 * v.dtype.itemsize)
 
@@ -120,10 +127,11 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int], platform
         group = spec.group_size or config.data.seq_len
         cap = group if spec.dropless else capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
         buffer = spec.num_experts * (tokens // group) * cap * spec.d_model * spec.compute_dtype.itemsize
-        moe_layers_per_stage = max(stages) if spec.num_moe_layers else 0
-        exchanges = 6 if spec.remat == "full" else 4
+        moe_layers_per_stage = max(stages) * planned.parallel.pipeline_repeats if spec.num_moe_layers else 0
+        exchanges = 2 * forward_passes(spec.remat, pipeline > 1) + 2
         a2a = moe_layers_per_stage * exchanges * buffer * (expert - 1) / expert
     microbatches = config.parallel.num_microbatches
+    repeats = planned.parallel.pipeline_repeats if pipeline > 1 else 1
     per_stage = stage_flops_per_token(spec, config.data.seq_len, stages) if pipeline > 1 else []
     return Plan(
         mesh=mesh,
@@ -136,13 +144,14 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int], platform
         stage_layers=stages,
         stage_flops_per_token=tuple(per_stage),
         microbatches=microbatches,
-        pipeline_utilization=pipeline_utilization(per_stage, microbatches) if per_stage else 1.0,
+        pipeline_utilization=pipeline_utilization(per_stage, microbatches, repeats) if per_stage else 1.0,
+        repeats=repeats,
         activations=activation_memory(
             planned,
             spec,
             mesh,
-            stage_gradient_bytes=gathered_bytes,
             layer_gradient_bytes=layer_grad_bytes,
+            accumulated_gradient_bytes=split_layer_grad_bytes,
             platform=platform,
         ),
     )

@@ -4,14 +4,18 @@ the planner's (parallel/plan.py, checked against the compiler in tests/test_plan
 
 Enumerated: meshes pipeline x data x expert over the devices (pipeline at most the layer count, expert
 dividing the experts), both layouts, neither / ZeRO-1 / FSDP, model.remat none / dots / full, and for a
-pipeline its microbatches (divisors of the rows a data replica holds, at most MAX_MICROBATCHES) and two
-stage splits: even (earlier stages take the remainder) and balanced (the split whose slowest stage,
-head included, is fastest; the paper's non-uniform split).
+pipeline its microbatches (divisors of the rows a data replica holds, at most MAX_MICROBATCHES), its schedule
+(GPipe, or circular with R = 2, 3 or 4 chunks per device where the layers and microbatches allow it) and two
+splits of its (virtual) stages: even (earlier stages take the remainder) and balanced (the split whose slowest
+stage, head included, is fastest; the paper's non-uniform split).
 
 Step-time model, per step, with no overlap between its parts (so it is a bound that overlap shortens):
-- compute: the slowest stage's training FLOPs for the tokens of one device, at `mfu` x the device's
-  peak, times (M + P - 1) / M for the GPipe bubble; full remat adds a forward pass (x 4/3), dots
-  recomputes only cheap non-matmul work (not counted).
+- compute: the slowest (virtual) stage's training FLOPs for the tokens of one device, at `mfu` x the device's
+  peak, times (M R + P - 1) / M for the bubble (R = 1: GPipe); each forward pass beyond the first (full remat;
+  a pipeline's recomputed ticks, plan.forward_passes) adds a third of a pass, dots recomputes only cheap
+  non-matmul work (not counted).
+- pipeline sends: each tick sends one microbatch's activations to the next device and, in the backward, their
+  gradient back: 2 (M R + P - 1) sends, at NVLink speed when neighbouring stages share a node.
 - all-to-all: the planner's bytes sent per device over the expert axis.
 - tensor parallelism (EDP): attention's output projection is all-reduced over the expert axis, once in
   the forward and once in the backward per layer (twice more under full remat): 2 (E - 1) / E x the
@@ -21,7 +25,8 @@ Step-time model, per step, with no overlap between its parts (so it is a bound t
   move the same bytes); FSDP gathers the parameters again in the forward and backward (+ 2 (R - 1) / R).
 A collective runs at the NVLink bandwidth when its group fits in a node (the mesh is laid out with the
 expert axis fastest, then data, then pipeline) and at the per-GPU network bandwidth otherwise.
-Pipeline sends between stages (one microbatch's activations per tick) are not counted.
+Not counted: XLA reduces the gradients of a pipelined step's layers once per microbatch inside the schedule, not
+once per step (model/pipeline.py leaves the data axis to XLA).
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from skymoe_jax.metrics.flops import stage_flops_per_token
 from skymoe_jax.model.mesh_layout import pipeline_stage_layers
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.parallel.devices import Device
-from skymoe_jax.parallel.plan import Plan, plan
+from skymoe_jax.parallel.plan import Plan, forward_passes, plan
 
 MAX_MICROBATCHES = 64
+MAX_REPEATS = 4
 REMATS = ("none", "dots", "full")
 OPTIMIZER_SPLITS = ("none", "zero1", "fsdp")
 
@@ -50,10 +56,11 @@ class StepTime:
     all_to_all: float
     tensor_parallel: float
     gradients: float
+    pipeline: float = 0.0  # sends between stages
 
     @property
     def total(self) -> float:
-        return self.compute + self.all_to_all + self.tensor_parallel + self.gradients
+        return self.compute + self.all_to_all + self.tensor_parallel + self.gradients + self.pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +83,13 @@ class Candidate:
             self.remat,
             self.plan.microbatches,
             self.plan.stage_layers,
+            self.plan.repeats,
         )
 
     def describe(self) -> str:
         p = self.plan
-        split = "" if p.mesh[0] == 1 else f" stages {_runs(p.stage_layers)}, {p.microbatches} microbatches"
+        chunks = f" in {p.repeats} chunks per device" if p.repeats > 1 else ""
+        split = "" if p.mesh[0] == 1 else f" stages {_runs(p.stage_layers)}{chunks}, {p.microbatches} microbatches"
         return f"{'x'.join(map(str, p.mesh))} {self.layout} {self.optimizer_split} remat={self.remat}{split}"
 
 
@@ -95,6 +104,7 @@ def layout_key(config: ml_collections.ConfigDict) -> tuple:
         config.model.remat,
         p.num_microbatches if pipelined else 1,
         pipeline_stage_layers(config) if pipelined else (config.model.num_layers,),
+        p.pipeline_repeats if pipelined else 1,
     )
 
 
@@ -143,15 +153,17 @@ def step_time(config: ml_collections.ConfigDict, p: Plan, device: Device, mfu: f
     spec = ModelSpec.from_config(config)
     seq = config.data.seq_len
     stage_flops = p.stage_flops_per_token or stage_flops_per_token(spec, seq, (spec.num_layers,))
-    recompute = 4 / 3 if config.model.remat == "full" else 1.0
+    # A forward pass is a third of a step's FLOPs (the backward two thirds); each recomputation adds one.
+    recompute = (forward_passes(config.model.remat, pipeline > 1) + 2) / 3
     m = p.microbatches if pipeline > 1 else 1
-    compute = (m + pipeline - 1) / m * max(stage_flops) * p.tokens_per_device * recompute / (mfu * device.peak_flops)
+    ticks = m * p.repeats + pipeline - 1
+    compute = ticks / m * max(stage_flops) * p.tokens_per_device * recompute / (mfu * device.peak_flops)
     a2a = p.all_to_all_bytes / _link(expert, 1, device) if expert > 1 else 0.0
     tp = 0.0
     if config.parallel.layout == "edp" and expert > 1:
         # The layer's activations on a device: its data replica's tokens (replicated over expert).
         activations = p.tokens_per_device * expert * spec.d_model * spec.compute_dtype.itemsize
-        reduces = (4 if config.model.remat == "full" else 2) * max(p.stage_layers)
+        reduces = 2 * forward_passes(config.model.remat, pipeline > 1) * max(p.stage_layers) * p.repeats
         tp = reduces * 2 * (expert - 1) / expert * activations / _link(expert, 1, device)
     replicas = data * (expert if config.parallel.layout == "gshard" else 1)
     gradients = 0.0
@@ -160,7 +172,13 @@ def step_time(config: ml_collections.ConfigDict, p: Plan, device: Device, mfu: f
         passes = 4 if config.parallel.fsdp else 2
         faster = 1 if config.parallel.layout == "gshard" else expert
         gradients = passes * (replicas - 1) / replicas * whole / _link(replicas, faster, device)
-    return StepTime(compute=compute, all_to_all=a2a, tensor_parallel=tp, gradients=gradients)
+    sends = 0.0
+    if pipeline > 1:
+        # One microbatch's activations on a device (in EDP replicated over the expert axis).
+        rows_tokens = p.tokens_per_device * (expert if config.parallel.layout == "edp" else 1) / m
+        sent = rows_tokens * spec.d_model * spec.compute_dtype.itemsize
+        sends = 2 * ticks * sent / _link(2, data * expert, device)
+    return StepTime(compute=compute, all_to_all=a2a, tensor_parallel=tp, gradients=gradients, pipeline=sends)
 
 
 def _meshes(num_devices: int, spec: ModelSpec):
@@ -176,8 +194,9 @@ def _meshes(num_devices: int, spec: ModelSpec):
 
 
 def _even_split(config: ml_collections.ConfigDict, stages: int) -> tuple[int, ...]:
+    """The even split of the layers over `stages` (virtual) stages."""
     even = config.copy_and_resolve_references()
-    even.parallel.update(mesh=(stages, 1, 1), pipeline_stage_layers=())
+    even.parallel.update(mesh=(stages, 1, 1), pipeline_stage_layers=(), pipeline_repeats=1)
     return pipeline_stage_layers(even)
 
 
@@ -204,12 +223,19 @@ def search(
         if layout == "edp" and expert == 1 and data > 1:
             continue  # the same program as gshard
         rows = config.data.batch_size // (data if layout == "edp" else data * expert)
-        splits, microbatches = [()], [1]  # () = the even split
+        schedules = [((), 1, 1)]  # (split, microbatches, repeats); () = the even split
         if pipeline > 1:
-            balanced = balanced_split(spec, config.data.seq_len, pipeline)
-            splits += [balanced] if balanced and balanced != _even_split(config, pipeline) else []
-            microbatches = _divisors(max(rows, 1), MAX_MICROBATCHES)
-        for split, m in itertools.product(splits, microbatches):
+            schedules = []
+            for repeats in range(1, MAX_REPEATS + 1):
+                if pipeline * repeats > spec.num_layers:
+                    break
+                splits = [()]
+                balanced = balanced_split(spec, config.data.seq_len, pipeline * repeats)
+                splits += [balanced] if balanced and balanced != _even_split(config, pipeline * repeats) else []
+                for m in _divisors(max(rows, 1), MAX_MICROBATCHES):
+                    if repeats == 1 or m >= pipeline:
+                        schedules += [(split, m, repeats) for split in splits]
+        for split, m, repeats in schedules:
             candidate_config = config.copy_and_resolve_references()
             candidate_config.model.remat = remat
             candidate_config.parallel.update(
@@ -219,6 +245,7 @@ def search(
                 fsdp=split_opt == "fsdp",
                 num_microbatches=m,
                 pipeline_stage_layers=split,
+                pipeline_repeats=repeats,
                 stage_remat=(),
             )
             try:
