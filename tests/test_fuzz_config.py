@@ -103,6 +103,14 @@ def draw(seed: int) -> dict[str, object]:
         c["parallel.num_microbatches"] = int(_pick(rng, [m for m in (1, 2, 4) if batch % m == 0]))
         if rng.random() < 0.2:
             c["parallel.stage_remat"] = tuple(_pick(rng, ["none", "dots", "full"]) for _ in range(stages))
+        if rng.random() < 0.25:  # a circular schedule: two chunks per device, mostly with the layers and
+            c["parallel.pipeline_repeats"] = 2  # microbatches it needs
+            enough = [m for m in (2, 4, 8) if m >= stages and batch % m == 0]
+            if enough and rng.random() < 0.8:
+                c["parallel.num_microbatches"] = int(_pick(rng, enough))
+                c["model.num_layers"] = layers = max(layers, 2 * stages)
+            if c.get("parallel.pipeline_stage_layers"):
+                c["parallel.pipeline_stage_layers"] = _split(rng, layers, 2 * stages) if layers >= 2 * stages else ()
 
     if start == "upcycle":
         mode = _pick(rng, ["copy", "fine_grained"])
@@ -145,6 +153,7 @@ def _source_run(workdir, overrides: dict[str, object], capsys) -> None:
         "parallel.pipeline_stage_layers": (),
         "parallel.stage_remat": (),
         "parallel.num_microbatches": 1,
+        "parallel.pipeline_repeats": 1,
     }
     code = main(["train", f"--workdir={workdir}", *_flags({**overrides, **one_mesh}), *RUN, "--config.train.steps=2"])
     assert code == 0, capsys.readouterr().err

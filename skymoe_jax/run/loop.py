@@ -170,12 +170,13 @@ def whoami(runtime: runtime_lib.Runtime) -> str:
 
 def pipeline_summary(spec: ModelSpec, config: ml_collections.ConfigDict, stages: tuple[int, ...]) -> str:
     per_stage = stage_flops_per_token(spec, config.data.seq_len, stages)
-    m = config.parallel.num_microbatches
+    m, r = config.parallel.num_microbatches, config.parallel.pipeline_repeats
+    kind = f"virtual stages ({r} chunks per device, circular)" if r > 1 else "stages"
     return (
-        f"pipeline: stages {stages}, {m} microbatches; training MFLOP/token by stage "
+        f"pipeline: {kind} {stages}, {m} microbatches; training MFLOP/token by stage "
         f"[{', '.join(f'{f / 1e6:.2f}' for f in per_stage)}] (head on the last); bubble "
-        f"{100 * bubble_fraction(len(per_stage), m):.1f}% for equal stages, "
-        f"{100 * (1 - pipeline_utilization(per_stage, m)):.1f}% with this split's imbalance"
+        f"{100 * bubble_fraction(len(per_stage) // r, m, r):.1f}% for equal stages, "
+        f"{100 * (1 - pipeline_utilization(per_stage, m, r)):.1f}% with this split's imbalance"
     )
 
 
