@@ -434,6 +434,47 @@ def _compiled_beside_plan(config, mesh: tuple[int, int, int], target: str, p, ou
             f"the compiled step {'fits' if fits else 'does NOT fit'} in one {target} ({_size(memory)}): "
             f"{_size(abs(memory - m.peak))} {'to spare' if fits else 'over'}"
         )
+    return lines + _program_lines(step.compiled.as_text(), target, out["compiled"])
+
+
+def _program_lines(text: str, target: str, out: dict) -> list[str]:
+    """What the compiled step does per execution on a device (bench/hlo.py): matmul FLOPs, float32 matmuls,
+    collectives, kernels, host transfers; fills `out`."""
+    from skymoe_jax.bench import hlo
+    from skymoe_jax.parallel.devices import DEVICES
+
+    s = hlo.summarize(text)
+    f32 = sum(d.flops for d in s.dots if "f32" in (d.lhs, d.rhs))
+    out.update(
+        matmul_flops=s.flops,
+        float32_matmul_flops=f32,
+        collectives=s.collectives,
+        custom_calls=s.custom_calls,
+        triton_fusions=s.triton_fusions,
+        host_transfers=s.host_transfers,
+    )
+    collectives = ", ".join(
+        f"{kind} {v['count']:.0f}x {_size(v['bytes'])}" for kind, v in sorted(s.collectives.items())
+    )
+    kernels = {
+        "Pallas kernels (Triton calls)": s.custom_calls.get(hlo.PALLAS_TRITON, 0),
+        "XLA Triton fusions": sum(s.triton_fusions.values()),
+        "cuBLAS calls": sum(n for t, n in s.custom_calls.items() if "cublas" in t),
+    }
+    lines = [
+        f"per step and device, from the compiled program (loops counted by their trip counts): matmuls "
+        f"{s.flops / 1e12:.3f} TFLOP ({100 * f32 / max(s.flops, 1):.1f}% of them with float32 operands); "
+        f"collectives: {collectives or 'none'}; "
+        + ", ".join(f"{k} {v:.0f}" for k, v in kernels.items())
+        + f"; host transfers: {', '.join(s.host_transfers) or 'none'}"
+    ]
+    if target in DEVICES:
+        bound = s.flops / DEVICES[target].peak_flops
+        out["compute_bound_seconds"] = bound
+        lines.append(
+            f"a bound, not a measurement: the matmuls alone take at least {bound * 1e3:.1f} ms at the {target}'s "
+            f"dense bf16 peak ({DEVICES[target].peak_flops / 1e12:.0f} TFLOP/s)"
+        )
     return lines
 
 
