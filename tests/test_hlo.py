@@ -5,11 +5,15 @@ import json
 
 import jax
 import jax.numpy as jnp
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from skymoe_jax.bench import hlo
 from skymoe_jax.cli import main
+from skymoe_jax.config import load_config
+from skymoe_jax.parallel.plan import plan
+from skymoe_jax.training.compiled import compile_train_step
 
 
 def _compiled_text(f, *args) -> str:
@@ -53,3 +57,15 @@ def test_params_compile_prints_what_the_program_does(capsys):
     assert compiled["matmul_flops"] > 0 and compiled["temp_bytes"] > 0
     assert compiled["collectives"]["all-to-all"]["count"] > 0  # the MoE layers' exchange over the expert axis
     assert compiled["host_transfers"] == []
+
+
+@pytest.mark.parametrize("remat", ["none", "dots", "full"])
+def test_the_planned_all_to_all_is_what_the_compiled_step_exchanges(remat):
+    """The planner's all-to-all bytes (what a device sends, (E - 1) / E of each exchange) against the exchanges in
+    the compiled step's HLO, on the default config with an expert axis of 2, under each remat policy (`dots`
+    recomputes the exchange, as `full` does)."""
+    c = load_config("configs/default.py", ["--config.parallel.mesh=(1,4,2)", f"--config.model.remat={remat}"])
+    exchanged = hlo.summarize(compile_train_step(c, jax.devices()).compiled.as_text()).collectives["all-to-all"]
+    planned = plan(c, (1, 4, 2)).all_to_all_bytes * 2  # sent = half of each exchange on 2 devices
+    # The CPU kernels also exchange each group's counts of rows in use, [experts, groups] int32 (a few KiB).
+    assert planned <= exchanged["bytes"] <= 1.01 * planned

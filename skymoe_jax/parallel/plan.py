@@ -8,7 +8,7 @@ final norm and head are not split over `pipeline`: every stage holds them (the e
 pipeline region, model/pipeline.py). Per-stage training FLOPs per token and the pipeline's utilization
 (1 - bubble, with stage imbalance; GPipe or circular) come from metrics/flops.py for parallel.num_microbatches.
 All-to-all bytes are what one device sends per step: each MoE layer exchanges its slot buffer twice in each
-forward pass and twice in the backward; `forward_passes` says how many forwards a step runs.
+forward pass and twice in the backward; `exchange_passes` says how many forwards of it a step runs.
 Activations (what the backward keeps, per term) come from parallel/activations.py; the peak per device
 is the state (parameters, gradients, Adam) plus the activations.
 """
@@ -63,6 +63,13 @@ def forward_passes(remat: str, pipelined: bool) -> int:
     """Forward passes of the layers in one train step: one, and one more under full rematerialization; a
     pipeline recomputes each tick in its backward (model/pipeline.py), and under full remat each layer again."""
     return 1 + (remat == "full") + pipelined
+
+
+def exchange_passes(remat: str, pipelined: bool) -> int:
+    """Forward passes of the MoE layers' all-to-all in one train step: one, one more under any remat (`dots` saves
+    matmuls, not the exchange), and one more in a pipeline (its recomputed ticks). Counted in the compiled programs'
+    HLO (tests/test_hlo.py)."""
+    return 1 + (remat != "none") + pipelined
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -128,7 +135,7 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int], platform
         cap = group if spec.dropless else capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
         buffer = spec.num_experts * (tokens // group) * cap * spec.d_model * spec.compute_dtype.itemsize
         moe_layers_per_stage = max(stages) * planned.parallel.pipeline_repeats if spec.num_moe_layers else 0
-        exchanges = 2 * forward_passes(spec.remat, pipeline > 1) + 2
+        exchanges = 2 * exchange_passes(spec.remat, pipeline > 1) + 2
         a2a = moe_layers_per_stage * exchanges * buffer * (expert - 1) / expert
     microbatches = config.parallel.num_microbatches
     repeats = planned.parallel.pipeline_repeats if pipeline > 1 else 1
