@@ -3,11 +3,16 @@ platform choices follow the devices a program is compiled for, not the machine i
 
 import re
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+from skymoe_jax.bench import hlo
 from skymoe_jax.config import load_config
 from skymoe_jax.kernels import cpu_ffi
+from skymoe_jax.model import layers
 from skymoe_jax.parallel import targets
+from skymoe_jax.parallel.plan import plan
 from skymoe_jax.training.compiled import compile_train_step
 
 pytestmark = pytest.mark.skipif(
@@ -37,3 +42,66 @@ def test_a_float32_program_for_a_gpu_takes_no_cpu_kernels():
     their weight gradients): compiled for a GPU, none of them may appear."""
     calls = _custom_calls([], "A800-80GB")
     assert not set(calls) & set(cpu_ffi.TARGETS), calls
+
+
+# Static checks on the compiled XLA:GPU program of configs/gpu_medium.py (bf16, 16 experts) with an expert axis of
+# 4: performance bugs that need no GPU to show.
+GPU_MEDIUM_EP = ["--config.parallel.mesh=(1,2,4)"]
+
+
+def _summary(config_file, overrides, devices, target="A800-80GB"):
+    c = load_config(config_file, overrides)
+    return c, hlo.summarize(compile_train_step(c, targets.devices(target, devices)).compiled.as_text())
+
+
+def _float32_matmuls(summary, num_experts: int) -> list[str]:
+    """Matmuls with a float32 operand other than the router's (its logits, [tokens, experts], are float32 by design:
+    every router matmul has the experts as the last dimension of its result or an operand)."""
+    router = re.compile(rf"\[[0-9,]*,{num_experts}\]")
+    return [d.op_name for d in summary.dots if "f32" in (d.lhs, d.rhs) and not router.search(d.shapes)]
+
+
+@pytest.fixture(scope="module")
+def gpu_medium():
+    return _summary("configs/gpu_medium.py", GPU_MEDIUM_EP, 8)
+
+
+def test_bfloat16_matmuls_are_bfloat16_apart_from_the_router(gpu_medium):
+    c, s = gpu_medium
+    assert _float32_matmuls(s, c.moe.num_experts) == []
+    assert any("f32" in (d.lhs, d.rhs) for d in s.dots)  # the router's are there, and recognized
+
+
+def test_no_host_transfers_and_the_expert_weights_stay_split(gpu_medium):
+    c, s = gpu_medium
+    assert s.host_transfers == []
+    # Nothing gathers a layer's expert weights whole ([experts, d, f] or [experts, f, d]).
+    whole = c.moe.num_experts * c.model.d_model * c.moe.expert_ffn_dim * 2
+    assert all(v["bytes"] / v["count"] < whole for k, v in s.collectives.items() if k == "all-gather")
+
+
+def test_the_all_to_all_payloads_are_the_planners(gpu_medium):
+    c, s = gpu_medium
+    planned = plan(c, (1, 2, 4), "gpu").all_to_all_bytes * 4 / 3  # sent = 3/4 of each exchange over 4 devices
+    assert s.collectives["all-to-all"]["bytes"] == pytest.approx(planned, rel=0.01)
+
+
+def test_the_checks_catch_a_float32_head_and_a_host_callback(monkeypatch):
+    """Deliberately broken: the head's matmul by autodiff (its backward widened to float32, as before
+    layers.float32_logits) and a host callback in the loss (compiled for the CPU: JAX lowers a callback only for a
+    platform it has)."""
+    monkeypatch.setattr(
+        layers.Head,
+        "__call__",
+        lambda self, x: jnp.dot(x, self.w[...].astype(self.dtype), preferred_element_type=jnp.float32),
+    )
+    c, s = _summary("configs/default.py", ["--config.model.dtype=bfloat16", "--config.parallel.mesh=(1,1,1)"], 1)
+    assert _float32_matmuls(s, c.moe.num_experts)
+
+    def logits_with_a_callback(self, x):
+        jax.debug.callback(lambda v: None, x[0, 0, 0])
+        return layers.float32_logits(x, self.w[...].astype(self.dtype))
+
+    monkeypatch.setattr(layers.Head, "__call__", logits_with_a_callback)
+    _, s = _summary("configs/default.py", ["--config.model.dtype=bfloat16", "--config.parallel.mesh=(1,1,1)"], 1, "cpu")
+    assert s.host_transfers

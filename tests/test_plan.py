@@ -121,10 +121,10 @@ MEMORY_CASES = {
 
 # Each repeats a term another case checks: dp8 is the default config's mesh, pp2-mb2 the microbatches of
 # pp2xdp2xedp2-zero1, edp4-dots-s512 the remat of dp8-dots-s2048 and the layout of pp2xdp2xedp2-zero1. XLA:GPU
-# compiles each case again: the default run keeps there a pipeline of each kind (uneven with FSDP, 17 ticks,
-# circular) and the default config.
+# compiles each case again: the default run keeps there a pipeline of each kind (17 ticks, circular) and the
+# default config.
 LONG_MEMORY_CASES = ("dp8", "pp2-mb2", "edp4-dots-s512")
-GPU_DEFAULT_CASES = ("pp2-uneven-fsdp", "pp2xdp2xedp2-mb16-full", "pp2-r2", "default-config")
+GPU_DEFAULT_CASES = ("pp2xdp2xedp2-mb16-full", "pp2-r2", "default-config")
 # The GPU tests compile for one A800-80GB on compile-only devices (parallel/targets.py).
 needs_xla_gpu = pytest.mark.skipif(
     not targets.plugin_available(), reason="XLA:GPU compiles need JAX's CUDA plugin: pip install -e '.[aot]'"
@@ -240,6 +240,7 @@ PAPER_LAYOUT = [
 
 
 @needs_xla_gpu
+@pytest.mark.long  # tests/test_pipeline_memory.py holds the pipeline's memory in the default run
 def test_the_papers_layout_compiled_for_1536_a800s_fits_80gb_and_the_planner_is_within_15_percent():
     """Skywork-MoE's own run (146B, PP12 x DP32 x EDP4, ZeRO-1, full remat, 4 microbatches: 15 ticks), compiled by
     XLA:GPU for 1,536 compile-only A800s (about half a minute and 1.3 GB here). It needed 264 GiB a device when the

@@ -3,8 +3,9 @@ collectives and their bytes, kernels (Pallas's Triton calls, XLA's Triton fusion
 
 XLA prints each computation once; a while loop's body runs `known_trip_count` times (XLA's backend config) and a
 condition one more, so every count is weighted by how often its computation runs (a cond's branches each count as
-if taken: an upper bound). `compiled.cost_analysis()` has no numbers for XLA:GPU's compile-only devices, and none
-that follow loops, so the FLOPs here are counted from the dots themselves.
+if taken: an upper bound; a loop whose trip count XLA does not know counts once: a lower bound).
+`compiled.cost_analysis()` has no numbers for XLA:GPU's compile-only devices, and none that follow loops, so the
+FLOPs here are counted from the dots themselves.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Dot:
     lhs: str  # dtype
     rhs: str
     out: str
+    shapes: str  # the operands' and the result's types, as printed
     flops: float  # per execution of the program
     op_name: str  # the JAX operation it came from (metadata)
 
@@ -189,6 +191,7 @@ def _dot(comp: str, inst: Instruction, types: dict[str, str], times: int) -> Dot
         lhs=lhs[0][0] if lhs else "?",
         rhs=rhs[0][0] if rhs else "?",
         out=out[0][0] if out else "?",
+        shapes=" ".join(t.split("{")[0] for t in (types.get(lhs_name, ""), types.get(rhs_name, ""), inst.type)),
         flops=times * 2.0 * math.prod(out[0][1]) * contracted if out else 0.0,
         op_name=op_name.group(1) if op_name else "",
     )

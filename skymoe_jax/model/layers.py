@@ -112,4 +112,29 @@ class Head(nnx.Module):
         self.dtype = spec.compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x, self.w[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return float32_logits(x, self.w[...].astype(self.dtype))
+
+
+@jax.custom_vjp
+def float32_logits(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w with float32 results, and a backward whose matmuls run in x's and w's own type.
+
+    Autodiff would multiply the float32 cotangent by the narrow operands, which XLA widens: in bfloat16 the head's
+    two backward matmuls ran in float32 (seen in the compiled HLO, tests/test_gpu_compile.py). The cotangent is
+    rounded to the operands' type instead, as the forward's inputs are; float32 models are unchanged."""
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _float32_logits_fwd(x, w):
+    return float32_logits(x, w), (x, w)
+
+
+def _float32_logits_bwd(saved, g):
+    x, w = saved
+    g = g.astype(x.dtype)
+    dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum("...d,...v->dv", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+float32_logits.defvjp(_float32_logits_fwd, _float32_logits_bwd)
