@@ -110,7 +110,7 @@ def _sink_bwd(slot, cotangents):
 _sink.defvjp(_sink_fwd, _sink_bwd)
 
 
-def _recomputed_layer(run_block: Callable, stats_shape) -> Callable:
+def _recomputed_layer(run_block: Callable, skip: Callable) -> Callable:
     """A stage's layer under full rematerialization: pred, frozen, sink, slot, x, positions, segment_ids ->
     (x, stats, sink), running layer `slot` of the frozen weights where pred holds (the identity elsewhere), with a
     backward that recomputes it inside its own cond and adds its weights' gradient into the sink at `slot`.
@@ -118,9 +118,6 @@ def _recomputed_layer(run_block: Callable, stats_shape) -> Callable:
     Autodiff of a cond saves the branch's residuals as the cond's outputs, the layer's weights among them (the
     other branch does not forward them), so the recomputed layer copied its weights out of the cond next to its
     gradient; here the forward and backward of the layer meet inside one branch, and only the input is saved."""
-
-    def skip(block_state, x, positions, segment_ids):
-        return x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
 
     def apply(pred, frozen, slot, x, positions, segment_ids):
         block_state = jax.tree.map(lambda a: a[slot], frozen)
@@ -187,10 +184,10 @@ def forward(
         x0 = jax.ShapeDtypeStruct(embedded.shape[1:], embedded.dtype)
         block0 = jax.tree.map(lambda a: a[0], blocks)
         _, stats_shape = jax.eval_shape(lambda x: run_block(block0, x, mb0["positions"], mb0["segment_ids"]), x0)
-        zero_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
 
         def skip(block_state, x, positions, segment_ids):
-            return x, zero_stats
+            # Zeros made here, not closed over: _recomputed_layer's custom VJP takes no traced closures.
+            return x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
 
         def layer(pred, frozen, sink, slot, x, positions, segment_ids):
             block_state, sink = _sink(jax.tree.map(lambda a: a[slot], frozen), sink, slot)
@@ -198,7 +195,7 @@ def forward(
             return x, stats, sink
 
         layer_variants = [
-            _recomputed_layer(run_block, stats_shape)
+            _recomputed_layer(run_block, skip)
             if r == "full"
             else jax.checkpoint(layer, policy=LAYER_POLICIES[r], prevent_cse=False)
             for r in policies
@@ -256,7 +253,7 @@ def forward(
 
         # Only the tick's input is kept for the backward; everything else in it is recomputed from it.
         tick = jax.checkpoint(tick, policy=jax.checkpoint_policies.save_only_these_names(TICK_INPUT), prevent_cse=False)
-        acc0 = jax.tree.map(lambda z: jnp.zeros((repeats * longest, *z.shape), z.dtype), zero_stats)
+        acc0 = jax.tree.map(lambda s: jnp.zeros((repeats * longest, *s.shape), s.dtype), stats_shape)
         held0 = embedded if ring else jnp.zeros((0,), embedded.dtype)
         init = (jnp.zeros(x0.shape, x0.dtype), held0, sink0, jnp.float32(0), jnp.float32(0), acc0)
         (*_, ce_sum, count, acc), _ = jax.lax.scan(tick, init, jnp.arange(items + devices - 1))
