@@ -21,8 +21,9 @@
     skymoe --version
 
 `skymoe COMMAND --help` lists a command's flags and what they do; every command reads
---flagfile=PATH (one flag per line). User mistakes (bad flag, config, data file, checkpoint) print one line to stderr
-and exit with status 2; nothing is written.
+--flagfile=PATH (one flag per line). User mistakes (bad flag, config, data file, checkpoint, a workdir another run
+trains in) print one line to stderr and exit with status 2; nothing is written. A run that cannot go on (a failed
+checkpoint or metrics write, a peer process gone) prints one line saying what was kept and exits with status 1.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 from skymoe_jax.args import Args, Flag, Help
-from skymoe_jax.errors import ConfigError, UserError
+from skymoe_jax.errors import ConfigError, RunFailure, UserError
 from skymoe_jax.run import host_memory
 
 USAGE = __doc__.split("\n\n")[1]
@@ -58,12 +60,23 @@ TRAIN_FLAGS = {  # also read by the launch tests, which parse the commands in th
 def cmd_train(argv: Sequence[str]) -> int:
     from skymoe_jax.checkpoint.manager import checkpoint_dir, saved_config
     from skymoe_jax.config import DEFAULT_CONFIG, apply_overrides, load_file, resolve_config_path, shape_changes
+    from skymoe_jax.parallel.distributed import initialize
     from skymoe_jax.run.loop import train
 
     args = Args(argv, "train", TRAIN_ABOUT, TRAIN_FLAGS, config=True)
     if not 0 <= args.stop_exit_code <= 255:
         raise ConfigError(f"--stop_exit_code={args.stop_exit_code} must be an exit status between 0 and 255")
     workdir = args.workdir or os.path.join("runs", load_file(resolve_config_path(args.config or DEFAULT_CONFIG)).name)
+    # The processes join before a resumed run's checkpoint is read (reading it starts JAX), so the peer timeout is
+    # the command line's: the config file's, or the override.
+    own = [o for o in args.overrides if o.split("=")[0] == "--config.train.peer_timeout_s"]
+    peer_timeout_s = apply_overrides(
+        load_file(resolve_config_path(args.config or DEFAULT_CONFIG)), own
+    ).train.peer_timeout_s
+    initialize(peer_timeout_s)
+    # Over a file-size limit (ulimit -f) a write then fails with EFBIG, which the run reports in one line, instead
+    # of the signal killing the process mid-save.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     ckpts = checkpoint_dir(workdir)
     if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
         # Resume: the saved config wins; overrides may change how the run continues, not the model's shapes.
@@ -75,6 +88,7 @@ def cmd_train(argv: Sequence[str]) -> int:
                 f"{workdir} holds checkpoints of another model shape ({changed}); "
                 "use a new --workdir or drop the override"
             )
+        config.train.peer_timeout_s = peer_timeout_s
     else:
         config = _config(args)
     # A stop by signal saved a checkpoint; a non-zero status tells a launcher that restarts failed
@@ -807,7 +821,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "acceptance": cmd_acceptance,
 }
 # Commands that run on devices join a multi-process run when the environment describes one.
-DISTRIBUTED = {"train", "eval", "upcycle", "export-hf", "bench"}
+DISTRIBUTED = {"eval", "upcycle", "export-hf", "bench"}  # train joins the run itself, with its peer timeout
 
 
 def version() -> str:
@@ -847,6 +861,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"skymoe {argv[0]}: error: {e}", file=sys.stderr)
         return 2
+    except RunFailure as e:
+        print(f"skymoe {argv[0]}: failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"skymoe {argv[0]}: interrupted", file=sys.stderr)
         return 130

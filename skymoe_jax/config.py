@@ -161,6 +161,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.progress = True  # progress bar on a terminal or in a notebook
     # Several processes agree on a SIGTERM/SIGINT stop every N steps (a collective that waits for the step)
     c.train.stop_check_every = 10
+    # With several processes: a process that has not been heard from for this long is taken for dead and the
+    # run ends (JAX's distributed heartbeat), and a stop by signal gives up its save if a peer does not answer.
+    # Read from the command line at start-up (the processes join before a checkpoint is read).
+    c.train.peer_timeout_s = 30
     # JAX's persistent compilation cache for training and evaluation (run/compile_cache.py): a rerun loads its
     # compiled programs. '' = off; JAX_COMPILATION_CACHE_DIR in the environment wins.
     c.train.compilation_cache_dir = "~/.cache/skymoe_jax/xla"
@@ -296,6 +300,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "train.eval_batches",
         "moe.moe_every",
         "train.stop_check_every",
+        "train.peer_timeout_s",
         "data.read_ahead",
     ):
         need(isinstance(get(key), int) and get(key) > 0, f"{key}={get(key)!r} must be a positive integer")

@@ -100,11 +100,31 @@ def test_slurm_processes_of_a_node_own_all_its_gpus(monkeypatch, tasks_per_node,
         owned[env["SLURMD_NODENAME"]] += [int(visible[i]) for i in kwargs["local_device_ids"]]
     assert {a["coordinator_address"] for a in args} == {f"gpu07:{4242 % 4096 + 61440}"}
     assert {a["num_processes"] for a in args} == {2 * tasks_per_node}
+    assert {a["heartbeat_timeout_seconds"] for a in args} == {30}  # train.peer_timeout_s's default
     assert sorted(a["process_id"] for a in args) == list(range(2 * tasks_per_node))
     for node, gpus in owned.items():
         assert sorted(gpus) == list(range(GPUS)), node  # every GPU of the node, each once
     if tasks_per_node == 1:
         assert args[0]["local_device_ids"] == list(range(GPUS))
+
+
+def test_the_peer_timeout_reaches_jax_as_its_heartbeat_timeout(monkeypatch, tmp_path):
+    """`skymoe train` joins the run with train.peer_timeout_s from its command line, before anything else."""
+    monkeypatch.setenv("SKYMOE_COORDINATOR", "127.0.0.1:1")
+    monkeypatch.setenv("SKYMOE_NUM_PROCESSES", "2")
+    monkeypatch.setenv("SKYMOE_PROCESS_ID", "0")
+    calls = []
+
+    def joined(**kwargs):
+        calls.append(kwargs)
+        raise ConfigError("joined")  # stop here: this process cannot really join a run
+
+    monkeypatch.setattr(jax.distributed, "initialize", joined)
+    monkeypatch.setattr(distributed, "_use_gloo_on_cpu", lambda: None)
+    assert main(["train", f"--workdir={tmp_path}"]) == 2
+    assert main(["train", f"--workdir={tmp_path}", "--config.train.peer_timeout_s=12"]) == 2
+    assert [c["heartbeat_timeout_seconds"] for c in calls] == [30, 12]
+    assert not os.listdir(tmp_path)
 
 
 def test_slurm_mistakes_are_one_sentence(monkeypatch, capsys):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
+import types
 from typing import Any
 
 import grain
@@ -24,23 +26,32 @@ from etils import epath
 
 from skymoe_jax.checkpoint.fingerprint import fingerprints
 from skymoe_jax.config import base_config, validate
-from skymoe_jax.errors import CheckpointError, ConfigError, first_line
+from skymoe_jax.errors import CheckpointError, ConfigError, RunFailure, first_line, write_failed
 from skymoe_jax.parallel.mesh import with_shardings
 
+_failed_save = False  # set once a save failed: its abandoned writes may still end (see _drop_abandoned_io)
 
-def _drop_abandoned_read_callbacks(hook):
-    """When one tensorstore read fails (a damaged file), orbax closes its event loop while reads it started still
-    run; each one finishing later calls back into the closed loop, and Python prints that RuntimeError with a
-    traceback for every read, after the one-line error. Nothing waits for those reads, so their errors are dropped."""
+
+def _drop_abandoned_io(hook):
+    """Errors of orbax's reads and writes that nothing waits for any more, which Python would print with a
+    traceback each, after the run's one-line error.
+
+    When one tensorstore read fails (a damaged file), orbax closes its event loop while reads it started still run;
+    each one finishing later calls back into the closed loop. When a save fails, the writes of its other arrays are
+    abandoned, and at exit Python closes each of their coroutines, which fail in cleanup that imports a module."""
 
     def quiet(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-            hook(unraisable)
+        error, obj = unraisable.exc_value, unraisable.object
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        if _failed_save and isinstance(obj, types.CoroutineType) and "orbax" in obj.cr_code.co_filename:
+            return
+        hook(unraisable)
 
     return quiet
 
 
-sys.unraisablehook = _drop_abandoned_read_callbacks(sys.unraisablehook)
+sys.unraisablehook = _drop_abandoned_io(sys.unraisablehook)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -80,6 +91,17 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.every = every
+        self._in_flight: int | None = None  # the step an asynchronous save is writing
+        self._failure: RunFailure | None = None  # said once: orbax raises a failed save again at each wait
+        self.failure_log = ""  # where the run keeps the libraries' own report of a failed write
+
+    def remove_partial(self) -> list[str]:
+        """Remove the unfinished saves a killed or failed run left (orbax's *.orbax-checkpoint-tmp*); their names.
+        Only the workdir's one writer may call this: another run's save in progress looks the same."""
+        names = sorted(n for n in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in n)
+        for name in names:
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        return names
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -101,7 +123,32 @@ class Checkpointer:
         }
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(DataPosition(data_iter))
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.wait()  # the previous save's failure is its own, and named so
+        failure = None
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            failure = self._failed(step, e)
+        if failure is not None:  # raised outside the handler, so it holds no reference to orbax's failed writes
+            raise failure
+        self._in_flight = step if self.saving() else None
+
+    def kept(self) -> str:
+        """What a failed run leaves to resume from, for its last line."""
+        step = self.latest_step()
+        return f"checkpoint {step} ({self.path(step)}) is intact" if step is not None else "no checkpoint was kept"
+
+    def _failed(self, step: int | None, e: Exception) -> RunFailure:
+        """The RunFailure of a save that failed: its step and path, the reason, the checkpoint kept."""
+        global _failed_save
+        _failed_save = True
+        self._in_flight = None
+        kept = self.kept()
+        if self.failure_log and os.path.exists(self.failure_log):
+            kept += f" (the libraries' report is in {self.failure_log})"
+        what = f"saving checkpoint {step} to {self.path(step)}" if step is not None else f"a save in {self.directory}"
+        self._failure = write_failed(what, e, kept)
+        return self._failure
 
     def restore(self, step: int, abstract_state, data_iter=None):
         """State (placed like abstract_state's shardings) and, if given and saved, the data iterator's position.
@@ -211,15 +258,32 @@ class Checkpointer:
                 )
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Wait for the save in flight; a RunFailure if it failed."""
+        if self._failure is not None:
+            return
+        failure = None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            failure = self._failed(self._in_flight, e)
+        if failure is not None:
+            raise failure
+        self._in_flight = None
 
     def saving(self) -> bool:
         """An asynchronous save is still being written."""
         return self._manager.is_saving_in_progress()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finish the save in flight and close; after a failed save, close without raising it again."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:
+                if self._failure is None:
+                    raise
 
 
 class DataPosition:

@@ -101,6 +101,7 @@ def event(step: int, wall_time: float, values: Iterable[tuple[str, float]] = (),
 
 class TensorBoardWriter:
     def __init__(self, logdir: str):
+        self.path = logdir
         self._file = None
         if jax.process_index() == 0:
             os.makedirs(logdir, exist_ok=True)

@@ -21,8 +21,9 @@ from skymoe_jax.parallel import slurm
 _EXPLICIT = ("SKYMOE_COORDINATOR", "SKYMOE_NUM_PROCESSES", "SKYMOE_PROCESS_ID")
 
 
-def initialize() -> str:
-    """Join the run the environment describes; returns how ('single', 'explicit' or 'slurm')."""
+def initialize(peer_timeout_s: int = 30) -> str:
+    """Join the run the environment describes; returns how ('single', 'explicit' or 'slurm'). A process not heard
+    from for peer_timeout_s seconds is taken for dead, which ends the others (JAX's default waits 100 s)."""
     env = dict(os.environ)
     if "SKYMOE_PROCESS_ID" not in env and "JOB_COMPLETION_INDEX" in env:
         env["SKYMOE_PROCESS_ID"] = env["JOB_COMPLETION_INDEX"]
@@ -41,12 +42,17 @@ def initialize() -> str:
         if not 0 <= pid < num:
             raise ConfigError(f"SKYMOE_PROCESS_ID={pid} must be in [0, SKYMOE_NUM_PROCESSES={num})")
         _use_gloo_on_cpu()
-        jax.distributed.initialize(coordinator_address=env["SKYMOE_COORDINATOR"], num_processes=num, process_id=pid)
+        jax.distributed.initialize(
+            coordinator_address=env["SKYMOE_COORDINATOR"],
+            num_processes=num,
+            process_id=pid,
+            heartbeat_timeout_seconds=peer_timeout_s,
+        )
         return "explicit"
     if slurm.detected(env):
         arguments = slurm.arguments(env, on_cpu=_on_cpu())
         _use_gloo_on_cpu()
-        jax.distributed.initialize(**arguments)
+        jax.distributed.initialize(**arguments, heartbeat_timeout_seconds=peer_timeout_s)
         return "slurm"
     return "single"
 

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from skymoe_jax.checkpoint.manager import Checkpointer
-from skymoe_jax.errors import TrainingError
+from skymoe_jax.errors import TrainingError, write_failed
 from skymoe_jax.metrics.flops import mfu
 from skymoe_jax.training.preemption import StopSignals
 
@@ -100,6 +100,7 @@ class Recorder:
         self,
         *,
         writers: list,
+        ckpt: Checkpointer,
         console,
         guard: FiniteGuard,
         tokens_per_step: int,
@@ -111,7 +112,7 @@ class Recorder:
         live: Callable[[dict[str, Any]], str],
         start: int,
     ):
-        self.writers, self.console, self.guard = writers, console, guard
+        self.writers, self.ckpt, self.console, self.guard = writers, ckpt, console, guard
         self.tokens_per_step, self.devices, self.flops_per_token, self.peak = (
             tokens_per_step,
             devices,
@@ -143,7 +144,12 @@ class Recorder:
         if due.eval or due.similarity:
             self.last_time = time.perf_counter()
         for writer in self.writers:
-            writer.write(record)
+            try:
+                writer.write(record)
+            except OSError as e:
+                raise write_failed(
+                    f"writing the metrics of step {due.step} to {writer.path}", e, self.ckpt.kept()
+                ) from None
         self.console.update(due.step, self.live(record))
         self.record = record
 

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
+import sys
 import time
 from typing import Any
 
@@ -15,6 +17,7 @@ import numpy as np
 from skymoe_jax.checkpoint.initial import initial_state
 from skymoe_jax.checkpoint.manager import Checkpointer
 from skymoe_jax.data.inputs import make_datasets
+from skymoe_jax.errors import write_failed
 from skymoe_jax.metrics.flops import flops_per_token, peak_flops, pipeline_utilization, stage_flops_per_token
 from skymoe_jax.metrics.similarity import similarity_fn
 from skymoe_jax.metrics.tensorboard import TensorBoardWriter
@@ -22,7 +25,7 @@ from skymoe_jax.metrics.writers import Console, JsonlWriter
 from skymoe_jax.model.mesh_layout import pipeline_stage_layers
 from skymoe_jax.model.pipeline import bubble_fraction
 from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.run import compile_cache
+from skymoe_jax.run import compile_cache, library_logs, workdir_lock
 from skymoe_jax.run.actions import FiniteGuard, Recorder, Saver, Schedule
 from skymoe_jax.run.host_memory import release_free_heap
 from skymoe_jax.training import runtime as runtime_lib
@@ -60,18 +63,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     compile_cache.enable(t.compilation_cache_dir)
     runtime = runtime_lib.build(config)  # a mesh that does not fit stops here
     train_ds, val_ds = _datasets(config)  # and bad data here, before anything is written
-    os.makedirs(workdir, exist_ok=True)
-    val_batches = list(itertools.islice(iter(val_ds), t.eval_batches))
-    train_iter = iter(train_ds)
-    with jax.set_mesh(runtime.mesh):
-        return _train(config, workdir, runtime, train_iter, [runtime.batch(b) for b in val_batches])
+    library_log = os.path.join(workdir, "logs", f"process_{jax.process_index()}.log")
+    # A second run on a live workdir stops here, having written nothing.
+    with workdir_lock.held(workdir) as lock, library_logs.logged_to(library_log):
+        val_batches = list(itertools.islice(iter(val_ds), t.eval_batches))
+        train_iter = iter(train_ds)
+        with jax.set_mesh(runtime.mesh):
+            return _train(
+                config, workdir, runtime, train_iter, [runtime.batch(b) for b in val_batches], lock, library_log
+            )
 
 
-def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
+def _train(
+    config, workdir, runtime, train_iter, val_batches, lock: workdir_lock.WorkdirLock | None, library_log: str
+) -> dict[str, Any]:
     t = config.train
     ckpt = Checkpointer(
         workdir, t.checkpoint_every, t.keep_checkpoints, t.keep_every, create=True, asynchronous=t.async_checkpointing
     )
+    ckpt.failure_log = library_log
+    notes = [lock.took_over] if lock is not None and lock.took_over else []
+    # Saves a killed or failed run left unfinished: with the lock held, no other run's save can be in progress.
+    if lock is not None:
+        notes += [f"removed {name}, a save an earlier run left unfinished" for name in ckpt.remove_partial()]
     latest = ckpt.latest_step()
     if latest is None:
         state, origin = initial_state(config, runtime)
@@ -79,9 +93,7 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
         state, origin = ckpt.restore(latest, runtime.abstract_state(), train_iter), f"resuming at step {latest}"
     start = latest or 0
     spec = ModelSpec.from_config(config)
-    writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
-    if config.metrics.tensorboard:
-        writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
+    writers = _writers(config, workdir, ckpt)
     console = Console(t.steps, start, progress_bar=t.progress)
     flops_tok = flops_per_token(spec, config.data.seq_len)
     similarity = similarity_fn(spec, runtime.mesh) if spec.num_experts else None
@@ -90,6 +102,8 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
         f"{flops_tok / 1e6:.1f} MFLOP/token; {origin}; workdir {workdir}"
     )
     console.print(whoami(runtime))
+    for note in notes:
+        console.print(note)
     if len(stages := pipeline_stage_layers(config)) > 1:
         console.print(pipeline_summary(spec, config, stages))
 
@@ -101,6 +115,7 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     guard = FiniteGuard(t.nonfinite, ckpt)
     recorder = Recorder(
         writers=writers,
+        ckpt=ckpt,
         console=console,
         guard=guard,
         tokens_per_step=config.data.batch_size * config.data.seq_len,
@@ -115,9 +130,11 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     actions = [guard, recorder, Saver(ckpt, config, train_iter)]
     trim_due = False
     try:
-        with StopSignals(t.stop_check_every) as signals:
+        with StopSignals(t.stop_check_every, functools.partial(_give_up, ckpt, lock)) as signals:
             schedule = Schedule(t, ckpt, signals, config.metrics.similarity_every if similarity else 0)
             for step in range(start + 1, t.steps + 1):
+                if lock is not None:
+                    lock.check()
                 if step > start + 1:
                     batch = runtime.batch(next(train_iter))
                 state, metrics = train_step(state, batch)
@@ -155,6 +172,33 @@ def _train(config, workdir, runtime, train_iter, val_batches) -> dict[str, Any]:
     }
     console.print(summary_line(summary))
     return summary
+
+
+def _give_up(ckpt: Checkpointer, lock: workdir_lock.WorkdirLock | None, signal_name: str, gone: list[int]) -> None:
+    """A stop with peers gone: no save can be made with them, and the loop may be stuck in a collective with them,
+    so this process says so and ends now (from the stop watcher's thread), leaving its last checkpoint."""
+    if lock is not None:
+        lock.release()
+    processes = ", ".join(map(str, gone))
+    print(
+        f"skymoe train: failed: stopped by {signal_name}, but process {processes} of the run no longer answers, so no "
+        f"checkpoint can be saved with it; {ckpt.kept()}; run the same command to resume",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(1)
+
+
+def _writers(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) -> list:
+    paths = [os.path.join(workdir, "metrics.jsonl")]
+    try:
+        writers = [JsonlWriter(paths[-1])]
+        if config.metrics.tensorboard:
+            paths.append(os.path.join(workdir, "tensorboard"))
+            writers.append(TensorBoardWriter(paths[-1]))
+    except OSError as e:
+        raise write_failed(f"opening {paths[-1]}", e, ckpt.kept()) from None
+    return writers
 
 
 def whoami(runtime: runtime_lib.Runtime) -> str:
