@@ -156,6 +156,18 @@ def test_generation_stops_at_the_end_of_text_token(model):
     assert max(generate(model, prompt, STEPS, key=key, vocab=7).tolist()) < 7
 
 
+def test_a_hugging_face_tokenizer_samples_within_its_vocabulary(run, model, tmp_path):
+    path = train_tokenizer(tmp_path / "tokenizer.json", ["a b c"] * 4)
+    tok = make_tokenizer(path)
+    prompt = " ".join("abcabcabcabcab")  # 14 tokens, as PROMPT has: the program compiled above serves
+    ids = tok.encode(prompt)
+    assert len(ids) == len(PROMPT)
+    new = generate(model, jnp.asarray(ids), STEPS, key=jax.random.key(0), temperature=0, vocab=tok.vocab_size)
+    assert max(new.tolist()) < tok.vocab_size
+    want = tok.decode([*ids, *new.tolist()])[len(tok.decode(ids)) :]
+    assert skymoe_jax.sample(run, prompt, max_tokens=STEPS, temperature=0, tokenizer=path) == want
+
+
 def test_hugging_face_tokenizer_end_of_text(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
