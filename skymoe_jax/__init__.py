@@ -12,6 +12,7 @@ _API = {
     "evaluate": ("skymoe_jax.run.loop", "evaluate"),
     "get_config": ("skymoe_jax.config", "load_config"),
     "load_model": ("skymoe_jax.checkpoint.load", "load_model"),
+    "sample": ("skymoe_jax.run.sample", "sample"),
     "train": ("skymoe_jax.run.loop", "train"),
     "upcycle": ("skymoe_jax.checkpoint.upcycle", "upcycle"),
 }

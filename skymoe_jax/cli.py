@@ -3,6 +3,8 @@
     skymoe train  [--config=PATH] [--config.a.b=VALUE ...] [--workdir=DIR] [--stop_exit_code=N]
     skymoe config [--config=PATH | --workdir=DIR] [--config.a.b=VALUE ...] [--json]
     skymoe eval   --workdir=DIR [--config.a.b=VALUE ...]
+    skymoe sample --workdir=DIR --prompt=TEXT [--max_tokens=N] [--temperature=T] [--top_p=P] [--seed=S]
+                  [--tokenizer=byte|PATH]
     skymoe upcycle --dense=DIR --out=DIR [--config=MOE_CONFIG] [--config.a.b=VALUE ...]
     skymoe import-hf --hf_dir=DIR --out=DIR
     skymoe export-hf --workdir=DIR --out=DIR [--step=N] [--dtype=fp32|bf16] [--max_shard_size=5GB]
@@ -154,6 +156,40 @@ def cmd_eval(argv: Sequence[str]) -> int:
         if "eval_drop_rate" in result:
             line += f", eval drop rate {100 * float(result['eval_drop_rate'].mean()):.2f}%"
         print(line)
+    return 0
+
+
+def cmd_sample(argv: Sequence[str]) -> int:
+    from skymoe_jax.run.sample import sample
+
+    args = Args(
+        argv,
+        "sample",
+        "Continue a prompt with a run's model (its checkpoint on one local device, whatever mesh it trained on), "
+        "decoded with a KV cache and every token routed to its experts (none dropped); prints the continuation.",
+        {
+            "workdir": Flag("", "a run's workdir (its latest checkpoint) or WORKDIR/checkpoints/STEP"),
+            "prompt": Flag("", "the text to continue"),
+            "max_tokens": Flag(100, "new tokens at most (fewer where the tokenizer's end-of-text token comes)"),
+            "temperature": Flag(1.0, "softmax temperature of the draws; 0 = greedy (always the most likely token)"),
+            "top_p": Flag(1.0, "nucleus sampling: draw among the most likely tokens holding this share of probability"),
+            "seed": Flag(0, "random seed of the draws"),
+            "tokenizer": Flag("", "byte or a tokenizer.json instead of the run's data.tokenizer (an imported model's)"),
+        },
+    )
+    if not args.workdir:
+        raise ConfigError("skymoe sample needs --workdir=DIR (a run's workdir or WORKDIR/checkpoints/STEP)")
+    print(
+        sample(
+            args.workdir,
+            args.prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            tokenizer=args.tokenizer or None,
+        )
+    )
     return 0
 
 
@@ -809,6 +845,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train,
     "config": cmd_config,
     "eval": cmd_eval,
+    "sample": cmd_sample,
     "upcycle": cmd_upcycle,
     "import-hf": cmd_import_hf,
     "export-hf": cmd_export_hf,

@@ -1,5 +1,6 @@
 """notebooks/quickstart.ipynb runs top to bottom, headless, on one CPU device (as on a laptop or
-Colab), within its time budget: routing, training, figures, and upcycling a dense model."""
+Colab), within its time budget: routing, samples before and after training, training, figures, and upcycling a
+dense model."""
 
 import os
 import pathlib
@@ -39,6 +40,7 @@ def test_quickstart_notebook_runs_headless(tmp_path):
     assert "max |MoE logits - dense logits|" in text  # the upcycled model computes the dense function
     assert any("application/vnd.jupyter.widget-view+json" in o["data"] for o in _outputs(nb, "display_data"))
     assert text.count("the model's own drop rate") == 2  # before and after training
+    assert "sample before training:\ndef " in text and "sample after training:\ndef " in text
     images = [o for o in _outputs(nb, "display_data") + _outputs(nb, "execute_result") if "image/png" in o["data"]]
     assert len(images) == 4  # drop rate, alpha, Max1/Max2 and expert-similarity figures shown inline
 

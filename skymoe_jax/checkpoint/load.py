@@ -5,23 +5,28 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import ml_collections
+import numpy as np
 from flax import nnx
+from jax.sharding import AxisType, Mesh
 
 from skymoe_jax.checkpoint.manager import Checkpointer, saved_config, split_checkpoint_path
 from skymoe_jax.errors import CheckpointError
+from skymoe_jax.model.axes import AXES
 from skymoe_jax.model.mesh_layout import MeshLayout
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import Transformer, build_model
 from skymoe_jax.parallel import mesh as mesh_lib
 
 
-def load_model(path: str) -> tuple[Transformer, ml_collections.ConfigDict]:
+def load_model(path: str, device: jax.Device | None = None) -> tuple[Transformer, ml_collections.ConfigDict]:
     """(model, config) from a workdir (its latest checkpoint) or a checkpoint directory.
 
     `model(tokens)` with int32 tokens [batch, seq] returns an output with `.logits`
     [batch, seq, vocab] (and `.moe`, the per-layer routing statistics). Parameters are
-    placed by the run's config on this machine's devices. Each sequence is one routing
+    placed by the run's config on this machine's devices, or all on `device` whatever mesh
+    the run had (a pipelined or expert-parallel run's too). Each sequence is one routing
     group with moe.eval_capacity_factor, so any batch shape works.
     """
     workdir, step = split_checkpoint_path(path)
@@ -35,7 +40,10 @@ def load_model(path: str) -> tuple[Transformer, ml_collections.ConfigDict]:
         lambda: build_model(dataclasses.replace(spec, group_size=0), mesh_layout=MeshLayout.from_config(config))
     )
     graphdef, params = nnx.split(abstract, nnx.Param)
-    mesh = mesh_lib.make_mesh(config)
+    if device is None:
+        mesh = mesh_lib.make_mesh(config)
+    else:
+        mesh = Mesh(np.asarray([device]).reshape(1, 1, 1), AXES, axis_types=(AxisType.Auto,) * 3)
     restored = source.restore_params(
         step, params, mesh_lib.tree_shardings(params, mesh, mesh_lib.param_rules(config.parallel))
     )

@@ -76,14 +76,26 @@ class Attention(nnx.Module):
         self.impl = spec.attention_impl
         self.layout = layout
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def project(
+        self, x: jax.Array, positions: jax.Array, length: int | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, S, heads, head_dim], keys and values [B, S, kv_heads, head_dim] of x [B, S, d], rotated to
+        their positions, which lie in [0, length) (default: [0, S); model/decode.py's cache is longer)."""
         dt = self.dtype
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
         k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
         v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
         if self.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
-        q, k = rotary(q, positions, self.theta), rotary(k, positions, self.theta)
+        return rotary(q, positions, self.theta, length), rotary(k, positions, self.theta, length), v
+
+    def output(self, out: jax.Array) -> jax.Array:
+        """The heads' outputs [B, S, heads, head_dim] back to the model's width [B, S, d]."""
+        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(self.dtype))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        dt = self.dtype
+        q, k, v = self.project(x, positions)
         impl = resolve_attention_impl(self.impl, x.shape[1], dtype=dt)
         if impl == "cpu":
             if not cpu_ffi.usable(q, k, v):
@@ -102,4 +114,4 @@ class Attention(nnx.Module):
             out = pallas_attention(q, k, v, segment_ids, self.layout)
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids))
-        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt))
+        return self.output(out)

@@ -29,18 +29,20 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rotary(x: jax.Array, positions: jax.Array, theta: float, length: int | None = None) -> jax.Array:
     """Rotary position embedding (rotate-half form) of x [B, S, heads, head_dim] at integer positions [B, S].
 
-    Positions lie in [0, S), as packing makes them (and as the exported config's max_position_embeddings says);
-    a position outside gives NaN, never a silently wrong rotation."""
+    Positions lie in [0, length), by default [0, S) as packing makes them (and as the exported config's
+    max_position_embeddings says); decoding with a KV cache passes the cache's length. A position outside gives
+    NaN, never a silently wrong rotation."""
+    length = length or x.shape[1]
     half = x.shape[-1] // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * freq  # [S, half]
+    angle = jnp.arange(length, dtype=jnp.float32)[:, None] * freq  # [length, half]
     # Looked up from [S, half] tables rather than computed at [B, S, half]: XLA's CPU fusion recomputes a
     # cos or sin inside each of its consumers (every head, forward and backward: 24 copies a step of the
     # default model), 4 ms of each layer's 45; a gather reads its table many times, which keeps it apart.
-    index = jnp.where(positions >= 0, positions, x.shape[1])  # jnp.take would wrap a negative index around
+    index = jnp.where(positions >= 0, positions, length)  # jnp.take would wrap a negative index around
     cos, sin = (
         jnp.take(f(angle), index, axis=0, mode="fill", fill_value=jnp.nan)[:, :, None] for f in (jnp.cos, jnp.sin)
     )
