@@ -1,7 +1,11 @@
-"""Helpers shared by the fault and fuzz tests: a workdir's content hashes and a small Hugging Face tokenizer."""
+"""Helpers shared by the fault and fuzz tests: a workdir's content hashes, waiting on a running `skymoe train`, and a
+small Hugging Face tokenizer."""
 
 import hashlib
 import os
+import time
+
+from skymoe_jax.metrics.writers import read_jsonl
 
 
 def digest(workdir) -> dict[str, str]:
@@ -13,6 +17,21 @@ def digest(workdir) -> dict[str, str]:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+def wait_for(predicate, proc, timeout=300) -> None:
+    """Poll predicate until it holds, failing if proc ends first or after timeout seconds."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def logged(workdir, step) -> bool:
+    """The run in workdir has written a metrics record at step or later."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    return os.path.exists(path) and any(r["step"] >= step for r in read_jsonl(path))
 
 
 def train_tokenizer(path, texts, vocab_size: int = 120) -> str:

@@ -7,12 +7,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from faults import digest
+from faults import digest, logged, wait_for
 
 from skymoe_jax.checkpoint.manager import Checkpointer, DataPosition
 from skymoe_jax.cli import main
@@ -55,19 +54,6 @@ def _last_per_step(workdir):
     return {r["step"]: r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
 
 
-def _wait_for(predicate, proc, timeout=300):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.002)
-
-
-def _logged(workdir, step):
-    path = os.path.join(workdir, "metrics.jsonl")
-    return os.path.exists(path) and any(r["step"] >= step for r in read_jsonl(path))
-
-
 def test_default_data_resumes_exactly_from_a_mid_window_position():
     # The default window (4096 sequences over 8 streams) spans 256 steps, so step 30 is mid-window and the saved
     # packer state sits at a document boundary: the case grain's JSON state lost (see DataPosition).
@@ -101,7 +87,7 @@ def test_sigkill_after_step_37_resumes_bit_for_bit(tmp_path, asynchronous):
     proc = subprocess.Popen(
         _cmd(killed, *flags, model=TINY_MODEL), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
     )
-    _wait_for(lambda: _logged(killed, 37) and (killed / "checkpoints" / "30").is_dir(), proc)
+    wait_for(lambda: logged(killed, 37) and (killed / "checkpoints" / "30").is_dir(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert Checkpointer(killed).latest_step() in (30, 40) and not (killed / "checkpoints" / "40").is_dir()
@@ -137,7 +123,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
         names = os.listdir(ckpts) if ckpts.is_dir() else []
         return "5" in names and any(n.startswith("10.") and "tmp" in n for n in names)
 
-    _wait_for(saving_10, proc)
+    wait_for(saving_10, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert Checkpointer(workdir).latest_step() == 5
@@ -163,7 +149,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
         text=True,
         env=_env(),
     )
-    _wait_for(lambda: _logged(workdir, 3), proc)
+    wait_for(lambda: logged(workdir, 3), proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from conftest import own_stderr
-from faults import digest
+from faults import digest, logged, wait_for
 
 from skymoe_jax.checkpoint.manager import Checkpointer
 from skymoe_jax.metrics.writers import read_jsonl
@@ -31,19 +31,6 @@ def _env(**extra):
     return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **extra}
 
 
-def _wait_for(predicate, proc, timeout=300):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def _logged(workdir, step):
-    path = os.path.join(workdir, "metrics.jsonl")
-    return os.path.exists(path) and any(r["step"] >= step for r in read_jsonl(path))
-
-
 def _one_line(stderr: str) -> str:
     lines = own_stderr(stderr).strip().splitlines()
     assert len(lines) == 1, stderr
@@ -59,7 +46,7 @@ def test_a_live_workdir_refuses_a_second_run_and_a_killed_runs_lock_is_taken_ove
         env=_env(),
     )
     try:
-        _wait_for(lambda: _logged(workdir, 2), first)
+        wait_for(lambda: logged(workdir, 2), first)
         first.send_signal(signal.SIGSTOP)  # alive and holding the lock, but writing nothing while we look
         before = digest(workdir)
         second = subprocess.run(_train(workdir), capture_output=True, text=True, env=_env(), timeout=600)
@@ -180,7 +167,7 @@ def test_a_killed_peer_ends_the_run_within_the_peer_timeout(tmp_path):
         env=_env(SKYMOE_LOG_DIR=str(tmp_path / "logs")),
     )
     try:
-        _wait_for(lambda: _logged(workdir, 2), launcher)
+        wait_for(lambda: logged(workdir, 2), launcher)
         [peer] = [p for p in _children(launcher.pid) if _process_id(p) == "1"]
         killed = time.monotonic()
         os.kill(peer, signal.SIGKILL)
