@@ -131,7 +131,7 @@ class Checkpointer:
             failure = self._failed(step, e)
         if failure is not None:  # raised outside the handler, so it holds no reference to orbax's failed writes
             raise failure
-        self._in_flight = step if self.saving() else None
+        self._in_flight = step  # an asynchronous save's failure surfaces at the next wait
 
     def kept(self) -> str:
         """What a failed run leaves to resume from, for its last line."""
