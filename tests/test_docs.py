@@ -1,5 +1,5 @@
 """The documentation stays true to the code: docs/cli.md is every command's --help as the commands print it, and
-the README and docs/ pages link only to files that exist."""
+the README and docs/ pages link only to files and headings that exist."""
 
 import pathlib
 import re
@@ -23,13 +23,23 @@ def test_cli_reference_is_every_commands_help():
     assert "this machine's cores" in expected  # machine-dependent defaults are stated, not this machine's values
 
 
-def test_readme_and_docs_link_to_files_that_exist():
+def _anchors(page: pathlib.Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    headings = re.findall(r"^#+ (.+)$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_readme_and_docs_link_to_files_and_headings_that_exist():
     pages = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *sorted((ROOT / "docs").glob("*.md"))]
-    missing = []
+    broken = []
     for page in pages:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
             if "://" in target or target.startswith("mailto:"):
                 continue
-            if not (page.parent / target).exists():
-                missing.append(f"{page.relative_to(ROOT)} -> {target}")
-    assert not missing, "links to missing files: " + ", ".join(missing)
+            path = (page.parent / target) if target else page
+            if not path.exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+            elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+                broken.append(f"{page.relative_to(ROOT)} -> {target}#{anchor}")
+    assert not broken, "links to missing files or headings: " + ", ".join(broken)
