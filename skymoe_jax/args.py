@@ -22,6 +22,7 @@ from skymoe_jax.errors import ConfigError
 class Flag:
     default: object  # its type is the flag's: bool, int, float, str, or list (a repeated string flag)
     help: str
+    shown: str = ""  # the default as --help states it where it is worked out (the machine's cores, a GPU, a name)
 
 
 class Help(Exception):  # noqa: N818 - a request, not an error
@@ -123,7 +124,9 @@ class Args:
     def help(self, about: str) -> str:
         lines = [f"usage: skymoe {self._command} [flags]", "", about, "", "flags:"]
         for name, flag in self._flags.items():
-            default = str(flag.default).lower() if isinstance(flag.default, bool) else repr(flag.default)
+            default = flag.shown or (
+                str(flag.default).lower() if isinstance(flag.default, bool) else repr(flag.default)
+            )
             lines.append(f"  --{name}  {flag.help} (default: {default})")
         if self._takes_config:
             lines.append("  --config=PATH  a config file with get_config() (default: configs/default.py)")

@@ -2,7 +2,7 @@
 
     skymoe train  [--config=PATH] [--config.a.b=VALUE ...] [--workdir=DIR] [--stop_exit_code=N]
     skymoe config [--config=PATH | --workdir=DIR] [--config.a.b=VALUE ...] [--json]
-    skymoe eval   --workdir=DIR [--config.a.b=VALUE ...]
+    skymoe eval   --workdir=DIR [--config.a.b=VALUE ...] [--json]
     skymoe sample --workdir=DIR --prompt=TEXT [--max_tokens=N] [--temperature=T] [--top_p=P] [--seed=S]
                   [--tokenizer=byte|PATH]
     skymoe upcycle --dense=DIR --out=DIR [--config=MOE_CONFIG] [--config.a.b=VALUE ...]
@@ -10,12 +10,13 @@
     skymoe export-hf --workdir=DIR --out=DIR [--step=N] [--dtype=fp32|bf16] [--max_shard_size=5GB]
     skymoe advise --dense_params=N --dense_tokens=D --moe_tokens=D [--top_k=2] [--no_dense] [--json]
     skymoe params [--config=PATH] [--config.a.b=VALUE ...] [--mesh=PIPE,DATA,EXPERT] [--device_memory=80GB|H100-80GB]
-                  [--json]
+                  [--compile=cpu|A800-80GB|A100-80GB|H100-80GB|H200] [--json]
     skymoe plan   --devices=N --device=A800-80GB|A100-80GB|H100-80GB|H200 [--config=PATH] [--config.a.b=VALUE ...]
                   [--mfu=0.4] [--memory_fraction=0.9] [--top=10] [--json]
     skymoe bench step [--config=PATH] [--config.a.b=VALUE ...] [--steps=N] [--peer=hf] [--json]
     skymoe bench layers [--config=PATH] [--config.a.b=VALUE ...] [--repeats=N] [--json]
     skymoe bench data [--config=PATH] [--config.a.b=VALUE ...] [--workers=N] [--batches=N] [--json]
+    skymoe bench routing [--small] [--ragged] [--impls=xla,pallas] [--repeats=N] [--json]
     skymoe prepare-data --input=GLOB --tokenizer=PATH|byte --out=DIR [--format=text|jsonl] [--field=text]
                         [--workers=N] [--shard_docs=N]
     skymoe report --workdir=DIR [--compare DIR ...] [--out=DIR]
@@ -37,6 +38,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 
 from skymoe_jax.args import Args, Flag, Help
@@ -54,7 +56,9 @@ def _config(args: Args):
 
 TRAIN_ABOUT = "Train on a config (the built-in default without --config); resumes when --workdir holds checkpoints."
 TRAIN_FLAGS = {  # also read by the launch tests, which parse the commands in the launch manifests
-    "workdir": Flag("", "the run's directory: checkpoints, metrics.jsonl, config (default: runs/NAME)"),
+    "workdir": Flag(
+        "", "the run's directory: checkpoints, metrics.jsonl, config", shown="runs/NAME, the config's name"
+    ),
     "stop_exit_code": Flag(0, "exit status after a stop by signal, so a launcher restarts the run"),
 }
 
@@ -296,7 +300,7 @@ def cmd_advise(argv: Sequence[str]) -> int:
             "dense_tokens": Flag("", "tokens the dense checkpoint was trained on"),
             "moe_tokens": Flag("", "the MoE training budget in tokens"),
             "top_k": Flag(2, "experts per token"),
-            "ffn_share": Flag("", "share of the dense FLOPs in the FFN (default: the model family's)"),
+            "ffn_share": Flag("", "share of the dense FLOPs in the FFN", shown="the model family's"),
             "comm_overhead": Flag("", "MoE step-time overhead for all-to-all, as a fraction"),
             "no_dense": Flag(False, "there is no dense checkpoint yet (its training counts as a cost)"),
             "json": Flag(False, "print one JSON object"),
@@ -730,7 +734,7 @@ def cmd_report(argv: Sequence[str]) -> int:
         {
             "workdir": Flag("", "the run's workdir"),
             "compare": Flag([], "runs to overlay: --compare DIR ... or --compare=DIR, repeated"),
-            "out": Flag("", "where the figures go (default: WORKDIR/report)"),
+            "out": Flag("", "where the figures go", shown="WORKDIR/report"),
         },
     )
     compare = args.compare
@@ -775,7 +779,9 @@ def bench_data(argv: Sequence[str]) -> int:
         "bench data",
         "Time the input pipeline of a config in batches/s and tokens/s, against the step's rate.",
         {
-            "workers": Flag(os.cpu_count() or 1, "grain worker processes (0: in the main process)"),
+            "workers": Flag(
+                os.cpu_count() or 1, "grain worker processes (0: in the main process)", shown="this machine's cores"
+            ),
             "batches": Flag(512, "batches to read"),
             "step_tokens_per_sec": Flag("", "the train step's tokens/s, to say whether data keeps up"),
             "json": Flag(False, "print one JSON object"),
@@ -803,7 +809,7 @@ def cmd_prepare_data(argv: Sequence[str]) -> int:
             "out": Flag("", "a new directory for the shards and their metadata"),
             "format": Flag("text", "text (one document per file) or jsonl"),
             "field": Flag("text", "the JSON field holding a document's text (jsonl)"),
-            "workers": Flag(os.cpu_count() or 1, "tokenizing processes"),
+            "workers": Flag(os.cpu_count() or 1, "tokenizing processes", shown="this machine's cores"),
             "shard_docs": Flag(10_000, "documents per shard"),
         },
     )
@@ -859,6 +865,40 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 # Commands that run on devices join a multi-process run when the environment describes one.
 DISTRIBUTED = {"eval", "upcycle", "export-hf", "bench"}  # train joins the run itself, with its peer timeout
+
+
+REFERENCE = "docs/cli.md"  # written by tools/cli_reference.py; tests/test_docs.py keeps it equal to reference()
+
+
+def _help(command: Callable[[Sequence[str]], int], words: str) -> str:
+    try:
+        command(["--help"])
+    except Help as e:
+        return str(e)
+    raise AssertionError(f"skymoe {words} --help printed no help")
+
+
+def reference() -> str:
+    """The command-line reference (docs/cli.md) as markdown: `skymoe --help`, then every command's --help, the
+    bench subcommands' included, each verbatim in a text block. Runs no command; imports each one's modules."""
+    pages = [("skymoe", textwrap.dedent(USAGE))]
+    for name, command in COMMANDS.items():
+        pages.append((f"skymoe {name}", _help(command, name)))
+        if command is cmd_bench:
+            pages += [(f"skymoe bench {b}", _help(bench, f"bench {b}")) for b, bench in BENCHES.items()]
+    lines = [
+        "# Command-line reference",
+        "",
+        "Every `skymoe` command's `--help`, as the commands print it. Generated: after changing a command's flags "
+        "or help text, run `python tools/cli_reference.py` (tests/test_docs.py fails until this file matches). "
+        "Every command also reads `--flagfile=PATH`, one flag per line; config overrides are the fields of "
+        "`skymoe_jax/config.py`, which `skymoe config` prints with their values.",
+        "",
+        " · ".join(f"[`{title}`](#{title.replace(' ', '-')})" for title, _ in pages[1:]),
+    ]
+    for title, text in pages:
+        lines += ["", f"## {title}", "", "```text", text.rstrip(), "```"]
+    return "\n".join(lines) + "\n"
 
 
 def version() -> str:

@@ -148,7 +148,7 @@ def main(argv: Sequence[str]) -> int:
         "short configs/gpu_medium.py run, into one JSON file.",
         {
             "out": Flag("acceptance.json", "the JSON file to write"),
-            "reduced": Flag(not common.on_gpu(), "the CPU-sized version (the default without a GPU)"),
+            "reduced": Flag(not common.on_gpu(), "the CPU-sized version", shown="true without a GPU, false on one"),
         },
     )
     result = run(args.out, args.reduced)
