@@ -31,6 +31,8 @@ setup(
         "safetensors",
         "filelock>=3",  # JAX locks a size-bounded compilation cache with it (run/compile_cache.py, the tests' cache)
         "scipy-openblas64",  # the BLAS of the CPU weight-gradient kernel (kernels/cpu_matmul.py), apart from numpy's
+        # TensorBoard's event protos and record writer (metrics/tensorboard.py; the version the tests have seen)
+        "tensorboard>=2.21",
     ],
     # JAX versions the tests have seen: 0.10.2 (CPU, CI); not yet the GPU machine's 0.11.2. No upper bound: none is
     # known to break.
@@ -55,10 +57,8 @@ setup(
             "ipykernel>=6",
             "pyyaml>=6",
             "ruff>=0.6",
-            "tensorboardX>=2.6",
         ],  # pytest-xdist: the README's command runs the tests in 2 processes; pyyaml: tests/test_launch.py reads
-        # the Kubernetes manifest; ruff: test_lint; tensorboardX: test_metrics decodes the event files with its
-        # protobuf and CRC (an independent reader of metrics/tensorboard.py's files)
+        # the Kubernetes manifest; ruff: test_lint
         # Only for tests/test_hf_import.py, which compares imported models with transformers' PyTorch ones.
         "hf": ["torch>=2.4", "transformers>=4.45"],
     },

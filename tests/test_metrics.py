@@ -6,7 +6,6 @@ test_router.py and test_moe_block.py.)"""
 
 import glob
 import os
-import struct
 import subprocess
 import sys
 
@@ -16,15 +15,13 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
-from tensorboardX.crc32c import crc32c as reference_crc32c
-from tensorboardX.proto import event_pb2
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
 import skymoe_jax
 from skymoe_jax.cli import main
 from skymoe_jax.config import base_config, validate
 from skymoe_jax.metrics.flops import flops_per_token, mfu, peak_flops
 from skymoe_jax.metrics.similarity import expert_similarity, layer_similarity
-from skymoe_jax.metrics.tensorboard import crc32c
 from skymoe_jax.metrics.writers import JsonlWriter, read_jsonl
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import build_model
@@ -175,50 +172,37 @@ def test_logged_similarity_matches_the_checkpointed_experts(run):
     np.testing.assert_allclose(records[-1]["expert_similarity"], expected, atol=1e-5)
 
 
-def _masked(data: bytes) -> int:
-    crc = reference_crc32c(data)  # TFRecord's checksum mask, from its specification
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 def _tensorboard_scalars(logdir: str) -> dict[tuple[str, int], float]:
-    """Every scalar in the event files, read with the TFRecord framing (checksums checked with tensorboardX's
-    CRC-32C) and tensorboardX's Event protobuf."""
+    """Every scalar in the event files, as TensorBoard's own loader reads them (it drops a record whose checksum
+    does not match, which the tests' expected values then miss)."""
     out = {}
     for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
-        with open(path, "rb") as f:
-            data = f.read()
-        offset = 0
-        while offset < len(data):
-            header, (length_crc,) = data[offset : offset + 8], struct.unpack("<I", data[offset + 8 : offset + 12])
-            (length,) = struct.unpack("<Q", header)
-            record = data[offset + 12 : offset + 12 + length]
-            (record_crc,) = struct.unpack("<I", data[offset + 12 + length : offset + 16 + length])
-            assert (length_crc, record_crc) == (_masked(header), _masked(record)), f"bad checksum in {path}"
-            event = event_pb2.Event.FromString(record)
-            offset += 12 + length + 4  # length, its CRC, the record, its CRC
+        for event in LegacyEventFileLoader(path).Load():
             for value in event.summary.value:
                 out[value.tag, event.step] = value.simple_value
     return out
 
 
-def test_crc32c_check_value():
-    assert crc32c(b"123456789") == 0xE3069283 == reference_crc32c(b"123456789")  # the CRC-32C catalogue's
-
-
-def test_tensorboard_writer_reads_back_without_pytorch(tmp_path):
-    # tensorboardX imports PyTorch where it is installed (217 MiB resident); the writer needs neither.
+def test_tensorboard_writer_reads_back_without_tensorflow_or_pytorch(tmp_path):
+    # tensorboardX imports PyTorch where it is installed (217 MiB resident), and tensorboard's EventFileWriter
+    # TensorFlow; the writer needs neither. An empty stand-in for TensorFlow shows an import where it is not installed.
+    (tmp_path / "stand_in" / "tensorflow").mkdir(parents=True)
+    (tmp_path / "stand_in" / "tensorflow" / "__init__.py").write_text("")
+    logdir = str(tmp_path / "tensorboard")
     script = (
         "import sys\n"
         "from skymoe_jax.metrics.tensorboard import TensorBoardWriter\n"
-        f"w = TensorBoardWriter({str(tmp_path)!r})\n"
+        f"w = TensorBoardWriter({logdir!r})\n"
         "w.write({'step': 7, 'loss': 2.5, 'drop_rate': [0.25, float('nan')], 'expert_load': [[1.0, 3.0]]})\n"
         "w.write({'step': 300, 'loss': float('inf'), 'eval_loss': 1.875})\n"
         "w.close()\n"
-        "print(sorted(m for m in ('torch', 'tensorboardX') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'tensorboardX', 'tensorflow') if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    path = os.pathsep.join(p for p in (str(tmp_path / "stand_in"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     assert result.stdout.strip() == "[]"
-    assert _tensorboard_scalars(str(tmp_path)) == {
+    assert _tensorboard_scalars(logdir) == {
         ("loss", 7): 2.5,
         ("drop_rate/layer_0", 7): 0.25,
         ("drop_rate/mean", 7): 0.25,
