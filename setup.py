@@ -42,6 +42,10 @@ setup(
         # Compiling for GPUs without one (`skymoe params --compile=A800-80GB`, the XLA:GPU tests): JAX's CUDA plugin
         # at jaxlib's version, without CUDA's libraries; run it with JAX_PLATFORMS=cpu where there is no GPU.
         "aot": ["jax[cuda12-local]>=0.10.2"],
+        # Experiment trackers (metrics.wandb, metrics.mlflow; docs/trackers.md), at the versions the tests have seen.
+        # MLflow's client without its server and UI: a run logs to a tracking server or a local store.
+        "wandb": ["wandb>=0.31"],
+        "mlflow": ["mlflow-skinny>=3.18"],
         # `skymoe report` and the figures in the notebook.
         "report": ["matplotlib>=3.8"],
         # notebooks/quickstart.ipynb: figures, and ipywidgets for rich's progress bar in Jupyter.

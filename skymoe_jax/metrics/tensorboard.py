@@ -44,7 +44,7 @@ class TensorBoardWriter:
         self._records.write(event.SerializeToString())
         self._records.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self._records is not None:
             self._records.close()
             self._records = None

@@ -1,7 +1,8 @@
 """Metric writers: metrics.jsonl (one JSON object per logged step) and the console
-progress bar (TensorBoard: tensorboard.py). Only process 0 writes.
+progress bar (TensorBoard: tensorboard.py; W&B and MLflow: wandb_writer.py, mlflow_writer.py). Only process 0
+writes.
 
-The TensorBoard writer takes a record as named scalars (`scalars`): a scalar keeps its
+The writers other than metrics.jsonl take a record as named scalars (`scalars`): a scalar keeps its
 metrics.jsonl key (`loss`, `mfu`); a per-MoE-layer list becomes `KEY/layer_I` (I: the I-th MoE layer, as in the
 JSONL lists) plus `KEY/mean` over layers; `expert_load` becomes `expert_load/layer_I/expert_J`. Non-finite values
 (null in metrics.jsonl) are left out.
@@ -72,7 +73,8 @@ class JsonlWriter:
             while data:
                 data = data[os.write(self._fd, data) :]
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the file. `failed` (the training ended by an exception) is for the trackers, which mark their run."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
