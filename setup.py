@@ -31,6 +31,8 @@ setup(
         "safetensors",
         "filelock>=3",  # JAX locks a size-bounded compilation cache with it (run/compile_cache.py, the tests' cache)
         "scipy-openblas64",  # the BLAS of the CPU weight-gradient kernel (kernels/cpu_matmul.py), apart from numpy's
+        # TensorBoard's event protos and record writer (metrics/tensorboard.py; the version the tests have seen)
+        "tensorboard>=2.21",
     ],
     # JAX versions the tests have seen: 0.10.2 (CPU, CI); not yet the GPU machine's 0.11.2. No upper bound: none is
     # known to break.
@@ -40,6 +42,10 @@ setup(
         # Compiling for GPUs without one (`skymoe params --compile=A800-80GB`, the XLA:GPU tests): JAX's CUDA plugin
         # at jaxlib's version, without CUDA's libraries; run it with JAX_PLATFORMS=cpu where there is no GPU.
         "aot": ["jax[cuda12-local]>=0.10.2"],
+        # Experiment trackers (metrics.wandb, metrics.mlflow; docs/trackers.md), at the versions the tests have seen.
+        # MLflow's client without its server and UI: a run logs to a tracking server or a local store.
+        "wandb": ["wandb>=0.31"],
+        "mlflow": ["mlflow-skinny>=3.18"],
         # `skymoe report` and the figures in the notebook.
         "report": ["matplotlib>=3.8"],
         # notebooks/quickstart.ipynb: figures, and ipywidgets for rich's progress bar in Jupyter.
@@ -55,10 +61,8 @@ setup(
             "ipykernel>=6",
             "pyyaml>=6",
             "ruff>=0.6",
-            "tensorboardX>=2.6",
         ],  # pytest-xdist: the README's command runs the tests in 2 processes; pyyaml: tests/test_launch.py reads
-        # the Kubernetes manifest; ruff: test_lint; tensorboardX: test_metrics decodes the event files with its
-        # protobuf and CRC (an independent reader of metrics/tensorboard.py's files)
+        # the Kubernetes manifest; ruff: test_lint
         # Only for tests/test_hf_import.py, which compares imported models with transformers' PyTorch ones.
         "hf": ["torch>=2.4", "transformers>=4.45"],
     },

@@ -174,6 +174,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.metrics.tensorboard = True  # TensorBoard event files under WORKDIR/tensorboard
     # MFU denominator; 0 = the data-sheet table in metrics/flops.py by device kind (no MFU where unknown, e.g. CPU)
     c.metrics.peak_flops_per_device = 0.0
+    # Experiment trackers (docs/trackers.md), each an extra: the metrics records and this config, from process 0,
+    # into one tracker run per workdir that a resumed run goes on with (WORKDIR/trackers.json).
+    c.metrics.wandb = ml_collections.ConfigDict()
+    # Weights & Biases project; '' = no W&B. Entity, API key and WANDB_MODE=offline come from W&B's environment.
+    c.metrics.wandb.project = ""
+    c.metrics.wandb.name = ""  # the run's display name; '' = the workdir's folder name
+    c.metrics.wandb.tags = ""  # comma-separated, e.g. 'ablation,edp'
+    c.metrics.mlflow = ml_collections.ConfigDict()
+    c.metrics.mlflow.experiment = ""  # MLflow experiment, made if missing; '' = no MLflow
+    # '' = MLFLOW_TRACKING_URI, else MLflow's default (a SQLite file, which needs the full mlflow package)
+    c.metrics.mlflow.tracking_uri = ""
     return c
 
 
@@ -434,6 +445,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"metrics.peak_flops_per_device={peak!r} must be >= 0 (FLOP/s of one device, e.g. 989e12; 0 = table)",
     )
 
+    _validate_trackers(c)
     _validate_pipeline(c)
 
     d = c.data
@@ -454,6 +466,47 @@ def validate(c: ml_collections.ConfigDict) -> None:
         d.tokenizer == "byte" or os.path.isfile(d.tokenizer),
         f"data.tokenizer={d.tokenizer!r}: no such file; give 'byte' or a Hugging Face tokenizer.json path",
     )
+
+
+def _validate_trackers(c: ml_collections.ConfigDict) -> None:
+    w, m = c.metrics.wandb, c.metrics.mlflow
+    if any(ch in w.project for ch in "/\\#?%:"):
+        raise ConfigError(
+            f"metrics.wandb.project={w.project!r} may not contain / \\ # ? % : (W&B's rule); the entity (team) "
+            "goes in WANDB_ENTITY"
+        )
+    if (w.name or w.tags) and not w.project:
+        raise ConfigError(
+            "metrics.wandb.name and metrics.wandb.tags need metrics.wandb.project, the W&B project to log to"
+        )
+    for tag in wandb_tags(w.tags):
+        if len(tag) > 64:
+            raise ConfigError(f"metrics.wandb.tags: the tag {tag!r} is longer than W&B's 64 characters; shorten it")
+    if m.tracking_uri and not m.experiment:
+        raise ConfigError(
+            "metrics.mlflow.tracking_uri needs metrics.mlflow.experiment, the MLflow experiment to log to"
+        )
+
+
+def wandb_tags(tags: str) -> list[str]:
+    """metrics.wandb.tags 'a, b,' -> ['a', 'b'] (a string: command-line overrides take plain values)."""
+    return [t.strip() for t in tags.split(",") if t.strip()]
+
+
+def require_extras(c: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError where a tracker is on and its package is not installed. Checked when a run starts, not in
+    validate(): a checkpoint's config is validated wherever the model is loaded, trackers or not."""
+    import importlib.util
+
+    # A tracker's config section, its module and the extra that installs it share its name.
+    for tracker, field in (("wandb", "project"), ("mlflow", "experiment")):
+        value = c.metrics[tracker][field]
+        if value and importlib.util.find_spec(tracker) is None:
+            key = f"metrics.{tracker}.{field}"
+            raise ConfigError(
+                f"{key}={value!r} needs {tracker}, which is not installed: pip install 'skymoe-jax[{tracker}]' "
+                f"(pip install -e '.[{tracker}]' in a clone), or set {key}=''"
+            )
 
 
 def _validate_pipeline(c: ml_collections.ConfigDict) -> None:

@@ -36,6 +36,11 @@ class RunFailure(Exception):
     as one line and exits 1."""
 
 
+class TrackerError(Exception):
+    """An experiment tracker (W&B, MLflow) refused to open a run or to take a record. The run reports it as a failed
+    metrics write (`write_failed`); the message is the tracker's own first line."""
+
+
 def first_line(e: BaseException, lines: int = 1, limit: int | None = None) -> str:
     """The start of a library exception's message, to quote inside one of ours: its first `lines` lines joined,
     at most `limit` characters (the exception type's name when it has no message)."""

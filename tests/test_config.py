@@ -1,7 +1,10 @@
 """Config loading, overrides and validation messages."""
 
+import sys
+
 import pytest
 
+import skymoe_jax
 from skymoe_jax.config import apply_overrides, base_config, load_config, shape_changes
 from skymoe_jax.errors import ConfigError
 
@@ -46,6 +49,9 @@ def test_the_last_value_of_a_repeated_override_wins():
         ("--config.data.tokenizer=/no/such/tokenizer.json", "data.tokenizer"),
         ("--config.data.read_ahead=0", "data.read_ahead=0 must be a positive integer"),
         ("--config.data.read_threads=-1", "data.read_threads=-1 must be a non-negative integer"),
+        ("--config.metrics.wandb.tags=ablation", "metrics.wandb.tags need metrics.wandb.project"),
+        ("--config.metrics.wandb.project=team/moe", "the entity (team) goes in WANDB_ENTITY"),
+        ("--config.metrics.mlflow.tracking_uri=http://mlflow:5000", "needs metrics.mlflow.experiment"),
     ],
 )
 def test_bad_overrides_name_the_field(override, needle):
@@ -53,6 +59,26 @@ def test_bad_overrides_name_the_field(override, needle):
         load_config("configs/default.py", [override])
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_long_wandb_tag_is_refused():
+    with pytest.raises(ConfigError, match="longer than W&B's 64 characters"):
+        load_config(
+            "configs/default.py", ["--config.metrics.wandb.project=p", f"--config.metrics.wandb.tags=a,{'x' * 65}"]
+        )
+
+
+@pytest.mark.parametrize("tracker,field", [("wandb", "project"), ("mlflow", "experiment")])
+def test_a_tracker_without_its_package_stops_the_run_before_it_starts(tracker, field, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, tracker, None)  # what an environment without the extra finds
+    config = load_config("configs/default.py", [f"--config.metrics.{tracker}.{field}=skymoe"])
+    with pytest.raises(ConfigError) as err:
+        skymoe_jax.train(config, str(tmp_path / "run"))
+    assert str(err.value) == (
+        f"metrics.{tracker}.{field}='skymoe' needs {tracker}, which is not installed: pip install "
+        f"'skymoe-jax[{tracker}]' (pip install -e '.[{tracker}]' in a clone), or set metrics.{tracker}.{field}=''"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_config_file_lists_builtins():

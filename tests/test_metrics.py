@@ -1,14 +1,18 @@
 """The observability metrics against computations written out here: expert similarity on
 hand-built experts and on a model's layers, FLOPs per token and MFU by hand, and what a short
-training run on an expert-parallel mesh logs to metrics.jsonl, TensorBoard and `skymoe report`.
+training run on an expert-parallel mesh logs to metrics.jsonl, TensorBoard, `skymoe report`, and
+W&B and MLflow (offline, read back from their local stores, across a failed run and its resume).
 (Max1/Max2, Max2/Max3, entropy, expert load and drop rate on hand-built routings are checked in
 test_router.py and test_moe_block.py.)"""
 
 import glob
+import importlib.util
+import json
 import os
 import struct
 import subprocess
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +20,15 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
-from tensorboardX.crc32c import crc32c as reference_crc32c
-from tensorboardX.proto import event_pb2
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
 import skymoe_jax
 from skymoe_jax.cli import main
-from skymoe_jax.config import base_config, validate
+from skymoe_jax.config import base_config, flatten, validate
+from skymoe_jax.errors import RunFailure
 from skymoe_jax.metrics.flops import flops_per_token, mfu, peak_flops
 from skymoe_jax.metrics.similarity import expert_similarity, layer_similarity
-from skymoe_jax.metrics.tensorboard import crc32c
-from skymoe_jax.metrics.writers import JsonlWriter, read_jsonl
+from skymoe_jax.metrics.writers import JsonlWriter, read_jsonl, scalars
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import build_model
 
@@ -175,50 +178,37 @@ def test_logged_similarity_matches_the_checkpointed_experts(run):
     np.testing.assert_allclose(records[-1]["expert_similarity"], expected, atol=1e-5)
 
 
-def _masked(data: bytes) -> int:
-    crc = reference_crc32c(data)  # TFRecord's checksum mask, from its specification
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 def _tensorboard_scalars(logdir: str) -> dict[tuple[str, int], float]:
-    """Every scalar in the event files, read with the TFRecord framing (checksums checked with tensorboardX's
-    CRC-32C) and tensorboardX's Event protobuf."""
+    """Every scalar in the event files, as TensorBoard's own loader reads them (it drops a record whose checksum
+    does not match, which the tests' expected values then miss)."""
     out = {}
     for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
-        with open(path, "rb") as f:
-            data = f.read()
-        offset = 0
-        while offset < len(data):
-            header, (length_crc,) = data[offset : offset + 8], struct.unpack("<I", data[offset + 8 : offset + 12])
-            (length,) = struct.unpack("<Q", header)
-            record = data[offset + 12 : offset + 12 + length]
-            (record_crc,) = struct.unpack("<I", data[offset + 12 + length : offset + 16 + length])
-            assert (length_crc, record_crc) == (_masked(header), _masked(record)), f"bad checksum in {path}"
-            event = event_pb2.Event.FromString(record)
-            offset += 12 + length + 4  # length, its CRC, the record, its CRC
+        for event in LegacyEventFileLoader(path).Load():
             for value in event.summary.value:
                 out[value.tag, event.step] = value.simple_value
     return out
 
 
-def test_crc32c_check_value():
-    assert crc32c(b"123456789") == 0xE3069283 == reference_crc32c(b"123456789")  # the CRC-32C catalogue's
-
-
-def test_tensorboard_writer_reads_back_without_pytorch(tmp_path):
-    # tensorboardX imports PyTorch where it is installed (217 MiB resident); the writer needs neither.
+def test_tensorboard_writer_reads_back_without_tensorflow_or_pytorch(tmp_path):
+    # tensorboardX imports PyTorch where it is installed (217 MiB resident), and tensorboard's EventFileWriter
+    # TensorFlow; the writer needs neither. An empty stand-in for TensorFlow shows an import where it is not installed.
+    (tmp_path / "stand_in" / "tensorflow").mkdir(parents=True)
+    (tmp_path / "stand_in" / "tensorflow" / "__init__.py").write_text("")
+    logdir = str(tmp_path / "tensorboard")
     script = (
         "import sys\n"
         "from skymoe_jax.metrics.tensorboard import TensorBoardWriter\n"
-        f"w = TensorBoardWriter({str(tmp_path)!r})\n"
+        f"w = TensorBoardWriter({logdir!r})\n"
         "w.write({'step': 7, 'loss': 2.5, 'drop_rate': [0.25, float('nan')], 'expert_load': [[1.0, 3.0]]})\n"
         "w.write({'step': 300, 'loss': float('inf'), 'eval_loss': 1.875})\n"
         "w.close()\n"
-        "print(sorted(m for m in ('torch', 'tensorboardX') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'tensorboardX', 'tensorflow') if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    path = os.pathsep.join(p for p in (str(tmp_path / "stand_in"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     assert result.stdout.strip() == "[]"
-    assert _tensorboard_scalars(str(tmp_path)) == {
+    assert _tensorboard_scalars(logdir) == {
         ("loss", 7): 2.5,
         ("drop_rate/layer_0", 7): 0.25,
         ("drop_rate/mean", 7): 0.25,
@@ -258,3 +248,198 @@ def test_report_on_the_finished_run(run, capsys):
     page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
     assert page.count("data:image/png;base64,") == len(stems)
     assert "| run |" in capsys.readouterr().out
+
+
+TRACKERS = [name for name in ("wandb", "mlflow") if importlib.util.find_spec(name)]
+
+
+def _needs(tracker: str):
+    return pytest.mark.skipif(
+        tracker not in TRACKERS, reason=f"the {tracker} extra is not installed: pip install -e '.[{tracker}]'"
+    )
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, run):
+    """The `run` fixture's training (the same programs, so the compilation cache has them) logging to the installed
+    trackers, offline: a metrics write fails at step 5, after the checkpoint at step 3, and the rerun resumes there.
+    Returns the workdir, the config, the JSONL records (steps 1-4, then 4-6 again) and the MLflow run's status after
+    the failure."""
+    root = tmp_path_factory.mktemp("tracked")
+    workdir = str(root / "tracked-run")
+    config = _config()
+    config.train.checkpoint_every = 3  # run on the host: the programs stay the same
+    for tracker in TRACKERS:
+        _log_to(config, tracker, root)
+    write = JsonlWriter.write
+
+    def disk_full_at_step_5(self, record):
+        if record["step"] == 5:
+            raise OSError(28, "No space left on device")
+        write(self, record)
+
+    status = None
+    with pytest.MonkeyPatch.context() as mp:
+        _offline(mp)
+        with mp.context() as failing:
+            failing.setattr(JsonlWriter, "write", disk_full_at_step_5)
+            with pytest.raises(RunFailure, match="writing the metrics of step 5 to .*metrics.jsonl failed"):
+                skymoe_jax.train(config, workdir)
+        if "mlflow" in TRACKERS:
+            status = _mlflow(config).get_run(_run_ids(workdir)["mlflow"]).info.status
+        skymoe_jax.train(config, workdir)
+    return workdir, config, read_jsonl(os.path.join(workdir, "metrics.jsonl")), status
+
+
+def _log_to(config, tracker: str, root) -> None:
+    if tracker == "wandb":
+        config.metrics.wandb.update(project="skymoe-tests", tags="ci, resume")
+    else:
+        config.metrics.mlflow.update(experiment="skymoe-tests", tracking_uri=(root / "mlruns").as_uri())
+
+
+def _offline(mp: pytest.MonkeyPatch) -> None:
+    mp.setenv("WANDB_MODE", "offline")
+    # MLflow 3 refuses its file store unless asked: the tests' stand-in for a tracking server.
+    mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def _writer(tracker: str):
+    if tracker == "wandb":
+        from skymoe_jax.metrics.wandb_writer import WandbWriter
+
+        return WandbWriter
+    from skymoe_jax.metrics.mlflow_writer import MlflowWriter
+
+    return MlflowWriter
+
+
+def _run_ids(workdir: str) -> dict[str, str]:
+    with open(os.path.join(workdir, "trackers.json"), encoding="utf-8") as f:
+        return {tracker: entry["id"] for tracker, entry in json.load(f).items()}
+
+
+def _mlflow(config):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(config.metrics.mlflow.tracking_uri)
+
+
+def _wandb_records(path: str) -> list:
+    """The records of a W&B run file (.wandb): LevelDB's log format (32 KiB blocks of chunks, each with its CRC-32,
+    length and kind) after a 7-byte header, each record one `Record` protobuf of wandb's."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = open(path, "rb").read()
+    assert data[:7] == struct.pack("<4sHB", b":W&B", 0xBEE1, 0)
+    records, pending, offset, block = [], b"", 7, 32768
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a chunk header is padding
+            offset += block - offset % block
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        chunk = data[offset + 7 : offset + 7 + length]
+        assert crc == zlib.crc32(bytes([kind]) + chunk), f"bad checksum at {offset} in {path}"
+        offset += 7 + length
+        pending += chunk
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            records.append(Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def _wandb_items(items) -> dict:
+    """W&B's (key, JSON value) items as a dict, without W&B's own keys (`_step`, `_wandb`); wandb-core writes a key
+    as a nested key of one part."""
+    pairs = ((item.key or ".".join(item.nested_key), json.loads(item.value_json)) for item in items)
+    return {key: value for key, value in pairs if not key.startswith("_")}
+
+
+def _wandb_parts(workdir: str) -> list[list]:
+    """The records of each start of the run (the first start and each resume), in order."""
+    parts = [_wandb_records(path) for path in glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "*.wandb"))]
+    return sorted(parts, key=lambda part: next(r.run.start_time.ToNanoseconds() for r in part if r.HasField("run")))
+
+
+@_needs("wandb")
+def test_wandb_run_holds_every_record_and_the_config_across_a_resume(tracked):
+    workdir, config, records, _ = tracked
+    parts = _wandb_parts(workdir)
+    assert len(parts) == 2
+    runs = [r.run for part in parts for r in part if r.HasField("run")]
+    assert {run.run_id for run in runs} == {_run_ids(workdir)["wandb"]}
+    assert {(run.project, run.display_name) for run in runs} == {("skymoe-tests", "tracked-run")}
+    assert list(runs[0].tags) == ["ci", "resume"]
+    history = [
+        (r.history.step.num, _wandb_items(r.history.item)) for part in parts for r in part if r.HasField("history")
+    ]
+    assert [step for step, _ in history] == [r["step"] for r in records] == [1, 2, 3, 4, 4, 5, 6]
+    assert [values for _, values in history] == [dict(scalars(r)) for r in records]
+    assert "drop_rate/layer_1" in history[0][1] and "expert_similarity/layer_1" in history[2][1]
+    assert _wandb_items(runs[0].config.update) == json.loads(json.dumps(dict(flatten(config))))  # tuples as JSON lists
+    exits = [r.exit.exit_code for part in parts for r in part if r.HasField("exit")]
+    assert exits == [1, 0]  # the failed start, then the resumed one that finished
+
+
+@_needs("mlflow")
+def test_mlflow_run_holds_every_record_and_the_config_across_a_resume(tracked):
+    workdir, config, records, failed_status = tracked
+    client = _mlflow(config)
+    experiment = client.get_experiment_by_name("skymoe-tests")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [run.info.run_id for run in runs] == [_run_ids(workdir)["mlflow"]]
+    run = runs[0]
+    assert (run.info.run_name, failed_status, run.info.status) == ("tracked-run", "FAILED", "FINISHED")
+    expected = [dict(scalars(r)) for r in records]
+    for name in set().union(*expected):
+        history = client.get_metric_history(run.info.run_id, name)
+        want = [(r["step"], values[name]) for r, values in zip(records, expected) if name in values]
+        assert [(m.step, m.value) for m in history] == want, name
+    assert run.data.params == {key: str(value) for key, value in flatten(config)}
+
+
+@pytest.mark.parametrize("tracker", [pytest.param(t, marks=_needs(t)) for t in ("wandb", "mlflow")])
+def test_tracker_writers_leave_out_non_finite_values(tracker, tmp_path, monkeypatch):
+    _offline(monkeypatch)
+    config = _config()
+    _log_to(config, tracker, tmp_path)
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    writer = _writer(tracker)(config, workdir)
+    writer.write({"step": 1, "loss": float("nan"), "eval_loss": 2.0, "drop_rate": [0.5, float("inf")]})
+    writer.close()
+    if tracker == "wandb":
+        [part] = _wandb_parts(workdir)
+        logged = [_wandb_items(r.history.item) for r in part if r.HasField("history")]
+    else:
+        logged = [_mlflow(config).get_run(_run_ids(workdir)["mlflow"]).data.metrics]  # the one step's values
+    assert logged == [{"eval_loss": 2.0, "drop_rate/layer_0": 0.5}]
+
+
+def test_trackers_log_nothing_from_other_processes(tmp_path, monkeypatch):
+    if not TRACKERS:
+        pytest.skip("neither the wandb nor the mlflow extra is installed: pip install -e '.[wandb,mlflow]'")
+    _offline(monkeypatch)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    config = _config()
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    for tracker in TRACKERS:
+        _log_to(config, tracker, tmp_path)
+        writer = _writer(tracker)(config, str(workdir))
+        writer.write({"step": 1, "loss": 2.5})
+        writer.close()
+    assert sorted(os.listdir(tmp_path)) == ["run"] and not os.listdir(workdir)  # no W&B files, no MLflow store
+
+
+@_needs("mlflow")
+def test_a_tracker_that_refuses_its_run_stops_the_training_in_one_line(tmp_path, run, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # MLflow 3 then refuses a folder store
+    config = _config()
+    _log_to(config, "mlflow", tmp_path)
+    with pytest.raises(RunFailure) as err:
+        skymoe_jax.train(config, str(tmp_path / "run"))
+    message = str(err.value)
+    assert message.startswith("opening the MLflow run of experiment skymoe-tests failed: The filesystem tracking")
+    assert message.endswith("no checkpoint was kept; fix the cause, then run the same command to resume")
+    assert "\n" not in message

@@ -1,5 +1,12 @@
 """Metric writers: metrics.jsonl (one JSON object per logged step) and the console
-progress bar (TensorBoard: tensorboard.py). Only process 0 writes."""
+progress bar (TensorBoard: tensorboard.py; W&B and MLflow: wandb_writer.py, mlflow_writer.py). Only process 0
+writes.
+
+The writers other than metrics.jsonl take a record as named scalars (`scalars`): a scalar keeps its
+metrics.jsonl key (`loss`, `mfu`); a per-MoE-layer list becomes `KEY/layer_I` (I: the I-th MoE layer, as in the
+JSONL lists) plus `KEY/mean` over layers; `expert_load` becomes `expert_load/layer_I/expert_J`. Non-finite values
+(null in metrics.jsonl) are left out.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -22,6 +30,30 @@ def to_json_value(value: Any) -> Any:
     if isinstance(item, float) and not math.isfinite(item):
         return None
     return item
+
+
+def scalars(record: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    """(name, value) for every finite number in a metrics record, except the step."""
+    for name, value in _all_scalars(record):
+        if math.isfinite(value):
+            yield name, value
+
+
+def _all_scalars(record: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    """(name, value) for every number, finite or not."""
+    for key, value in record.items():
+        if key == "step":
+            continue
+        array = np.asarray(value, dtype=np.float64)
+        if array.ndim == 0:
+            yield key, float(array)
+        elif array.ndim == 1:
+            yield from ((f"{key}/layer_{i}", float(v)) for i, v in enumerate(array))
+            if np.isfinite(array).any():
+                yield f"{key}/mean", float(np.nanmean(array))
+        else:
+            for index in np.ndindex(array.shape):
+                yield key + "".join(f"/{axis}_{i}" for axis, i in zip(("layer", "expert"), index)), float(array[index])
 
 
 class JsonlWriter:
@@ -41,7 +73,8 @@ class JsonlWriter:
             while data:
                 data = data[os.write(self._fd, data) :]
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the file. `failed` (the training ended by an exception) is for the trackers, which mark their run."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

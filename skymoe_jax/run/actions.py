@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from skymoe_jax.checkpoint.manager import Checkpointer
-from skymoe_jax.errors import TrainingError, write_failed
+from skymoe_jax.errors import TrackerError, TrainingError, write_failed
 from skymoe_jax.metrics.flops import mfu
 from skymoe_jax.training.preemption import StopSignals
 
@@ -146,7 +146,7 @@ class Recorder:
         for writer in self.writers:
             try:
                 writer.write(record)
-            except OSError as e:
+            except (OSError, TrackerError) as e:
                 raise write_failed(
                     f"writing the metrics of step {due.step} to {writer.path}", e, self.ckpt.kept()
                 ) from None

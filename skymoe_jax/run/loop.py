@@ -16,8 +16,9 @@ import numpy as np
 
 from skymoe_jax.checkpoint.initial import initial_state
 from skymoe_jax.checkpoint.manager import Checkpointer
+from skymoe_jax.config import require_extras
 from skymoe_jax.data.inputs import make_datasets
-from skymoe_jax.errors import write_failed
+from skymoe_jax.errors import TrackerError, write_failed
 from skymoe_jax.metrics.flops import flops_per_token, peak_flops, pipeline_utilization, stage_flops_per_token
 from skymoe_jax.metrics.similarity import similarity_fn
 from skymoe_jax.metrics.tensorboard import TensorBoardWriter
@@ -60,6 +61,7 @@ def _live(record: dict[str, Any]) -> str:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or resume) in workdir; returns the final summary. Writes WORKDIR/metrics.jsonl."""
     t = config.train
+    require_extras(config)  # a tracker whose package is missing stops here, before anything starts
     compile_cache.enable(t.compilation_cache_dir)
     runtime = runtime_lib.build(config)  # a mesh that does not fit stops here
     train_ds, val_ds = _datasets(config)  # and bad data here, before anything is written
@@ -129,6 +131,7 @@ def _train(
     )
     actions = [guard, recorder, Saver(ckpt, config, train_iter)]
     trim_due = False
+    failed = False
     try:
         with StopSignals(t.stop_check_every, functools.partial(_give_up, ckpt, lock)) as signals:
             schedule = Schedule(t, ckpt, signals, config.metrics.similarity_every if similarity else 0)
@@ -157,10 +160,13 @@ def _train(
                         f"saved checkpoint {ckpt.path(step)}; run the same command to resume"
                     )
                     return {"steps": step, "stopped": True, "workdir": workdir}
+    except BaseException:
+        failed = True  # the trackers mark their run failed
+        raise
     finally:
         ckpt.close()
         for writer in writers:
-            writer.close()
+            writer.close(failed)
         console.close()
 
     summary = {
@@ -190,14 +196,28 @@ def _give_up(ckpt: Checkpointer, lock: workdir_lock.WorkdirLock | None, signal_n
 
 
 def _writers(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) -> list:
-    paths = [os.path.join(workdir, "metrics.jsonl")]
-    try:
-        writers = [JsonlWriter(paths[-1])]
-        if config.metrics.tensorboard:
-            paths.append(os.path.join(workdir, "tensorboard"))
-            writers.append(TensorBoardWriter(paths[-1]))
-    except OSError as e:
-        raise write_failed(f"opening {paths[-1]}", e, ckpt.kept()) from None
+    m = config.metrics
+    jsonl, tensorboard = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "tensorboard")
+    opening = [(jsonl, lambda: JsonlWriter(jsonl))]
+    if m.tensorboard:
+        opening.append((tensorboard, lambda: TensorBoardWriter(tensorboard)))
+    # The trackers' modules import their optional packages, so they are imported only when asked for.
+    if m.wandb.project:
+        from skymoe_jax.metrics.wandb_writer import WandbWriter
+
+        opening.append((f"the W&B run of project {m.wandb.project}", lambda: WandbWriter(config, workdir)))
+    if m.mlflow.experiment:
+        from skymoe_jax.metrics.mlflow_writer import MlflowWriter
+
+        opening.append((f"the MLflow run of experiment {m.mlflow.experiment}", lambda: MlflowWriter(config, workdir)))
+    writers = []
+    for what, open_writer in opening:
+        try:
+            writers.append(open_writer())
+        except (OSError, TrackerError) as e:
+            for opened in writers:  # a tracker run opened before this one ends as failed
+                opened.close(failed=True)
+            raise write_failed(f"opening {what}", e, ckpt.kept()) from None
     return writers
 
 
