@@ -443,3 +443,12 @@ def test_a_tracker_that_refuses_its_run_stops_the_training_in_one_line(tmp_path,
     assert message.startswith("opening the MLflow run of experiment skymoe-tests failed: The filesystem tracking")
     assert message.endswith("no checkpoint was kept; fix the cause, then run the same command to resume")
     assert "\n" not in message
+
+
+def test_a_damaged_tracker_runs_file_is_one_sentence(tmp_path):
+    from skymoe_jax.errors import CheckpointError
+    from skymoe_jax.metrics.trackers import RUNS_FILE, stored_run
+
+    (tmp_path / RUNS_FILE).write_text('{"wandb": {"id": ')
+    with pytest.raises(CheckpointError, match=r"trackers.json cannot be read .*; remove it, and the run logs to new"):
+        stored_run(str(tmp_path), "wandb", {"project": "p"})

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from skymoe_jax.errors import CheckpointError, first_line
+
 RUNS_FILE = "trackers.json"
 
 
@@ -17,9 +19,14 @@ def stored_run(workdir: str, tracker: str, destination: dict[str, str]) -> str |
     path = os.path.join(workdir, RUNS_FILE)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        entry = json.load(f).get(tracker)
-    return entry["id"] if entry and entry["destination"] == destination else None
+    try:
+        with open(path, encoding="utf-8") as f:
+            entry = json.load(f).get(tracker)
+        return entry["id"] if entry and entry["destination"] == destination else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{path} cannot be read ({first_line(e, limit=200)}); remove it, and the run logs to new tracker runs"
+        ) from None
 
 
 def store_run(workdir: str, tracker: str, destination: dict[str, str], run_id: str) -> None:
