@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (router always float32)
     c.model.param_dtype = "float32"
     c.model.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
+    # RMSNorm of the queries and keys before the rotary embedding: none | head (each head's, Qwen3) | full (all
+    # heads' together, OLMoE)
+    c.model.qk_norm = "none"
     # auto: chunked (memory linear in the sequence; see model/chunked_attention.py) from 512 tokens on the CPU
     # and 1024 elsewhere; below, blocked on the CPU (model/blocked_attention.py) and xla elsewhere
     # auto | xla (dense [S, S] scores) | blocked | chunked | pallas (Triton flash) | cpu (C++ kernel, float32)
@@ -268,6 +271,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "model.attention_impl": ("auto", "xla", "blocked", "chunked", "pallas", "cpu"),
+    "model.qk_norm": ("none", "head", "full"),
     "moe.aux_loss": ("paper", "switch"),
     "moe.drop_policy": ("position", "probs"),
     "moe.dropless_impl": ("ragged", "padded"),
@@ -570,6 +574,7 @@ SHAPE_FIELDS = (
     "model.ffn_dim",
     "model.param_dtype",
     "model.qkv_bias",
+    "model.qk_norm",
     "moe.num_experts",
     "moe.expert_ffn_dim",
     "moe.first_k_dense",

@@ -62,6 +62,8 @@ def draw(seed: int) -> dict[str, object]:
     c["model.param_dtype"] = _pick(rng, ["float32", "bfloat16"], [5, 1])
     c["model.remat"] = _pick(rng, ["none", "dots", "full"])
     c["model.qkv_bias"] = bool(rng.random() < 0.2)
+    # From its own stream: a draw added to the shared one would have changed every seed's later draws.
+    c["model.qk_norm"] = _pick(np.random.default_rng([seed, 1]), ["none", "head", "full"], [3, 1, 1])
 
     start = _pick(rng, ["random", "upcycle", "checkpoint"], [7, 2, 1])
     experts = int(_pick(rng, [0, 2, 4, 8, 16], [1, 2, 3, 2, 1])) if start != "upcycle" else int(_pick(rng, [2, 4, 8]))

@@ -109,7 +109,7 @@ def test_trained_dense_model_exports_as_llama_with_the_same_logits(runs, tmp_pat
     assert transformers.AutoTokenizer.from_pretrained(out)(TEXT, add_special_tokens=False)["input_ids"] == want
 
 
-@pytest.mark.parametrize("kind,dtype", [("llama", "fp32"), ("qwen2", "fp32"), ("mixtral", "bf16")])
+@pytest.mark.parametrize("kind,dtype", [("llama", "fp32"), ("qwen2", "fp32"), ("qwen3", "fp32"), ("mixtral", "bf16")])
 def test_import_then_export_gives_back_the_original_tensors(kind, dtype, tmp_path):
     config_cls, model_cls, extra = MODELS[kind]
     torch.manual_seed(0)
@@ -140,6 +140,7 @@ def test_import_then_export_gives_back_the_original_tensors(kind, dtype, tmp_pat
         ("moe.renormalize", False, "renormalizes the top-k"),
         ("moe.first_k_dense", 1, "dense ones"),
         ("model.qkv_bias", True, "no q/k/v biases"),
+        ("model.qk_norm", "head", "no query and key norms"),
     ],
 )
 def test_what_mixtral_cannot_express_is_refused(field, value, words):
@@ -148,6 +149,14 @@ def test_what_mixtral_cannot_express_is_refused(field, value, words):
     section, name = field.split(".")
     c[section][name] = value
     with pytest.raises(ConfigError, match=words):
+        hf_config(c, "float32")
+
+
+def test_a_full_width_qk_norm_is_refused_in_one_sentence():
+    c = base_config()
+    c.moe.num_experts = 0
+    c.model.qk_norm = "full"
+    with pytest.raises(ConfigError, match=r"no Hugging Face format .* full-width QK-norm .*model.qk_norm=full"):
         hf_config(c, "float32")
 
 

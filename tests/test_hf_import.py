@@ -25,6 +25,7 @@ MODELS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"tie_word_embeddings": True}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 8}),
     "mixtral": (
         transformers.MixtralConfig,
         transformers.MixtralForCausalLM,
@@ -64,6 +65,7 @@ def test_logits_match_transformers(kind, tmp_path, capsys):
     config = _compare(tmp_path / "hf", model, tmp_path, capsys)
     assert config.moe.num_experts == (4 if kind == "mixtral" else 0)
     assert config.model.qkv_bias == (kind == "qwen2")
+    assert config.model.qk_norm == ("head" if kind == "qwen3" else "none")
 
 
 def test_sharded_safetensors_with_index(tmp_path, capsys):

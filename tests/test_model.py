@@ -93,10 +93,24 @@ def test_rotary_position_outside_the_sequence_is_nan_not_a_wrong_rotation():
     assert np.isfinite(got[0, :2]).all() and np.isnan(got[0, 2:]).all()
 
 
-def _np_attention(attn, x, positions, segments, theta):
+def _np_rms(x, scale, dims, eps):
+    """RMSNorm of x over its last `dims` dimensions, times scale."""
+    axes = tuple(range(-dims, 0))
+    return x / np.sqrt(np.mean(x * x, axis=axes, keepdims=True) + eps) * np.asarray(scale[...], np.float64)
+
+
+def _np_attention(attn, x, positions, segments, theta, qk_norm=None):
+    """qk_norm: the attention's own (None) or another, to compute the same weights without their QK-norm."""
+    qk_norm = attn.qk_norm if qk_norm is None else qk_norm
     wq, wk, wv, wo = (np.asarray(w[...], np.float64) for w in (attn.wq, attn.wk, attn.wv, attn.wo))
-    q = _np_rotary(np.einsum("bsd,dhk->bshk", x, wq), positions, theta)
-    k = _np_rotary(np.einsum("bsd,dhk->bshk", x, wk), positions, theta)
+    q, k = np.einsum("bsd,dhk->bshk", x, wq), np.einsum("bsd,dhk->bshk", x, wk)
+    if qk_norm != "none":  # per head over head_dim (Qwen3), or over all heads at once (OLMoE)
+        dims = 1 if qk_norm == "head" else 2
+        q, k = (
+            _np_rms(q, attn.q_norm.scale, dims, attn.q_norm.eps),
+            _np_rms(k, attn.k_norm.scale, dims, attn.k_norm.eps),
+        )
+    q, k = _np_rotary(q, positions, theta), _np_rotary(k, positions, theta)
     v = np.einsum("bsd,dhk->bshk", x, wv)
     group = q.shape[2] // k.shape[2]  # query head h reads key/value head h // group
     k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
@@ -128,6 +142,20 @@ def test_attention_matches_numpy_reference(impl):
     np.testing.assert_allclose(
         got, _np_attention(attn, x.astype(np.float64), POSITIONS, SEGMENTS, spec.rope_theta), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "full"])
+def test_qk_norm_matches_numpy_reference(qk_norm):
+    spec = _spec(model__attention_impl="xla", model__qk_norm=qk_norm)
+    attn = _materialize(lambda: Attention(spec, nnx.Rngs(params=0), "gshard"))
+    assert attn.q_norm.scale.shape == ((H, D // H) if qk_norm == "full" else (D // H,))
+    x = _x()
+    got = attn(x, POSITIONS, SEGMENTS)
+    want = _np_attention(attn, x.astype(np.float64), POSITIONS, SEGMENTS, spec.rope_theta)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # as the plain attention above
+    # The norms act: the same weights without them give another output.
+    plain = _np_attention(attn, x.astype(np.float64), POSITIONS, SEGMENTS, spec.rope_theta, qk_norm="none")
+    assert np.max(np.abs(want - plain)) > 0.1
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():

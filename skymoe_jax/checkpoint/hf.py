@@ -1,13 +1,13 @@
 """Importing a local Hugging Face checkpoint (config.json + safetensors, single or
-sharded with an index) of Llama, Mistral, Qwen2 (dense) or Mixtral (MoE) into a
+sharded with an index) of Llama, Mistral, Qwen2, Qwen3 (dense) or Mixtral (MoE) into a
 checkpoint of this trainer plus the matching config file.
 
 Weights are read tensor by tensor with safetensors (bf16 or fp32 on disk) and stored
 in model.param_dtype (float32 by default). The architectures map onto this model
 exactly: HF's rotate-half rotary embedding and RMSNorm are the ones used here, q/k/v
-biases (Qwen2) become model.qkv_bias, tied embeddings are copied into the (untied)
-head, and Mixtral's softmax-top-k-renormalize router is moe.gate_norm=False,
-moe.renormalize=True, dropless. Not representable, hence refused: rotary scaling
+biases (Qwen2) become model.qkv_bias, Qwen3's per-head q/k norms model.qk_norm=head,
+tied embeddings are copied into the (untied) head, and Mixtral's softmax-top-k-renormalize
+router is moe.gate_norm=False, moe.renormalize=True, dropless. Not representable, hence refused: rotary scaling
 (rope_scaling / rope_type other than default) and activations other than SiLU.
 Mistral's sliding window is imported as full attention, identical for sequences up
 to the window.
@@ -33,7 +33,7 @@ from skymoe_jax.model.transformer import at_path, build_model, layer_path, put_p
 from skymoe_jax.training.optim import make_optimizer
 from skymoe_jax.training.state import TrainState
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -75,6 +75,7 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     m.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
     m.init_std = float(hf.get("initializer_range", 0.02))
     m.qkv_bias = hf["model_type"] == "qwen2" or bool(hf.get("attention_bias", False))
+    m.qk_norm = "head" if hf["model_type"] == "qwen3" else "none"
     e = c.moe
     if hf["model_type"] == "mixtral":
         e.num_experts, e.top_k = hf["num_local_experts"], hf["num_experts_per_tok"]
@@ -132,7 +133,9 @@ def _params(hf: dict, config: ml_collections.ConfigDict, get: _Tensors, abstract
     layers = at_path(abstract, layer_path(0, 0))
     per_layer = {}
     for i in range(config.model.num_layers):
-        for t in layer_tensors(i, num_experts=config.moe.num_experts, qkv_bias=config.model.qkv_bias):
+        for t in layer_tensors(
+            i, num_experts=config.moe.num_experts, qkv_bias=config.model.qkv_bias, qk_norm=config.model.qk_norm
+        ):
             shape = at_path(layers, t.path).shape[1 if t.expert is None else 2 :]
             per_layer.setdefault(t.path, []).append(t.to_ours(get(t.hf), shape))
     stacked = {}

@@ -74,7 +74,21 @@ def hf_config(config: ml_collections.ConfigDict, dtype: str) -> tuple[dict, tupl
         "torch_dtype": dtype,
         "use_cache": True,
     }
+    if m.qk_norm == "full":
+        raise ConfigError(
+            "cannot export: no Hugging Face format this exporter writes has a full-width QK-norm (model.qk_norm=full); "
+            "train with model.qk_norm=head (Qwen3) or none"
+        )
     if not e.num_experts:
+        if m.qk_norm == "head":
+            return {
+                **common,
+                "model_type": "qwen3",
+                "architectures": ["Qwen3ForCausalLM"],
+                "intermediate_size": m.ffn_dim,
+                "attention_bias": m.qkv_bias,
+                "use_sliding_window": False,
+            }, ()
         if m.qkv_bias:
             return {
                 **common,
@@ -106,6 +120,8 @@ def hf_config(config: ml_collections.ConfigDict, dtype: str) -> tuple[dict, tupl
         )
     if m.qkv_bias:
         refusals.append("Mixtral's attention has no q/k/v biases (model.qkv_bias=True)")
+    if m.qk_norm != "none":
+        refusals.append(f"Mixtral's attention has no query and key norms (model.qk_norm={m.qk_norm})")
     if refusals:
         raise ConfigError(f"cannot export as Mixtral: {'; '.join(refusals)}")
     if not e.dropless:
@@ -166,7 +182,7 @@ def _tensor_list(config: ml_collections.ConfigDict) -> list[tuple[Tensor, Place 
     layers = [
         (t, place)
         for i, place in enumerate(layout.layer_places(spec))
-        for t in layer_tensors(i, num_experts=spec.num_experts, qkv_bias=spec.qkv_bias)
+        for t in layer_tensors(i, num_experts=spec.num_experts, qkv_bias=spec.qkv_bias, qk_norm=spec.qk_norm)
     ]
     return [(embed, None), *layers, *((t, None) for t in rest)]
 

@@ -41,8 +41,9 @@ def outside_tensors() -> list[Tensor]:
     ]
 
 
-def layer_tensors(i: int, *, num_experts: int, qkv_bias: bool) -> list[Tensor]:
-    """Layer i's tensors, paths inside the layer (model/transformer.py's layer_path)."""
+def layer_tensors(i: int, *, num_experts: int, qkv_bias: bool, qk_norm: str) -> list[Tensor]:
+    """Layer i's tensors, paths inside the layer (model/transformer.py's layer_path). qk_norm: 'head' is Qwen3's
+    per-head q_norm and k_norm (a head_dim vector each, on both sides)."""
     p = f"model.layers.{i}."
     out = [
         Tensor(p + "input_layernorm.weight", ("attn_norm", "scale")),
@@ -53,6 +54,8 @@ def layer_tensors(i: int, *, num_experts: int, qkv_bias: bool) -> list[Tensor]:
     ]
     if qkv_bias:
         out += [Tensor(p + f"self_attn.{x}_proj.bias", ("attn", f"b{x}"), flat=True) for x in "qkv"]
+    if qk_norm == "head":
+        out += [Tensor(p + f"self_attn.{x}_norm.weight", ("attn", f"{x}_norm", "scale")) for x in "qk"]
     out.append(Tensor(p + "post_attention_layernorm.weight", ("ffn_norm", "scale")))
     if num_experts:
         moe = p + "block_sparse_moe."

@@ -45,7 +45,7 @@ def _counts(spec: ModelSpec) -> ParamCounts:
     abstract = nnx.eval_shape(lambda: build_model(spec))
     params = nnx.state(abstract, nnx.Param)
     total = expert = embedding = norm = 0
-    for leaf in jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable)):
+    for path, leaf in jax.tree.leaves_with_path(params, is_leaf=lambda v: isinstance(v, nnx.Variable)):
         size = math.prod(leaf.shape)
         total += size
         axes = leaf.axes
@@ -53,7 +53,7 @@ def _counts(spec: ModelSpec) -> ParamCounts:
             expert += size
         elif axes == ("vocab", "embed"):
             embedding += size
-        elif [a for a in axes if a != "layers"] == ["embed"]:
+        elif getattr(path[-1], "key", None) == "scale":  # every RMSNorm's, the QK-norms' included
             norm += size
     active = total - expert + (expert * spec.top_k // spec.num_experts if spec.num_experts else 0)
     return ParamCounts(total=total, active=active, embedding=embedding, expert=expert, norm=norm)

@@ -22,7 +22,7 @@ from skymoe_jax.kernels import common, cpu_attention, cpu_ffi
 from skymoe_jax.kernels.attention import pallas_attention
 from skymoe_jax.model.blocked_attention import blocked_attention
 from skymoe_jax.model.chunked_attention import chunked_attention
-from skymoe_jax.model.layers import param, rotary
+from skymoe_jax.model.layers import RMSNorm, param, rotary
 from skymoe_jax.model.spec import ModelSpec
 
 # Measured in docs/BENCHMARKS.md ("Attention", CPU): at 1,024 tokens chunked was already faster and smaller; at
@@ -71,6 +71,13 @@ class Attention(nnx.Module):
             self.bk = nnx.Param(jnp.zeros((kv, hd), dt), axes=("kv_heads", "head_dim"))
             self.bv = nnx.Param(jnp.zeros((kv, hd), dt), axes=("kv_heads", "head_dim"))
         self.qkv_bias = spec.qkv_bias
+        if spec.qk_norm == "head":  # Qwen3: each head's query and key
+            self.q_norm = RMSNorm(spec, (hd,), ("head_dim",))
+            self.k_norm = RMSNorm(spec, (hd,), ("head_dim",))
+        elif spec.qk_norm == "full":  # OLMoE: all heads' queries together, and all keys
+            self.q_norm = RMSNorm(spec, (h, hd), ("heads", "head_dim"))
+            self.k_norm = RMSNorm(spec, (kv, hd), ("kv_heads", "head_dim"))
+        self.qk_norm = spec.qk_norm
         self.theta = spec.rope_theta
         self.dtype = spec.compute_dtype
         self.impl = spec.attention_impl
@@ -87,6 +94,8 @@ class Attention(nnx.Module):
         v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
         if self.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        if self.qk_norm != "none":
+            q, k = self.q_norm(q), self.k_norm(k)
         return rotary(q, positions, self.theta, length), rotary(k, positions, self.theta, length), v
 
     def output(self, out: jax.Array) -> jax.Array:

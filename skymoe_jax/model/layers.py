@@ -19,13 +19,19 @@ def param(
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, spec: ModelSpec):
-        self.scale = nnx.Param(jnp.ones((spec.d_model,), spec.weight_dtype), axes=("embed",))
+    """RMSNorm over x's last len(axes) dimensions, which have the scale's shape: the model's width by default; one
+    attention head's (head_dim) or all heads' ((heads, head_dim)) for the QK-norms of Qwen3 and OLMoE."""
+
+    def __init__(self, spec: ModelSpec, shape: tuple[int, ...] | None = None, axes: tuple[str, ...] = ("embed",)):
+        shape = shape or (spec.d_model,)
+        assert len(shape) == len(axes), (shape, axes)
+        self.scale = nnx.Param(jnp.ones(shape, spec.weight_dtype), axes=axes)
         self.eps = spec.norm_eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        over = tuple(range(-self.scale.ndim, 0))
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=over, keepdims=True) + self.eps)
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 

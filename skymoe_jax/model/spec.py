@@ -47,6 +47,7 @@ class ModelSpec:
     dropless: bool
     dropless_impl: str
     routing_impl: str = "auto"  # moe.routing_impl: XLA or Pallas routing kernels (kernels/ops.py)
+    qk_norm: str = "none"  # model.qk_norm: none | head (Qwen3) | full (OLMoE)
 
     @property
     def head_dim(self) -> int:
