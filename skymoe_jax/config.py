@@ -68,6 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.moe.num_experts = 8  # 0 = dense model
     c.moe.top_k = 2
     c.moe.expert_ffn_dim = 256
+    # Shared experts: an FFN every token goes through beside the routed experts (DeepSeek, Qwen2-MoE), as wide as
+    # num_shared_experts x shared_expert_ffn_dim (0: moe.expert_ffn_dim), split like the dense FFNs. Its output is
+    # added to the routed experts' one, scaled per token by sigmoid(x w) with shared_expert_gate=sigmoid (Qwen2-MoE).
+    c.moe.num_shared_experts = 0
+    c.moe.shared_expert_ffn_dim = 0
+    c.moe.shared_expert_gate = "none"
     c.moe.first_k_dense = 0  # the first k layers use a dense FFN
     c.moe.moe_every = 1  # after those, every n-th layer is MoE (the others dense)
     c.moe.router_init_std = 0.02
@@ -272,6 +278,7 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "model.attention_impl": ("auto", "xla", "blocked", "chunked", "pallas", "cpu"),
     "model.qk_norm": ("none", "head", "full"),
+    "moe.shared_expert_gate": ("none", "sigmoid"),
     "moe.aux_loss": ("paper", "switch"),
     "moe.drop_policy": ("position", "probs"),
     "moe.dropless_impl": ("ragged", "padded"),
@@ -366,6 +373,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
         isinstance(e.num_experts, int) and e.num_experts >= 0,
         f"moe.num_experts={e.num_experts!r} must be 0 (dense) or a positive integer",
     )
+    for key in ("num_shared_experts", "shared_expert_ffn_dim"):
+        need(
+            isinstance(e[key], int) and e[key] >= 0 and (not e[key] or e.num_experts > 0),
+            f"moe.{key}={e[key]!r} must be a non-negative integer, and 0 in a dense model (moe.num_experts=0)",
+        )
+    need(
+        e.shared_expert_gate == "none" or e.num_shared_experts > 0,
+        f"moe.shared_expert_gate={e.shared_expert_gate} gates shared experts: set moe.num_shared_experts too",
+    )
     if e.num_experts > 0:
         need(e.num_experts >= 2, f"moe.num_experts={e.num_experts} must be at least 2 (or 0 for a dense model)")
         need(
@@ -432,6 +448,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     i = c.init
     need(not (i.upcycle_from and i.from_checkpoint), "set init.upcycle_from or init.from_checkpoint, not both")
     need(not i.upcycle_from or c.moe.num_experts > 0, "init.upcycle_from needs an MoE config (moe.num_experts > 0)")
+    need(
+        not i.upcycle_from or not c.moe.num_shared_experts,
+        "upcycling into shared experts is not built yet: set moe.num_shared_experts=0 with init.upcycle_from",
+    )
     for key in ("init.upcycle_from", "init.from_checkpoint"):
         path = get(key)
         need(
@@ -575,6 +595,9 @@ SHAPE_FIELDS = (
     "model.param_dtype",
     "model.qkv_bias",
     "model.qk_norm",
+    "moe.num_shared_experts",
+    "moe.shared_expert_ffn_dim",
+    "moe.shared_expert_gate",
     "moe.num_experts",
     "moe.expert_ffn_dim",
     "moe.first_k_dense",

@@ -86,6 +86,11 @@ def draw(seed: int) -> dict[str, object]:
         c["moe.z_loss_coef"] = float(_pick(rng, [0.0, 1e-3], [3, 1]))
         c["moe.routing_impl"] = _pick(rng, ["xla", "pallas"], [5, 1])
         c["aux_coef.mode"] = _pick(rng, ["adaptive", "fixed"], [3, 1])
+        family = np.random.default_rng([seed, 2])  # its own stream, as qk_norm's
+        if start != "upcycle" and family.random() < 0.3:  # upcycling into shared experts is not built
+            c["moe.num_shared_experts"] = int(family.integers(1, 3))
+            c["moe.shared_expert_ffn_dim"] = int(_pick(family, [0, 16]))
+            c["moe.shared_expert_gate"] = _pick(family, ["none", "sigmoid"])
 
     seq_len = int(_pick(rng, [32, 64]))
     c["data.seq_len"] = seq_len

@@ -127,6 +127,24 @@ def test_block_equals_dense_reference_when_nothing_drops(impl, group_size):
     np.testing.assert_allclose(stats["drop_rate"], would_drop.sum() / (K * B * S), rtol=1e-6)
 
 
+@pytest.mark.parametrize("gate", ["none", "sigmoid"])
+def test_shared_experts_add_their_ffn_to_every_token(gate):
+    spec = _spec(capacity_factor=AMPLE, num_shared_experts=2, shared_expert_ffn_dim=3, shared_expert_gate=gate)
+    block = _block(spec)
+    assert block.shared.w_up.shape == (D, 2 * 3)  # both shared experts as one FFN
+    x = _x()
+    y, _ = block(x, train=True)
+    routed, _, _ = _np_moe(block, x)
+    tokens = x.astype(np.float64)
+    wg, wu, wd = (np.asarray(v[...], np.float64) for v in (block.shared.w_gate, block.shared.w_up, block.shared.w_down))
+    h = tokens @ wg
+    shared = (h / (1 + np.exp(-h)) * (tokens @ wu)) @ wd
+    if gate == "sigmoid":  # Qwen2-MoE: a scalar per token
+        shared = shared / (1 + np.exp(-(tokens @ np.asarray(block.shared_gate[...], np.float64))))
+    np.testing.assert_allclose(y, routed + shared, **TOL)
+    assert np.max(np.abs(shared)) > 0.1  # the shared part is large enough that leaving it out would show
+
+
 @pytest.mark.parametrize("policy", ["position", "probs"])
 @pytest.mark.parametrize("group_size, cap", [(0, 2), (4, 1), (16, 4)])  # cap = ceil(0.5 * group * k / n)
 def test_block_with_tight_capacity_zeroes_dropped_assignments(policy, group_size, cap):

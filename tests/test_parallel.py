@@ -15,9 +15,9 @@ from skymoe_jax.training import runtime as runtime_lib
 from skymoe_jax.training.step import LossSettings, loss_fn
 
 
-def _config(mesh=(1, 1, 1), layout="gshard", zero1=False, fsdp=False, **moe):
+def _config(mesh=(1, 1, 1), layout="gshard", zero1=False, fsdp=False, qk_norm="none", **moe):
     c = base_config()
-    c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=64)
+    c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=64, qk_norm=qk_norm)
     c.moe.update(num_experts=8, top_k=2, expert_ffn_dim=16, group_size=16, capacity_factor=1.0, **moe)
     c.data.update(seq_len=16, batch_size=16)
     c.optim.warmup_steps = 0  # a non-zero first update, so the new parameters are compared too
@@ -86,7 +86,20 @@ def _step(c, devices):
 
 @pytest.fixture(scope="module")
 def reference():
-    return {moe: _step(_config(**dict(moe)), jax.devices()[:1]) for moe in [(), (("dropless", True),)]}
+    """The one-device step of each model the cases use, made when a case first asks for it."""
+    steps = {}
+
+    def step(model: dict):
+        key = tuple(sorted(model.items()))
+        if key not in steps:
+            steps[key] = _step(_config(**model), jax.devices()[:1])
+        return steps[key]
+
+    return step
+
+
+# What a case changes in the model rather than in its placement.
+MODEL_FIELDS = ("dropless", "num_shared_experts", "shared_expert_gate", "qk_norm")
 
 
 # The default run: pure data parallelism, both layouts with the expert axis above 1, ZeRO-1 and FSDP riding on
@@ -98,7 +111,9 @@ CASES = [
     pytest.param((1, 2, 4), "gshard", {"fsdp": True}, marks=pytest.mark.long),
     pytest.param((1, 1, 8), "gshard", {}, marks=pytest.mark.long),
     pytest.param((1, 8, 1), "edp", {}, marks=pytest.mark.long),
-    ((1, 4, 2), "edp", {"fsdp": True}),
+    # EDP splits heads and the dense FFNs' width over the expert axis: the full-width QK-norm's mean and the shared
+    # experts (split like a dense FFN) then span devices.
+    ((1, 4, 2), "edp", {"fsdp": True, "num_shared_experts": 1, "shared_expert_gate": "sigmoid", "qk_norm": "full"}),
     pytest.param((1, 2, 4), "edp", {"zero1": True}, marks=pytest.mark.long),
     pytest.param((1, 1, 8), "edp", {}, marks=pytest.mark.long),
     ((1, 2, 4), "gshard", {"dropless": True}),
@@ -108,10 +123,10 @@ CASES = [
 
 @pytest.mark.parametrize("mesh,layout,opts", CASES, ids=lambda v: str(v).replace(" ", ""))
 def test_sharded_step_equals_single_device(reference, mesh, layout, opts):
-    moe = {k: v for k, v in opts.items() if k == "dropless"}
-    par = {k: v for k, v in opts.items() if k != "dropless"}
-    grads0, state0, metrics0 = reference[tuple(moe.items())]
-    grads, state, metrics = _step(_config(mesh, layout, **par, **moe), jax.devices())
+    model = {k: v for k, v in opts.items() if k in MODEL_FIELDS}
+    par = {k: v for k, v in opts.items() if k not in MODEL_FIELDS}
+    grads0, state0, metrics0 = reference(model)
+    grads, state, metrics = _step(_config(mesh, layout, **par, **model), jax.devices())
     # Routing decisions are discrete and must agree exactly.
     np.testing.assert_array_equal(metrics["drop_rate"], metrics0["drop_rate"])
     np.testing.assert_array_equal(metrics["expert_load"], metrics0["expert_load"])

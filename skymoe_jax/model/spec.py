@@ -48,10 +48,18 @@ class ModelSpec:
     dropless_impl: str
     routing_impl: str = "auto"  # moe.routing_impl: XLA or Pallas routing kernels (kernels/ops.py)
     qk_norm: str = "none"  # model.qk_norm: none | head (Qwen3) | full (OLMoE)
+    num_shared_experts: int = 0
+    shared_expert_ffn_dim: int = 0
+    shared_expert_gate: str = "none"
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def shared_width(self) -> int:
+        """The shared experts' FFN width, all of them as one FFN (0: none)."""
+        return self.num_shared_experts * (self.shared_expert_ffn_dim or self.expert_ffn_dim)
 
     @property
     def compute_dtype(self) -> jnp.dtype:

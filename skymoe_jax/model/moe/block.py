@@ -30,7 +30,7 @@ from flax import nnx
 
 from skymoe_jax.config import capacity
 from skymoe_jax.kernels.ops import RoutingOps, interpreted, routing_ops
-from skymoe_jax.model.layers import param
+from skymoe_jax.model.layers import SwiGLU, param
 from skymoe_jax.model.moe import dispatch, expert_parallel, experts, router
 from skymoe_jax.model.moe.expert_parallel import Comm
 from skymoe_jax.model.moe.experts import Experts, ExpertWeights
@@ -42,6 +42,11 @@ class MoEBlock(nnx.Module):
         """layout: parallel.layout, how the layer is laid over the expert axis (model/moe/expert_parallel.py)."""
         self.gate = param(rngs, (spec.d_model, spec.num_experts), ("embed", None), spec.router_init_std, jnp.float32)
         self.experts = Experts(spec, rngs)
+        if spec.shared_width:
+            # Every token's, so split like a dense FFN (over `mlp`), not over the expert axis.
+            self.shared = SwiGLU(spec, spec.shared_width, rngs)
+            if spec.shared_expert_gate == "sigmoid":
+                self.shared_gate = param(rngs, (spec.d_model, 1), ("embed", None), spec.init_std, spec.weight_dtype)
         self.spec = spec
         self.layout = layout
 
@@ -58,7 +63,13 @@ class MoEBlock(nnx.Module):
         y, stats = expert_parallel.apply(
             layer, x, self.gate[...], self.experts.weights(), self.layout, check_vma=not interpreted(spec.routing_impl)
         )
-        return y.astype(x.dtype), stats
+        y = y.astype(x.dtype)
+        if spec.shared_width:
+            shared = self.shared(x)
+            if spec.shared_expert_gate == "sigmoid":
+                shared = shared * jax.nn.sigmoid(x @ self.shared_gate[...].astype(x.dtype))
+            y = y + shared
+        return y, stats
 
 
 class Placement(NamedTuple):
