@@ -186,13 +186,15 @@ def _give_up(ckpt: Checkpointer, lock: workdir_lock.WorkdirLock | None, signal_n
     if lock is not None:
         lock.release()
     processes = ", ".join(map(str, gone))
-    print(
-        f"skymoe train: failed: stopped by {signal_name}, but process {processes} of the run no longer answers, so no "
-        f"checkpoint can be saved with it; {ckpt.kept()}; run the same command to resume",
-        file=sys.stderr,
-        flush=True,
-    )
-    os._exit(1)
+    try:
+        print(
+            f"skymoe train: failed: stopped by {signal_name}, but process {processes} of the run no longer answers, so "
+            f"no checkpoint can be saved with it; {ckpt.kept()}; run the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+    finally:  # a launcher that stopped reading the output must not keep this process waiting on the dead peer
+        os._exit(1)
 
 
 def _writers(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) -> list:
