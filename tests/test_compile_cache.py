@@ -71,6 +71,10 @@ def _entries(cache, suffix):
     return {p.name: p.read_bytes() for p in cache.iterdir() if p.name.endswith(suffix)}
 
 
+def _steps(names: set[str]) -> set[str]:
+    return {n for n in names if n.startswith(("jit_train_step-", "jit_eval_step-"))}
+
+
 def test_a_second_run_loads_the_first_runs_programs(tmp_path):
     cache = tmp_path / "cache"
     first = _train(tmp_path / "one", cache)
@@ -81,8 +85,9 @@ def test_a_second_run_loads_the_first_runs_programs(tmp_path):
     train_stamp = next(n for n in stamps if n.startswith("jit_train_step-"))
     second = _train(tmp_path / "two", cache)
     assert second.returncode == 0, second.stderr
-    # Nothing new was compiled and written, and the train step's entry was read (JAX stamps its access time).
-    assert set(_entries(cache, "-cache")) == entries
+    # The steps were not compiled and written again, and the train step's entry was read (JAX stamps its access
+    # time). Small programs can join the cache too where a loaded machine makes them compile past JAX's 1-s threshold.
+    assert not _steps(set(_entries(cache, "-cache")) - entries)
     assert _entries(cache, "-atime")[train_stamp] != stamps[train_stamp]
     assert first.stdout.split("train loss")[1].split(",")[0] == second.stdout.split("train loss")[1].split(",")[0]
     # `skymoe eval` reads the eval step the training runs compiled.
@@ -90,7 +95,7 @@ def test_a_second_run_loads_the_first_runs_programs(tmp_path):
     before = _entries(cache, "-atime")[eval_stamp]
     result = _skymoe("eval", f"--workdir={tmp_path / 'one'}", env=_no_cache_env())
     assert result.returncode == 0, result.stderr
-    assert set(_entries(cache, "-cache")) == entries
+    assert not _steps(set(_entries(cache, "-cache")) - entries)
     assert _entries(cache, "-atime")[eval_stamp] != before
 
 

@@ -52,9 +52,9 @@ CASES = [
     # Pipeline x expert, the rest of the batch on one data row, every layer under full remat (the recomputing
     # backward of model/pipeline.py) on the defaults' split.
     ((2, 1, 4), (), "edp", ("full", "full"), {"zero1": True}),
-    # Circular schedules: two chunks per device (4 virtual stages of 2, 2, 1, 1 layers on (2, 1, 4); uneven chunks
-    # with ZeRO-1 and more microbatches than stages on (2, 2, 2)); the long profile adds three chunks with FSDP.
-    ((2, 1, 4), (), "gshard", (), {"pipeline_repeats": 2}),
+    # Circular schedules: two chunks per device, uneven, with ZeRO-1 and more microbatches than stages on (2, 2, 2);
+    # the long profile adds even chunks on (2, 1, 4) and three chunks with FSDP.
+    pytest.param((2, 1, 4), (), "gshard", (), {"pipeline_repeats": 2}, marks=pytest.mark.long),
     ((2, 2, 2), (1, 2, 2, 1), "edp", (), {"pipeline_repeats": 2, "zero1": True, "num_microbatches": 4}),
     pytest.param(
         (2, 1, 4),
