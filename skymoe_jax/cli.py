@@ -72,13 +72,12 @@ def cmd_train(argv: Sequence[str]) -> int:
     args = Args(argv, "train", TRAIN_ABOUT, TRAIN_FLAGS, config=True)
     if not 0 <= args.stop_exit_code <= 255:
         raise ConfigError(f"--stop_exit_code={args.stop_exit_code} must be an exit status between 0 and 255")
-    workdir = args.workdir or os.path.join("runs", load_file(resolve_config_path(args.config or DEFAULT_CONFIG)).name)
+    from_file = load_file(resolve_config_path(args.config or DEFAULT_CONFIG))
+    workdir = args.workdir or os.path.join("runs", from_file.name)
     # The processes join before a resumed run's checkpoint is read (reading it starts JAX), so the peer timeout is
     # the command line's: the config file's, or the override.
     own = [o for o in args.overrides if o.split("=")[0] == "--config.train.peer_timeout_s"]
-    peer_timeout_s = apply_overrides(
-        load_file(resolve_config_path(args.config or DEFAULT_CONFIG)), own
-    ).train.peer_timeout_s
+    peer_timeout_s = apply_overrides(from_file, own).train.peer_timeout_s
     initialize(peer_timeout_s)
     # Over a file-size limit (ulimit -f) a write then fails with EFBIG, which the run reports in one line, instead
     # of the signal killing the process mid-save.
@@ -88,7 +87,9 @@ def cmd_train(argv: Sequence[str]) -> int:
         # Resume: the saved config wins; overrides may change how the run continues, not the model's shapes.
         saved = saved_config(workdir)
         config = apply_overrides(saved, args.overrides)
-        changed = shape_changes(saved, config) or (shape_changes(saved, _config(args)) if args.config else "")
+        changed = shape_changes(saved, config) or (
+            shape_changes(saved, apply_overrides(from_file, args.overrides)) if args.config else ""
+        )
         if changed:
             raise ConfigError(
                 f"{workdir} holds checkpoints of another model shape ({changed}); "
@@ -96,7 +97,7 @@ def cmd_train(argv: Sequence[str]) -> int:
             )
         config.train.peer_timeout_s = peer_timeout_s
     else:
-        config = _config(args)
+        config = apply_overrides(from_file, args.overrides)
     # A stop by signal saved a checkpoint; a non-zero status tells a launcher that restarts failed
     # groups (a Kubernetes JobSet) to run it again, which resumes.
     return args.stop_exit_code if train(config, workdir).get("stopped") else 0

@@ -3,6 +3,8 @@ small Hugging Face tokenizer."""
 
 import hashlib
 import os
+import socket
+import subprocess
 import time
 
 from skymoe_jax.metrics.writers import read_jsonl
@@ -32,6 +34,30 @@ def logged(workdir, step) -> bool:
     """The run in workdir has written a metrics record at step or later."""
     path = os.path.join(workdir, "metrics.jsonl")
     return os.path.exists(path) and any(r["step"] >= step for r in read_jsonl(path))
+
+
+def start_processes(command: list[str], count: int, devices: int, env: dict[str, str]) -> list[subprocess.Popen]:
+    """count processes of command joined as one JAX run (SKYMOE_* variables, a free local port), with devices CPU
+    devices each; each one's stdout and stderr in its .stdout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    joined = {
+        **env,
+        "SKYMOE_COORDINATOR": f"127.0.0.1:{port}",
+        "SKYMOE_NUM_PROCESSES": str(count),
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    return [
+        subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**joined, "SKYMOE_PROCESS_ID": str(i)},
+        )
+        for i in range(count)
+    ]
 
 
 def train_tokenizer(path, texts, vocab_size: int = 120) -> str:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from conftest import own_stderr
-from faults import digest, logged, wait_for
+from faults import digest, logged, start_processes, wait_for
 
 from skymoe_jax.checkpoint.manager import Checkpointer
 from skymoe_jax.metrics.writers import read_jsonl
@@ -141,26 +141,9 @@ def test_a_save_over_the_file_size_limit_ends_in_one_line_and_the_rerun_finishes
 def test_a_killed_peer_ends_the_run_within_the_peer_timeout(tmp_path):
     """Two processes; one is SIGKILLed and the other, as a launcher does (launch/local.sh, srun, a JobSet), is sent
     SIGTERM: it cannot save with a dead peer, so it ends at once instead of waiting in the save."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     workdir = tmp_path / "run"
     flags = ["--config.train.steps=100000", "--config.train.log_every=1", "--config.train.eval_every=0"]
-    procs = [
-        subprocess.Popen(
-            _train(workdir, *flags),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_env(
-                SKYMOE_COORDINATOR=f"127.0.0.1:{port}",
-                SKYMOE_NUM_PROCESSES="2",
-                SKYMOE_PROCESS_ID=str(i),
-                XLA_FLAGS="--xla_force_host_platform_device_count=4",
-            ),
-        )
-        for i in range(2)
-    ]
+    procs = start_processes(_train(workdir, *flags), 2, 4, _env())
     survivor, peer = procs
     try:
         wait_for(lambda: logged(workdir, 2), survivor)

@@ -85,14 +85,12 @@ def test_two_processes_match_one(tmp_path):
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     """The stop is agreed at multiples of train.stop_check_every: both processes save that step and exit 0."""
     import signal
-    import socket
     import time
+
+    from faults import start_processes
 
     from skymoe_jax.checkpoint.manager import Checkpointer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     workdir = tmp_path / "run"
     flags = [f for f in FLAGS if not f.startswith("--config.train.steps")]
     cmd = [
@@ -106,21 +104,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
         "--config.train.eval_every=0",
         "--config.train.stop_check_every=3",
     ]
-    procs = [
-        subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_env(
-                SKYMOE_COORDINATOR=f"127.0.0.1:{port}",
-                SKYMOE_NUM_PROCESSES="2",
-                SKYMOE_PROCESS_ID=str(i),
-                XLA_FLAGS="--xla_force_host_platform_device_count=4",
-            ),
-        )
-        for i in range(2)
-    ]
+    procs = start_processes(cmd, 2, 4, _env())
     try:
         metrics = workdir / "metrics.jsonl"
         deadline = time.time() + 300

@@ -79,9 +79,11 @@ class Checkpointer:
         *,
         create: bool = False,
         asynchronous: bool = True,
+        failure_log: str = "",
     ):
         """create: make WORKDIR/checkpoints (a writer); readers leave a mistyped workdir uncreated.
-        asynchronous: a save returns once the state is copied to the host, and a thread writes it."""
+        asynchronous: a save returns once the state is copied to the host, and a thread writes it.
+        failure_log: where the run keeps the libraries' own report of a failed write (named in the failure)."""
         self.directory = checkpoint_dir(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep or None,
@@ -93,7 +95,7 @@ class Checkpointer:
         self.every = every
         self._in_flight: int | None = None  # the step an asynchronous save is writing
         self._failure: RunFailure | None = None  # said once: orbax raises a failed save again at each wait
-        self.failure_log = ""  # where the run keeps the libraries' own report of a failed write
+        self.failure_log = failure_log
 
     def remove_partial(self) -> list[str]:
         """Remove the unfinished saves a killed or failed run left (orbax's *.orbax-checkpoint-tmp*); their names.
@@ -124,14 +126,20 @@ class Checkpointer:
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(DataPosition(data_iter))
         self.wait()  # the previous save's failure is its own, and named so
+        self._orbax(step, lambda: self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+        self._in_flight = step  # an asynchronous save's failure surfaces at the next wait
+
+    def _orbax(self, step: int | None, call) -> None:
+        """call() (a save, or the wait for one), its failure a RunFailure naming step. It is raised outside the
+        handler, so it holds no reference to orbax's failed writes (their tasks are collected, and their errors
+        logged, while the run's library log is open)."""
         failure = None
         try:
-            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+            call()
         except Exception as e:
             failure = self._failed(step, e)
-        if failure is not None:  # raised outside the handler, so it holds no reference to orbax's failed writes
+        if failure is not None:
             raise failure
-        self._in_flight = step  # an asynchronous save's failure surfaces at the next wait
 
     def kept(self) -> str:
         """What a failed run leaves to resume from, for its last line."""
@@ -261,13 +269,7 @@ class Checkpointer:
         """Wait for the save in flight; a RunFailure if it failed."""
         if self._failure is not None:
             return
-        failure = None
-        try:
-            self._manager.wait_until_finished()
-        except Exception as e:
-            failure = self._failed(self._in_flight, e)
-        if failure is not None:
-            raise failure
+        self._orbax(self._in_flight, self._manager.wait_until_finished)
         self._in_flight = None
 
     def saving(self) -> bool:

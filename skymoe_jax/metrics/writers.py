@@ -34,26 +34,22 @@ def to_json_value(value: Any) -> Any:
 
 def scalars(record: dict[str, Any]) -> Iterator[tuple[str, float]]:
     """(name, value) for every finite number in a metrics record, except the step."""
-    for name, value in _all_scalars(record):
-        if math.isfinite(value):
-            yield name, value
-
-
-def _all_scalars(record: dict[str, Any]) -> Iterator[tuple[str, float]]:
-    """(name, value) for every number, finite or not."""
     for key, value in record.items():
         if key == "step":
             continue
         array = np.asarray(value, dtype=np.float64)
         if array.ndim == 0:
-            yield key, float(array)
+            named = [(key, float(array))]
         elif array.ndim == 1:
-            yield from ((f"{key}/layer_{i}", float(v)) for i, v in enumerate(array))
+            named = [(f"{key}/layer_{i}", float(v)) for i, v in enumerate(array)]
             if np.isfinite(array).any():
-                yield f"{key}/mean", float(np.nanmean(array))
+                named.append((f"{key}/mean", float(np.nanmean(array))))
         else:
-            for index in np.ndindex(array.shape):
-                yield key + "".join(f"/{axis}_{i}" for axis, i in zip(("layer", "expert"), index)), float(array[index])
+            named = [
+                (key + "".join(f"/{axis}_{i}" for axis, i in zip(("layer", "expert"), index)), float(array[index]))
+                for index in np.ndindex(array.shape)
+            ]
+        yield from ((name, v) for name, v in named if math.isfinite(v))
 
 
 class JsonlWriter:

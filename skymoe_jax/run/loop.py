@@ -81,9 +81,14 @@ def _train(
 ) -> dict[str, Any]:
     t = config.train
     ckpt = Checkpointer(
-        workdir, t.checkpoint_every, t.keep_checkpoints, t.keep_every, create=True, asynchronous=t.async_checkpointing
+        workdir,
+        t.checkpoint_every,
+        t.keep_checkpoints,
+        t.keep_every,
+        create=True,
+        asynchronous=t.async_checkpointing,
+        failure_log=library_log,
     )
-    ckpt.failure_log = library_log
     notes = [lock.took_over] if lock is not None and lock.took_over else []
     # Saves a killed or failed run left unfinished: with the lock held, no other run's save can be in progress.
     if lock is not None:
