@@ -54,6 +54,8 @@ def _config(args: Args):
     return load_config(args.config or DEFAULT_CONFIG, args.overrides)
 
 
+PLAN_MFU = 0.4  # what skymoe plan assumes of the step's compute unless --mfu says otherwise
+
 TRAIN_ABOUT = "Train on a config (the built-in default without --config); resumes when --workdir holds checkpoints."
 TRAIN_FLAGS = {  # also read by the launch tests, which parse the commands in the launch manifests
     "workdir": Flag(
@@ -350,14 +352,15 @@ def cmd_params(argv: Sequence[str]) -> int:
         argv,
         "params",
         "Parameter and FLOP counts of a config; with --mesh, the per-device memory plan (state and activations); "
-        "with --compile, XLA's own per-device bytes for the train step compiled for that target beside the plan.",
+        "with --compile, XLA's own per-device bytes for the train and eval steps compiled for that target beside the "
+        "plan.",
         {
             "mesh": Flag("", "PIPELINE,DATA,EXPERT sizes to plan for, e.g. 12,32,4"),
             "device_memory": Flag("", "memory per device to check the plan against: 80GB, 80GiB or a device name"),
             "compile": Flag(
                 "",
-                f"compile the train step on the mesh for {' | '.join(targets.TARGETS)} (GPUs need no GPU here, but "
-                "JAX's CUDA plugin: pip install 'skymoe-jax[aot]') and print the compiler's per-device bytes",
+                f"compile the train and eval steps on the mesh for {' | '.join(targets.TARGETS)} (GPUs need no GPU "
+                "here, but JAX's CUDA plugin: pip install 'skymoe-jax[aot]') and print the compiler's per-device bytes",
             ),
             "json": Flag(False, "print one JSON object"),
         },
@@ -453,12 +456,16 @@ def cmd_params(argv: Sequence[str]) -> int:
 
 
 def _compiled_beside_plan(config, mesh: tuple[int, int, int], target: str, p, out: dict) -> list[str]:
-    """Compiles the train step for `target` on the mesh's devices; fills out['compiled']; the lines to print."""
+    """Compiles the train and eval steps for `target` on the mesh's devices; fills out['compiled']; the lines to
+    print."""
     from skymoe_jax.parallel import targets
-    from skymoe_jax.training.compiled import compile_train_step
+    from skymoe_jax.parallel.devices import DEVICES
+    from skymoe_jax.parallel.search import step_time
+    from skymoe_jax.training.compiled import compile_steps
 
-    step = compile_train_step(config, targets.devices(target, math.prod(mesh)))
-    m = step.memory
+    steps = compile_steps(config, targets.devices(target, math.prod(mesh)), ("train", "eval"))
+    step, evaluation = steps["train"], steps["eval"]
+    m, e = step.memory, evaluation.memory
     planned_temp = p.grads_bytes + p.activations.total
     out["compiled"] = {
         "target": target,
@@ -472,6 +479,7 @@ def _compiled_beside_plan(config, mesh: tuple[int, int, int], target: str, p, ou
         "peak_bytes": m.peak,
         "planned_temp_bytes": planned_temp,
         "planned_peak_bytes": p.peak_bytes,
+        "eval": {"seconds": evaluation.seconds, "temp_bytes": e.temporaries, "peak_bytes": e.peak},
     }
     lines = [
         f"compiled for {target} ({step.devices} {'compile-only ' if target != 'cpu' else ''}devices, "
@@ -480,6 +488,8 @@ def _compiled_beside_plan(config, mesh: tuple[int, int, int], target: str, p, ou
         f"{_size(m.temporaries)}; peak {_size(m.peak)}",
         f"planned: temporaries {_size(planned_temp)} ({planned_temp / m.temporaries:.2f}x the compiler's), "
         f"peak {_size(p.peak_bytes)} ({p.peak_bytes / m.peak:.2f}x)",
+        f"the eval step (parameters in, token sums out; at the eval capacity factor) compiled in "
+        f"{evaluation.seconds:.0f} s: temporaries {_size(e.temporaries)}, peak {_size(e.peak)}",
     ]
     memory = targets.memory(target)
     if memory:
@@ -489,7 +499,17 @@ def _compiled_beside_plan(config, mesh: tuple[int, int, int], target: str, p, ou
             f"the compiled step {'fits' if fits else 'does NOT fit'} in one {target} ({_size(memory)}): "
             f"{_size(abs(memory - m.peak))} {'to spare' if fits else 'over'}"
         )
-    return lines + _program_lines(step.compiled.as_text(), target, out["compiled"])
+    lines += _program_lines(step.compiled.as_text(), target, out["compiled"])
+    if target in DEVICES:
+        model = step_time(config, p, DEVICES[target], PLAN_MFU)
+        out["compiled"]["planned_step_seconds"] = model.total
+        lines.append(
+            f"skymoe plan's step model for this mesh, at {100 * PLAN_MFU:.0f}% MFU: {model.total * 1e3:.1f} ms "
+            f"(compute {model.compute * 1e3:.1f}, all-to-all {model.all_to_all * 1e3:.1f}, tensor parallel "
+            f"{model.tensor_parallel * 1e3:.1f}, gradients {model.gradients * 1e3:.1f}, pipeline sends "
+            f"{model.pipeline * 1e3:.1f})"
+        )
+    return lines
 
 
 def _program_lines(text: str, target: str, out: dict) -> list[str]:
@@ -524,11 +544,16 @@ def _program_lines(text: str, target: str, out: dict) -> list[str]:
         + f"; host transfers: {', '.join(s.host_transfers) or 'none'}"
     ]
     if target in DEVICES:
-        bound = s.flops / DEVICES[target].peak_flops
-        out["compute_bound_seconds"] = bound
+        device = DEVICES[target]
+        compute = s.flops / device.peak_flops
+        memory = s.memory_bytes / device.memory_bandwidth
+        out.update(memory_bytes=s.memory_bytes, compute_bound_seconds=compute, memory_bound_seconds=memory)
         lines.append(
-            f"a bound, not a measurement: the matmuls alone take at least {bound * 1e3:.1f} ms at the {target}'s "
-            f"dense bf16 peak ({DEVICES[target].peak_flops / 1e12:.0f} TFLOP/s)"
+            f"a roofline, not a measurement: the matmuls take at least {compute * 1e3:.1f} ms at the {target}'s dense "
+            f"bf16 peak ({device.peak_flops / 1e12:.0f} TFLOP/s); the kernels move {_size(s.memory_bytes)} to and from "
+            f"device memory, {memory * 1e3:.1f} ms at its {device.memory_bandwidth / 1e12:.2f} TB/s; so the step "
+            f"is {'memory' if memory > compute else 'compute'}-bound and takes at least "
+            f"{max(compute, memory) * 1e3:.1f} ms"
         )
     return lines
 
@@ -559,7 +584,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
         {
             "devices": Flag(0, "how many accelerators"),
             "device": Flag("", "the accelerator: A800-80GB, A100-80GB, H100-80GB or H200"),
-            "mfu": Flag("0.4", "model FLOPs utilization assumed for compute time, in (0, 1]"),
+            "mfu": Flag(str(PLAN_MFU), "model FLOPs utilization assumed for compute time, in (0, 1]"),
             "memory_fraction": Flag("0.9", "share of device memory a layout may plan to use, in (0, 1]"),
             "top": Flag(10, "how many layouts to print"),
             "json": Flag(False, "print one JSON object"),

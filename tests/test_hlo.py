@@ -55,6 +55,7 @@ def test_params_compile_prints_what_the_program_does(capsys):
     assert main(["params", "--mesh=1,4,2", "--compile=cpu", "--json"]) == 0
     compiled = json.loads(capsys.readouterr().out)["compiled"]
     assert compiled["matmul_flops"] > 0 and compiled["temp_bytes"] > 0
+    assert 0 < compiled["eval"]["temp_bytes"] < compiled["temp_bytes"]  # no gradients, no optimizer update
     assert compiled["collectives"]["all-to-all"]["count"] > 0  # the MoE layers' exchange over the expert axis
     assert compiled["host_transfers"] == []
 
@@ -69,3 +70,80 @@ def test_the_planned_all_to_all_is_what_the_compiled_step_exchanges(remat):
     planned = plan(c, (1, 4, 2)).all_to_all_bytes * 2  # sent = half of each exchange on 2 devices
     # The CPU kernels also exchange each group's counts of rows in use, [experts, groups] int32 (a few KiB).
     assert planned <= exchanged["bytes"] <= 1.01 * planned
+
+
+# A loop over the 8 rows of a stacked [8, 256] float32 weight: a fusion reads row i (a dynamic slice), squares it,
+# and a second fusion writes it into row i of the output in place, as a layer scan reads and writes its stacks.
+LOOP_HLO = """HloModule loop
+
+%fused_slice (param_0: f32[8,256], param_1: s32[]) -> f32[1,256] {
+  %param_0 = f32[8,256]{1,0} parameter(0)
+  %bitcast = f32[8,256]{1,0} bitcast(%param_0)
+  %param_1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %row = f32[1,256]{1,0} dynamic-slice(%bitcast, %param_1, %zero), dynamic_slice_sizes={1,256}
+}
+
+%fused_update (param_0.1: f32[8,256], param_1.1: f32[1,256], param_2: s32[]) -> f32[8,256] {
+  %param_0.1 = f32[8,256]{1,0} parameter(0)
+  %param_1.1 = f32[1,256]{1,0} parameter(1)
+  %param_2 = s32[] parameter(2)
+  %zero.1 = s32[] constant(0)
+  ROOT %update = f32[8,256]{1,0} dynamic-update-slice(%param_0.1, %param_1.1, %param_2, %zero.1)
+}
+
+%body (state: (s32[], f32[8,256], f32[8,256])) -> (s32[], f32[8,256], f32[8,256]) {
+  %state = (s32[], f32[8,256]{1,0}, f32[8,256]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %w = f32[8,256]{1,0} get-tuple-element(%state), index=1
+  %out = f32[8,256]{1,0} get-tuple-element(%state), index=2
+  %row = f32[1,256]{1,0} fusion(%w, %i), kind=kLoop, calls=%fused_slice
+  %squared = f32[1,256]{1,0} multiply(%row, %row)
+  %new = f32[8,256]{1,0} fusion(%out, %squared, %i), kind=kLoop, calls=%fused_update
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %result = (s32[], f32[8,256]{1,0}, f32[8,256]{1,0}) tuple(%next, %w, %new)
+}
+
+%condition (state.1: (s32[], f32[8,256], f32[8,256])) -> pred[] {
+  %state.1 = (s32[], f32[8,256]{1,0}, f32[8,256]{1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%state.1), index=0
+  %eight = s32[] constant(8)
+  ROOT %more = pred[] compare(%i.1, %eight), direction=LT
+}
+
+ENTRY %main (w.1: f32[8,256], out.1: f32[8,256]) -> f32[8,256] {
+  %w.1 = f32[8,256]{1,0} parameter(0)
+  %out.1 = f32[8,256]{1,0} parameter(1)
+  %start = s32[] constant(0)
+  %init = (s32[], f32[8,256]{1,0}, f32[8,256]{1,0}) tuple(%start, %w.1, %out.1)
+  %loop = (s32[], f32[8,256]{1,0}, f32[8,256]{1,0}) while(%init), condition=%condition, body=%body, TRIP_COUNT
+  ROOT %final = f32[8,256]{1,0} get-tuple-element(%loop), index=2
+}
+""".replace("TRIP_COUNT", 'backend_config={"known_trip_count":{"n":"8"}}')
+
+
+def test_memory_traffic_counts_the_rows_a_loop_slices_and_updates_not_the_stacks():
+    row, index = 256 * 4, 4
+    slice_fusion = row + index + row  # row i and the index in, the row out
+    multiply = 2 * row + row  # its two operands in, its result out
+    update_fusion = row + index + row  # the new row and the index in, the row written in place
+    counter = 3 * index  # the loop counter's add: two s32 in, one out
+    per_trip = slice_fusion + multiply + update_fusion + counter
+    condition = 2 * index + 1  # a compare of two s32 into a pred, run once more than the body
+    assert hlo.summarize(LOOP_HLO).memory_bytes == 8 * per_trip + 9 * condition
+
+
+def test_a_scanned_stacks_memory_traffic_grows_with_its_layers_not_their_square():
+    """A scan over L layers of stacked [L, 64, 64] weights reads one layer's slice per step: the program's traffic
+    doubles from 4 to 8 layers (a count that charged each step with the whole stack would quadruple)."""
+
+    def traffic(layers: int) -> float:
+        def f(x, w):
+            return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0]
+
+        x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+        w = jax.ShapeDtypeStruct((layers, 64, 64), jnp.float32)
+        return hlo.summarize(_compiled_text(f, x, w)).memory_bytes
+
+    assert traffic(8) / traffic(4) == pytest.approx(2.0, rel=0.15)

@@ -1,11 +1,16 @@
 """What a compiled program does in one execution, read from its optimized HLO text: matmuls and their FLOPs,
-collectives and their bytes, kernels (Pallas's Triton calls, XLA's Triton fusions, cuBLAS), host callbacks.
+collectives and their bytes, kernels (Pallas's Triton calls, XLA's Triton fusions, cuBLAS), host callbacks, and the
+bytes its kernels read from and write to device memory.
 
 XLA prints each computation once; a while loop's body runs `known_trip_count` times (XLA's backend config) and a
 condition one more, so every count is weighted by how often its computation runs (a cond's branches each count as
 if taken: an upper bound; a loop whose trip count XLA does not know counts once: a lower bound).
 `compiled.cost_analysis()` has no numbers for XLA:GPU's compile-only devices, and none that follow loops, so the
-FLOPs here are counted from the dots themselves.
+FLOPs here are counted from the dots themselves, and the memory traffic from the kernels: each top-level instruction
+(a fusion, a library call, a copy, a collective) reads its operands and writes its result, except where a fusion only
+slices an operand (it reads the slices) or updates it in place (it writes the update): a layer loop reads one
+layer's slice of the stacked weights, not the stack. Values a fusion keeps in registers or shared memory are not
+traffic; caches are not modelled, so this is an upper bound on what a kernel must move and a lower bound on time.
 """
 
 from __future__ import annotations
@@ -43,6 +48,23 @@ COLLECTIVES = {
 }
 PALLAS_TRITON = "__gpu$xla.gpu.triton"
 HOST_OPS = ("send", "recv", "infeed", "outfeed")
+# Instructions that launch no kernel: they name, group or alias buffers, or run other computations.
+NO_TRAFFIC = {
+    "parameter",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "constant",
+    "while",
+    "conditional",
+    "call",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+    "add-dependency",
+}
+SLICES = ("dynamic-slice", "slice", "gather")
 
 
 def arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -86,6 +108,7 @@ class Summary:
     custom_calls: dict[str, float]  # target -> calls per execution
     triton_fusions: dict[str, float]  # XLA's own Triton fusions by kind -> per execution
     host_transfers: list[str]  # host callbacks, sends, receives, infeeds, outfeeds
+    memory_bytes: float  # read from and written to device memory by the kernels, per execution
 
     @property
     def flops(self) -> float:
@@ -133,11 +156,15 @@ def summarize(text: str) -> Summary:
     runs = runs_per_execution(computations, entry)
     dots, coll = [], collections.defaultdict(lambda: {"count": 0.0, "bytes": 0.0})
     calls, fusions, host = collections.Counter(), collections.Counter(), []
+    kernels = kernel_bodies(computations)
+    traffic = 0.0
     for comp, instructions in computations.items():
         times = runs.get(comp, 0)
         if not times:
             continue
         types = {i.name: i.type for i in instructions}
+        if comp not in kernels:
+            traffic += times * sum(_traffic(inst, types, computations) for inst in instructions)
         for inst in instructions:
             if inst.op == "dot":
                 dots.append(_dot(comp, inst, types, times))
@@ -158,7 +185,89 @@ def summarize(text: str) -> Summary:
                     fusions[kind.group(1)] += times
             elif inst.op in HOST_OPS:
                 host.append(f"{inst.op} ({inst.name})")
-    return Summary(dots, {k: dict(v) for k, v in coll.items()}, dict(calls), dict(fusions), host)
+    return Summary(dots, {k: dict(v) for k, v in coll.items()}, dict(calls), dict(fusions), host, traffic)
+
+
+def kernel_bodies(computations: dict[str, list[Instruction]]) -> set[str]:
+    """Computations that run inside a kernel (fusions' bodies, what they call in turn), not as kernels of their own."""
+    pending = [
+        callee
+        for instructions in computations.values()
+        for inst in instructions
+        if inst.op == "fusion"
+        for callee, _ in _callees(inst)
+    ]
+    found: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name not in found:
+            found.add(name)
+            pending += [callee for inst in computations.get(name, []) for callee, _ in _callees(inst)]
+    return found
+
+
+def _traffic(inst: Instruction, types: dict[str, str], computations: dict[str, list[Instruction]]) -> float:
+    """Bytes one top-level instruction reads and writes in device memory."""
+    if inst.op in NO_TRAFFIC or inst.op.endswith("-done"):
+        return 0.0
+    operands = [nbytes(types.get(o, "")) for o in inst.operands]
+    if inst.op in SLICES:
+        return 2.0 * nbytes(inst.type)
+    if inst.op == "dynamic-update-slice":
+        return 2.0 * operands[1]
+    if inst.op == "fusion":
+        callee = next((c for c, _ in _callees(inst)), "")
+        reads, written = _fusion_access(computations.get(callee, []))
+        return sum(reads.get(i, b) for i, b in enumerate(operands)) + (
+            nbytes(inst.type) if written is None else written
+        )
+    return sum(operands) + nbytes(inst.type)
+
+
+def _fusion_access(instructions: list[Instruction]) -> tuple[dict[int, float], float | None]:
+    """What a fusion reads of each parameter it only slices or updates in place (by parameter number; the others
+    are read whole), and what it writes when its result updates a parameter in place (None: the result whole)."""
+    by_name = {i.name: i for i in instructions}
+    users: dict[str, list[tuple[Instruction, int]]] = collections.defaultdict(list)
+    for inst in instructions:
+        for position, operand in enumerate(inst.operands):
+            users[operand].append((inst, position))
+
+    def through_bitcasts(name: str) -> list[tuple[Instruction, int]]:
+        out = []
+        for user, position in users[name]:
+            out += through_bitcasts(user.name) if user.op == "bitcast" else [(user, position)]
+        return out
+
+    def source(name: str) -> Instruction | None:
+        inst = by_name.get(name)
+        while inst is not None and inst.op == "bitcast":
+            inst = by_name.get(inst.operands[0])
+        return inst
+
+    reads: dict[int, float] = {}
+    for inst in instructions:
+        if inst.op != "parameter":
+            continue
+        uses = through_bitcasts(inst.name)
+        in_place = [u for u, pos in uses if u.op == "dynamic-update-slice" and pos == 0]
+        sliced = [u for u, pos in uses if u.op in SLICES and pos == 0]
+        if uses and len(in_place) + len(sliced) == len(uses):
+            reads[int(inst.rest.split(")", 1)[0])] = float(sum(nbytes(u.type) for u in sliced))
+    if not instructions:
+        return reads, None
+    root = instructions[-1]  # XLA prints a computation's root last
+    results = [source(o) for o in root.operands] if root.op == "tuple" else [root]
+    if not any(r is not None and r.op == "dynamic-update-slice" for r in results):
+        return reads, None
+    written = 0.0
+    for r in results:
+        base = source(r.operands[0]) if r is not None and r.op == "dynamic-update-slice" else None
+        if base is not None and base.op == "parameter":
+            written += nbytes(by_name[r.operands[1]].type) if r.operands[1] in by_name else 0.0
+        elif r is not None:
+            written += nbytes(r.type)
+    return reads, written
 
 
 def runs_per_execution(computations: dict[str, list[Instruction]], entry: str) -> dict[str, int]:

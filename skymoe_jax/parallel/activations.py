@@ -18,8 +18,8 @@ Terms, per device, without a pipeline:
   cotangents, [rows, heads, block, block] each: a query block against a key block).
 - reduction: the layer scan's backward writes each layer's gradients into a stacked accumulator and XLA moves
   their cross-device reduction into the loop, which writes a second stack (seen in the buffer assignment of the
-  default config: three [layers, experts, ...] all-reduced stacks beside the three accumulated ones). None on one
-  device, where nothing is reduced.
+  default config scanned: three [layers, experts, ...] all-reduced stacks beside the three accumulated ones). None
+  on one device, where nothing is reduced, and none for unrolled layers, which have no loop.
 With a pipeline (model/pipeline.py), whose schedule the terms follow:
 - layers: the input of every tick (microbatches x chunks + stages - 1 of them), one microbatch's activation each.
 - backward: one recomputed tick, its chunk's layers keeping what their policy keeps, and the larger working set of
@@ -140,9 +140,11 @@ def activation_memory(
     edp = split.layout == "edp"
     microbatches = config.parallel.num_microbatches if split.pipelined else 1
     rows = config.data.batch_size // microbatches // (data if edp else data * expert)
-    # What a layer keeps grows in proportion to its rows (every residual has a token dimension), so it is
-    # traced once on the fewest rows that still fill whole routing groups and scaled; the stage split
-    # and, in gshard, the expert axis (each device runs the whole layer on its tokens) do not enter it.
+    # What a layer keeps is a part that grows in proportion to its rows (every activation has a token dimension) and
+    # a part that does not (a bf16 model's compute-dtype copies of its float32 weights), so it is traced on the
+    # fewest rows that still fill whole routing groups and on twice those, and the line through both is read at
+    # `rows`; the stage split and, in gshard, the expert axis (each device runs the whole layer on its tokens) do not
+    # enter it.
     tp = expert if edp else 1
     group = spec.group_size or seq
     unit = next(
@@ -154,13 +156,24 @@ def activation_memory(
     chunk = preferred_block(seq, platform)
     runs_on = platform or common.platform()
     scale = rows // unit
+
+    def layer_bytes(spec: ModelSpec, pipelined: bool) -> _LayerBytes:
+        one = _layer_bytes(spec, split.layout, unit, seq, traced_expert, chunk, runs_on, pipelined=pipelined)
+        if scale == 1:
+            return one
+        two = _layer_bytes(spec, split.layout, 2 * unit, seq, traced_expert, chunk, runs_on, pipelined=pipelined)
+        return jax.tree.map(lambda a, b: a + (scale - 1) * (b - a), one, two)
+
     if not split.pipelined:
-        layer = _layer_bytes(spec, split.layout, unit, seq, traced_expert, chunk, runs_on, pipelined=False)
-        reduced = data > 1 or (expert > 1 and not edp)
+        layer = layer_bytes(spec, pipelined=False)
+        # The second stack comes from the layer loop's backward: unrolled layers (model.scan_layers=False without
+        # remat, as configs/default.py runs) have no loop, and their gradients are reduced as they are made.
+        looped = spec.scan_layers or spec.remat != "none"
+        reduced = looped and (data > 1 or (expert > 1 and not edp))
         return Activations(
-            layers=sum(scale * layer.kept[is_moe] for is_moe in spec.moe_layers),
-            head=scale * layer.head,
-            backward=scale * layer.backward,
+            layers=sum(layer.kept[is_moe] for is_moe in spec.moe_layers),
+            head=layer.head,
+            backward=layer.backward,
             pipeline=0.0,
             reduction=layer_gradient_bytes if reduced else 0.0,
         )
@@ -173,29 +186,20 @@ def activation_memory(
     per_tick = 0.0
     working = 0.0
     for policy in policies:
-        layer = _layer_bytes(
-            dataclasses.replace(spec, remat=policy),
-            split.layout,
-            unit,
-            seq,
-            traced_expert,
-            chunk,
-            runs_on,
-            pipelined=True,
-        )
-        kept = [scale * layer.kept[is_moe] for is_moe in spec.moe_layers[:longest]]
+        layer = layer_bytes(dataclasses.replace(spec, remat=policy), pipelined=True)
+        kept = [layer.kept[is_moe] for is_moe in spec.moe_layers[:longest]]
         per_tick = max(per_tick, sum(kept))
         if policy == "full":
             # Each layer is recomputed inside its own cond in its backward (model/pipeline.py), after the loss's.
-            working = max(working, scale * layer.backward, scale * layer.head)
+            working = max(working, layer.backward, layer.head)
         elif longest > 1:
             # A layer's residuals come out of its cond stacked over the chunk; its backward takes them as the
             # operands of the transposed cond: a slice of the stack and XLA's copy of it. The loss's backward
             # comes first, on its own.
-            working = max(working, scale * layer.backward + 2 * max(kept), scale * layer.head)
+            working = max(working, layer.backward + 2 * max(kept), layer.head)
         else:
             # A one-layer chunk has no layer loop: XLA schedules the layer's recomputation beside the loss's.
-            working = max(working, scale * (layer.backward + layer.head))
+            working = max(working, layer.backward + layer.head)
     ticks = microbatches * split.repeats + pipeline - 1
     x_bytes = rows * seq * spec.d_model * spec.compute_dtype.itemsize
     # Under FSDP XLA gathers the stage's weights once, before the tick loop, and holds them for the step.

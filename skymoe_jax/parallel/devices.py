@@ -19,18 +19,20 @@ class Device:
     intra_node: float  # bytes/s one GPU sends to the others of its node (NVLink, one direction)
     inter_node: float  # bytes/s one GPU sends off its node (its share of the node's network)
     per_node: int = 8
+    memory_bandwidth: float = 0.0  # bytes/s of device memory (HBM), from the data sheet; 0 where not known
 
 
 # nvidia-smi reports 81,920 MiB on the 80 GB parts and 143,771 MiB on the H200. A800: NVLink cut to
 # 400 GB/s (200 each way); the clusters Skywork-MoE describes give each GPU a 200 Gb/s HDR link.
-# H100 / H200 SXM: NVLink 900 GB/s (450 each way), 400 Gb/s NDR per GPU.
+# H100 / H200 SXM: NVLink 900 GB/s (450 each way), 400 Gb/s NDR per GPU. HBM: 2,039 GB/s on the 80 GB A100 / A800
+# SXM, 3.35 TB/s on the H100 SXM, 4.8 TB/s on the H200.
 DEVICES = {
     d.name: d
     for d in (
-        Device("A800-80GB", 80 * GIB, PEAK_FLOPS["a800"], intra_node=200e9, inter_node=25e9),
-        Device("A100-80GB", 80 * GIB, PEAK_FLOPS["a100"], intra_node=300e9, inter_node=25e9),
-        Device("H100-80GB", 80 * GIB, PEAK_FLOPS["h100"], intra_node=450e9, inter_node=50e9),
-        Device("H200", 143_771 * 2**20, PEAK_FLOPS["h200"], intra_node=450e9, inter_node=50e9),
+        Device("A800-80GB", 80 * GIB, PEAK_FLOPS["a800"], intra_node=200e9, inter_node=25e9, memory_bandwidth=2039e9),
+        Device("A100-80GB", 80 * GIB, PEAK_FLOPS["a100"], intra_node=300e9, inter_node=25e9, memory_bandwidth=2039e9),
+        Device("H100-80GB", 80 * GIB, PEAK_FLOPS["h100"], intra_node=450e9, inter_node=50e9, memory_bandwidth=3.35e12),
+        Device("H200", 143_771 * 2**20, PEAK_FLOPS["h200"], intra_node=450e9, inter_node=50e9, memory_bandwidth=4.8e12),
     )
 }
 

@@ -58,11 +58,29 @@ def abstract_batch(config: ml_collections.ConfigDict, runtime: runtime_lib.Runti
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, dtype in BATCH_DTYPES.items()}
 
 
-def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> CompiledStep:
-    """The train step of config on a mesh over `devices`, lowered and compiled without running anything."""
+def compile_steps(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device], steps: Sequence[str] = ("train",)
+) -> dict[str, CompiledStep]:
+    """The train and/or eval step of config on a mesh over `devices`, lowered and compiled without running anything;
+    each step's seconds include building the runtime once."""
     start = time.perf_counter()
     rt = runtime_lib.build(config, devices)
+    built = time.perf_counter() - start
+    state, batch = rt.abstract_state(), abstract_batch(config, rt)
+    programs = {
+        "train": lambda: rt.train_step.lower(state, batch),
+        "eval": lambda: rt.eval_step.lower(state.params, batch),
+    }
+    out = {}
     with jax.set_mesh(rt.mesh):
-        compiled = rt.train_step.lower(rt.abstract_state(), abstract_batch(config, rt)).compile()
-    seconds = time.perf_counter() - start
-    return CompiledStep(compiled, Memory.of(compiled), seconds, len(devices), devices[0].device_kind)
+        for name in steps:
+            start = time.perf_counter()
+            compiled = programs[name]().compile()
+            seconds = built + time.perf_counter() - start
+            out[name] = CompiledStep(compiled, Memory.of(compiled), seconds, len(devices), devices[0].device_kind)
+    return out
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> CompiledStep:
+    """The train step of config on a mesh over `devices`, lowered and compiled without running anything."""
+    return compile_steps(config, devices)["train"]
