@@ -119,7 +119,8 @@ def test_trained_dense_model_exports_as_llama_with_the_same_logits(runs, tmp_pat
 
 
 # A small MoE for each newer format, with what sets it apart and the parts only a config here can give it: two
-# shared experts exported as Qwen2-MoE's one, dense layers in both of our patterns, top-k left unnormalized.
+# shared experts exported as Qwen2-MoE's one, dense layers in both of our patterns, top-k left unnormalized, heads
+# wider than d_model / num_heads.
 FORMATS = {
     "Qwen2MoeForCausalLM": [
         "--config.moe.num_shared_experts=2",
@@ -129,7 +130,12 @@ FORMATS = {
         "--config.moe.first_k_dense=1",
         "--config.moe.renormalize=False",
     ],
-    "Qwen3MoeForCausalLM": ["--config.model.qk_norm=head", "--config.moe.moe_every=2", "--config.moe.first_k_dense=1"],
+    "Qwen3MoeForCausalLM": [
+        "--config.model.qk_norm=head",
+        "--config.model.head_dim=16",
+        "--config.moe.moe_every=2",
+        "--config.moe.first_k_dense=1",
+    ],
     "OlmoeForCausalLM": ["--config.model.qk_norm=full", "--config.moe.renormalize=False"],
 }
 
@@ -196,6 +202,7 @@ def test_import_then_export_gives_back_the_original_tensors(kind, dtype, tmp_pat
         ({"model.qk_norm": "head", "model.qkv_bias": True}, "as Qwen3-MoE: .*output projection"),
         ({"model.qk_norm": "full", "moe.first_k_dense": 1}, "OLMoE has experts in every layer"),
         ({"model.qk_norm": "full", "moe.gate_norm": True}, "OLMoE's plain softmax router"),
+        ({"model.qk_norm": "full", "model.head_dim": 64}, "OLMoE's query norm is as wide as the model"),
     ],
 )
 def test_what_a_format_cannot_express_is_refused_in_one_sentence(fields, words):

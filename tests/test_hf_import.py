@@ -34,8 +34,8 @@ MODELS = {
         {"num_local_experts": 4, "num_experts_per_tok": 2},
     ),
     # Each MoE format with what sets it apart: Qwen2-MoE's shared expert, q/k/v biases and every other layer MoE
-    # (decoder_sparse_step=2), Qwen3-MoE's per-head QK-norm, renormalized top-k and a dense first layer
-    # (mlp_only_layers), OLMoE's full-width QK-norm and unnormalized top-k.
+    # (decoder_sparse_step=2), Qwen3-MoE's per-head QK-norm, its own head_dim, renormalized top-k and a dense first
+    # layer (mlp_only_layers), OLMoE's full-width QK-norm and unnormalized top-k.
     "qwen2_moe": (
         transformers.Qwen2MoeConfig,
         transformers.Qwen2MoeForCausalLM,
@@ -55,7 +55,7 @@ MODELS = {
             "num_experts": 4,
             "num_experts_per_tok": 2,
             "moe_intermediate_size": 24,
-            "head_dim": 8,
+            "head_dim": 16,  # wider than hidden_size / heads, as Qwen3-MoE's checkpoints are
             "norm_topk_prob": True,
             "mlp_only_layers": [0],
         },
@@ -88,6 +88,7 @@ IMPORTED = {
         "moe.num_experts": 4,
         "moe.expert_ffn_dim": 24,
         "model.qk_norm": "head",
+        "model.head_dim": 16,
         "moe.renormalize": True,
         "moe.first_k_dense": 1,
     },
@@ -124,7 +125,8 @@ def test_logits_match_transformers(kind, tmp_path, capsys):
     model = _hf_model(kind)
     model.save_pretrained(tmp_path / "hf")
     config = _compare(tmp_path / "hf", model, tmp_path, capsys)
-    want = {"moe.num_experts": 0, "model.qkv_bias": False, "model.qk_norm": "none", "moe.num_shared_experts": 0}
+    want = {"moe.num_experts": 0, "model.qkv_bias": False, "model.qk_norm": "none", "model.head_dim": 0}
+    want["moe.num_shared_experts"] = 0
     want.update({"moe.first_k_dense": 0, "moe.moe_every": 1, **IMPORTED[kind]})
     got = dict(flatten(config))
     assert {key: got[key] for key in want} == want

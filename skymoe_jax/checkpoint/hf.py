@@ -10,11 +10,11 @@ full-width ones model.qk_norm=full, tied embeddings are copied into the (untied)
 softmax-top-k router is moe.gate_norm=False, dropless, with moe.renormalize from norm_topk_prob (always on in
 Mixtral). Qwen2-MoE's shared expert is one shared expert with moe.shared_expert_gate=sigmoid; Qwen's dense layers
 (mlp_only_layers, decoder_sparse_step) become moe.first_k_dense and moe.moe_every where that pattern can say them.
-Not representable, hence refused: rotary scaling (rope_scaling / rope_type other than default), activations
-other than SiLU, a bias on the attention's output projection (attention_bias), OLMoE's clip_qkv, a head_dim other
-than hidden_size / num_attention_heads, and dense layers placed where no moe.first_k_dense and moe.moe_every put
-them. Sliding windows (Mistral, Qwen's use_sliding_window) are imported as full attention, identical for
-sequences up to the window.
+A head_dim of its own (Qwen3-MoE's 128 with hidden_size 2048 and 32 heads) is model.head_dim. Not representable,
+hence refused: rotary scaling (rope_scaling / rope_type other than default), activations other than SiLU, a bias
+on the attention's output projection (attention_bias), OLMoE's clip_qkv, and dense layers placed where no
+moe.first_k_dense and moe.moe_every put them. Sliding windows (Mistral, Qwen's use_sliding_window) are imported
+as full attention, identical for sequences up to the window.
 """
 
 from __future__ import annotations
@@ -67,10 +67,6 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with SiLU only)")
     heads = hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-        raise CheckpointError(
-            f"head_dim={hf['head_dim']} differs from hidden_size / num_attention_heads; not supported"
-        )
     if hf.get("attention_bias"):
         raise CheckpointError(
             "attention_bias=True puts a bias on the attention's output projection too, which this model does not "
@@ -84,6 +80,8 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
     m = c.model
     m.vocab_size, m.d_model, m.num_layers = hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"]
     m.num_heads, m.num_kv_heads = heads, hf.get("num_key_value_heads") or heads
+    if hf.get("head_dim") not in (None, m.d_model // heads) or m.d_model % heads:
+        m.head_dim = hf.get("head_dim") or m.d_model // heads
     m.ffn_dim = hf["intermediate_size"]
     m.rope_theta = float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     m.norm_eps = float(hf.get("rms_norm_eps", 1e-6))

@@ -65,7 +65,7 @@ def hf_config(config: ml_collections.ConfigDict, dtype: str) -> tuple[dict, tupl
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_heads,
         "num_key_value_heads": m.num_kv_heads,
-        "head_dim": m.d_model // m.num_heads,
+        "head_dim": ModelSpec.from_config(config).head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
@@ -106,6 +106,11 @@ def _moe_config(config: ml_collections.ConfigDict, common: dict) -> tuple[dict, 
         refusals.append(
             f"{name}'s attention biases (attention_bias) include one on the output projection, which this model has "
             "not (model.qkv_bias=True)"
+        )
+    if arch == "olmoe" and spec.head_dim * m.num_heads != m.d_model:
+        refusals.append(
+            f"OLMoE's query norm is as wide as the model, this model's queries are not (model.head_dim={m.head_dim} "
+            f"x model.num_heads={m.num_heads} != model.d_model={m.d_model})"
         )
     if arch == "qwen2_moe" and m.qk_norm != "none":
         refusals.append(
