@@ -236,7 +236,8 @@ def cmd_import_hf(argv: Sequence[str]) -> int:
     args = Args(
         argv,
         "import-hf",
-        "Import a local Hugging Face Llama, Mistral, Qwen2, Qwen3 or Mixtral checkpoint as a run with a config file.",
+        "Import a local Hugging Face Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE checkpoint "
+        "as a run with a config file.",
         {
             "hf_dir": Flag("", "a directory with config.json and *.safetensors"),
             "out": Flag("", "a new workdir (checkpoint at step 0 and config.py)"),
@@ -262,8 +263,8 @@ def cmd_export_hf(argv: Sequence[str]) -> int:
     args = Args(
         argv,
         "export-hf",
-        "Write a checkpoint as a Hugging Face model (Mixtral for MoE, Llama, Qwen2 or Qwen3 for dense) for vLLM, "
-        "SGLang or transformers.",
+        "Write a checkpoint as a Hugging Face model (Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE for MoE, Llama, Qwen2 "
+        "or Qwen3 for dense) for vLLM, SGLang or transformers.",
         {
             "workdir": Flag("", "a run's workdir (its latest checkpoint) or WORKDIR/checkpoints/STEP"),
             "out": Flag("", "a new directory for config.json, safetensors and tokenizer files"),

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_layers = 4
     c.model.num_heads = 4
     c.model.num_kv_heads = 2
+    c.model.head_dim = 0  # width of each attention head; 0: model.d_model / model.num_heads (Qwen3-MoE sets its own)
     c.model.ffn_dim = 512  # width of dense (non-MoE) feed-forward layers
     c.model.rope_theta = 10000.0
     c.model.norm_eps = 1e-6
@@ -342,17 +343,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     m = c.model
     need(
-        m.d_model % m.num_heads == 0,
-        f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; pick a head count that divides it",
+        isinstance(m.head_dim, int) and m.head_dim >= 0,
+        f"model.head_dim={m.head_dim!r} must be a non-negative integer (0: model.d_model / model.num_heads)",
     )
-    head_dim = m.d_model // m.num_heads
-    need(head_dim % 2 == 0, f"model.d_model / model.num_heads = {head_dim} must be even for rotary embeddings")
+    need(
+        m.head_dim or m.d_model % m.num_heads == 0,
+        f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; pick a head count that divides it "
+        "or set model.head_dim",
+    )
+    head_dim = m.head_dim or m.d_model // m.num_heads
+    need(head_dim % 2 == 0, f"the head dimension {head_dim} must be even for rotary embeddings (model.head_dim)")
     if m.attention_impl == "pallas":  # Triton's tl.dot takes tiles of at least 16 along every dimension
         need(
             c.data.seq_len % 16 == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0,
             f"model.attention_impl=pallas needs data.seq_len ({c.data.seq_len}) a multiple of 16 and the head "
-            f"dimension (model.d_model / model.num_heads = {head_dim}) a power of two >= 16; change them or use "
-            "model.attention_impl=chunked",
+            f"dimension ({head_dim}, model.head_dim or model.d_model / model.num_heads) a power of two >= 16; change "
+            "them or use model.attention_impl=chunked",
         )
     need(
         m.attention_impl != "cpu" or m.dtype == "float32",
@@ -591,6 +597,7 @@ SHAPE_FIELDS = (
     "model.num_layers",
     "model.num_heads",
     "model.num_kv_heads",
+    "model.head_dim",
     "model.ffn_dim",
     "model.param_dtype",
     "model.qkv_bias",

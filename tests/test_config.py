@@ -43,6 +43,8 @@ def test_the_last_value_of_a_repeated_override_wins():
         ("--config.moe.capacity_factor=0", "moe.capacity_factor"),
         ("--config.moe.topk=3", "did you mean 'moe.top_k'"),
         ("--config.model.num_heads=5", "model.num_heads=5 does not divide model.d_model=128"),
+        ("--config.model.head_dim=-2", "model.head_dim=-2 must be a non-negative integer"),
+        ("--config.model.head_dim=15", "head dimension 15 must be even"),
         ("--config.moe.top_k=abc", "moe.top_k"),
         ("--config.moe.drop_policy=random", "moe.drop_policy"),
         ("--config.moe.moe_every=3", "moe.moe_every=3"),

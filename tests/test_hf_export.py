@@ -1,6 +1,7 @@
-"""`skymoe export-hf`: models trained here load in transformers with the same logits; import-hf then
-export-hf gives back the original tensors bit for bit; what Mixtral cannot express is refused; a
-two-process export writes its files from both processes without gathering the model on one."""
+"""`skymoe export-hf`: models of this trainer load in transformers with the same logits (trained Mixtral- and
+Llama-shaped ones, random Qwen2-MoE, Qwen3-MoE and OLMoE-shaped ones); import-hf then export-hf gives back the
+original tensors bit for bit; what a format cannot express is refused in one sentence; a two-process export writes
+its files from both processes without gathering the model on one."""
 
 import json
 import os
@@ -9,8 +10,10 @@ import subprocess
 import sys
 import sysconfig
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch", reason="torch is not installed: pip install -e '.[hf]' to run the HF tests")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed: pip install -e '.[hf]'")
@@ -20,10 +23,13 @@ from safetensors.numpy import load_file  # noqa: E402
 from test_hf_import import MODELS, SMALL  # noqa: E402
 
 from skymoe_jax import load_model  # noqa: E402
+from skymoe_jax.checkpoint.hf import new_run, save_initial  # noqa: E402
 from skymoe_jax.checkpoint.hf_export import hf_config  # noqa: E402
 from skymoe_jax.cli import main  # noqa: E402
-from skymoe_jax.config import base_config  # noqa: E402
+from skymoe_jax.config import apply_overrides, base_config  # noqa: E402
 from skymoe_jax.errors import ConfigError  # noqa: E402
+from skymoe_jax.model.spec import ModelSpec  # noqa: E402
+from skymoe_jax.model.transformer import build_model  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Odd vocabularies (not a multiple of 8) and grouped-query attention (4 heads, 2 KV heads).
@@ -39,7 +45,7 @@ SHAPES = [
     "--config.optim.warmup_steps=1",
     "--config.train.progress=False",
 ]
-MOE = [
+TINY_MOE = [
     "--config.model.vocab_size=259",
     "--config.model.num_layers=3",
     "--config.moe.num_experts=4",
@@ -47,6 +53,9 @@ MOE = [
     "--config.moe.group_size=0",
     "--config.moe.gate_norm=False",
     "--config.moe.dropless=True",
+]
+MOE = [
+    *TINY_MOE,
     # Layers stored stage by stage with padding: the export must find each layer at its slot.
     "--config.parallel.mesh=(2,-1,1)",
     "--config.parallel.pipeline_stage_layers=(1,2)",
@@ -109,11 +118,59 @@ def test_trained_dense_model_exports_as_llama_with_the_same_logits(runs, tmp_pat
     assert transformers.AutoTokenizer.from_pretrained(out)(TEXT, add_special_tokens=False)["input_ids"] == want
 
 
-@pytest.mark.parametrize("kind,dtype", [("llama", "fp32"), ("qwen2", "fp32"), ("qwen3", "fp32"), ("mixtral", "bf16")])
+# A small MoE for each newer format, with what sets it apart and the parts only a config here can give it: two
+# shared experts exported as Qwen2-MoE's one, dense layers in both of our patterns, top-k left unnormalized, heads
+# wider than d_model / num_heads.
+FORMATS = {
+    "Qwen2MoeForCausalLM": [
+        "--config.moe.num_shared_experts=2",
+        "--config.moe.shared_expert_ffn_dim=20",
+        "--config.moe.shared_expert_gate=sigmoid",
+        "--config.model.qkv_bias=True",
+        "--config.moe.first_k_dense=1",
+        "--config.moe.renormalize=False",
+    ],
+    "Qwen3MoeForCausalLM": [
+        "--config.model.qk_norm=head",
+        "--config.model.head_dim=16",
+        "--config.moe.moe_every=2",
+        "--config.moe.first_k_dense=1",
+    ],
+    "OlmoeForCausalLM": ["--config.model.qk_norm=full", "--config.moe.renormalize=False"],
+}
+
+
+@pytest.mark.parametrize("architecture", list(FORMATS))
+def test_moe_model_exports_in_its_format_with_the_same_logits(architecture, tmp_path, capsys):
+    config = apply_overrides(base_config(), [*SHAPES, *TINY_MOE, *FORMATS[architecture]])
+    shapes = nnx.eval_shape(lambda: build_model(ModelSpec.from_config(config)))
+    rng = np.random.default_rng(0)
+    # Weights larger than at init (as the import tests give transformers' models), so routing and norms show.
+    values = jax.tree.map(lambda a: rng.normal(0, 0.2, a.shape), nnx.to_pure_dict(nnx.state(shapes, nnx.Param)))
+    run, out = tmp_path / "run", tmp_path / "hf"
+    save_initial(new_run(str(run)), config, values, source="random weights")
+    assert main(["export-hf", f"--workdir={run}", f"--out={out}"]) == 0
+    assert f"as {architecture}" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["architectures"] == [architecture]
+    _logits_match(run, out)
+
+
+@pytest.mark.parametrize(
+    "kind,dtype",
+    [
+        ("llama", "fp32"),
+        ("qwen2", "fp32"),
+        ("qwen3", "fp32"),
+        ("mixtral", "bf16"),
+        ("qwen2_moe", "fp32"),
+        ("qwen3_moe", "bf16"),
+        ("olmoe", "fp32"),
+    ],
+)
 def test_import_then_export_gives_back_the_original_tensors(kind, dtype, tmp_path):
     config_cls, model_cls, extra = MODELS[kind]
     torch.manual_seed(0)
-    model = model_cls(config_cls(**SMALL, **{**extra, "tie_word_embeddings": False})).eval()
+    model = model_cls(config_cls(**{**SMALL, **extra, "tie_word_embeddings": False})).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
@@ -134,30 +191,39 @@ def test_import_then_export_gives_back_the_original_tensors(kind, dtype, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "field,value,words",
+    "fields,words",
     [
-        ("moe.gate_norm", True, "gate logit normalization"),
-        ("moe.renormalize", False, "renormalizes the top-k"),
-        ("moe.first_k_dense", 1, "dense ones"),
-        ("model.qkv_bias", True, "no q/k/v biases"),
-        ("model.qk_norm", "head", "no query and key norms"),
-        ("moe.num_shared_experts", 1, "no shared experts"),
+        ({"moe.gate_norm": True}, "as Mixtral: gate logit normalization"),
+        ({"moe.renormalize": False}, "renormalizes the top-k"),
+        ({"moe.first_k_dense": 1}, "Mixtral has experts in every layer"),
+        ({"model.qkv_bias": True}, "no q/k/v biases"),
+        ({"moe.num_shared_experts": 1}, "as Qwen2-MoE: .*sigmoid gate.*shared_expert_gate=none"),
+        ({"moe.num_shared_experts": 1, "moe.shared_expert_gate": "sigmoid", "model.qk_norm": "head"}, "query and key"),
+        ({"model.qk_norm": "head", "model.qkv_bias": True}, "as Qwen3-MoE: .*output projection"),
+        ({"model.qk_norm": "full", "moe.first_k_dense": 1}, "OLMoE has experts in every layer"),
+        ({"model.qk_norm": "full", "moe.gate_norm": True}, "OLMoE's plain softmax router"),
+        ({"model.qk_norm": "full", "model.head_dim": 64}, "OLMoE's query norm is as wide as the model"),
     ],
 )
-def test_what_mixtral_cannot_express_is_refused(field, value, words):
+def test_what_a_format_cannot_express_is_refused_in_one_sentence(fields, words):
     c = base_config()
     c.moe.update(gate_norm=False, dropless=True)
-    section, name = field.split(".")
-    c[section][name] = value
-    with pytest.raises(ConfigError, match=words):
+    for field, value in fields.items():
+        section, name = field.split(".")
+        c[section][name] = value
+    with pytest.raises(ConfigError, match=words) as refused:
         hf_config(c, "float32")
+    assert "\n" not in str(refused.value)
 
 
-def test_a_full_width_qk_norm_is_refused_in_one_sentence():
+def test_dense_models_without_a_format_are_refused_in_one_sentence():
     c = base_config()
     c.moe.num_experts = 0
     c.model.qk_norm = "full"
-    with pytest.raises(ConfigError, match=r"no Hugging Face format .* full-width QK-norm .*model.qk_norm=full"):
+    with pytest.raises(ConfigError, match=r"no dense Hugging Face format .* full-width QK-norm .*model.qk_norm=full"):
+        hf_config(c, "float32")
+    c.model.update(qk_norm="head", qkv_bias=True)
+    with pytest.raises(ConfigError, match=r"as Qwen3: .*output projection.*model.qkv_bias=False"):
         hf_config(c, "float32")
 
 

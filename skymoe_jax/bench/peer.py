@@ -50,6 +50,7 @@ def peer_model(config: ml_collections.ConfigDict):
         num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_heads,
         num_key_value_heads=m.num_kv_heads,
+        head_dim=m.head_dim or None,  # None: hidden_size / num_attention_heads, as model.head_dim=0
         rope_theta=m.rope_theta,
         rms_norm_eps=m.norm_eps,
         initializer_range=m.init_std,

@@ -1,13 +1,16 @@
 """Exporting a checkpoint of this trainer as a Hugging Face model directory: config.json, safetensors
 (sharded with model.safetensors.index.json above --max_shard_size) and the tokenizer when the run used
-one. MoE models become Mixtral, the layout serving engines (vLLM, SGLang, transformers) load; dense
-models become Llama, or Qwen2 when the attention has q/k/v biases.
+one. MoE models become the format whose attention and shared experts they have: Qwen2-MoE with shared
+experts, else Mixtral, Qwen3-MoE with per-head QK-norm or OLMoE with the full-width one, formats serving engines
+(vLLM, SGLang, transformers) load; dense models become Llama, Qwen2 when the attention has q/k/v biases, or Qwen3
+with per-head QK-norm.
 
-What Mixtral cannot express is refused, not approximated: gate logit normalization (it divides each
-token's logits by their own standard deviation, which no fixed router weight reproduces), top-k
-probabilities left unnormalized, dense layers among the MoE ones (moe.first_k_dense, moe.moe_every)
-and attention biases. Capacity dropping is a training-time limit: the exported model runs dropless, as
-inference does everywhere, and the export says so.
+What the format cannot express is refused in one sentence, not approximated: gate logit normalization (it
+divides each token's logits by their own standard deviation, which no fixed router weight reproduces), top-k
+probabilities left unnormalized (Mixtral), dense layers among the MoE ones (Mixtral, OLMoE; the Qwen formats list
+them in mlp_only_layers), q/k/v biases (Mixtral; Qwen3 and OLMoE's attention_bias biases the output projection
+too), and shared experts without Qwen2-MoE's sigmoid gate. Capacity dropping is a training-time limit: the
+exported model runs dropless, as inference does everywhere, and the export says so.
 
 A multi-process run exports without gathering the model on one host: parameters are restored split
 over all devices, each tensor is gathered in turn, and each process keeps and writes only the files
@@ -46,7 +49,7 @@ DEFAULT_MAX_SHARD_BYTES = 5e9  # transformers' save_pretrained default
 @dataclasses.dataclass(frozen=True)
 class Export:
     out: str
-    architecture: str  # MixtralForCausalLM | LlamaForCausalLM | Qwen2ForCausalLM
+    architecture: str  # e.g. MixtralForCausalLM, Qwen3MoeForCausalLM, LlamaForCausalLM
     step: int
     files: int
     tensors: int
@@ -55,15 +58,14 @@ class Export:
 
 def hf_config(config: ml_collections.ConfigDict, dtype: str) -> tuple[dict, tuple[str, ...]]:
     """(config.json for the target architecture, notes for the user); ConfigError for what it cannot express."""
-    m, e = config.model, config.moe
-    notes = []
+    m = config.model
     common = {
         "vocab_size": m.vocab_size,
         "hidden_size": m.d_model,
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_heads,
         "num_key_value_heads": m.num_kv_heads,
-        "head_dim": m.d_model // m.num_heads,
+        "head_dim": ModelSpec.from_config(config).head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
@@ -74,74 +76,144 @@ def hf_config(config: ml_collections.ConfigDict, dtype: str) -> tuple[dict, tupl
         "torch_dtype": dtype,
         "use_cache": True,
     }
-    if m.qk_norm == "full":
-        raise ConfigError(
-            "cannot export: no Hugging Face format this exporter writes has a full-width QK-norm (model.qk_norm=full); "
-            "train with model.qk_norm=head (Qwen3) or none"
-        )
-    if not e.num_experts:
-        if m.qk_norm == "head":
-            return {
-                **common,
-                "model_type": "qwen3",
-                "architectures": ["Qwen3ForCausalLM"],
-                "intermediate_size": m.ffn_dim,
-                "attention_bias": m.qkv_bias,
-                "use_sliding_window": False,
-            }, ()
-        if m.qkv_bias:
-            return {
-                **common,
-                "model_type": "qwen2",
-                "architectures": ["Qwen2ForCausalLM"],
-                "intermediate_size": m.ffn_dim,
-                "use_sliding_window": False,
-            }, ()
-        return {
-            **common,
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
-            "intermediate_size": m.ffn_dim,
-            "attention_bias": False,
-            "mlp_bias": False,
-        }, ()
+    if not config.moe.num_experts:
+        return _dense_config(m, common), ()
+    return _moe_config(config, common)
+
+
+def _moe_config(config: ml_collections.ConfigDict, common: dict) -> tuple[dict, tuple[str, ...]]:
+    m, e = config.model, config.moe
+    spec = ModelSpec.from_config(config)
+    arch = moe_architecture(config)
+    name, architecture = MOE_FORMATS[arch]
+    dense = [i for i, is_moe in enumerate(spec.moe_layers) if not is_moe]
     refusals = []
     if e.gate_norm:
         refusals.append(
             "gate logit normalization (moe.gate_norm=True) scales each token's router logits by their own "
-            "standard deviation, which Mixtral's plain softmax router cannot reproduce"
+            f"standard deviation, which {name}'s plain softmax router cannot reproduce"
         )
-    if not e.renormalize:
+    if arch == "mixtral" and not e.renormalize:
         refusals.append("Mixtral renormalizes the top-k probabilities, this model does not (moe.renormalize=False)")
-    if e.first_k_dense or e.moe_every != 1:
+    if arch in ("mixtral", "olmoe") and dense:
         refusals.append(
-            f"Mixtral has experts in every layer, this model has dense ones (moe.first_k_dense={e.first_k_dense}, "
+            f"{name} has experts in every layer, this model has dense ones (moe.first_k_dense={e.first_k_dense}, "
             f"moe.moe_every={e.moe_every})"
         )
-    if m.qkv_bias:
+    if arch == "mixtral" and m.qkv_bias:
         refusals.append("Mixtral's attention has no q/k/v biases (model.qkv_bias=True)")
-    if m.qk_norm != "none":
-        refusals.append(f"Mixtral's attention has no query and key norms (model.qk_norm={m.qk_norm})")
-    if e.num_shared_experts:
-        refusals.append(f"Mixtral has no shared experts (moe.num_shared_experts={e.num_shared_experts})")
+    if arch in ("qwen3_moe", "olmoe") and m.qkv_bias:
+        refusals.append(
+            f"{name}'s attention biases (attention_bias) include one on the output projection, which this model has "
+            "not (model.qkv_bias=True)"
+        )
+    if arch == "olmoe" and spec.head_dim * m.num_heads != m.d_model:
+        refusals.append(
+            f"OLMoE's query norm is as wide as the model, this model's queries are not (model.head_dim={m.head_dim} "
+            f"x model.num_heads={m.num_heads} != model.d_model={m.d_model})"
+        )
+    if arch == "qwen2_moe" and m.qk_norm != "none":
+        refusals.append(
+            f"Qwen2-MoE, the one format with shared experts, has no query and key norms (model.qk_norm={m.qk_norm})"
+        )
+    if arch == "qwen2_moe" and e.shared_expert_gate != "sigmoid":
+        refusals.append(
+            "Qwen2-MoE scales its shared expert by a sigmoid gate, this model does not "
+            f"(moe.shared_expert_gate={e.shared_expert_gate}; train with sigmoid)"
+        )
     if refusals:
-        raise ConfigError(f"cannot export as Mixtral: {'; '.join(refusals)}")
+        raise ConfigError(f"cannot export as {name}: {'; '.join(refusals)}")
+    notes = []
     if not e.dropless:
         notes.append(
             f"trained with capacity dropping (moe.capacity_factor={e.capacity_factor}); the exported model "
             "runs every token through its experts, as `skymoe eval --config.moe.dropless=True` does"
         )
-    return {
+    target = {
         **common,
-        "model_type": "mixtral",
-        "architectures": ["MixtralForCausalLM"],
-        "intermediate_size": e.expert_ffn_dim,
-        "num_local_experts": e.num_experts,
+        "model_type": arch,
+        "architectures": [architecture],
         "num_experts_per_tok": e.top_k,
         "output_router_logits": False,
-        "router_aux_loss_coef": 0.0,
-        "sliding_window": None,
-    }, tuple(notes)
+        "router_aux_loss_coef": 0.0,  # a training loss: it does not change the logits
+    }
+    if arch == "mixtral":
+        target.update(num_local_experts=e.num_experts, intermediate_size=e.expert_ffn_dim, sliding_window=None)
+    elif arch == "olmoe":
+        target.update(num_experts=e.num_experts, intermediate_size=e.expert_ffn_dim, norm_topk_prob=e.renormalize)
+        # OLMoE's class defaults name its own tokenizer's special tokens; this model's tokenizer is another.
+        target.update(attention_bias=False, clip_qkv=None, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    else:
+        target.update(
+            num_experts=e.num_experts,
+            intermediate_size=m.ffn_dim,  # the dense layers'
+            moe_intermediate_size=e.expert_ffn_dim,
+            norm_topk_prob=e.renormalize,
+            # Every dense layer listed: Qwen's most general form of our pattern (the first k, then all but every n-th).
+            decoder_sparse_step=1,
+            mlp_only_layers=dense,
+            use_sliding_window=False,
+        )
+        if arch == "qwen2_moe":
+            target.update(shared_expert_intermediate_size=spec.shared_width, qkv_bias=m.qkv_bias)
+        else:
+            target.update(attention_bias=False)
+    return target, tuple(notes)
+
+
+MOE_FORMATS = {  # model_type: (name, architecture class)
+    "mixtral": ("Mixtral", "MixtralForCausalLM"),
+    "qwen2_moe": ("Qwen2-MoE", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3-MoE", "Qwen3MoeForCausalLM"),
+    "olmoe": ("OLMoE", "OlmoeForCausalLM"),
+}
+
+
+def moe_architecture(config: ml_collections.ConfigDict) -> str:
+    """The HF model_type an MoE model exports as: the one format with shared experts (Qwen2-MoE), else the one
+    with its attention's query and key norms (none: Mixtral, per head: Qwen3-MoE, full width: OLMoE)."""
+    if config.moe.num_shared_experts:
+        return "qwen2_moe"
+    return {"none": "mixtral", "head": "qwen3_moe", "full": "olmoe"}[config.model.qk_norm]
+
+
+def _dense_config(m: ml_collections.ConfigDict, common: dict) -> dict:
+    """config.json for a dense model: Llama, Qwen2 with q/k/v biases, Qwen3 with per-head QK-norm."""
+    if m.qk_norm == "full":
+        raise ConfigError(
+            "cannot export: no dense Hugging Face format has a full-width QK-norm (model.qk_norm=full, OLMoE's, "
+            "which is an MoE format); train with model.qk_norm=head (Qwen3) or none"
+        )
+    if m.qk_norm == "head":
+        if m.qkv_bias:
+            raise ConfigError(
+                "cannot export as Qwen3: its attention biases (attention_bias) include one on the output projection, "
+                "which this model has not (model.qkv_bias=True); train with model.qkv_bias=False"
+            )
+        return {
+            **common,
+            "model_type": "qwen3",
+            "architectures": ["Qwen3ForCausalLM"],
+            "intermediate_size": m.ffn_dim,
+            "attention_bias": False,
+            "use_sliding_window": False,
+        }
+    if m.qkv_bias:
+        return {
+            **common,
+            "model_type": "qwen2",
+            "architectures": ["Qwen2ForCausalLM"],
+            "intermediate_size": m.ffn_dim,
+            "use_sliding_window": False,
+        }
+    return {
+        **common,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "intermediate_size": m.ffn_dim,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
 
 
 def _locate(path: str, step: int | None) -> tuple[str, int]:
@@ -181,10 +253,18 @@ def _tensor_list(config: ml_collections.ConfigDict) -> list[tuple[Tensor, Place 
     """(tensor, where its layer is stored; None outside the layers) in the order transformers writes them."""
     spec, layout = ModelSpec.from_config(config), MeshLayout.from_config(config)
     embed, *rest = outside_tensors()
+    arch = moe_architecture(config) if spec.num_experts else "dense"
     layers = [
         (t, place)
         for i, place in enumerate(layout.layer_places(spec))
-        for t in layer_tensors(i, num_experts=spec.num_experts, qkv_bias=spec.qkv_bias, qk_norm=spec.qk_norm)
+        for t in layer_tensors(
+            i,
+            arch=arch,
+            num_experts=spec.num_experts if spec.moe_layers[i] else 0,
+            qkv_bias=spec.qkv_bias,
+            qk_norm=spec.qk_norm,
+            shared=spec.shared_width > 0,
+        )
     ]
     return [(embed, None), *layers, *((t, None) for t in rest)]
 

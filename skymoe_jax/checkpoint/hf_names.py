@@ -1,10 +1,11 @@
-"""Where each Hugging Face tensor (Llama, Mistral, Qwen2, Mixtral naming) lives in this trainer's
-parameters, and how its layout differs; import and export both read this one table, so a round trip
-is exact by construction.
+"""Where each Hugging Face tensor (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE naming)
+lives in this trainer's parameters, and how its layout differs; import and export both read this one table, so a
+round trip is exact by construction.
 
 torch Linear weights are [out, in]; this model keeps [in..., out...] with heads split out (wq is
 [d_model, heads, head_dim], wo is [heads, head_dim, d_model]). Biases are [heads, head_dim] here and
-flat there. Norm scales and the embedding table have the same layout on both sides.
+flat there, as is OLMoE's full-width query and key norm scale ([heads, head_dim] here). Other norm scales and the
+embedding table have the same layout on both sides.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class Tensor:
     hf: str  # name in the Hugging Face checkpoint
     path: tuple[str, ...]  # parameter path: inside a layer for per-layer tensors, else from the root
     inputs: int = 0  # > 0: a Linear weight whose input spans the first `inputs` dimensions here
-    flat: bool = False  # a bias, [heads, head_dim] here
+    flat: bool = False  # a bias or OLMoE's q/k norm scale, [heads, head_dim] here
     expert: int | None = None  # index on the experts axis of an MoE layer's expert weights
 
     def to_ours(self, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -41,9 +42,18 @@ def outside_tensors() -> list[Tensor]:
     ]
 
 
-def layer_tensors(i: int, *, num_experts: int, qkv_bias: bool, qk_norm: str) -> list[Tensor]:
-    """Layer i's tensors, paths inside the layer (model/transformer.py's layer_path). qk_norm: 'head' is Qwen3's
-    per-head q_norm and k_norm (a head_dim vector each, on both sides)."""
+def layer_tensors(
+    i: int,
+    *,
+    arch: str,
+    num_experts: int,
+    qkv_bias: bool,
+    qk_norm: str,
+    shared: bool = False,
+) -> list[Tensor]:
+    """Layer i's tensors in HF model_type `arch`, paths inside the layer (model/transformer.py's layer_path).
+    num_experts: 0 for a dense layer. qk_norm: 'head' is Qwen3's per-head q_norm and k_norm (a head_dim vector
+    each, on both sides), 'full' OLMoE's over all heads. shared: Qwen2-MoE's shared expert and its sigmoid gate."""
     p = f"model.layers.{i}."
     out = [
         Tensor(p + "input_layernorm.weight", ("attn_norm", "scale")),
@@ -54,16 +64,30 @@ def layer_tensors(i: int, *, num_experts: int, qkv_bias: bool, qk_norm: str) -> 
     ]
     if qkv_bias:
         out += [Tensor(p + f"self_attn.{x}_proj.bias", ("attn", f"b{x}"), flat=True) for x in "qkv"]
-    if qk_norm == "head":
-        out += [Tensor(p + f"self_attn.{x}_norm.weight", ("attn", f"{x}_norm", "scale")) for x in "qk"]
+    if qk_norm != "none":
+        out += [
+            Tensor(p + f"self_attn.{x}_norm.weight", ("attn", f"{x}_norm", "scale"), flat=qk_norm == "full")
+            for x in "qk"
+        ]
     out.append(Tensor(p + "post_attention_layernorm.weight", ("ffn_norm", "scale")))
-    if num_experts:
-        moe = p + "block_sparse_moe."
-        out.append(Tensor(moe + "gate.weight", ("ffn", "gate"), inputs=1))
-        for j in range(num_experts):  # Mixtral: w1 gate, w3 up, w2 down
-            for hf_name, ours in (("w1", "w_gate"), ("w2", "w_down"), ("w3", "w_up")):
-                out.append(Tensor(moe + f"experts.{j}.{hf_name}.weight", ("ffn", "experts", ours), inputs=1, expert=j))
-    else:
-        for hf_name, ours in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")):
-            out.append(Tensor(p + f"mlp.{hf_name}.weight", ("ffn", ours), inputs=1))
+    if not num_experts:
+        return out + _ffn(p + "mlp.", ("ffn",))
+    # Mixtral names its MoE block and expert matrices its own way (w1 gate, w3 up, w2 down); the others as an FFN.
+    moe, names = (p + "block_sparse_moe.", ("w1", "w3", "w2")) if arch == "mixtral" else (p + "mlp.", FFN)
+    out.append(Tensor(moe + "gate.weight", ("ffn", "gate"), inputs=1))
+    for j in range(num_experts):
+        out += _ffn(moe + f"experts.{j}.", ("ffn", "experts"), names, expert=j)
+    if shared:
+        out += _ffn(moe + "shared_expert.", ("ffn", "shared"))
+        out.append(Tensor(moe + "shared_expert_gate.weight", ("ffn", "shared_gate"), inputs=1))
     return out
+
+
+FFN = ("gate_proj", "up_proj", "down_proj")  # HF's SwiGLU matrices: ours w_gate, w_up, w_down
+
+
+def _ffn(prefix: str, path: tuple[str, ...], names: tuple[str, ...] = FFN, expert: int | None = None) -> list[Tensor]:
+    return [
+        Tensor(prefix + f"{name}.weight", (*path, ours), inputs=1, expert=expert)
+        for name, ours in zip(names, ("w_gate", "w_up", "w_down"))
+    ]

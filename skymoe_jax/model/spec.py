@@ -51,10 +51,11 @@ class ModelSpec:
     num_shared_experts: int = 0
     shared_expert_ffn_dim: int = 0
     shared_expert_gate: str = "none"
+    head_dim: int = 0  # model.head_dim; 0 becomes d_model // num_heads
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)  # frozen: set once, here
 
     @property
     def shared_width(self) -> int:
