@@ -60,6 +60,8 @@ ROUTE_CASES = [
     (130, 64, 8, dict(gate_norm=True, eps=1e-3)),  # three blocks, the last holds 2 tokens
     (99, 64, 4, dict(gate_norm=False, renormalize=False)),
     (50, 6, 3, dict(gate_norm=True, ddof=1)),  # E and k not powers of two: padded columns
+    (50, 6, 3, dict(gate_norm=True, lam=2.0, score="sigmoid")),  # sigmoid scores in padded tiles
+    (99, 64, 4, dict(gate_norm=False, renormalize=False, score="sigmoid")),
 ]
 
 

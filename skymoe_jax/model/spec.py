@@ -51,6 +51,12 @@ class ModelSpec:
     num_shared_experts: int = 0
     shared_expert_ffn_dim: int = 0
     shared_expert_gate: str = "none"
+    score: str = "softmax"  # moe.score
+    routed_scale: float = 1.0
+    num_groups: int = 1
+    top_groups: int = 1
+    aux_scope: str = "batch"  # moe.aux_scope: with `sequence` each layer forms its per-sequence aux loss itself
+    aux_loss: str = "paper"  # moe.aux_loss, the form the layer takes with aux_scope=sequence
 
     @property
     def head_dim(self) -> int:
