@@ -142,6 +142,9 @@ def test_import_then_export_gives_back_the_original_tensors(kind, dtype, tmp_pat
         ("model.qkv_bias", True, "no q/k/v biases"),
         ("model.qk_norm", "head", "no query and key norms"),
         ("moe.num_shared_experts", 1, "no shared experts"),
+        ("moe.score", "sigmoid", "moe.score=sigmoid"),
+        ("moe.routed_scale", 2.5, "moe.routed_scale=2.5"),
+        ("moe.num_groups", 2, "moe.num_groups=2"),
     ],
 )
 def test_what_mixtral_cannot_express_is_refused(field, value, words):

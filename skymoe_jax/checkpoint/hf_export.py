@@ -124,6 +124,11 @@ def hf_config(config: ml_collections.ConfigDict, dtype: str) -> tuple[dict, tupl
         refusals.append(f"Mixtral's attention has no query and key norms (model.qk_norm={m.qk_norm})")
     if e.num_shared_experts:
         refusals.append(f"Mixtral has no shared experts (moe.num_shared_experts={e.num_shared_experts})")
+    if e.score != "softmax" or e.routed_scale != 1.0 or e.num_groups != 1:
+        refusals.append(
+            f"Mixtral's router is a softmax over every expert with unscaled weights (moe.score={e.score}, "
+            f"moe.routed_scale={e.routed_scale}, moe.num_groups={e.num_groups})"
+        )
     if refusals:
         raise ConfigError(f"cannot export as Mixtral: {'; '.join(refusals)}")
     if not e.dropless:

@@ -158,10 +158,10 @@ def statistics(
     stats = router.router_stats(routing.probs, routing.experts, mean)
     stats.update(z_loss=router.z_loss(routing.logits, mean), drop_rate=mean(placement.dropped) / spec.top_k)
     row_load = comm.sequence_means(router.assignments(routing.experts, spec.num_experts), seq_len) / spec.top_k
-    stats["seq_max_vio"] = mean(router.max_violation(row_load))
+    stats["seq_max_vio"] = comm.row_mean(router.max_violation(row_load))
     if spec.aux_scope == "sequence":
         row_probs = comm.sequence_means(routing.probs, seq_len)
-        stats["seq_aux_loss"] = mean(router.aux_loss_from_means(row_probs, row_load, spec.aux_loss))
+        stats["seq_aux_loss"] = comm.row_mean(router.aux_loss_from_means(row_probs, row_load, spec.aux_loss))
     return stats
 
 

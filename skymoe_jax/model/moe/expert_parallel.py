@@ -29,8 +29,7 @@ class Comm(NamedTuple):
     split_axis: str | None = None  # EDP: the axis whose devices each take a share of this shard's tokens
 
     def mean(self, a: jax.Array) -> jax.Array:
-        """Mean over all tokens of the global batch (shards hold equal token counts); also over rows, since a
-        shard holds whole rows (under EDP each row's result is the same on every device of the split axis)."""
+        """Mean over all tokens of the global batch (shards hold equal token counts)."""
         m = jnp.mean(a, axis=0)
         return jax.lax.pmean(m, self.token_axes) if self.token_axes else m
 
@@ -45,6 +44,13 @@ class Comm(NamedTuple):
         rows = share * jax.lax.axis_size(self.split_axis) // seq_len
         row = (jax.lax.axis_index(self.split_axis) * share + jnp.arange(share)) // seq_len
         return jax.lax.psum(jax.ops.segment_sum(a, row, num_segments=rows), self.split_axis) / seq_len
+
+    def row_mean(self, a: jax.Array) -> jax.Array:
+        """Mean over all rows of the global batch of per-row values a [rows, ...] (from sequence_means: the same
+        on every device of the split axis, so averaged over the other token axes only)."""
+        m = jnp.mean(a, axis=0)
+        axes = tuple(axis for axis in self.token_axes if axis != self.split_axis)
+        return jax.lax.pmean(m, axes) if axes else m
 
 
 Layer = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
