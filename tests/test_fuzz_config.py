@@ -228,7 +228,7 @@ def test_drawn_config_is_refused_or_trains_resumes_evaluates_and_loads(seed, tmp
     shutil.rmtree(resumed / "checkpoints" / str(STEPS))
     assert main(["train", f"--workdir={resumed}", *flags]) == 0, f"seed {seed}: resume failed\n{command}"
     again = _records(resumed)[STEPS]
-    for key in ("loss", "grad_norm", "alpha", "drop_rate", "expert_load", "eval_loss"):
+    for key in ("loss", "grad_norm", "alpha", "drop_rate", "expert_load", "max_vio", "seq_max_vio", "eval_loss"):
         assert again.get(key) == whole[STEPS].get(key), f"seed {seed}: resumed {key} differs\n{command}"
 
     capsys.readouterr()
