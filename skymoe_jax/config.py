@@ -83,7 +83,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.moe.gate_norm_ddof = 0  # 0: population std; 1: unbiased (the released inference code)
     c.moe.gate_norm_eps = 1e-6
     c.moe.renormalize = True  # renormalize the top-k gate weights to sum to 1
+    c.moe.score = "softmax"  # softmax | sigmoid (DeepSeek-V3: each expert's own sigmoid score)
+    c.moe.routed_scale = 1.0  # multiplies the routed experts' combine weights (DeepSeek-V3's routed_scaling_factor)
+    # Group-limited routing: experts in num_groups contiguous groups (1 = off), each token's top-k taken inside
+    # its top_groups best groups.
+    c.moe.num_groups = 1
+    c.moe.top_groups = 1
     c.moe.aux_loss = "paper"  # paper: sum_j (1/n - mean_t g_tj)^2 | switch: n sum_j f_j P_j
+    c.moe.aux_scope = "batch"  # batch: the aux loss over the global batch | sequence: per sequence (row), averaged
     c.moe.z_loss_coef = 0.0
     c.moe.capacity_factor = 1.25
     c.moe.eval_capacity_factor = 2.0
@@ -281,6 +288,8 @@ _CHOICES = {
     "model.qk_norm": ("none", "head", "full"),
     "moe.shared_expert_gate": ("none", "sigmoid"),
     "moe.aux_loss": ("paper", "switch"),
+    "moe.aux_scope": ("batch", "sequence"),
+    "moe.score": ("softmax", "sigmoid"),
     "moe.drop_policy": ("position", "probs"),
     "moe.dropless_impl": ("ragged", "padded"),
     "moe.routing_impl": ("auto", "xla", "pallas"),
@@ -411,6 +420,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "moe.gate_norm_lambda and moe.gate_norm_eps must be positive",
         )
         need(e.z_loss_coef >= 0, f"moe.z_loss_coef={e.z_loss_coef} must be >= 0")
+        need(e.routed_scale > 0, f"moe.routed_scale={e.routed_scale} must be > 0")
+        _validate_groups(e)
         need(e.router_init_std > 0, f"moe.router_init_std={e.router_init_std} must be > 0")
         need(
             e.first_k_dense < m.num_layers,
@@ -496,6 +507,27 @@ def validate(c: ml_collections.ConfigDict) -> None:
         d.tokenizer == "byte" or os.path.isfile(d.tokenizer),
         f"data.tokenizer={d.tokenizer!r}: no such file; give 'byte' or a Hugging Face tokenizer.json path",
     )
+
+
+def _validate_groups(e: ml_collections.ConfigDict) -> None:
+    """Group-limited routing: whole groups of experts, top_groups of them, room for top_k inside them."""
+    groups, top = e.num_groups, e.top_groups
+    if not (isinstance(groups, int) and groups >= 1 and e.num_experts % groups == 0):
+        raise ConfigError(
+            f"moe.num_groups={groups!r} must be a positive integer dividing moe.num_experts={e.num_experts}"
+        )
+    if not (isinstance(top, int) and 1 <= top <= groups):
+        raise ConfigError(f"moe.top_groups={top!r} must be between 1 and moe.num_groups={groups}")
+    if e.top_k > top * (e.num_experts // groups):
+        raise ConfigError(
+            f"moe.top_k={e.top_k} exceeds the {top * (e.num_experts // groups)} experts in moe.top_groups={top} "
+            f"groups of {e.num_experts // groups}; raise moe.top_groups or lower moe.top_k"
+        )
+    if groups > 1 and e.routing_impl == "pallas":
+        raise ConfigError(
+            f"moe.routing_impl=pallas has no group-limited routing: set moe.routing_impl=xla with "
+            f"moe.num_groups={groups}"
+        )
 
 
 def _validate_trackers(c: ml_collections.ConfigDict) -> None:

@@ -63,6 +63,25 @@ def test_bad_overrides_name_the_field(override, needle):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["--config.moe.score=relu"], "moe.score='relu' is not one of softmax, sigmoid"),
+        (["--config.moe.aux_scope=document"], "moe.aux_scope='document' is not one of batch, sequence"),
+        (["--config.moe.routed_scale=0"], "moe.routed_scale=0.0 must be > 0"),
+        (["--config.moe.num_groups=3"], "moe.num_groups=3 must be a positive integer dividing moe.num_experts=8"),
+        (["--config.moe.num_groups=4", "--config.moe.top_groups=5"], "moe.top_groups=5 must be between 1 and"),
+        (["--config.moe.num_groups=4", "--config.moe.top_k=3"], "moe.top_k=3 exceeds the 2 experts in"),
+        (["--config.moe.num_groups=2", "--config.moe.routing_impl=pallas"], "set moe.routing_impl=xla"),
+    ],
+)
+def test_routing_fields_are_validated(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/default.py", overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_a_long_wandb_tag_is_refused():
     with pytest.raises(ConfigError, match="longer than W&B's 64 characters"):
         load_config(

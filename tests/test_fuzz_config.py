@@ -124,9 +124,22 @@ def draw(seed: int) -> dict[str, object]:
         c["init.upcycle_mode"], c["init.upcycle_noise"] = mode, float(_pick(rng, [0.0, 0.1]))
         slices = 1 if mode == "copy" else 2
         c["moe.expert_ffn_dim"], c["moe.top_k"] = ffn // slices, slices
+    if experts:
+        _draw_routing(np.random.default_rng([seed, 3]), c)  # its own stream, as qk_norm's
     c["optim.schedule"] = _pick(rng, ["cosine", "wsd", "constant"])
     c["optim.warmup_steps"] = 1
     return {"start": start, "overrides": c}
+
+
+def _draw_routing(rng, c: dict[str, object]) -> None:
+    """Score, routed scale, aux scope and group-limited routing, with room for top_k in the chosen groups."""
+    experts, top_k = c["moe.num_experts"], c["moe.top_k"]
+    c["moe.score"] = _pick(rng, ["softmax", "sigmoid"])
+    c["moe.routed_scale"] = float(_pick(rng, [1.0, 2.5], [3, 1]))
+    c["moe.aux_scope"] = _pick(rng, ["batch", "sequence"], [2, 1])
+    fits = [(g, t) for g in (2, 4) if experts % g == 0 for t in range(1, g + 1) if top_k <= t * experts // g]
+    if fits and c["moe.routing_impl"] != "pallas" and rng.random() < 0.3:
+        c["moe.num_groups"], c["moe.top_groups"] = (int(v) for v in _pick(rng, fits))
 
 
 # The paper's layout (pipeline x data x EDP, ZeRO-1, an uneven split) upcycled from a dense run; with
@@ -215,7 +228,7 @@ def test_drawn_config_is_refused_or_trains_resumes_evaluates_and_loads(seed, tmp
     shutil.rmtree(resumed / "checkpoints" / str(STEPS))
     assert main(["train", f"--workdir={resumed}", *flags]) == 0, f"seed {seed}: resume failed\n{command}"
     again = _records(resumed)[STEPS]
-    for key in ("loss", "grad_norm", "alpha", "drop_rate", "expert_load", "eval_loss"):
+    for key in ("loss", "grad_norm", "alpha", "drop_rate", "expert_load", "max_vio", "seq_max_vio", "eval_loss"):
         assert again.get(key) == whole[STEPS].get(key), f"seed {seed}: resumed {key} differs\n{command}"
 
     capsys.readouterr()

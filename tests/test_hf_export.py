@@ -203,6 +203,9 @@ def test_import_then_export_gives_back_the_original_tensors(kind, dtype, tmp_pat
         ({"model.qk_norm": "full", "moe.first_k_dense": 1}, "OLMoE has experts in every layer"),
         ({"model.qk_norm": "full", "moe.gate_norm": True}, "OLMoE's plain softmax router"),
         ({"model.qk_norm": "full", "model.head_dim": 64}, "OLMoE's query norm is as wide as the model"),
+        ({"moe.score": "sigmoid"}, "as Mixtral: .*moe.score=sigmoid"),
+        ({"moe.routed_scale": 2.5}, "moe.routed_scale=2.5"),
+        ({"model.qk_norm": "head", "moe.num_groups": 2}, "as Qwen3-MoE: .*moe.num_groups=2"),
     ],
 )
 def test_what_a_format_cannot_express_is_refused_in_one_sentence(fields, words):

@@ -60,6 +60,8 @@ ROUTE_CASES = [
     (130, 64, 8, dict(gate_norm=True, eps=1e-3)),  # three blocks, the last holds 2 tokens
     (99, 64, 4, dict(gate_norm=False, renormalize=False)),
     (50, 6, 3, dict(gate_norm=True, ddof=1)),  # E and k not powers of two: padded columns
+    (50, 6, 3, dict(gate_norm=True, lam=2.0, score="sigmoid")),  # sigmoid scores in padded tiles
+    (99, 64, 4, dict(gate_norm=False, renormalize=False, score="sigmoid")),
 ]
 
 
@@ -295,10 +297,16 @@ def test_kernels_lower_for_cuda_through_triton(tokens, width, experts, k):
     w = jax.ShapeDtypeStruct((tokens, k), jnp.float32)
     compiled = dict(interpret=False)
 
-    def route_and_grad(z):
-        return jax.value_and_grad(lambda z: jnp.sum(route(z, k, gate_norm=True, ddof=1, **compiled).weights))(z)
+    def route_and_grad(z, score):
+        return jax.value_and_grad(
+            lambda z: jnp.sum(route(z, k, gate_norm=True, ddof=1, score=score, **compiled).weights)
+        )(z)
 
-    assert _kernels(_lowered(route_and_grad, z)) == ["skymoe_route", "skymoe_route_bwd"]
+    for score in ("softmax", "sigmoid"):
+        assert _kernels(_lowered(functools.partial(route_and_grad, score=score), z)) == [
+            "skymoe_route",
+            "skymoe_route_bwd",
+        ]
     assert _kernels(_lowered(lambda e: expert_positions(e, experts, **compiled), chosen)) == [
         "skymoe_expert_counts",
         "skymoe_expert_ranks",

@@ -54,13 +54,18 @@ def _np_routing(tokens, gate, spec):
             * (z - z.mean(-1, keepdims=True))
             / (np.std(z, axis=-1, ddof=spec.gate_norm_ddof, keepdims=True) + spec.gate_norm_eps)
         )
-    probs = np.exp(z - z.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    experts = np.argsort(-probs, axis=-1)[:, : spec.top_k]
-    weights = np.take_along_axis(probs, experts, axis=-1)
+    if spec.score == "sigmoid":
+        scores = 1 / (1 + np.exp(-z))
+        probs = scores / scores.sum(-1, keepdims=True)
+    else:
+        probs = np.exp(z - z.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        scores = probs
+    experts = np.argsort(-scores, axis=-1)[:, : spec.top_k]
+    weights = np.take_along_axis(scores, experts, axis=-1)
     if spec.renormalize:
         weights = weights / weights.sum(-1, keepdims=True)
-    return probs, experts, weights
+    return probs, experts, weights * spec.routed_scale
 
 
 def _np_keep(experts, probs, policy, group, cap):
@@ -125,6 +130,34 @@ def test_block_equals_dense_reference_when_nothing_drops(impl, group_size):
     cap = int(np.ceil(spec.capacity_factor * group * K / E))
     would_drop = ~_np_keep(experts, probs, spec.drop_policy, group, cap)
     np.testing.assert_allclose(stats["drop_rate"], would_drop.sum() / (K * B * S), rtol=1e-6)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_sigmoid_scores_and_routed_scale_against_dense_reference(renormalize):
+    spec = _spec(score="sigmoid", routed_scale=2.5, renormalize=renormalize, capacity_factor=AMPLE)
+    block = _block(spec)
+    x = _x()
+    y, stats = block(x, train=True)
+    expected, probs, _ = _np_moe(block, x)
+    np.testing.assert_allclose(y, expected, **TOL)
+    np.testing.assert_allclose(stats["mean_probs"], probs.mean(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["paper", "switch"])
+def test_per_sequence_statistics_against_numpy(form):
+    """The sequence-wise aux loss and load imbalance: each row's P_j and f_j, its loss, then the mean over rows."""
+    spec = _spec(aux_scope="sequence", aux_loss=form, capacity_factor=AMPLE)
+    block = _block(spec)
+    _, stats = block(_x(), train=True)
+    _, probs, experts = _np_moe(block, _x())
+    row_probs = probs.reshape(B, S, E).mean(1)
+    row_load = np.eye(E)[experts].sum(1).reshape(B, S, E).mean(1) / K
+    per_row = ((1 / E - row_probs) ** 2).sum(-1) if form == "paper" else E * (row_load * row_probs).sum(-1)
+    np.testing.assert_allclose(stats["seq_aux_loss"], per_row.mean(), rtol=1e-5)
+    np.testing.assert_allclose(stats["seq_max_vio"], (E * row_load.max(-1) - 1).mean(), rtol=1e-6)
+    # Rows differ, so the mean of the rows' losses is not the loss of the batch means.
+    whole = router.aux_loss_from_means(stats["mean_probs"], stats["expert_load"], form)
+    assert abs(float(stats["seq_aux_loss"]) - float(whole)) > 1e-4
 
 
 @pytest.mark.parametrize("gate", ["none", "sigmoid"])

@@ -10,6 +10,7 @@ import pytest
 
 from skymoe_jax.config import base_config
 from skymoe_jax.errors import ConfigError
+from skymoe_jax.model.moe.expert_parallel import Comm
 from skymoe_jax.parallel.mesh import make_mesh
 from skymoe_jax.training import runtime as runtime_lib
 from skymoe_jax.training.step import LossSettings, loss_fn
@@ -99,7 +100,16 @@ def reference():
 
 
 # What a case changes in the model rather than in its placement.
-MODEL_FIELDS = ("dropless", "num_shared_experts", "shared_expert_gate", "qk_norm")
+MODEL_FIELDS = (
+    "dropless",
+    "num_shared_experts",
+    "shared_expert_gate",
+    "qk_norm",
+    "score",
+    "num_groups",
+    "top_groups",
+    "aux_scope",
+)
 
 
 # The default run: pure data parallelism, both layouts with the expert axis above 1, ZeRO-1 and FSDP riding on
@@ -112,8 +122,23 @@ CASES = [
     pytest.param((1, 1, 8), "gshard", {}, marks=pytest.mark.long),
     pytest.param((1, 8, 1), "edp", {}, marks=pytest.mark.long),
     # EDP splits heads and the dense FFNs' width over the expert axis: the full-width QK-norm's mean and the shared
-    # experts (split like a dense FFN) then span devices.
-    ((1, 4, 2), "edp", {"fsdp": True, "num_shared_experts": 1, "shared_expert_gate": "sigmoid", "qk_norm": "full"}),
+    # experts (split like a dense FFN) then span devices. DeepSeek-V3's routing rides along: sigmoid scores, groups
+    # of experts (each group on one device of the expert axis), and the per-sequence aux loss from rows whose tokens
+    # the expert axis splits.
+    (
+        (1, 4, 2),
+        "edp",
+        {
+            "fsdp": True,
+            "num_shared_experts": 1,
+            "shared_expert_gate": "sigmoid",
+            "qk_norm": "full",
+            "score": "sigmoid",
+            "num_groups": 4,
+            "top_groups": 2,
+            "aux_scope": "sequence",
+        },
+    ),
     pytest.param((1, 2, 4), "edp", {"zero1": True}, marks=pytest.mark.long),
     pytest.param((1, 1, 8), "edp", {}, marks=pytest.mark.long),
     ((1, 2, 4), "gshard", {"dropless": True}),
@@ -133,11 +158,30 @@ def test_sharded_step_equals_single_device(reference, mesh, layout, opts):
     # fp32 sums in another order: relative differences of a few ulps per reduction level.
     np.testing.assert_allclose(metrics["loss"], metrics0["loss"], rtol=2e-6)
     np.testing.assert_allclose(metrics["alpha"], metrics0["alpha"], rtol=1e-6)
+    np.testing.assert_array_equal(metrics["max_vio"], metrics0["max_vio"])
+    np.testing.assert_allclose(metrics["seq_max_vio"], metrics0["seq_max_vio"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["layer_aux_loss"], metrics0["layer_aux_loss"], rtol=1e-5)
     for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
         np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-7)
     # After one Adam step each parameter moved by ~lr*sign(g); a sign flip would show as 2*lr.
     for p, p0 in zip(jax.tree.leaves(state.params), jax.tree.leaves(state0.params)):
         np.testing.assert_allclose(p, p0, atol=1e-5)
+
+
+def test_sequence_means_add_up_the_rows_that_edp_shares_cut():
+    """Under EDP each device of the expert axis takes a share of its shard's tokens: 3 rows of 4 tokens over 4
+    devices give shares of 3 tokens, which cut rows; the devices add up their partial row sums."""
+    a = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32)
+    comm = Comm(("expert",), "expert", "expert")
+    mesh = jax.make_mesh((4,), ("expert",), devices=jax.devices()[:4])
+    rows, mean = jax.shard_map(
+        lambda share: (comm.sequence_means(share, 4), comm.row_mean(comm.sequence_means(share, 4))),
+        mesh=mesh,
+        in_specs=jax.P("expert"),
+        out_specs=(jax.P(), jax.P()),
+    )(jax.device_put(a, jax.NamedSharding(mesh, jax.P("expert"))))
+    np.testing.assert_allclose(rows, a.reshape(3, 4, 5).mean(1), rtol=1e-6)
+    np.testing.assert_allclose(mean, a.mean(0), rtol=1e-6)
 
 
 def _compiled(c):

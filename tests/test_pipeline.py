@@ -39,7 +39,22 @@ def _canonical(tree, config):
 
 @pytest.fixture(scope="module")
 def reference():
-    return _step_and_hlo(_config(), jax.devices()[:1])[0]
+    """The one-device step of each model the cases use (their `moe` fields), made when a case first asks."""
+    steps = {}
+
+    def step(moe: dict):
+        key = tuple(sorted(moe.items()))
+        if key not in steps:
+            c = _config()
+            c.moe.update(moe)
+            steps[key] = _step_and_hlo(c, jax.devices()[:1])[0]
+        return steps[key]
+
+    return step
+
+
+# DeepSeek-V3's routing on one case: sigmoid scores, groups of experts, the per-sequence aux loss from microbatches.
+DEEPSEEK = {"moe": {"score": "sigmoid", "num_groups": 4, "top_groups": 2, "aux_scope": "sequence"}}
 
 
 CASES = [
@@ -55,7 +70,7 @@ CASES = [
     # Circular schedules: two chunks per device, uneven, with ZeRO-1 and more microbatches than stages on (2, 2, 2);
     # the long profile adds even chunks on (2, 1, 4) and three chunks with FSDP.
     pytest.param((2, 1, 4), (), "gshard", (), {"pipeline_repeats": 2}, marks=pytest.mark.long),
-    ((2, 2, 2), (1, 2, 2, 1), "edp", (), {"pipeline_repeats": 2, "zero1": True, "num_microbatches": 4}),
+    ((2, 2, 2), (1, 2, 2, 1), "edp", (), {"pipeline_repeats": 2, "zero1": True, "num_microbatches": 4, **DEEPSEEK}),
     pytest.param(
         (2, 1, 4),
         (),
@@ -73,15 +88,19 @@ def _layers_and_rest(tree):
 
 @pytest.mark.parametrize("mesh,split,layout,remat,parallel", CASES, ids=lambda v: str(v).replace(" ", ""))
 def test_pipelined_step_equals_unpipelined(reference, mesh, split, layout, remat, parallel):
-    grads0, state0, metrics0 = reference
+    moe = parallel.get("moe", {})
+    grads0, state0, metrics0 = reference(moe)
     c = _config(mesh, split, layout=layout, remat=remat)
-    c.parallel.update(parallel)
+    c.moe.update(moe)
+    c.parallel.update({k: v for k, v in parallel.items() if k != "moe"})
     (grads, state, metrics), hlo = _step_and_hlo(c, jax.devices())
     assert "collective_permute" in hlo  # stage-to-stage sends (StableHLO spelling)
     np.testing.assert_array_equal(metrics["drop_rate"], metrics0["drop_rate"])
     np.testing.assert_array_equal(metrics["expert_load"], metrics0["expert_load"])
     np.testing.assert_allclose(metrics["loss"], metrics0["loss"], rtol=2e-6)
     np.testing.assert_allclose(metrics["alpha"], metrics0["alpha"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["seq_max_vio"], metrics0["seq_max_vio"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["layer_aux_loss"], metrics0["layer_aux_loss"], rtol=1e-5)
     # The pipelined layout keeps the plain init's layers at their slots, so parameters are equal; the math
     # is the same in other summation orders (tolerances as in test_parallel).
     for g, g0 in zip(jax.tree.leaves(_canonical(grads, c)), jax.tree.leaves(_layers_and_rest(grads0))):

@@ -186,3 +186,66 @@ def test_router_stats_edge_cases():
     two = router.router_stats(np.array([[0.75, 0.25]], np.float32), np.array([[0, 1]], np.int32))
     np.testing.assert_allclose(two["max1_max2"], 3.0, rtol=1e-6)
     assert np.isnan(two["max2_max3"])
+
+
+def _np_sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@pytest.mark.parametrize("gate_norm", [True, False])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_sigmoid_route_matches_numpy(gate_norm, renormalize):
+    """DeepSeek-V3's scores: top-k on each expert's own sigmoid, the chosen scores as weights (summing to 1 when
+    renormalized), and the scores normalized to sum 1 as the gate probabilities of the losses and statistics."""
+    z, k = _logits(5, scale=2.0), 3
+    r = router.route(z, k, gate_norm=gate_norm, lam=2.0, renormalize=renormalize, score="sigmoid")
+    fed = _np_normalize(z, 2.0, 0, 1e-6) if gate_norm else z.astype(np.float64)
+    s = _np_sigmoid(fed)
+    experts = np.argsort(-s, axis=-1)[:, :k]
+    np.testing.assert_array_equal(r.experts, experts)
+    top = np.take_along_axis(s, experts, axis=-1)
+    np.testing.assert_allclose(r.weights, top / top.sum(-1, keepdims=True) if renormalize else top, rtol=RTOL)
+    np.testing.assert_allclose(r.probs, s / s.sum(-1, keepdims=True), rtol=RTOL)
+    np.testing.assert_allclose(r.logits, fed, rtol=RTOL, atol=RTOL)
+
+
+def _np_group_limited(scores, k, groups, top_groups, score):
+    """Experts chosen group by group, written out: each group's score, the best groups, then top-k among their
+    experts (-1 for the rest, below every score)."""
+    t, n = scores.shape
+    per = n // groups
+    chosen = np.zeros((t, k), np.int64)
+    for i in range(t):
+        parts = scores[i].reshape(groups, per)
+        rank = np.sort(parts, axis=1)[:, ::-1]
+        group_score = rank[:, :2].sum(1) if score == "sigmoid" else rank[:, 0]
+        best = np.argsort(-group_score, kind="stable")[:top_groups]
+        allowed = np.where(np.isin(np.arange(n) // per, best), scores[i], -1.0)
+        chosen[i] = np.argsort(-allowed, kind="stable")[:k]
+    return chosen
+
+
+@pytest.mark.parametrize(
+    "score,groups,top_groups,k",
+    [("sigmoid", 4, 2, 3), ("softmax", 4, 1, 2), ("sigmoid", 2, 1, 4), ("softmax", 2, 1, 3)],
+)
+def test_group_limited_routing_matches_numpy(score, groups, top_groups, k):
+    z = _logits(6, scale=2.0)
+    r = router.route(z, k, gate_norm=True, score=score, num_groups=groups, top_groups=top_groups)
+    fed = _np_normalize(z, 1.0, 0, 1e-6)
+    scores = _np_sigmoid(fed) if score == "sigmoid" else _np_softmax(fed)
+    experts = _np_group_limited(scores, k, groups, top_groups, score)
+    np.testing.assert_array_equal(r.experts, experts)
+    top = np.take_along_axis(scores, experts, axis=-1)
+    np.testing.assert_allclose(r.weights, top / top.sum(-1, keepdims=True), rtol=RTOL)
+    # The limit binds: without it some tokens would take experts from more groups.
+    free = router.route(z, k, gate_norm=True, score=score)
+    used = lambda e: np.array([len(set(row // (E // groups))) for row in np.asarray(e)])  # noqa: E731
+    assert used(r.experts).max() <= top_groups < used(free.experts).max()
+
+
+def test_max_violation_matches_numpy():
+    load = np.random.default_rng(7).dirichlet(np.ones(E), size=3).astype(np.float32)
+    np.testing.assert_allclose(router.max_violation(load), load.max(-1) / load.mean(-1) - 1, rtol=1e-6)
+    np.testing.assert_allclose(router.max_violation(np.full(E, 1 / E, np.float32)), 0.0, atol=1e-6)
+    np.testing.assert_allclose(router.max_violation(np.eye(E, dtype=np.float32)[0]), E - 1)

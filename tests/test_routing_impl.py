@@ -61,8 +61,9 @@ def _block(spec):
         dict(capacity_factor=0.75, drop_policy="probs"),  # positions on the XLA path, the rest Pallas
         dict(dropless=True, dropless_impl="padded"),
         dict(gate_norm=False, renormalize=False, top_k=4),
+        dict(capacity_factor=0.75, score="sigmoid", routed_scale=2.5),
     ],
-    ids=["position", "groups", "probs", "dropless", "plain-top4"],
+    ids=["position", "groups", "probs", "dropless", "plain-top4", "sigmoid"],
 )
 def test_block_pallas_equals_xla(moe):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 24, 32)).astype(np.float32))

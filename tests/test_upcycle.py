@@ -86,8 +86,17 @@ def _tokens():
             "--config.moe.renormalize=False",
             "--config.moe.gate_norm=False",
         ],
+        [
+            "--config.init.upcycle_mode=fine_grained",
+            "--config.moe.expert_ffn_dim=32",
+            "--config.moe.top_k=2",
+            "--config.moe.renormalize=False",
+            "--config.moe.score=sigmoid",
+            "--config.moe.routed_scale=2.5",
+            "--config.moe.num_groups=2",
+        ],
     ],
-    ids=["copy", "copy-no-gate-norm", "fine-4-slices", "fine-2-slices-no-renorm"],
+    ids=["copy", "copy-no-gate-norm", "fine-4-slices", "fine-2-slices-no-renorm", "fine-2-slices-sigmoid-groups"],
 )
 def test_upcycled_model_computes_the_dense_function(dense_dir, tmp_path, flags):
     out = tmp_path / "moe"

@@ -121,6 +121,11 @@ def _moe_config(config: ml_collections.ConfigDict, common: dict) -> tuple[dict, 
             "Qwen2-MoE scales its shared expert by a sigmoid gate, this model does not "
             f"(moe.shared_expert_gate={e.shared_expert_gate}; train with sigmoid)"
         )
+    if e.score != "softmax" or e.routed_scale != 1.0 or e.num_groups != 1:
+        refusals.append(
+            f"{name}'s router is a softmax over every expert with unscaled weights (moe.score={e.score}, "
+            f"moe.routed_scale={e.routed_scale}, moe.num_groups={e.num_groups})"
+        )
     if refusals:
         raise ConfigError(f"cannot export as {name}: {'; '.join(refusals)}")
     notes = []

@@ -136,15 +136,22 @@ def load_dense(
     return restored, g, dense_layout.layer_places(spec)
 
 
+def _zero_router_scale(spec: ModelSpec) -> float:
+    """1 / the combine weight of each chosen expert under a zero router (every score ties)."""
+    if spec.renormalize:
+        return float(spec.top_k)
+    return 2.0 if spec.score == "sigmoid" else float(spec.num_experts)
+
+
 def upcycle_fn(
     config: ml_collections.ConfigDict, dense_places: tuple[tuple[int, int, int], ...], g: int, tx, shardings: TrainState
 ):
     """jit(dense params with their layers at `dense_places` -> fresh MoE TrainState) with the MoE state's
     shardings on its outputs."""
     spec, mesh_layout = ModelSpec.from_config(config), MeshLayout.from_config(config)
-    n, k = spec.num_experts, spec.top_k
+    n = spec.num_experts
     noise = config.init.upcycle_noise
-    scale = 1.0 if g == 1 else float(k if spec.renormalize else n)
+    scale = (1.0 if g == 1 else _zero_router_scale(spec)) / spec.routed_scale
 
     def experts(ffn, key):
         r, d, width = ffn["w_gate"].shape

@@ -1,4 +1,4 @@
-"""Fused route kernel: gating logit normalization, float32 softmax, top-k, renormalization.
+"""Fused route kernel: gating logit normalization, float32 softmax or sigmoid scores, top-k, renormalization.
 
 One program takes a block of token rows of the gate logits [T, E] and writes probabilities,
 the chosen experts and their weights, and the logits fed to the softmax (for the z-loss):
@@ -8,7 +8,8 @@ jax.lax.top_k's tie order, so the XLA twin `router.route` picks the same experts
 
 The backward pass is a second kernel that recomputes the forward per row (cheaper than
 saving [T, E] intermediates) and applies the chain rule through renormalization, top-k
-(a gather: its transpose is a scatter into the chosen columns), softmax and normalization.
+(a gather: its transpose is a scatter into the chosen columns), the score function and normalization.
+Group-limited routing is not built here (config validation refuses it with routing_impl=pallas).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class _Static(NamedTuple):
     ddof: int
     eps: float
     renormalize: bool
+    score: str
     interpret: bool
 
 
@@ -46,11 +48,25 @@ def route(
     ddof: int = 0,
     eps: float = 1e-6,
     renormalize: bool = True,
+    score: str = "softmax",
+    num_groups: int = 1,
+    top_groups: int = 1,
     interpret: bool | None = None,
 ) -> Routing:
-    """Pallas twin of router.route: gate logits [T, E] -> Routing (probs, weights, experts, logits)."""
+    """Pallas twin of router.route: gate logits [T, E] -> Routing (probs, weights, experts, logits).
+
+    The signature is router.route's, but only num_groups=1 is built (top_groups is then unused)."""
+    if num_groups != 1:
+        raise ValueError(f"the Pallas route kernel has no group-limited routing (num_groups={num_groups})")
     static = _Static(
-        int(top_k), bool(gate_norm), float(lam), int(ddof), float(eps), bool(renormalize), resolve_interpret(interpret)
+        int(top_k),
+        bool(gate_norm),
+        float(lam),
+        int(ddof),
+        float(eps),
+        bool(renormalize),
+        str(score),
+        resolve_interpret(interpret),
     )
     return Routing(*_route(static, z))
 
@@ -102,6 +118,16 @@ def _softmax(zn: jax.Array, tile: _Tile) -> jax.Array:
     return ex / jnp.sum(ex, axis=1, keepdims=True)
 
 
+def _scores(zn: jax.Array, tile: _Tile, static: _Static) -> tuple[jax.Array, jax.Array]:
+    """(scores s that top-k picks from and weights come from, probabilities p): the softmax is both; sigmoid
+    scores are normalized to sum 1 for p, as router.route does. Padding columns get 0 in both."""
+    if static.score == "softmax":
+        p = _softmax(zn, tile)
+        return p, p
+    s = jnp.where(tile.col_ok[None, :], 1.0 / (1.0 + jnp.exp(-zn)), 0.0)
+    return s, s / jnp.sum(s, axis=1, keepdims=True)
+
+
 def _load_logits(ref, tile: _Tile) -> jax.Array:
     mask = tile.row_ok[:, None] & tile.col_ok[None, :]
     return plgpu.load(ref.at[tile.rows, pl.ds(0, tile.cols.shape[0])], mask=mask, other=0.0).astype(jnp.float32)
@@ -124,10 +150,10 @@ def _forward_kernel(
     tile = _tile(t, e, block, ep, kp)
     z = _load_logits(z_ref, tile)
     zn = _normalize(z, tile, e, static)[0] if static.gate_norm else z
-    p = _softmax(zn, tile)
+    s, p = _scores(zn, tile, static)
 
-    # Probabilities are >= 0, so -1 marks padding and already-chosen columns: never picked while k <= E.
-    remaining = jnp.where(tile.col_ok[None, :], p, -1.0)
+    # Scores are >= 0, so -1 marks padding and already-chosen columns: never picked while k <= E.
+    remaining = jnp.where(tile.col_ok[None, :], s, -1.0)
     weights = jnp.zeros((block, kp), jnp.float32)
     chosen = jnp.zeros((block, kp), jnp.int32)
     for j in range(static.top_k):
@@ -168,27 +194,34 @@ def _backward_kernel(
         zn, u, std = _normalize(z, tile, e, static)
     else:
         zn = z
-    p = _softmax(zn, tile)
+    s, p = _scores(zn, tile, static)
 
     picks = tile.row_ok[:, None] & (tile.kcols[None, :] < static.top_k)
     chosen = plgpu.load(experts_ref.at[tile.rows, pl.ds(0, kp)], mask=picks, other=-1)
     d_w = plgpu.load(d_weights_ref.at[tile.rows, pl.ds(0, kp)], mask=picks, other=0.0).astype(jnp.float32)
     hit = [tile.cols[None, :] == _column(chosen, tile, j)[:, None] for j in range(static.top_k)]
     if static.renormalize:
-        # w_j = p_j / s with s = sum of the chosen p: dp_j = (dw_j - sum_i dw_i w_i) / s.
+        # w_j = s_j / c with c = sum of the chosen s: ds_j = (dw_j - sum_i dw_i w_i) / c.
         picked = jnp.zeros((block, kp), jnp.float32)
         for j in range(static.top_k):
-            picked = jnp.where(tile.kcols[None, :] == j, jnp.sum(jnp.where(hit[j], p, 0.0), axis=1)[:, None], picked)
-        s = jnp.sum(picked, axis=1, keepdims=True)
-        d_sel = (d_w - jnp.sum(d_w * picked / s, axis=1, keepdims=True)) / s
+            picked = jnp.where(tile.kcols[None, :] == j, jnp.sum(jnp.where(hit[j], s, 0.0), axis=1)[:, None], picked)
+        c = jnp.sum(picked, axis=1, keepdims=True)
+        d_sel = (d_w - jnp.sum(d_w * picked / c, axis=1, keepdims=True)) / c
     else:
         d_sel = d_w
     d_p = plgpu.load(
         d_probs_ref.at[tile.rows, pl.ds(0, ep)], mask=tile.row_ok[:, None] & tile.col_ok[None, :], other=0.0
     ).astype(jnp.float32)
-    for j in range(static.top_k):  # top-k is a gather of p; its transpose scatters into the chosen columns
-        d_p = d_p + jnp.where(hit[j], _column(d_sel, tile, j)[:, None], 0.0)
-    d_zn = p * (d_p - jnp.sum(d_p * p, axis=1, keepdims=True))
+    if static.score == "softmax":
+        d_s = d_p
+    else:  # p = s / sum(s)
+        d_s = (d_p - jnp.sum(d_p * p, axis=1, keepdims=True)) / jnp.sum(s, axis=1, keepdims=True)
+    for j in range(static.top_k):  # top-k is a gather of s; its transpose scatters into the chosen columns
+        d_s = d_s + jnp.where(hit[j], _column(d_sel, tile, j)[:, None], 0.0)
+    if static.score == "softmax":
+        d_zn = p * (d_s - jnp.sum(d_s * p, axis=1, keepdims=True))
+    else:
+        d_zn = s * (1.0 - s) * d_s
     d_zn = d_zn + _load_logits(d_logits_ref, tile)
     if static.gate_norm:
         # z' = lam * u / (std + eps), u = z - mean(z), std = sqrt(sum u^2 / (E - ddof)). Since sum u = 0,

@@ -81,6 +81,8 @@ COLUMNS = (
     ("Max1/Max2", "max1_max2", "tail"),
     ("Max2/Max3", "max2_max3", "tail"),
     ("busiest expert / uniform", "expert_load", "busiest"),
+    ("MaxVio", "max_vio", "tail"),
+    ("seq MaxVio", "seq_max_vio", "tail"),
     ("alpha", "alpha", "last"),
     ("expert similarity", "expert_similarity", "last"),
     ("tokens/s", "tokens_per_sec", "tail"),

@@ -52,6 +52,12 @@ class ModelSpec:
     shared_expert_ffn_dim: int = 0
     shared_expert_gate: str = "none"
     head_dim: int = 0  # model.head_dim; 0 becomes d_model // num_heads
+    score: str = "softmax"  # moe.score
+    routed_scale: float = 1.0
+    num_groups: int = 1
+    top_groups: int = 1
+    aux_scope: str = "batch"  # moe.aux_scope: with `sequence` each layer forms its per-sequence aux loss itself
+    aux_loss: str = "paper"  # moe.aux_loss, the form the layer takes with aux_scope=sequence
 
     def __post_init__(self):
         if not self.head_dim:

@@ -262,7 +262,17 @@ def _traced_layer_bytes(
 
         def moe(state, gate, tokens):
             norm, experts = nnx.merge(moe_def, state)
-            return moe_tokens(norm(tokens), gate, experts.weights(), moe_spec, train=True, group=spec.group_size or seq)
+            # An EDP share may cut rows; the per-row statistics are a few floats whatever rows they take.
+            rows_of = math.gcd(tokens.shape[0], seq)
+            return moe_tokens(
+                norm(tokens),
+                gate,
+                experts.weights(),
+                moe_spec,
+                train=True,
+                group=spec.group_size or seq,
+                seq_len=rows_of,
+            )
 
         halves["moe"] = (moe, (moe_state, gate, tokens))
     if spec.num_layers > spec.num_moe_layers:

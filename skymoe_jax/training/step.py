@@ -35,11 +35,14 @@ LAYER_METRICS = {
     "max2_max3": "max2_max3",
     "router_entropy": "router_entropy",
     "expert_load": "expert_load",
+    "max_vio": "max_vio",
+    "seq_max_vio": "seq_max_vio",
 }
 
 
 class LossSettings(NamedTuple):
     aux_form: str  # moe.aux_loss
+    aux_scope: str  # moe.aux_scope
     z_loss_coef: float
     microbatches: int  # parallel.num_microbatches (pipelined models)
     stage_remat: tuple[str, ...]  # per pipeline stage
@@ -48,7 +51,8 @@ class LossSettings(NamedTuple):
     def from_config(cls, config: ml_collections.ConfigDict) -> LossSettings:
         stages = len(pipeline_stage_layers(config)) // config.parallel.pipeline_repeats
         remat = tuple(config.parallel.stage_remat) or (config.model.remat,) * stages
-        return cls(config.moe.aux_loss, float(config.moe.z_loss_coef), config.parallel.num_microbatches, remat)
+        e = config.moe
+        return cls(e.aux_loss, e.aux_scope, float(e.z_loss_coef), config.parallel.num_microbatches, remat)
 
 
 def forward(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, settings: LossSettings, *, train: bool):
@@ -66,12 +70,17 @@ def loss_fn(
     params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, alpha: jax.Array, settings: LossSettings, *, train: bool
 ):
     """CE + sum_l alpha_l * aux_l (+ z-loss); aux_l from the layer's batch means, so microbatching does not
-    change it."""
+    change it, or (moe.aux_scope=sequence) the layer's mean of its per-sequence losses, a mean over rows that
+    microbatches split without changing it either."""
     ce_sum, count, moe = forward(params, graphdef, batch, settings, train=train)
     ce = ce_sum / jnp.maximum(count, 1.0)
     if not moe:
         return ce, (ce, jnp.float32(0), jnp.float32(0), moe)
-    moe = {**moe, "aux_loss": router.aux_loss_from_means(moe["mean_probs"], moe["expert_load"], settings.aux_form)}
+    if settings.aux_scope == "sequence":
+        layer_aux = moe["seq_aux_loss"]
+    else:
+        layer_aux = router.aux_loss_from_means(moe["mean_probs"], moe["expert_load"], settings.aux_form)
+    moe = {**moe, "aux_loss": layer_aux, "max_vio": router.max_violation(moe["expert_load"])}
     aux = jnp.sum(alpha * moe["aux_loss"])
     z = settings.z_loss_coef * jnp.sum(moe["z_loss"])
     return ce + aux + z, (ce, aux, z, moe)

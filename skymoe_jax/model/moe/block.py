@@ -1,12 +1,14 @@
 """The MoE feed-forward layer, as named phases (the way Megatron-Core's MoELayer and token dispatchers read):
 
-    route     float32 logits, gate normalization, softmax, top-k          router.py, kernels/route.py
+    route     float32 logits, gate normalization, softmax or sigmoid,     router.py, kernels/route.py
+              (group-limited) top-k
     place     each assignment's position in its expert within its routing  dispatch.py, kernels/positions.py
               group; the capacity; which assignments drop
     dispatch  tokens into the experts' inputs      }
     experts   the expert FFNs                      }  one Dispatcher per path, below
     combine   the weighted sum back to the tokens  }
-    stats     the router's batch means (for the aux loss), z-loss, drop rate, router metrics
+    stats     the router's batch means (for the aux loss), z-loss, drop rate, router metrics, and per-sequence
+              means (load imbalance, the sequence-wise aux loss)
 
 Each stage has one name across the XLA functions and their Pallas twins (kernels/ops.py). The dispatchers:
 - SlotDispatcher: capacity-bounded slot buffers [E, G*cap, d] on this device, the experts as a batched
@@ -56,7 +58,7 @@ class MoEBlock(nnx.Module):
         group = spec.group_size or x.shape[1]
 
         def layer(tokens: jax.Array, gate: jax.Array, weights: ExpertWeights, comm: Comm):
-            return moe_tokens(tokens, gate, weights, spec, train=train, group=group, comm=comm)
+            return moe_tokens(tokens, gate, weights, spec, train=train, group=group, seq_len=x.shape[1], comm=comm)
 
         # The Pallas interpreter mixes mesh-varying operands with its own unvarying loop indices, which
         # shard_map's varying-axes type check rejects (JAX 0.10-0.11); the program itself is sound.
@@ -91,9 +93,10 @@ def moe_tokens(
     *,
     train: bool,
     group: int,
+    seq_len: int,
     comm: Comm = Comm(),
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The MoE layer on tokens [T, d] -> (y [T, d], stats).
+    """The MoE layer on tokens [T, d] (rows of seq_len tokens) -> (y [T, d], stats).
 
     drop_rate = assignments beyond capacity / (k * tokens). In dropless mode nothing
     is dropped; drop_rate is what the configured capacity factor would have dropped,
@@ -104,12 +107,12 @@ def moe_tokens(
     routing = route(tokens, gate, spec, ops)
     placement = place(routing, spec, group, train, ops)
     y = dispatcher(spec, comm, ops, group, placement.capacity)(tokens, routing, placement, weights)
-    return y.reshape(t, d), statistics(routing, placement, spec.top_k, comm)
+    return y.reshape(t, d), statistics(routing, placement, spec, comm, seq_len)
 
 
 def route(tokens: jax.Array, gate: jax.Array, spec: ModelSpec, ops: RoutingOps) -> router.Routing:
     logits = jnp.dot(tokens.astype(jnp.float32), gate.astype(jnp.float32))
-    return ops.route(
+    routing = ops.route(
         logits,
         spec.top_k,
         gate_norm=spec.gate_norm,
@@ -117,7 +120,13 @@ def route(tokens: jax.Array, gate: jax.Array, spec: ModelSpec, ops: RoutingOps) 
         ddof=spec.gate_norm_ddof,
         eps=spec.gate_norm_eps,
         renormalize=spec.renormalize,
+        score=spec.score,
+        num_groups=spec.num_groups,
+        top_groups=spec.top_groups,
     )
+    if spec.routed_scale != 1.0:
+        routing = routing._replace(weights=routing.weights * spec.routed_scale)
+    return routing
 
 
 def place(routing: router.Routing, spec: ModelSpec, group: int, train: bool, ops: RoutingOps) -> Placement:
@@ -140,10 +149,19 @@ def place(routing: router.Routing, spec: ModelSpec, group: int, train: bool, ops
     return Placement(experts_g, weights, slots.positions, cap, dropped, slots.counts)
 
 
-def statistics(routing: router.Routing, placement: Placement, top_k: int, comm: Comm) -> dict[str, jax.Array]:
+def statistics(
+    routing: router.Routing, placement: Placement, spec: ModelSpec, comm: Comm, seq_len: int
+) -> dict[str, jax.Array]:
+    """Token means over the global batch, and per-sequence ones (a sequence: one row of seq_len tokens) averaged
+    over its rows: the load imbalance, and with moe.aux_scope=sequence the aux loss."""
     mean = comm.mean
     stats = router.router_stats(routing.probs, routing.experts, mean)
-    stats.update(z_loss=router.z_loss(routing.logits, mean), drop_rate=mean(placement.dropped) / top_k)
+    stats.update(z_loss=router.z_loss(routing.logits, mean), drop_rate=mean(placement.dropped) / spec.top_k)
+    row_load = comm.sequence_means(router.assignments(routing.experts, spec.num_experts), seq_len) / spec.top_k
+    stats["seq_max_vio"] = comm.row_mean(router.max_violation(row_load))
+    if spec.aux_scope == "sequence":
+        row_probs = comm.sequence_means(routing.probs, seq_len)
+        stats["seq_aux_loss"] = comm.row_mean(router.aux_loss_from_means(row_probs, row_load, spec.aux_loss))
     return stats
 
 

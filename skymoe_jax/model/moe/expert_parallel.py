@@ -26,11 +26,31 @@ class Comm(NamedTuple):
 
     token_axes: tuple[str, ...] = ()
     expert_axis: str | None = None
+    split_axis: str | None = None  # EDP: the axis whose devices each take a share of this shard's tokens
 
     def mean(self, a: jax.Array) -> jax.Array:
         """Mean over all tokens of the global batch (shards hold equal token counts)."""
         m = jnp.mean(a, axis=0)
         return jax.lax.pmean(m, self.token_axes) if self.token_axes else m
+
+    def sequence_means(self, a: jax.Array, seq_len: int) -> jax.Array:
+        """Per-token values a [T, ...] -> their mean over each row of seq_len tokens, [rows of this shard, ...].
+
+        Under EDP a device's share of the tokens may cut rows, so the devices of the split axis add up their
+        partial row sums."""
+        if not self.split_axis:
+            return jnp.mean(a.reshape(-1, seq_len, *a.shape[1:]), axis=1)
+        share = a.shape[0]
+        rows = share * jax.lax.axis_size(self.split_axis) // seq_len
+        row = (jax.lax.axis_index(self.split_axis) * share + jnp.arange(share)) // seq_len
+        return jax.lax.psum(jax.ops.segment_sum(a, row, num_segments=rows), self.split_axis) / seq_len
+
+    def row_mean(self, a: jax.Array) -> jax.Array:
+        """Mean over all rows of the global batch of per-row values a [rows, ...] (from sequence_means: the same
+        on every device of the split axis, so averaged over the other token axes only)."""
+        m = jnp.mean(a, axis=0)
+        axes = tuple(axis for axis in self.token_axes if axis != self.split_axis)
+        return jax.lax.pmean(m, axes) if axes else m
 
 
 Layer = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -48,7 +68,7 @@ def apply(layer: Layer, x: jax.Array, gate: jax.Array, weights, layout: str, *, 
     ep = mesh.shape["expert"]
     split_tokens = layout == "edp" and ep > 1
     token_axes = batch_axes(layout) + (("expert",) if split_tokens else ())
-    comm = Comm(token_axes=token_axes, expert_axis="expert" if ep > 1 else None)
+    comm = Comm(token_axes, "expert" if ep > 1 else None, "expert" if split_tokens else None)
 
     def local(x, gate, weights):
         lb = x.shape[0]

@@ -1,5 +1,5 @@
-"""Router math as pure functions: gating logit normalization, softmax, top-k,
-renormalization, the two auxiliary-loss forms, z-loss and router statistics.
+"""Router math as pure functions: gating logit normalization, softmax or sigmoid scores, group-limited top-k,
+renormalization, the two auxiliary-loss forms (over the batch or per sequence), z-loss and router statistics.
 
 All functions take and return float32 arrays with tokens flattened to [T, E];
 the caller owns the gate matmul (always float32, see block.py). Every statistic
@@ -24,10 +24,10 @@ def local_mean(a: jax.Array) -> jax.Array:
 
 
 class Routing(NamedTuple):
-    probs: jax.Array  # [T, E] gate probabilities g (after normalization and softmax)
+    probs: jax.Array  # [T, E] gate probabilities g: the softmax, or the sigmoid scores normalized to sum 1
     weights: jax.Array  # [T, k] combine weights of the chosen experts (renormalized if configured)
     experts: jax.Array  # [T, k] int32 chosen experts, best first
-    logits: jax.Array  # [T, E] the logits fed to the softmax (z' with normalization, z without)
+    logits: jax.Array  # [T, E] the logits fed to the score function (z' with normalization, z without)
 
 
 def normalize_logits(z: jax.Array, lam: float, ddof: int, eps: float) -> jax.Array:
@@ -77,26 +77,72 @@ def route(
     ddof: int = 0,
     eps: float = 1e-6,
     renormalize: bool = True,
+    score: str = "softmax",
+    num_groups: int = 1,
+    top_groups: int = 1,
 ) -> Routing:
-    """Gate logits [T, E] -> probabilities, top-k experts and their combine weights."""
+    """Gate logits [T, E] -> probabilities, top-k experts and their combine weights.
+
+    score: softmax, or sigmoid as DeepSeek-V3: each expert's own s = sigmoid(z), top-k on s, the chosen s as
+    weights. The aux losses and statistics read probs, the scores normalized to sum 1 per token (as
+    DeepSeek-V3's sequence-wise loss does), so they keep their softmax meaning under either score.
+    """
     z = z.astype(jnp.float32)
     if gate_norm:
         z = normalize_logits(z, lam, ddof, eps)
-    probs = jax.nn.softmax(z, axis=-1)
-    weights, experts = top_k_by_argmax(probs, top_k)
+    if score == "sigmoid":
+        scores = jax.nn.sigmoid(z)
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    else:
+        scores = probs = jax.nn.softmax(z, axis=-1)
+    # Selection only masks scores, so the top-k values are the chosen experts' scores: the combine weights.
+    selection = limit_to_groups(scores, num_groups, top_groups, score)
+    weights, experts = top_k_by_argmax(selection, top_k)
     if renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return Routing(probs, weights, experts.astype(jnp.int32), z)
 
 
+def limit_to_groups(selection: jax.Array, num_groups: int, top_groups: int, score: str) -> jax.Array:
+    """Group-limited routing: selection scores [T, E] with the experts outside each token's top_groups groups
+    set to -inf. Groups are contiguous runs of E / num_groups experts, so they line up with the expert axis.
+
+    A group's score is the sum of its two best scores under sigmoid (DeepSeek-V3) and its best score under
+    softmax (DeepSeek-V2's rule).
+    """
+    if num_groups == 1:
+        return selection
+    t, n = selection.shape
+    per_group = n // num_groups
+    grouped = selection.reshape(t, num_groups, per_group)
+    if score == "sigmoid":
+        group_scores = jnp.sum(top_k_by_argmax(grouped, min(2, per_group))[0], axis=-1)
+    else:
+        group_scores = jnp.max(grouped, axis=-1)
+    chosen = top_k_by_argmax(group_scores, top_groups)[1]
+    keep = jnp.any(chosen[..., None] == jnp.arange(num_groups), axis=1)  # [T, groups]
+    return jnp.where(jnp.repeat(keep, per_group, axis=-1), selection, -jnp.inf)
+
+
+def assignments(experts: jax.Array, num_experts: int) -> jax.Array:
+    """[T, E] float32: how many of each token's top-k chose expert j (0 or 1)."""
+    return jax.nn.one_hot(experts, num_experts, dtype=jnp.float32).sum(axis=1)
+
+
 def expert_fractions(experts: jax.Array, num_experts: int, mean: TokenMean = local_mean) -> jax.Array:
     """f_j: the share of all top-k assignments that chose expert j (sums to 1), before any dropping."""
-    per_token = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32).sum(axis=1)  # [T, E]
-    return mean(per_token) / experts.shape[-1]
+    return mean(assignments(experts, num_experts)) / experts.shape[-1]
+
+
+def max_violation(load: jax.Array) -> jax.Array:
+    """MaxVio (loss-free balancing, arXiv 2408.15664): the busiest expert's load over the mean load, minus 1,
+    from loads f [..., E] that sum to 1 (E * max_j f_j - 1; 0 when balanced, E - 1 when one expert takes all)."""
+    return load.shape[-1] * jnp.max(load, axis=-1) - 1.0
 
 
 def aux_loss_from_means(mean_probs: jax.Array, fractions: jax.Array, form: str) -> jax.Array:
-    """The aux loss from its two token means, P_j = mean_t g_tj and f_j (see expert_fractions).
+    """The aux loss from its two token means, P_j = mean_t g_tj and f_j (see expert_fractions), over the last axis
+    (so [rows, E] means give one loss per row).
 
     paper (Skywork eq. 4): sum_j (1/n - P_j)^2. switch: n * sum_j f_j * P_j (1.0 when balanced),
     f_j a count that carries no gradient. Both are functions of means over the batch, so
