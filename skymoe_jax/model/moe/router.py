@@ -77,13 +77,21 @@ def route(
     ddof: int = 0,
     eps: float = 1e-6,
     renormalize: bool = True,
+    bias: jax.Array | None = None,
 ) -> Routing:
-    """Gate logits [T, E] -> probabilities, top-k experts and their combine weights."""
+    """Gate logits [T, E] -> probabilities, top-k experts and their combine weights.
+
+    bias [E] (loss-free balancing) shifts the scores the top-k selects by, and nothing else: the weights are the
+    chosen experts' unbiased probabilities."""
     z = z.astype(jnp.float32)
     if gate_norm:
         z = normalize_logits(z, lam, ddof, eps)
     probs = jax.nn.softmax(z, axis=-1)
-    weights, experts = top_k_by_argmax(probs, top_k)
+    if bias is None:
+        weights, experts = top_k_by_argmax(probs, top_k)
+    else:
+        experts = top_k_by_argmax(probs + bias, top_k)[1]
+        weights = jnp.take_along_axis(probs, experts, axis=-1)
     if renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return Routing(probs, weights, experts.astype(jnp.int32), z)
