@@ -3,20 +3,16 @@ whose float mean rounds onto a neighbour; selection by biased scores with unbias
 on one device and on 8 (an EDP mesh, and a circular uneven pipeline with microbatches) after training steps; a
 mid-run checkpoint resumed bit for bit."""
 
-import os
-import shutil
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_checkpoint import TINY, _last_per_step
+from test_checkpoint import resumed_at_step_4
 from test_parallel import _batch
 from test_parallel import _config as _parallel_config
 from test_pipeline import _config as _pipeline_config
 
 from skymoe_jax.cli import main
-from skymoe_jax.metrics.writers import read_jsonl
 from skymoe_jax.model.moe import router
 from skymoe_jax.training import balance_bias
 from skymoe_jax.training import runtime as runtime_lib
@@ -113,22 +109,8 @@ def test_pipelined_bias_equals_the_unpipelined_one():
 
 
 def test_balance_bias_run_resumes_bit_for_bit_and_evaluates(tmp_path, capsys):
-    flags = [
-        *TINY,
-        "--config.moe.balance=bias",
-        "--config.moe.bias_update_rate=0.01",
-        "--config.train.log_every=1",
-        "--config.train.checkpoint_every=4",
-        "--config.train.steps=8",
-    ]
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    assert main(["train", f"--workdir={whole}", *flags]) == 0
-    shutil.copytree(whole, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "8")
-    assert main(["train", f"--workdir={resumed}", *flags]) == 0
-    assert "resuming at step 4" in capsys.readouterr().out
-    a = {r["step"]: r for r in read_jsonl(os.path.join(whole, "metrics.jsonl"))}
-    b = _last_per_step(resumed)
+    flags = ["--config.moe.balance=bias", "--config.moe.bias_update_rate=0.01"]
+    a, b, resumed = resumed_at_step_4(tmp_path, flags, capsys)
     for step in range(5, 9):
         for key in ("loss", "expert_bias", "expert_load", "alpha"):
             assert a[step][key] == b[step][key], (step, key)
