@@ -142,6 +142,7 @@ def test_import_then_export_gives_back_the_original_tensors(kind, dtype, tmp_pat
         ("model.qkv_bias", True, "no q/k/v biases"),
         ("model.qk_norm", "head", "no query and key norms"),
         ("moe.num_shared_experts", 1, "no shared experts"),
+        ("moe.balance", "bias", "no expert selection bias"),
     ],
 )
 def test_what_mixtral_cannot_express_is_refused(field, value, words):

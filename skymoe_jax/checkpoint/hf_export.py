@@ -124,6 +124,8 @@ def hf_config(config: ml_collections.ConfigDict, dtype: str) -> tuple[dict, tupl
         refusals.append(f"Mixtral's attention has no query and key norms (model.qk_norm={m.qk_norm})")
     if e.num_shared_experts:
         refusals.append(f"Mixtral has no shared experts (moe.num_shared_experts={e.num_shared_experts})")
+    if e.balance != "aux":
+        refusals.append(f"Mixtral's router has no expert selection bias (moe.balance={e.balance})")
     if refusals:
         raise ConfigError(f"cannot export as Mixtral: {'; '.join(refusals)}")
     if not e.dropless:
