@@ -1,7 +1,7 @@
 """Loss-free balancing (training/balance_bias.py): the update rule against numpy on integer counts, including counts
 whose float mean rounds onto a neighbour; selection by biased scores with unbiased weights; the bias state equal
 on one device and on 8 (an EDP mesh, and a circular uneven pipeline with microbatches) after training steps; a
-mid-run checkpoint resumed bit for bit."""
+mid-run checkpoint resumed bit for bit, evaluated, loaded and decoded with its bias."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,9 @@ from test_parallel import _batch
 from test_parallel import _config as _parallel_config
 from test_pipeline import _config as _pipeline_config
 
+from skymoe_jax import load_model
 from skymoe_jax.cli import main
+from skymoe_jax.model.decode import decoding_model, empty_cache, forward_cached
 from skymoe_jax.model.moe import router
 from skymoe_jax.training import balance_bias
 from skymoe_jax.training import runtime as runtime_lib
@@ -118,3 +120,16 @@ def test_balance_bias_run_resumes_bit_for_bit_and_evaluates(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", f"--workdir={resumed}", "--json"]) == 0
     assert '"step": 8' in capsys.readouterr().out
+
+    # The loaded model, and the one sampling decodes with, route with the run's last bias.
+    model, _ = load_model(str(resumed), device=jax.local_devices()[0])
+    np.testing.assert_array_equal(model.selection_bias[...], np.asarray(a[8]["expert_bias"], np.float32))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 32)), jnp.int32)
+    logits = jax.jit(lambda m, t, b=None: m(t, bias=b).logits)
+    unbiased = logits(model, tokens, jnp.zeros_like(model.selection_bias[...]))
+    assert not np.allclose(logits(model, tokens), unbiased, atol=1e-3)  # the bias changes some experts
+    decoding = decoding_model(model)
+    want = logits(decoding, tokens)
+    got, _ = jax.jit(forward_cached)(decoding, tokens, jnp.int32(0), empty_cache(decoding, 2, 32))
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=0)  # as test_sample's cached-against-uncached check
+    assert not np.allclose(want, logits(decoding, tokens, jnp.zeros_like(model.selection_bias[...])), atol=1e-3)

@@ -27,6 +27,21 @@ class ModelOutput(NamedTuple):
     moe: dict[str, jax.Array]  # per MoE layer, in layer order: scalars -> [L_moe], expert_load -> [L_moe, E]
 
 
+class SelectionBias(nnx.Variable):
+    """Loss-free balancing's per-expert selection bias [MoE layers, E] held by a model restored from a run
+    (checkpoint/load.py), not a parameter: training passes TrainState.bias to the forward pass instead."""
+
+
+def layer_biases(layers, bias: jax.Array | None) -> list[jax.Array | None]:
+    """Each of a block's layers' selection bias [E] from the block's [MoE layers of the block, E]: the MoE layers'
+    rows in order, None for the dense ones (and for every layer without a bias)."""
+    out, row = [], 0
+    for layer in layers:
+        out.append(bias[row] if layer.is_moe and bias is not None else None)
+        row += layer.is_moe
+    return out
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, spec: ModelSpec, is_moe: bool, rngs: nnx.Rngs, layout: str):
         self.attn_norm = RMSNorm(spec)
@@ -53,9 +68,7 @@ class SuperBlock(nnx.Module):
     def __call__(self, x, positions, segment_ids, *, train: bool, bias: jax.Array | None = None):
         """bias [MoE layers of the block, E] or None: each MoE layer's selection bias, in order."""
         stats = []
-        moe_layers = np.cumsum([layer.is_moe for layer in self.layers]) - 1
-        for layer, j in zip(self.layers, moe_layers):
-            row = None if bias is None or not layer.is_moe else bias[j]
+        for layer, row in zip(self.layers, layer_biases(self.layers, bias)):
             x, s = layer(x, positions, segment_ids, train=train, bias=row)
             if s is not None:
                 stats.append(s)
@@ -144,6 +157,7 @@ class Transformer(nnx.Module):
         )
         self.final_norm = RMSNorm(spec)
         self.head = Head(spec, rngs)
+        self.selection_bias: SelectionBias | None = nnx.data(None)  # set by checkpoint/load.py for a bias run
 
     def __call__(
         self,
@@ -155,7 +169,8 @@ class Transformer(nnx.Module):
         bias: jax.Array | None = None,
     ) -> ModelOutput:
         """tokens int32 [B, S]; positions and segment_ids [B, S] for packed documents (default: one document);
-        bias [MoE layers, E] in layer order: the selection bias of loss-free balancing, or None."""
+        bias [MoE layers, E] in layer order: the selection bias of loss-free balancing (default: the model's own
+        selection_bias, if it has one)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         if segment_ids is None:
@@ -164,7 +179,7 @@ class Transformer(nnx.Module):
         per_stack = []
         mesh = self.mesh_layout
         slots = mesh.layer_slots(self.spec.num_layers) if mesh.pipelined else None
-        biases = self._stack_biases(bias)
+        biases = self.stack_biases(bias)
         for stack, stack_bias in zip(self.stacks, biases):
             x, stats = stack(x, positions, segment_ids, train=train, slots=slots, bias=stack_bias)
             if stats:  # [repeats, moe layers per block, ...] -> [moe layers of the stack, ...]
@@ -172,8 +187,11 @@ class Transformer(nnx.Module):
         moe = jax.tree.map(lambda *a: jnp.concatenate(a), *per_stack) if per_stack else {}
         return ModelOutput(self.head(self.final_norm(x)), moe)
 
-    def _stack_biases(self, bias: jax.Array | None) -> list[jax.Array | None]:
-        """bias [MoE layers, E] in layer order -> per stack [repeats, MoE layers per block, E] (None: none)."""
+    def stack_biases(self, bias: jax.Array | None) -> list[jax.Array | None]:
+        """bias [MoE layers, E] in layer order (None: the model's selection_bias, if any) -> per stack [repeats,
+        MoE layers per block, E] (None: no bias)."""
+        if bias is None and self.selection_bias is not None:
+            bias = self.selection_bias[...]
         if bias is None:
             return [None] * len(self.stacks)
         out, start = [], 0
