@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_checkpoint import resumed_at_step_4
+from test_checkpoint import TINY, resumed_at_step_4
 from test_parallel import _batch
 from test_parallel import _config as _parallel_config
 from test_pipeline import _config as _pipeline_config
@@ -133,3 +133,12 @@ def test_balance_bias_run_resumes_bit_for_bit_and_evaluates(tmp_path, capsys):
     got, _ = jax.jit(forward_cached)(decoding, tokens, jnp.int32(0), empty_cache(decoding, 2, 32))
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=0)  # as test_sample's cached-against-uncached check
     assert not np.allclose(want, logits(decoding, tokens, jnp.zeros_like(model.selection_bias[...])), atol=1e-3)
+
+
+def test_an_aux_checkpoint_resumed_with_a_bias_is_refused_in_one_sentence(tmp_path, capsys):
+    flags = [*TINY, "--config.train.checkpoint_every=3", "--config.train.steps=3"]
+    assert main(["train", f"--workdir={tmp_path}", *flags]) == 0
+    capsys.readouterr()
+    assert main(["train", f"--workdir={tmp_path}", *flags, "--config.train.steps=4", "--config.moe.balance=bias"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no expert selection bias" in err and "moe.balance=aux" in err and len(err.strip().splitlines()) == 1

@@ -259,6 +259,11 @@ class Checkpointer:
             name = tree_path_name(path)
             if leaf is None:  # a dense model's alpha: nothing saved, nothing to restore
                 continue
+            if name == "bias" and name not in saved_shapes:
+                raise CheckpointError(
+                    f"checkpoint {self.path(step)} holds no expert selection bias (its run had moe.balance=aux); "
+                    "resume it with moe.balance=aux"
+                )
             if name not in saved_shapes:
                 raise CheckpointError(
                     f"checkpoint {self.path(step)} has no tensor {name} that this config's "
