@@ -411,7 +411,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         )
         need(e.z_loss_coef >= 0, f"moe.z_loss_coef={e.z_loss_coef} must be >= 0")
         need(e.router_init_std > 0, f"moe.router_init_std={e.router_init_std} must be > 0")
-        need(e.bias_update_rate > 0, f"moe.bias_update_rate={e.bias_update_rate} must be > 0")
+        need(e.bias_update_rate > 0, f"moe.bias_update_rate={e.bias_update_rate} must be > 0 (the default is 1e-3)")
         need(
             e.balance == "aux" or e.routing_impl != "pallas",
             f"moe.balance={e.balance} selects experts by biased scores, which the Pallas routing kernel does not "

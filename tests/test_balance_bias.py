@@ -14,6 +14,8 @@ from test_pipeline import _config as _pipeline_config
 
 from skymoe_jax import load_model
 from skymoe_jax.cli import main
+from skymoe_jax.config import load_config
+from skymoe_jax.errors import ConfigError
 from skymoe_jax.model.decode import decoding_model, empty_cache, forward_cached
 from skymoe_jax.model.moe import router
 from skymoe_jax.training import balance_bias
@@ -68,6 +70,20 @@ def test_bias_picks_the_experts_and_the_unbiased_probabilities_weigh_them():
     picked = np.take_along_axis(probs, chosen, axis=-1)
     np.testing.assert_allclose(r.weights, picked / picked.sum(-1, keepdims=True), rtol=1e-6)
     assert np.any(np.asarray(r.experts) != np.asarray(plain.experts))  # the bias changed some choices
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["--config.moe.balance=loss_free"], "moe.balance='loss_free' is not one of aux, bias, aux+bias"),
+        (["--config.moe.bias_update_rate=0"], "moe.bias_update_rate=0.0 must be > 0"),
+        (["--config.moe.balance=bias", "--config.moe.routing_impl=pallas"], "set moe.routing_impl=xla"),
+    ],
+)
+def test_bad_balance_settings_are_one_sentence(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/default.py", overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
 
 
 def _train(c, devices, steps):
