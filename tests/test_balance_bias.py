@@ -1,7 +1,7 @@
 """Loss-free balancing (training/balance_bias.py): the update rule against numpy on integer counts, including counts
 whose float mean rounds onto a neighbour; selection by biased scores with unbiased weights; the bias state equal
 on one device and on 8 (an EDP mesh, and a circular uneven pipeline with microbatches) after training steps; a
-mid-run checkpoint resumed bit for bit, evaluated, loaded and decoded with its bias."""
+mid-run checkpoint resumed bit for bit, evaluated, loaded and decoded with its bias; a non-finite step leaves it."""
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +107,20 @@ def test_bias_is_equal_on_one_device_and_on_an_edp_mesh_after_20_steps():
     np.testing.assert_array_equal(eight, one)
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     assert m1["aux_loss"] == 0 and np.all(m1["layer_aux_loss"] > 0)  # reported, not in the loss
+
+
+def test_a_non_finite_step_leaves_the_bias_as_it_was():
+    c = _parallel_config(balance="bias")
+    rt = runtime_lib.build(c, jax.devices()[:1])
+    with jax.set_mesh(rt.mesh):
+        state, batch = rt.init(), _batch(c)
+        state, _ = rt.train_step(state, rt.batch(batch))
+        before = np.asarray(jax.device_get(state.bias))
+        state, metrics = rt.train_step(
+            state, rt.batch({**batch, "loss_mask": np.full_like(batch["loss_mask"], np.nan)})
+        )
+    assert not metrics["finite"] and np.any(before)
+    np.testing.assert_array_equal(jax.device_get(state.bias), before)
 
 
 def _with_bias(c):
