@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.moe.aux_loss = "paper"  # paper: sum_j (1/n - mean_t g_tj)^2 | switch: n sum_j f_j P_j
     c.moe.aux_scope = "batch"  # batch: the aux loss over the global batch | sequence: per sequence (row), averaged
     c.moe.z_loss_coef = 0.0
+    # aux: the aux loss | bias: DeepSeek-V3's loss-free balancing, a per-expert bias on the selection scores
+    # moved by bias_update_rate * sign(load error) each step (training/balance_bias.py) | aux+bias: both
+    c.moe.balance = "aux"
+    c.moe.bias_update_rate = 1e-3
     c.moe.capacity_factor = 1.25
     c.moe.eval_capacity_factor = 2.0
     c.moe.group_size = 512  # tokens per routing group (capacity is per expert per group); 0 = one sequence
@@ -290,6 +294,7 @@ _CHOICES = {
     "moe.aux_loss": ("paper", "switch"),
     "moe.aux_scope": ("batch", "sequence"),
     "moe.score": ("softmax", "sigmoid"),
+    "moe.balance": ("aux", "bias", "aux+bias"),
     "moe.drop_policy": ("position", "probs"),
     "moe.dropless_impl": ("ragged", "padded"),
     "moe.routing_impl": ("auto", "xla", "pallas"),
@@ -423,6 +428,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         need(e.routed_scale > 0, f"moe.routed_scale={e.routed_scale} must be > 0")
         _validate_groups(e)
         need(e.router_init_std > 0, f"moe.router_init_std={e.router_init_std} must be > 0")
+        need(e.bias_update_rate > 0, f"moe.bias_update_rate={e.bias_update_rate} must be > 0 (the default is 1e-3)")
+        need(
+            e.balance == "aux" or e.routing_impl != "pallas",
+            f"moe.balance={e.balance} selects experts by biased scores, which the Pallas routing kernel does not "
+            "take: set moe.routing_impl=xla (or auto)",
+        )
         need(
             e.first_k_dense < m.num_layers,
             f"moe.first_k_dense={e.first_k_dense} leaves no MoE layer in model.num_layers={m.num_layers}; "

@@ -264,15 +264,10 @@ def test_missing_checkpoint_leaves_no_directory_behind(tmp_path, capsys):
     assert not (tmp_path / "typo").exists()
 
 
-def test_dense_run_resumes_exactly_and_evaluates(tmp_path, capsys):
-    # A dense state has no alpha: the checkpoint holds none, and restoring must not ask for one.
-    flags = [
-        *TINY,
-        "--config.moe.num_experts=0",
-        "--config.train.log_every=1",
-        "--config.train.checkpoint_every=4",
-        "--config.train.steps=8",
-    ]
+def resumed_at_step_4(tmp_path, flags, capsys) -> tuple[dict, dict, str]:
+    """An 8-step run of TINY + flags, and a copy resumed from its step-4 checkpoint: (the uninterrupted run's
+    records by step, the resumed copy's latest records by step, the resumed copy's workdir)."""
+    flags = [*TINY, *flags, "--config.train.log_every=1", "--config.train.checkpoint_every=4", "--config.train.steps=8"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert main(["train", f"--workdir={whole}", *flags]) == 0
     shutil.copytree(whole, resumed)
@@ -281,6 +276,12 @@ def test_dense_run_resumes_exactly_and_evaluates(tmp_path, capsys):
     assert "resuming at step 4" in capsys.readouterr().out
     b = _last_per_step(resumed)  # the resumed run's records follow the uninterrupted run's copy in the same file
     a = {r["step"]: r for r in read_jsonl(os.path.join(whole, "metrics.jsonl"))}
+    return a, b, resumed
+
+
+def test_dense_run_resumes_exactly_and_evaluates(tmp_path, capsys):
+    # A dense state has no alpha: the checkpoint holds none, and restoring must not ask for one.
+    a, b, resumed = resumed_at_step_4(tmp_path, ["--config.moe.num_experts=0"], capsys)
     assert [a[s]["loss"] for s in range(5, 9)] == [b[s]["loss"] for s in range(5, 9)]
     assert len(read_jsonl(os.path.join(resumed, "metrics.jsonl"))) == 12
     code, out, _ = _eval_json(resumed, capsys)

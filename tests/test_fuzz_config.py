@@ -91,6 +91,9 @@ def draw(seed: int) -> dict[str, object]:
             c["moe.num_shared_experts"] = int(family.integers(1, 3))
             c["moe.shared_expert_ffn_dim"] = int(_pick(family, [0, 16]))
             c["moe.shared_expert_gate"] = _pick(family, ["none", "sigmoid"])
+        balancing = np.random.default_rng([seed, 4])  # its own stream, as qk_norm's
+        c["moe.balance"] = _pick(balancing, ["aux", "bias", "aux+bias"], [2, 1, 1])
+        c["moe.bias_update_rate"] = float(_pick(balancing, [1e-3, 1e-2]))
 
     seq_len = int(_pick(rng, [32, 64]))
     c["data.seq_len"] = seq_len
@@ -228,7 +231,17 @@ def test_drawn_config_is_refused_or_trains_resumes_evaluates_and_loads(seed, tmp
     shutil.rmtree(resumed / "checkpoints" / str(STEPS))
     assert main(["train", f"--workdir={resumed}", *flags]) == 0, f"seed {seed}: resume failed\n{command}"
     again = _records(resumed)[STEPS]
-    for key in ("loss", "grad_norm", "alpha", "drop_rate", "expert_load", "max_vio", "seq_max_vio", "eval_loss"):
+    for key in (
+        "loss",
+        "grad_norm",
+        "alpha",
+        "drop_rate",
+        "expert_load",
+        "max_vio",
+        "seq_max_vio",
+        "expert_bias",
+        "eval_loss",
+    ):
         assert again.get(key) == whole[STEPS].get(key), f"seed {seed}: resumed {key} differs\n{command}"
 
     capsys.readouterr()

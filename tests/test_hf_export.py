@@ -206,6 +206,7 @@ def test_import_then_export_gives_back_the_original_tensors(kind, dtype, tmp_pat
         ({"moe.score": "sigmoid"}, "as Mixtral: .*moe.score=sigmoid"),
         ({"moe.routed_scale": 2.5}, "moe.routed_scale=2.5"),
         ({"model.qk_norm": "head", "moe.num_groups": 2}, "as Qwen3-MoE: .*moe.num_groups=2"),
+        ({"model.qk_norm": "full", "moe.balance": "bias"}, "as OLMoE: .*no expert selection bias"),
     ],
 )
 def test_what_a_format_cannot_express_is_refused_in_one_sentence(fields, words):

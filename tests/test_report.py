@@ -33,6 +33,7 @@ def _records(drop: float, steps=range(10, 110, 10), moe: bool = True) -> list[di
                 expert_load=load.tolist(),
                 max_vio=[0.1 * (i + 1) for i in range(LAYERS)],
                 seq_max_vio=[step / 100] * LAYERS,
+                expert_bias=(np.linspace(-1, 1, EXPERTS) * 1e-5 * step * np.arange(1, LAYERS + 1)[:, None]).tolist(),
             )
             if step % 50 == 0:
                 r["expert_similarity"] = [0.5 - step / 1000] * LAYERS
@@ -131,6 +132,7 @@ def test_summary_averages_the_tail_and_takes_the_last_eval():
     assert s["busiest expert / uniform"] == pytest.approx((1 / EXPERTS + 0.1) * EXPERTS)  # expert 0, every layer
     assert s["MaxVio"] == pytest.approx(np.mean([0.1 * (i + 1) for i in range(LAYERS)]))
     assert s["seq MaxVio"] == pytest.approx(np.mean([0.9, 1.0]))
+    assert s["expert bias spread"] == pytest.approx(2e-3 * 2)  # step 100's: 2e-3 x layers 1, 2, 3 averaged
 
 
 def test_two_expert_runs_have_no_max2_max3(tmp_path):

@@ -126,6 +126,8 @@ def _moe_config(config: ml_collections.ConfigDict, common: dict) -> tuple[dict, 
             f"{name}'s router is a softmax over every expert with unscaled weights (moe.score={e.score}, "
             f"moe.routed_scale={e.routed_scale}, moe.num_groups={e.num_groups})"
         )
+    if e.balance != "aux":
+        refusals.append(f"{name}'s router has no expert selection bias (moe.balance={e.balance})")
     if refusals:
         raise ConfigError(f"cannot export as {name}: {'; '.join(refusals)}")
     notes = []

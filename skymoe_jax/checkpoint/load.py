@@ -9,15 +9,17 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from skymoe_jax.checkpoint.manager import Checkpointer, saved_config, split_checkpoint_path
 from skymoe_jax.errors import CheckpointError
 from skymoe_jax.model.axes import AXES
 from skymoe_jax.model.mesh_layout import MeshLayout
 from skymoe_jax.model.spec import ModelSpec
-from skymoe_jax.model.transformer import Transformer, build_model
+from skymoe_jax.model.transformer import SelectionBias, Transformer, build_model
 from skymoe_jax.parallel import mesh as mesh_lib
+from skymoe_jax.training import balance_bias
 
 
 def load_model(path: str, device: jax.Device | None = None) -> tuple[Transformer, ml_collections.ConfigDict]:
@@ -27,7 +29,8 @@ def load_model(path: str, device: jax.Device | None = None) -> tuple[Transformer
     [batch, seq, vocab] (and `.moe`, the per-layer routing statistics). Parameters are
     placed by the run's config on this machine's devices, or all on `device` whatever mesh
     the run had (a pipelined or expert-parallel run's too). Each sequence is one routing
-    group with moe.eval_capacity_factor, so any batch shape works.
+    group with moe.eval_capacity_factor, so any batch shape works. A run with loss-free balancing
+    (moe.balance=bias or aux+bias) routes with its saved selection bias (`model.selection_bias`).
     """
     workdir, step = split_checkpoint_path(path)
     if not os.path.isdir(workdir):
@@ -47,8 +50,12 @@ def load_model(path: str, device: jax.Device | None = None) -> tuple[Transformer
     restored = source.restore_params(
         step, params, mesh_lib.tree_shardings(params, mesh, mesh_lib.param_rules(config.parallel))
     )
+    model = nnx.merge(graphdef, restored)
+    bias = jax.eval_shape(lambda: balance_bias.initial_bias(config, spec.num_moe_layers))
+    if bias is not None:  # loss-free balancing: the model routes with the run's bias, as its training did
+        model.selection_bias = SelectionBias(source.restore_part(step, "bias", bias, NamedSharding(mesh, P())))
     source.close()
-    return nnx.merge(graphdef, restored), config
+    return model, config
 
 
 __all__ = ["load_model"]

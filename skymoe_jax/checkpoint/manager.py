@@ -226,26 +226,31 @@ class Checkpointer:
 
     def restore_params(self, step: int, abstract_params, shardings):
         """Only the parameters of the state saved at step, placed by `shardings` (each process reads its shards)."""
+        return self.restore_part(step, "params", abstract_params, shardings)
+
+    def restore_part(self, step: int, part: str, abstract, shardings):
+        """Only one field of the train state saved at step ('params', or 'bias': the selection bias), placed by
+        `shardings`."""
         restore_args = with_shardings(
-            abstract_params,
+            abstract,
             shardings,
             lambda v, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=v.shape, dtype=v.dtype),
         )
-        item = with_shardings(abstract_params, shardings)
+        item = with_shardings(abstract, shardings)
         try:
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.PyTreeRestore(
-                        item={"params": item}, restore_args={"params": restore_args}, partial_restore=True
+                        item={part: item}, restore_args={part: restore_args}, partial_restore=True
                     ),
                     **self._fingerprint_item(step),
                 ),
             )
         except Exception as e:
             raise CheckpointError(f"checkpoint {self.path(step)} cannot be read ({first_line(e, limit=300)})") from None
-        self._check_fingerprints(step, restored, restored.state["params"], "params/")
-        return restored.state["params"]
+        self._check_fingerprints(step, restored, {part: restored.state[part]})
+        return restored.state[part]
 
     def _check_shapes(self, step: int, abstract_state) -> None:
         """Name the first tensor whose shape differs between the checkpoint and this run's model."""
@@ -254,6 +259,11 @@ class Checkpointer:
             name = tree_path_name(path)
             if leaf is None:  # a dense model's alpha: nothing saved, nothing to restore
                 continue
+            if name == "bias" and name not in saved_shapes:
+                raise CheckpointError(
+                    f"checkpoint {self.path(step)} holds no expert selection bias (its run had moe.balance=aux); "
+                    "resume it with moe.balance=aux"
+                )
             if name not in saved_shapes:
                 raise CheckpointError(
                     f"checkpoint {self.path(step)} has no tensor {name} that this config's "

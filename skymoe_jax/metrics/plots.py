@@ -51,20 +51,27 @@ def _layer_band(ax: Axes, runs: Sequence[Run], key: str, scale: float = 1.0, mar
     """Per run: the mean over MoE layers as a line, the range over layers as an unlabelled band."""
     for run, color in _with(runs, key):
         steps, values = run.series(key)
-        values = values * scale
-        ax.plot(
-            steps,
-            np.nanmean(values, axis=1),
-            color=color,
-            marker=marker or ("o" if len(steps) == 1 else ""),
-            markersize=3,
-            label=run.name,
-        )
-        ax.fill_between(
-            steps, np.nanmin(values, axis=1), np.nanmax(values, axis=1), color=color, alpha=0.15, linewidth=0
-        )
+        _band(ax, steps, values * scale, color, run.name, marker or ("o" if len(steps) == 1 else ""))
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
+
+
+def _band(ax: Axes, steps: np.ndarray, values: np.ndarray, color, label: str, marker: str = "") -> None:
+    """values [steps, layers]: their mean over layers as a line, their range as an unlabelled band."""
+    ax.plot(steps, np.nanmean(values, axis=1), color=color, marker=marker, markersize=3, label=label)
+    ax.fill_between(steps, np.nanmin(values, axis=1), np.nanmax(values, axis=1), color=color, alpha=0.15, linewidth=0)
+
+
+def _layer_expert_maps(
+    fig: Figure, axes: Sequence[Axes], present, last: Sequence[np.ndarray], norm, what: str, label: str
+):
+    """One heatmap (MoE layer x expert) per run of its last logged values, on one colour scale."""
+    for ax, (run, _), values in zip(axes, present, last):
+        image = ax.imshow(values, cmap="coolwarm", norm=norm, aspect="auto", interpolation="nearest")
+        ax.set(xlabel="expert", ylabel="MoE layer", title=f"{run.name}: {what} at step {run.last_step}")
+        ax.set_xticks(range(values.shape[1]))
+        ax.set_yticks(_layer_ticks(values.shape[0]))
+    fig.colorbar(image, ax=axes, label=label)
 
 
 def loss_figure(runs: Sequence[Run]) -> Figure | None:
@@ -170,20 +177,36 @@ def expert_load_figure(runs: Sequence[Run]) -> Figure | None:
     relative = [load * load.shape[-1] for _, load in series]  # [steps, layers, experts], 1 = uniform share
     vmax = max(2.0, max(np.nanmax(r[-1]) for r in relative))
     norm = colors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
-    for ax, (run, _), rel in zip(axes, present, relative):
-        last = rel[-1]
-        image = ax.imshow(last, cmap="coolwarm", norm=norm, aspect="auto", interpolation="nearest")
-        ax.set(xlabel="expert", ylabel="MoE layer", title=f"{run.name}: expert load at step {run.last_step}")
-        ax.set_xticks(range(last.shape[1]))
-        ax.set_yticks(_layer_ticks(last.shape[0]))
-    fig.colorbar(image, ax=axes[:-1], label="share of assignments / uniform share (1 = balanced)")
+    last = [rel[-1] for rel in relative]
+    _layer_expert_maps(
+        fig, axes[:-1], present, last, norm, "expert load", "share of assignments / uniform share (1 = balanced)"
+    )
     ax = axes[-1]
     for (run, color), (steps, _), rel in zip(present, series, relative):
-        busiest = np.nanmax(rel, axis=2)  # [steps, layers]
-        ax.plot(steps, busiest.mean(axis=1), color=color, label=run.name)
-        ax.fill_between(steps, busiest.min(axis=1), busiest.max(axis=1), color=color, alpha=0.15, linewidth=0)
+        _band(ax, steps, np.nanmax(rel, axis=2), color, run.name)  # the busiest expert's, [steps, layers]
     ax.axhline(1.0, color="gray", linestyle=":", label="1 = balanced")
     ax.set(xlabel="step", ylabel="busiest expert's load / uniform share", title=f"Busiest expert{BAND}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def expert_bias_figure(runs: Sequence[Run]) -> Figure | None:
+    """Loss-free balancing's selection bias: per run, the last logged bias (MoE layer x expert); and its spread
+    over the experts (max - min) over the steps, all runs overlaid."""
+    present = _with(runs, "expert_bias")
+    if not present:
+        return None
+    fig, axes = _figure(len(present) + 1)
+    series = [run.series("expert_bias") for run, _ in present]  # [steps, layers, experts]
+    top = max(np.nanmax(np.abs(bias[-1])) for _, bias in series) or 1.0
+    norm = colors.TwoSlopeNorm(vmin=-top, vcenter=0.0, vmax=top)
+    last = [bias[-1] for _, bias in series]
+    _layer_expert_maps(fig, axes[:-1], present, last, norm, "expert bias", "bias added to the gate probability")
+    ax = axes[-1]
+    for (run, color), (steps, bias) in zip(present, series):
+        _band(ax, steps, np.nanmax(bias, axis=2) - np.nanmin(bias, axis=2), color, run.name)
+    ax.set(xlabel="step", ylabel="max - min of the experts' bias", title=f"Expert bias spread{BAND}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
@@ -221,5 +244,6 @@ FIGURES = (
     ("alpha", "Adaptive aux-loss coefficient per MoE layer", alpha_figure),
     ("router_ratios", "Gate sharpness: Max1/Max2 and Max2/Max3", router_ratio_figure),
     ("expert_load", "Expert load", expert_load_figure),
+    ("expert_bias", "Expert selection bias (loss-free balancing)", expert_bias_figure),
     ("expert_similarity", "Expert similarity", similarity_figure),
 )

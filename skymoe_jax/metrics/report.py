@@ -73,8 +73,9 @@ img {{ max-width: 100%; border: 1px solid #eee; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class=note>Generated {generated} from each workdir's metrics.jsonl. Train CE, drop rate, Max1/Max2,
-Max2/Max3, tokens/s and MFU average the last {TAIL:.0%} of steps; eval loss, alpha and expert similarity are the
-last logged values; per-layer metrics are averaged over MoE layers.</p>
+Max2/Max3, tokens/s and MFU average the last {TAIL:.0%} of steps; eval loss, alpha, the expert bias spread (max - min
+over the experts) and expert similarity are the last logged values; per-layer metrics are averaged over MoE
+layers.</p>
 <table><tr>{head}</tr>
 {chr(10).join(rows)}
 </table>

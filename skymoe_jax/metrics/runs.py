@@ -84,6 +84,7 @@ COLUMNS = (
     ("MaxVio", "max_vio", "tail"),
     ("seq MaxVio", "seq_max_vio", "tail"),
     ("alpha", "alpha", "last"),
+    ("expert bias spread", "expert_bias", "spread"),
     ("expert similarity", "expert_similarity", "last"),
     ("tokens/s", "tokens_per_sec", "tail"),
     ("MFU %", "mfu", "tail"),
@@ -91,9 +92,9 @@ COLUMNS = (
 
 
 def summarize(run: Run) -> dict[str, float]:
-    """Final values: 'last' = the last record holding the key; 'tail' = mean over the records of the
-    last 20% of steps ('busiest': of the busiest expert's share over the uniform share); per-layer values
-    are averaged over layers. Percent columns are scaled."""
+    """Final values: 'last' = the last record holding the key ('spread': of max - min over the experts);
+    'tail' = mean over the records of the last 20% of steps ('busiest': of the busiest expert's share over the
+    uniform share); per-layer values are averaged over layers. Percent columns are scaled."""
     out = {}
     for heading, key, how in COLUMNS:
         if not run.has(key):
@@ -102,7 +103,9 @@ def summarize(run: Run) -> dict[str, float]:
         tail = steps > (1 - TAIL) * run.last_step
         if how == "busiest":  # [steps, layers, experts] shares -> the busiest expert over the uniform share
             values = values.max(-1) * values.shape[-1]
-        chosen = values[-1:] if how == "last" or not tail.any() else values[tail]
+        if how == "spread":  # [steps, layers, experts] -> max - min over the experts
+            values = values.max(-1) - values.min(-1)
+        chosen = values[-1:] if how in ("last", "spread") or not tail.any() else values[tail]
         out[heading] = float(np.nanmean(chosen)) * (100 if heading.endswith("%") else 1)
     return out
 

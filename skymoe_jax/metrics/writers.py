@@ -4,7 +4,8 @@ writes.
 
 The writers other than metrics.jsonl take a record as named scalars (`scalars`): a scalar keeps its
 metrics.jsonl key (`loss`, `mfu`); a per-MoE-layer list becomes `KEY/layer_I` (I: the I-th MoE layer, as in the
-JSONL lists) plus `KEY/mean` over layers; `expert_load` becomes `expert_load/layer_I/expert_J`. Non-finite values
+JSONL lists) plus `KEY/mean` over layers; `expert_load` becomes `expert_load/layer_I/expert_J` (and `expert_bias`
+alike). Non-finite values
 (null in metrics.jsonl) are left out.
 """
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from skymoe_jax.model.mesh_layout import MeshLayout
-from skymoe_jax.model.transformer import DecoderLayer, Transformer, build_model
+from skymoe_jax.model.transformer import DecoderLayer, SelectionBias, Transformer, build_model, layer_biases
 
 
 class KVCache(NamedTuple):
@@ -39,11 +39,14 @@ def decoding_model(model: Transformer) -> Transformer:
     spec = dataclasses.replace(model.spec, dropless=True, group_size=0)
     layout = MeshLayout(layout=model.mesh_layout.layout)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(spec, mesh_layout=layout)))
-    state = nnx.state(model)
+    state = nnx.state(model, nnx.Param)
     if model.mesh_layout.pipelined:
         slots = model.mesh_layout.layer_slots(spec.num_layers)
         state["stacks"] = jax.tree.map(lambda a: a[slots], state["stacks"])
-    return nnx.merge(graphdef, state)
+    decoding = nnx.merge(graphdef, state)
+    if model.selection_bias is not None:
+        decoding.selection_bias = SelectionBias(model.selection_bias[...])
+    return decoding
 
 
 def empty_cache(model: Transformer, batch: int, length: int) -> KVCache:
@@ -67,33 +70,35 @@ def forward_cached(
     mask = (jnp.arange(length) <= positions[..., None])[:, None]  # [B, 1, S, length]
     x = model.embed(tokens)
     keys, values = [], []
-    for stack, stack_keys, stack_values in zip(model.stacks, cache.keys, cache.values):
+    biases = model.stack_biases(None)
+    for stack, stack_keys, stack_values, stack_bias in zip(model.stacks, cache.keys, cache.values, biases):
         graphdef, state = nnx.split(stack.blocks)
 
         def block(x, inputs, graphdef=graphdef):
-            block_state, block_keys, block_values = inputs
+            block_state, block_keys, block_values, block_bias = inputs
             layers = nnx.merge(graphdef, block_state).layers
             out_keys, out_values = [], []
-            for layer, k, v in zip(layers, block_keys, block_values):
-                x, k, v = _layer(layer, x, positions, mask, start, k, v)
+            for layer, k, v, bias in zip(layers, block_keys, block_values, layer_biases(layers, block_bias)):
+                x, k, v = _layer(layer, x, positions, mask, start, k, v, bias)
                 out_keys.append(k)
                 out_values.append(v)
             return x, (jnp.stack(out_keys), jnp.stack(out_values))
 
-        x, (stack_keys, stack_values) = jax.lax.scan(block, x, (state, stack_keys, stack_values))
+        x, (stack_keys, stack_values) = jax.lax.scan(block, x, (state, stack_keys, stack_values, stack_bias))
         keys.append(stack_keys)
         values.append(stack_values)
     return model.head(model.final_norm(x)), KVCache(tuple(keys), tuple(values))
 
 
-def _layer(layer: DecoderLayer, x, positions, mask, start, k_cache, v_cache):
-    """DecoderLayer.__call__ with attention over the cache, which takes this step's keys and values first."""
+def _layer(layer: DecoderLayer, x, positions, mask, start, k_cache, v_cache, bias):
+    """DecoderLayer.__call__ with attention over the cache, which takes this step's keys and values first; bias:
+    the layer's selection bias [E] or None."""
     q, k, v = layer.attn.project(layer.attn_norm(x), positions, k_cache.shape[1])
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, start, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, start, axis=1)
     x = x + layer.attn.output(jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask))
     h = layer.ffn_norm(x)
-    return x + (layer.ffn(h, train=False)[0] if layer.is_moe else layer.ffn(h)), k_cache, v_cache
+    return x + (layer.ffn(h, train=False, bias=bias)[0] if layer.is_moe else layer.ffn(h)), k_cache, v_cache
 
 
 def next_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, vocab: jax.Array):

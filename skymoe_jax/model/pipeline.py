@@ -151,15 +151,30 @@ def _recomputed_layer(run_block: Callable, skip: Callable) -> Callable:
 
 
 def forward(
-    model: Transformer, batch: dict[str, jax.Array], *, train: bool, microbatches: int, stage_remat: Sequence[str]
+    model: Transformer,
+    batch: dict[str, jax.Array],
+    *,
+    train: bool,
+    microbatches: int,
+    stage_remat: Sequence[str],
+    bias: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """(sum of token cross-entropies, counted tokens, per-layer MoE means in layer order)."""
+    """(sum of token cross-entropies, counted tokens, per-layer MoE means in layer order; integer stats summed).
+
+    bias [MoE layers, E] in layer order (loss-free balancing) or None; it travels with the layers' weights,
+    stored like them, so each layer slot finds its own."""
     split = model.mesh_layout
     devices, repeats, longest = split.devices, split.repeats, max(split.stage_layers)
     chunk_layers = jnp.asarray(split.chunk_layers(), jnp.int32)  # [devices, repeats]
     policies = sorted(set(stage_remat))
     policy_of_stage = jnp.asarray([policies.index(r) for r in stage_remat], jnp.int32)
-    blocks_def, blocks = nnx.split(model.stacks[0].blocks)
+    blocks_def, params = nnx.split(model.stacks[0].blocks)
+    slots = split.layer_slots(model.spec.num_layers)
+    stored_bias = None
+    if bias is not None:  # stored like the weights: [stored slots, MoE layers per block (1), E], 0 in the padding
+        stored = jnp.zeros((split.stored_layers(model.spec.num_layers), 1, bias.shape[-1]), bias.dtype)
+        stored_bias = stored.at[slots, 0].set(bias)
+    blocks = (params, stored_bias)
     norm_def, norm = nnx.split(model.final_norm)
     head_def, head = nnx.split(model.head)
     mbs = {k: _microbatches(v, microbatches) for k, v in batch.items()}
@@ -167,7 +182,8 @@ def forward(
     items = microbatches * repeats  # what each device runs: every microbatch through each of its chunks
 
     def run_block(block_state, x, positions, segment_ids):
-        return nnx.merge(blocks_def, block_state)(x, positions, segment_ids, train=train)
+        layer_params, layer_bias = block_state
+        return nnx.merge(blocks_def, layer_params)(x, positions, segment_ids, train=train, bias=layer_bias)
 
     replicated = (norm, head, embedded)
     dtypes = jax.tree.map(lambda a: a.dtype, replicated)
@@ -268,7 +284,8 @@ def forward(
         axis_names={"pipeline"},
         check_vma=False,
     )(blocks, _as_float32(replicated), mbs)
-    # acc: [stored slots, MoE layers per block (1), ...] sums over microbatches -> per-layer means in order.
-    slots = split.layer_slots(model.spec.num_layers)
-    moe = jax.tree.map(lambda a: a[slots].reshape(-1, *a.shape[2:]) / microbatches, acc) if acc else {}
+    # acc: [stored slots, MoE layers per block (1), ...] sums over microbatches -> per-layer means in order; integer
+    # counts stay sums, exact.
+    in_order = {key: a[slots].reshape(-1, *a.shape[2:]) for key, a in acc.items()}
+    moe = {key: a if jnp.issubdtype(a.dtype, jnp.integer) else a / microbatches for key, a in in_order.items()}
     return ce_sum, count, moe

@@ -27,6 +27,21 @@ class ModelOutput(NamedTuple):
     moe: dict[str, jax.Array]  # per MoE layer, in layer order: scalars -> [L_moe], expert_load -> [L_moe, E]
 
 
+class SelectionBias(nnx.Variable):
+    """Loss-free balancing's per-expert selection bias [MoE layers, E] held by a model restored from a run
+    (checkpoint/load.py), not a parameter: training passes TrainState.bias to the forward pass instead."""
+
+
+def layer_biases(layers, bias: jax.Array | None) -> list[jax.Array | None]:
+    """Each of a block's layers' selection bias [E] from the block's [MoE layers of the block, E]: the MoE layers'
+    rows in order, None for the dense ones (and for every layer without a bias)."""
+    out, row = [], 0
+    for layer in layers:
+        out.append(bias[row] if layer.is_moe and bias is not None else None)
+        row += layer.is_moe
+    return out
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, spec: ModelSpec, is_moe: bool, rngs: nnx.Rngs, layout: str):
         self.attn_norm = RMSNorm(spec)
@@ -35,11 +50,11 @@ class DecoderLayer(nnx.Module):
         self.ffn = MoEBlock(spec, rngs, layout) if is_moe else SwiGLU(spec, spec.ffn_dim, rngs)
         self.is_moe = is_moe
 
-    def __call__(self, x, positions, segment_ids, *, train: bool):
+    def __call__(self, x, positions, segment_ids, *, train: bool, bias: jax.Array | None = None):
         x = x + self.attn(self.attn_norm(x), positions, segment_ids)
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, stats = self.ffn(h, train=train)
+            y, stats = self.ffn(h, train=train, bias=bias)
             return x + y, stats
         return x + self.ffn(h), None
 
@@ -50,10 +65,11 @@ class SuperBlock(nnx.Module):
     def __init__(self, spec: ModelSpec, pattern: tuple[bool, ...], rngs: nnx.Rngs, layout: str):
         self.layers = nnx.List([DecoderLayer(spec, is_moe, rngs, layout) for is_moe in pattern])
 
-    def __call__(self, x, positions, segment_ids, *, train: bool):
+    def __call__(self, x, positions, segment_ids, *, train: bool, bias: jax.Array | None = None):
+        """bias [MoE layers of the block, E] or None: each MoE layer's selection bias, in order."""
         stats = []
-        for layer in self.layers:
-            x, s = layer(x, positions, segment_ids, train=train)
+        for layer, row in zip(self.layers, layer_biases(self.layers, bias)):
+            x, s = layer(x, positions, segment_ids, train=train, bias=row)
             if s is not None:
                 stats.append(s)
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats else {}
@@ -99,14 +115,25 @@ class Stack(nnx.Module):
         self.remat = spec.remat
         self.scan = spec.scan_layers
 
-    def __call__(self, x, positions, segment_ids, *, train: bool, slots: np.ndarray | None = None):
-        """Apply the stacked blocks in order; `slots` picks and orders stored blocks (pipelined layouts)."""
+    def __call__(
+        self,
+        x,
+        positions,
+        segment_ids,
+        *,
+        train: bool,
+        slots: np.ndarray | None = None,
+        bias: jax.Array | None = None,
+    ):
+        """Apply the stacked blocks in order; `slots` picks and orders stored blocks (pipelined layouts). bias
+        [repeats, MoE layers per block, E] or None: the blocks' selection biases, in the order they run."""
         graphdef, state = nnx.split(self.blocks)
         if slots is not None:
             state = jax.tree.map(lambda a: a[slots], state)
 
-        def body(carry, layer_state):
-            return nnx.merge(graphdef, layer_state)(carry, positions, segment_ids, train=train)
+        def body(carry, layer):
+            layer_state, layer_bias = layer
+            return nnx.merge(graphdef, layer_state)(carry, positions, segment_ids, train=train, bias=layer_bias)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
@@ -114,7 +141,7 @@ class Stack(nnx.Module):
         # recomputation to its place in the backward pass, and XLA's CPU scheduler ran all of them at once,
         # keeping every layer's activations live (353 -> 355 MiB of temporaries under `full` instead of 136
         # looped; docs/BENCHMARKS.md).
-        return jax.lax.scan(body, x, state, unroll=not self.scan and self.remat == "none")
+        return jax.lax.scan(body, x, (state, bias), unroll=not self.scan and self.remat == "none")
 
 
 class Transformer(nnx.Module):
@@ -130,6 +157,7 @@ class Transformer(nnx.Module):
         )
         self.final_norm = RMSNorm(spec)
         self.head = Head(spec, rngs)
+        self.selection_bias: SelectionBias | None = nnx.data(None)  # set by checkpoint/load.py for a bias run
 
     def __call__(
         self,
@@ -138,8 +166,11 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array | None = None,
         *,
         train: bool = False,
+        bias: jax.Array | None = None,
     ) -> ModelOutput:
-        """tokens int32 [B, S]; positions and segment_ids [B, S] for packed documents (default: one document)."""
+        """tokens int32 [B, S]; positions and segment_ids [B, S] for packed documents (default: one document);
+        bias [MoE layers, E] in layer order: the selection bias of loss-free balancing (default: the model's own
+        selection_bias, if it has one)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         if segment_ids is None:
@@ -148,12 +179,27 @@ class Transformer(nnx.Module):
         per_stack = []
         mesh = self.mesh_layout
         slots = mesh.layer_slots(self.spec.num_layers) if mesh.pipelined else None
-        for stack in self.stacks:
-            x, stats = stack(x, positions, segment_ids, train=train, slots=slots)
+        biases = self.stack_biases(bias)
+        for stack, stack_bias in zip(self.stacks, biases):
+            x, stats = stack(x, positions, segment_ids, train=train, slots=slots, bias=stack_bias)
             if stats:  # [repeats, moe layers per block, ...] -> [moe layers of the stack, ...]
                 per_stack.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats))
         moe = jax.tree.map(lambda *a: jnp.concatenate(a), *per_stack) if per_stack else {}
         return ModelOutput(self.head(self.final_norm(x)), moe)
+
+    def stack_biases(self, bias: jax.Array | None) -> list[jax.Array | None]:
+        """bias [MoE layers, E] in layer order (None: the model's selection_bias, if any) -> per stack [repeats,
+        MoE layers per block, E] (None: no bias)."""
+        if bias is None and self.selection_bias is not None:
+            bias = self.selection_bias[...]
+        if bias is None:
+            return [None] * len(self.stacks)
+        out, start = [], 0
+        for pattern, repeats in self.spec.stacks():
+            count = repeats * sum(pattern)
+            out.append(bias[start : start + count].reshape(repeats, sum(pattern), -1) if count else None)
+            start += count
+        return out
 
 
 def build_model(spec: ModelSpec, seed: int = 0, mesh_layout: MeshLayout = MeshLayout()) -> Transformer:

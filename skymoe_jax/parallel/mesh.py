@@ -179,6 +179,7 @@ def state_shardings(abstract_state, mesh: Mesh, config: ml_collections.ConfigDic
     return abstract_state.replace(
         step=replicated,
         alpha=None if abstract_state.alpha is None else replicated,
+        bias=None if abstract_state.bias is None else replicated,
         params=tree_shardings(abstract_state.params, mesh, param_rules(config.parallel)),
         opt_state=tree_shardings(abstract_state.opt_state, mesh, optimizer_rules(config.parallel)),
     )

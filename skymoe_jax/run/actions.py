@@ -107,7 +107,7 @@ class Recorder:
         devices: int,
         flops_per_token: float,
         peak: float,
-        evaluate: Callable[[Any], dict[str, Any]],
+        evaluate: Callable[[Any], dict[str, Any]],  # the train state -> eval metrics
         similarity: Callable | None,
         live: Callable[[dict[str, Any]], str],
         start: int,
@@ -138,7 +138,7 @@ class Recorder:
         if due.similarity:
             record["expert_similarity"] = jax.device_get(self.similarity(state.params))
         if due.eval:
-            self.evals = self.evaluate(state.params)
+            self.evals = self.evaluate(state)
             record.update(self.evals)
             self.console.print(f"step {due.step}: {self.live(record)}  eval loss {self.evals['eval_loss']:.3f}")
         if due.eval or due.similarity:

@@ -37,9 +37,9 @@ def _datasets(config: ml_collections.ConfigDict):
     return make_datasets(config, process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def _evaluate(eval_step, params, batches) -> dict[str, Any]:
+def _evaluate(eval_step, state, batches) -> dict[str, Any]:
     """Token-weighted CE over the cached validation batches, and mean eval drop rate per layer."""
-    results = [eval_step(params, b) for b in batches]
+    results = [eval_step(state.params, b, state.bias) for b in batches]
     ce = sum(float(r["ce_sum"]) for r in results) / max(sum(float(r["tokens"]) for r in results), 1.0)
     out = {"eval_loss": ce}
     if "drop_rate" in results[0]:
@@ -129,7 +129,7 @@ def _train(
         devices=runtime.mesh.size,
         flops_per_token=flops_tok,
         peak=peak_flops(config.metrics.peak_flops_per_device),
-        evaluate=lambda params: _evaluate(runtime.eval_step, params, val_batches),
+        evaluate=lambda state: _evaluate(runtime.eval_step, state, val_batches),
         similarity=similarity,
         live=_live,
         start=start,
@@ -280,6 +280,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step = ckpt.latest_step()
     with jax.set_mesh(runtime.mesh):
         state = ckpt.restore(step, runtime.abstract_state())
-        result = _evaluate(runtime.eval_step, state.params, [runtime.batch(b) for b in val_batches])
+        result = _evaluate(runtime.eval_step, state, [runtime.batch(b) for b in val_batches])
     ckpt.close()
     return {"step": step, **result}

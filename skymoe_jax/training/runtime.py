@@ -37,7 +37,7 @@ class Runtime:
     shardings: TrainState  # a TrainState of NamedShardings
     init: Callable[[], TrainState]
     train_step: Callable  # (state, batch) -> (state, metrics); donates state
-    eval_step: Callable  # (params, batch) -> sums
+    eval_step: Callable  # (params, batch, bias) -> sums
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and target shardings of the state, for restoring a checkpoint onto this mesh."""
@@ -71,7 +71,9 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        make_eval_step(graphdef, config), in_shardings=(shardings.params, batch), out_shardings=replicated
+        make_eval_step(graphdef, config),
+        in_shardings=(shardings.params, batch, shardings.bias),
+        out_shardings=replicated,
     )
     return Runtime(
         mesh=mesh,

@@ -52,18 +52,29 @@ class MoEBlock(nnx.Module):
         self.spec = spec
         self.layout = layout
 
-    def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """x [B, S, d] -> (y [B, S, d], stats over every token of the global batch)."""
+    def __call__(
+        self, x: jax.Array, *, train: bool, bias: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """x [B, S, d] -> (y [B, S, d], stats over every token of the global batch); bias [E]: the selection bias
+        of loss-free balancing (training/balance_bias.py), or None."""
         spec = self.spec
         group = spec.group_size or x.shape[1]
 
-        def layer(tokens: jax.Array, gate: jax.Array, weights: ExpertWeights, comm: Comm):
-            return moe_tokens(tokens, gate, weights, spec, train=train, group=group, seq_len=x.shape[1], comm=comm)
+        def layer(tokens: jax.Array, gate: jax.Array, weights: ExpertWeights, bias: jax.Array | None, comm: Comm):
+            return moe_tokens(
+                tokens, gate, weights, spec, train=train, group=group, seq_len=x.shape[1], comm=comm, bias=bias
+            )
 
         # The Pallas interpreter mixes mesh-varying operands with its own unvarying loop indices, which
         # shard_map's varying-axes type check rejects (JAX 0.10-0.11); the program itself is sound.
         y, stats = expert_parallel.apply(
-            layer, x, self.gate[...], self.experts.weights(), self.layout, check_vma=not interpreted(spec.routing_impl)
+            layer,
+            x,
+            self.gate[...],
+            self.experts.weights(),
+            self.layout,
+            bias=bias,
+            check_vma=not interpreted(spec.routing_impl),
         )
         y = y.astype(x.dtype)
         if spec.shared_width:
@@ -95,23 +106,32 @@ def moe_tokens(
     group: int,
     seq_len: int,
     comm: Comm = Comm(),
+    bias: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The MoE layer on tokens [T, d] (rows of seq_len tokens) -> (y [T, d], stats).
 
     drop_rate = assignments beyond capacity / (k * tokens). In dropless mode nothing
     is dropped; drop_rate is what the configured capacity factor would have dropped,
-    so the adaptive aux coefficients get the same signal either way.
+    so the adaptive aux coefficients get the same signal either way. With a selection bias the stats also hold
+    expert_counts: int32 assignments per expert over the global batch before dropping, which move the bias.
     """
     t, d = tokens.shape
     ops = routing_ops(spec.routing_impl)
-    routing = route(tokens, gate, spec, ops)
+    routing = route(tokens, gate, spec, ops, bias)
     placement = place(routing, spec, group, train, ops)
     y = dispatcher(spec, comm, ops, group, placement.capacity)(tokens, routing, placement, weights)
-    return y.reshape(t, d), statistics(routing, placement, spec, comm, seq_len)
+    stats = statistics(routing, placement, spec, comm, seq_len)
+    if bias is not None:
+        stats["expert_counts"] = comm.total(jnp.sum(placement.counts, axis=0))
+    return y.reshape(t, d), stats
 
 
-def route(tokens: jax.Array, gate: jax.Array, spec: ModelSpec, ops: RoutingOps) -> router.Routing:
+def route(
+    tokens: jax.Array, gate: jax.Array, spec: ModelSpec, ops: RoutingOps, bias: jax.Array | None = None
+) -> router.Routing:
     logits = jnp.dot(tokens.astype(jnp.float32), gate.astype(jnp.float32))
+    # Only the XLA route takes a bias (config.py refuses moe.routing_impl=pallas with one).
+    selection = {} if bias is None else {"bias": bias}
     routing = ops.route(
         logits,
         spec.top_k,
@@ -123,6 +143,7 @@ def route(tokens: jax.Array, gate: jax.Array, spec: ModelSpec, ops: RoutingOps) 
         score=spec.score,
         num_groups=spec.num_groups,
         top_groups=spec.top_groups,
+        **selection,
     )
     if spec.routed_scale != 1.0:
         routing = routing._replace(weights=routing.weights * spec.routed_scale)

@@ -52,42 +52,56 @@ class Comm(NamedTuple):
         axes = tuple(axis for axis in self.token_axes if axis != self.split_axis)
         return jax.lax.pmean(m, axes) if axes else m
 
+    def total(self, a: jax.Array) -> jax.Array:
+        """Sum over the shards of the global batch (exact for integers)."""
+        return jax.lax.psum(a, self.token_axes) if self.token_axes else a
+
 
 Layer = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def apply(layer: Layer, x: jax.Array, gate: jax.Array, weights, layout: str, *, check_vma: bool = True):
-    """layer(tokens [T, d], gate, weights, comm) on x [B, S, d], sharded when a mesh is set (jax.set_mesh).
+def apply(
+    layer: Layer,
+    x: jax.Array,
+    gate: jax.Array,
+    weights,
+    layout: str,
+    *,
+    bias: jax.Array | None = None,
+    check_vma: bool = True,
+):
+    """layer(tokens [T, d], gate, weights, bias, comm) on x [B, S, d], sharded when a mesh is set (jax.set_mesh).
 
-    check_vma=False skips shard_map's varying-axes type check (for interpreted Pallas kernels)."""
+    bias: the layer's selection bias [E] or None, replicated like the gate. check_vma=False skips shard_map's
+    varying-axes type check (for interpreted Pallas kernels)."""
     b, s, d = x.shape
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        y, stats = layer(x.reshape(b * s, d), gate, weights, Comm())
+        y, stats = layer(x.reshape(b * s, d), gate, weights, bias, Comm())
         return y.reshape(b, s, d), stats
     ep = mesh.shape["expert"]
     split_tokens = layout == "edp" and ep > 1
     token_axes = batch_axes(layout) + (("expert",) if split_tokens else ())
     comm = Comm(token_axes, "expert" if ep > 1 else None, "expert" if split_tokens else None)
 
-    def local(x, gate, weights):
+    def local(x, gate, weights, bias):
         lb = x.shape[0]
         tokens = x.reshape(lb * s, d)
         if split_tokens:
             share = lb * s // ep
             start = jax.lax.axis_index("expert") * share
-            y, stats = layer(jax.lax.dynamic_slice_in_dim(tokens, start, share), gate, weights, comm)
+            y, stats = layer(jax.lax.dynamic_slice_in_dim(tokens, start, share), gate, weights, bias, comm)
             # Back to replicated over the expert axis. A psum of the zero-padded shares (rather than
             # an all-gather) keeps the result typed as invariant, as the out_specs say it is.
             y = jax.lax.psum(
                 jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(tokens, y.dtype), y, start, 0), "expert"
             )
         else:
-            y, stats = layer(tokens, gate, weights, comm)
+            y, stats = layer(tokens, gate, weights, bias, comm)
         return y.reshape(lb, s, d), stats
 
     batch = P(batch_axes(layout))
     experts = type(weights)(*(P("expert" if ep > 1 else None) for _ in weights))
-    return jax.shard_map(local, mesh=mesh, in_specs=(batch, P(), experts), out_specs=(batch, P()), check_vma=check_vma)(
-        x, gate, weights
-    )
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(batch, P(), experts, P()), out_specs=(batch, P()), check_vma=check_vma
+    )(x, gate, weights, bias)

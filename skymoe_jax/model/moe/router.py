@@ -80,12 +80,15 @@ def route(
     score: str = "softmax",
     num_groups: int = 1,
     top_groups: int = 1,
+    bias: jax.Array | None = None,
 ) -> Routing:
     """Gate logits [T, E] -> probabilities, top-k experts and their combine weights.
 
     score: softmax, or sigmoid as DeepSeek-V3: each expert's own s = sigmoid(z), top-k on s, the chosen s as
     weights. The aux losses and statistics read probs, the scores normalized to sum 1 per token (as
     DeepSeek-V3's sequence-wise loss does), so they keep their softmax meaning under either score.
+    bias [E] (loss-free balancing) shifts the scores the groups and the top-k select by, and nothing else: the
+    weights are the chosen experts' unbiased scores.
     """
     z = z.astype(jnp.float32)
     if gate_norm:
@@ -95,9 +98,12 @@ def route(
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     else:
         scores = probs = jax.nn.softmax(z, axis=-1)
-    # Selection only masks scores, so the top-k values are the chosen experts' scores: the combine weights.
-    selection = limit_to_groups(scores, num_groups, top_groups, score)
-    weights, experts = top_k_by_argmax(selection, top_k)
+    if bias is None:
+        # Selection only masks scores, so the top-k values are the chosen experts' scores: the combine weights.
+        weights, experts = top_k_by_argmax(limit_to_groups(scores, num_groups, top_groups, score), top_k)
+    else:
+        experts = top_k_by_argmax(limit_to_groups(scores + bias, num_groups, top_groups, score), top_k)[1]
+        weights = jnp.take_along_axis(scores, experts, axis=-1)
     if renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return Routing(probs, weights, experts.astype(jnp.int32), z)
