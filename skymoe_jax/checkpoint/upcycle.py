@@ -12,8 +12,9 @@ sum over its hidden units, so FFNs holding disjoint sets of them add up to the d
   logits tie within each group and top-k (k a multiple of g) picks whole groups: ties go to the lowest index,
   and a group's indices are consecutive, so even groups tied with each other are picked whole. A picked
   group's g experts get equal renormalized weights w_v and g sum_v w_v = 1, so the routed experts compute
-  sum_v w_v (routed part) = (routed part) / g: their down projections are scaled by g. Without renormalization (fine_grained mode) the router starts at zero instead: every weight
-  is 1/E, k/g groups are picked, and the scale is E g / k.
+  sum_v w_v (routed part) = (routed part) / g: their down projections are scaled by g. Without
+  renormalization (fine_grained mode) the router starts at zero instead: every weight is 1/E, k/g groups are
+  picked, and the scale is E g / k.
 - copy mode is g = 1: every expert the whole routed part (optionally with Gaussian noise of
   `init.upcycle_noise` times each tensor's std), exact with renormalized top-k weights.
 
