@@ -476,10 +476,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     i = c.init
     need(not (i.upcycle_from and i.from_checkpoint), "set init.upcycle_from or init.from_checkpoint, not both")
     need(not i.upcycle_from or c.moe.num_experts > 0, "init.upcycle_from needs an MoE config (moe.num_experts > 0)")
-    need(
-        not i.upcycle_from or not c.moe.num_shared_experts,
-        "upcycling into shared experts is not built yet: set moe.num_shared_experts=0 with init.upcycle_from",
-    )
     for key in ("init.upcycle_from", "init.from_checkpoint"):
         path = get(key)
         need(

@@ -1,20 +1,25 @@
 """Upcycling a dense checkpoint of this trainer into an MoE train state.
 
-Attention, norms, embeddings and head are copied; each MoE layer's experts start
-from that layer's dense FFN; the router is freshly initialised; optimizer state,
-step and aux coefficients start fresh. Two modes:
+Attention, norms, embeddings and head are copied; each MoE layer's FFNs are cut from that layer's dense FFN
+of width F so that, with nothing dropped, the MoE computes the dense function at step 0 (a SwiGLU FFN is a
+sum over its hidden units, so FFNs holding disjoint sets of them add up to the dense one):
 
-- copy: every expert is a copy of the dense FFN (optionally with Gaussian noise of
-  `init.upcycle_noise` times each tensor's std). With renormalized top-k weights
-  and no drops the MoE computes exactly the dense function at step 0.
-- fine_grained: the dense FFN width F is cut into G = F / moe.expert_ffn_dim slices;
-  expert e is slice e mod G. The router starts at zero, so every token's gate is
-  uniform and top-k (ties go to the lowest index) picks experts 0..k-1 = every slice
-  once when top_k == G; their down projections are scaled by 1 / combine weight
-  (k with renormalization, n without), so the sum of slices is again the dense FFN.
+- shared experts (moe.num_shared_experts, S hidden units in all) take the first S units; a sigmoid shared
+  gate starts at zero, i.e. 0.5 for every token, and their down projection is doubled (both exact in floats).
+- the routed experts split the other F - S units into g = (F - S) / moe.expert_ffn_dim slices: expert e holds
+  slice e mod g, so experts v*g .. v*g + g-1 form virtual group v, one whole routed part. The router is
+  Megatron's virtual-group initialisation: a random column per group, repeated for its g experts, so a token's
+  logits tie within each group and top-k (k a multiple of g) picks whole groups: ties go to the lowest index,
+  and a group's indices are consecutive, so even groups tied with each other are picked whole. A picked
+  group's g experts get equal renormalized weights w_v and g sum_v w_v = 1, so the routed experts compute
+  sum_v w_v (routed part) = (routed part) / g: their down projections are scaled by g. Without
+  renormalization (fine_grained mode) the router starts at zero instead: every weight is 1/E, k/g groups are
+  picked, and the scale is E g / k.
+- copy mode is g = 1: every expert the whole routed part (optionally with Gaussian noise of
+  `init.upcycle_noise` times each tensor's std), exact with renormalized top-k weights.
 
-The dense tensors are restored with target shardings (each process reads only the
-slices its devices hold) and turned into the MoE state inside one jit whose
+Optimizer state, step and aux coefficients start fresh. The dense tensors are restored with target shardings
+(each process reads only the slices its devices hold) and turned into the MoE state inside one jit whose
 outputs carry the MoE shardings: no host ever holds the whole model.
 """
 
@@ -44,26 +49,32 @@ from skymoe_jax.training.state import TrainState
 
 
 def slices(config: ml_collections.ConfigDict, dense_ffn: int) -> int:
-    """G: dense FFN slices per expert set (1 for copy mode); validates the MoE config against the dense width."""
+    """g: the slices of the dense FFN's routed part per virtual group (1 for copy mode); validates the MoE config
+    against the dense width."""
     e = config.moe
+    shared = ModelSpec.from_config(config).shared_width
+    if shared >= dense_ffn:
+        raise ConfigError(
+            f"the shared experts' {shared} hidden units (moe.num_shared_experts x moe.shared_expert_ffn_dim) "
+            f"must be fewer than the dense FFN's {dense_ffn}, whose other units become the routed experts"
+        )
+    routed = dense_ffn - shared
+    width = f"the dense FFN width {dense_ffn}" + (f" less the shared experts' {shared}, {routed}" if shared else "")
     if config.init.upcycle_mode == "copy":
-        if e.expert_ffn_dim != dense_ffn:
+        if e.expert_ffn_dim != routed:
             raise ConfigError(
-                f"copy upcycling needs moe.expert_ffn_dim equal to the dense FFN width {dense_ffn} "
-                f"(got {e.expert_ffn_dim}); or use --config.init.upcycle_mode=fine_grained"
+                f"copy upcycling needs moe.expert_ffn_dim equal to {width} (got {e.expert_ffn_dim}); "
+                "or use --config.init.upcycle_mode=fine_grained"
             )
         return 1
-    if dense_ffn % e.expert_ffn_dim:
+    if routed % e.expert_ffn_dim:
+        raise ConfigError(f"fine-grained upcycling needs moe.expert_ffn_dim={e.expert_ffn_dim} to divide {width}")
+    g = routed // e.expert_ffn_dim
+    if e.top_k % g or e.num_experts % g:
         raise ConfigError(
-            f"fine-grained upcycling needs moe.expert_ffn_dim={e.expert_ffn_dim} to divide the dense "
-            f"FFN width {dense_ffn}"
-        )
-    g = dense_ffn // e.expert_ffn_dim
-    if e.top_k != g or e.num_experts % g:
-        raise ConfigError(
-            f"fine-grained upcycling into {g} slices keeps the dense function only with "
-            f"moe.top_k={g} and moe.num_experts a multiple of {g} (got top_k={e.top_k}, "
-            f"num_experts={e.num_experts})"
+            f"fine-grained upcycling into {g} slices keeps the dense function only when top-k picks whole "
+            f"virtual groups of {g} experts: moe.top_k and moe.num_experts must be multiples of {g} (got "
+            f"top_k={e.top_k}, num_experts={e.num_experts})"
         )
     return g
 
@@ -136,11 +147,32 @@ def load_dense(
     return restored, g, dense_layout.layer_places(spec)
 
 
-def _zero_router_scale(spec: ModelSpec) -> float:
-    """1 / the combine weight of each chosen expert under a zero router (every score ties)."""
-    if spec.renormalize:
-        return float(spec.top_k)
-    return 2.0 if spec.score == "sigmoid" else float(spec.num_experts)
+def routed_experts(ffn: dict[str, jax.Array], shared: int, g: int, num_experts: int, scale: float) -> dict:
+    """A dense FFN's weights (w_gate, w_up [R, d, F], w_down [R, F, d]) -> the routed experts' ([R, E, d, f],
+    [R, E, f, d]): expert e is slice e mod g of the hidden units after the first `shared`, its down projection
+    times `scale`."""
+    r, d, width = ffn["w_gate"].shape
+    f = (width - shared) // g
+    copies = (1, num_experts // g, 1, 1)
+    split_in = lambda w: jnp.tile(w[..., shared:].reshape(r, d, g, f).transpose(0, 2, 1, 3), copies)
+    down = jnp.tile(ffn["w_down"][:, shared:].reshape(r, g, f, d), copies) * scale
+    return {"w_gate": split_in(ffn["w_gate"]), "w_up": split_in(ffn["w_up"]), "w_down": down}
+
+
+def shared_experts(ffn: dict[str, jax.Array], shared: int, scale: float) -> dict:
+    """The shared experts' FFN: the dense FFN's first `shared` hidden units, the down projection times `scale`."""
+    return {
+        "w_gate": ffn["w_gate"][..., :shared],
+        "w_up": ffn["w_up"][..., :shared],
+        "w_down": ffn["w_down"][:, :shared] * scale,
+    }
+
+
+def virtual_group_router(key: jax.Array, shape: tuple[int, int, int], g: int, std: float) -> jax.Array:
+    """Router weights [R, d, E] whose columns are equal within each virtual group of g consecutive experts, a
+    normal(0, std) draw per group (Megatron's virtual-group initialisation; g = 1: every column its own)."""
+    r, d, n = shape
+    return jnp.repeat(std * jax.random.normal(key, (r, d, n // g)), g, axis=-1)
 
 
 def upcycle_fn(
@@ -149,22 +181,37 @@ def upcycle_fn(
     """jit(dense params with their layers at `dense_places` -> fresh MoE TrainState) with the MoE state's
     shardings on its outputs."""
     spec, mesh_layout = ModelSpec.from_config(config), MeshLayout.from_config(config)
-    n = spec.num_experts
+    n, k, shared = spec.num_experts, spec.top_k, spec.shared_width
     noise = config.init.upcycle_noise
-    scale = (1.0 if g == 1 else _zero_router_scale(spec)) / spec.routed_scale
+    # Unnormalized weights sum to the picked experts' scores, which only a zero router makes the same for every
+    # token (each 1/E under softmax, sigmoid(0) = 1/2 under sigmoid; k/g whole groups picked); copy mode keeps its
+    # random router, inexact then. routed_scale multiplies every combine weight, so the experts divide by it.
+    zero_router = config.init.upcycle_mode == "fine_grained" and not spec.renormalize
+    weight = (0.5 if spec.score == "sigmoid" else 1.0 / n) if zero_router else 1.0
+    scale = (g / (k * weight) if zero_router else float(g)) / spec.routed_scale
+    gated = spec.shared_expert_gate == "sigmoid"
 
-    def experts(ffn, key):
-        r, d, width = ffn["w_gate"].shape
-        f = width // g
-        split_in = lambda w: jnp.tile(w.reshape(r, d, g, f).transpose(0, 2, 1, 3), (1, n // g, 1, 1))
-        down = jnp.tile(ffn["w_down"].reshape(r, g, f, d), (1, n // g, 1, 1)) * scale
-        out = {"w_gate": split_in(ffn["w_gate"]), "w_up": split_in(ffn["w_up"]), "w_down": down}
-        if noise:
-            keys = jax.random.split(key, 3)
-            out = {
-                name: w + noise * jnp.std(w) * jax.random.normal(kk, w.shape, w.dtype)
-                for kk, (name, w) in zip(keys, sorted(out.items()))
-            }
+    def with_noise(out, key):
+        keys = jax.random.split(key, 3)
+        return {
+            name: w + noise * jnp.std(w) * jax.random.normal(kk, w.shape, w.dtype)
+            for kk, (name, w) in zip(keys, sorted(out.items()))
+        }
+
+    def moe_ffn(ffn, rows, k_router, k_noise):
+        shape = (rows, spec.d_model, n)
+        experts = routed_experts(ffn, shared, g, n, scale)
+        out = {
+            "gate": jnp.zeros(shape, jnp.float32)
+            if zero_router
+            else virtual_group_router(k_router, shape, g, spec.router_init_std),
+            "experts": with_noise(experts, k_noise) if noise else experts,
+        }
+        if shared:
+            # A zero gate is sigmoid(0) = 0.5 for every token, which the doubled down projection undoes.
+            out["shared"] = shared_experts(ffn, shared, 2.0 if gated else 1.0)
+            if gated:
+                out["shared_gate"] = jnp.zeros((rows, spec.d_model, 1), ffn["w_gate"].dtype)
         return out
 
     def build(dense: nnx.State) -> TrainState:
@@ -182,12 +229,7 @@ def upcycle_fn(
                 layer = jax.tree.map(lambda a, ids=ids: a[source[ids]], layers)
                 if is_moe:
                     key, k_router, k_noise = jax.random.split(key, 3)
-                    router = (
-                        jnp.zeros((len(ids), spec.d_model, n), jnp.float32)
-                        if g > 1
-                        else spec.router_init_std * jax.random.normal(k_router, (len(ids), spec.d_model, n))
-                    )
-                    layer["ffn"] = {"gate": router, "experts": experts(layer["ffn"], k_noise)}
+                    layer["ffn"] = moe_ffn(layer["ffn"], len(ids), k_router, k_noise)
                 # Pipelined stacks are padded per stage: layers go to their slots, the padding stays zero
                 # as in a fresh model.
                 slots = np.array([places[i][2] for i in ids])
