@@ -295,9 +295,9 @@ def test_the_spec_reads_every_model_field_of_the_config():
     c = base_config()
     names = {f.name for f in dataclasses.fields(ModelSpec)}
     unread = {f"{section}.{name}" for section in ("model", "moe") for name in c[section] if name not in names}
-    # The loss's (training/step.py) and the balancing bias's (training/balance_bias.py: the model takes the bias as
-    # an input, not as a setting).
-    assert unread == {"moe.aux_loss", "moe.z_loss_coef", "moe.balance", "moe.bias_update_rate"}
+    # The loss's (training/step.py; moe.aux_loss is the layer's too, for the sequence-wise loss) and the balancing
+    # bias's (training/balance_bias.py: the model takes the bias as an input, not as a setting).
+    assert unread == {"moe.z_loss_coef", "moe.balance", "moe.bias_update_rate"}
     c.model.rope_theta = 500000  # an int where the spec declares a float
     assert isinstance(ModelSpec.from_config(c).rope_theta, float)
 
