@@ -87,9 +87,10 @@ def draw(seed: int) -> dict[str, object]:
         c["moe.routing_impl"] = _pick(rng, ["xla", "pallas"], [5, 1])
         c["aux_coef.mode"] = _pick(rng, ["adaptive", "fixed"], [3, 1])
         family = np.random.default_rng([seed, 2])  # its own stream, as qk_norm's
-        if start != "upcycle" and family.random() < 0.3:  # upcycling into shared experts is not built
+        if family.random() < 0.3:
             c["moe.num_shared_experts"] = int(family.integers(1, 3))
-            c["moe.shared_expert_ffn_dim"] = int(_pick(family, [0, 16]))
+            # Upcycled shared experts take a quarter or a half of the dense FFN, the routed experts the rest (below).
+            c["moe.shared_expert_ffn_dim"] = int(_pick(family, [0, 16])) if start != "upcycle" else ffn // 4
             c["moe.shared_expert_gate"] = _pick(family, ["none", "sigmoid"])
         balancing = np.random.default_rng([seed, 4])  # its own stream, as qk_norm's
         c["moe.balance"] = _pick(balancing, ["aux", "bias", "aux+bias"], [2, 1, 1])
@@ -126,7 +127,8 @@ def draw(seed: int) -> dict[str, object]:
         mode = _pick(rng, ["copy", "fine_grained"])
         c["init.upcycle_mode"], c["init.upcycle_noise"] = mode, float(_pick(rng, [0.0, 0.1]))
         slices = 1 if mode == "copy" else 2
-        c["moe.expert_ffn_dim"], c["moe.top_k"] = ffn // slices, slices
+        routed = ffn - c.get("moe.num_shared_experts", 0) * ffn // 4
+        c["moe.expert_ffn_dim"], c["moe.top_k"] = routed // slices, slices
     if experts:
         _draw_routing(np.random.default_rng([seed, 3]), c)  # its own stream, as qk_norm's
     c["optim.schedule"] = _pick(rng, ["cosine", "wsd", "constant"])
@@ -145,8 +147,9 @@ def _draw_routing(rng, c: dict[str, object]) -> None:
         c["moe.num_groups"], c["moe.top_groups"] = (int(v) for v in _pick(rng, fits))
 
 
-# The paper's layout (pipeline x data x EDP, ZeRO-1, an uneven split) upcycled from a dense run; with
-# SKYMOE_LONG=1 also a dense bfloat16-parameter pipeline started from another run's checkpoint; SKYMOE_FUZZ=long
+# The paper's layout (pipeline x data x EDP, ZeRO-1, an uneven split) upcycled from a dense run into fine-grained
+# and gated shared experts (the draw that found a shared gate's collective inside a pipeline cond hanging the step);
+# with SKYMOE_LONG=1 also a dense bfloat16-parameter pipeline started from another run's checkpoint; SKYMOE_FUZZ=long
 # draws the rest.
 FAST_SEEDS = [16]
 LONG_SEEDS = [9]

@@ -48,7 +48,10 @@ class MoEBlock(nnx.Module):
             # Every token's, so split like a dense FFN (over `mlp`), not over the expert axis.
             self.shared = SwiGLU(spec, spec.shared_width, rngs)
             if spec.shared_expert_gate == "sigmoid":
-                self.shared_gate = param(rngs, (spec.d_model, 1), ("embed", None), spec.init_std, spec.weight_dtype)
+                # Never split (d_model numbers): as an `embed` weight, ZeRO-1 and FSDP split it over data, and XLA
+                # moved its [d, 1] gradient to that split with a collective-permute inside the pipeline's cond of
+                # a layer, which the stages that skip the layer never join: the step hung.
+                self.shared_gate = param(rngs, (spec.d_model, 1), (None, None), spec.init_std, spec.weight_dtype)
         self.spec = spec
         self.layout = layout
 
