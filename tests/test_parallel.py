@@ -142,6 +142,20 @@ CASES = [
     pytest.param((1, 2, 4), "edp", {"zero1": True}, marks=pytest.mark.long),
     pytest.param((1, 1, 8), "edp", {}, marks=pytest.mark.long),
     ((1, 2, 4), "gshard", {"dropless": True}),
+    # The same routing on gshard, where the expert axis splits the batch and each device holds two groups' experts.
+    pytest.param(
+        (1, 2, 4),
+        "gshard",
+        {
+            "num_shared_experts": 1,
+            "qk_norm": "head",
+            "score": "sigmoid",
+            "num_groups": 4,
+            "top_groups": 2,
+            "aux_scope": "sequence",
+        },
+        marks=pytest.mark.long,
+    ),
     pytest.param((1, 2, 4), "edp", {"dropless": True}, marks=pytest.mark.long),
 ]
 
@@ -163,9 +177,11 @@ def test_sharded_step_equals_single_device(reference, mesh, layout, opts):
     np.testing.assert_allclose(metrics["layer_aux_loss"], metrics0["layer_aux_loss"], rtol=1e-5)
     for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
         np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-7)
-    # After one Adam step each parameter moved by ~lr*sign(g); a sign flip would show as 2*lr.
-    for p, p0 in zip(jax.tree.leaves(state.params), jax.tree.leaves(state0.params)):
-        np.testing.assert_allclose(p, p0, atol=1e-5)
+    # After one Adam step each parameter moved by ~lr*sign(g); a sign flip would show as 2*lr. Where the gradient is
+    # within rounding of zero, Adam's g / (|g| + eps) is anything from 0 to 1 and so is the move: not compared.
+    for p, p0, g0 in zip(jax.tree.leaves(state.params), jax.tree.leaves(state0.params), jax.tree.leaves(grads0)):
+        settled = np.abs(np.asarray(g0)) > 1e-6
+        np.testing.assert_allclose(np.asarray(p)[settled], np.asarray(p0)[settled], atol=1e-5)
 
 
 def test_sequence_means_add_up_the_rows_that_edp_shares_cut():
