@@ -69,7 +69,7 @@ def compile_steps(
     state, batch = rt.abstract_state(), abstract_batch(config, rt)
     programs = {
         "train": lambda: rt.train_step.lower(state, batch),
-        "eval": lambda: rt.eval_step.lower(state.params, batch),
+        "eval": lambda: rt.eval_step.lower(state.params, batch, state.bias),
     }
     out = {}
     with jax.set_mesh(rt.mesh):
