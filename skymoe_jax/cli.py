@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import signal
@@ -967,6 +968,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except RunFailure as e:
         print(f"skymoe {argv[0]}: failed: {e}", file=sys.stderr)
+        # A failed save's write tasks report their error again when the interpreter collects them at exit, after
+        # the run's log file is closed: the line above and that file (run/library_logs.py) have said it.
+        logging.getLogger("asyncio").disabled = True
         return 1
     except KeyboardInterrupt:
         print(f"skymoe {argv[0]}: interrupted", file=sys.stderr)
