@@ -240,7 +240,7 @@ def test_report_on_the_finished_run(run, capsys):
     workdir, _ = run
     assert main(["report", f"--workdir={workdir}"]) == 0
     out = os.path.join(workdir, "report")
-    stems = ["loss", "drop_rate", "alpha", "router_ratios", "expert_load", "expert_similarity"]
+    stems = ["loss", "drop_rate", "alpha", "router_ratios", "max_vio", "expert_load", "expert_similarity"]
     for stem in stems:
         with Image.open(os.path.join(out, f"{stem}.png")) as image:
             assert image.width >= 500 and image.height >= 350, stem

@@ -93,6 +93,11 @@ def test_compared_runs_are_overlaid(tmp_path, capsys):
     np.testing.assert_allclose(heatmaps[1].collections[0].get_array().reshape(LAYERS, 10)[:, 0], [2, 4, 6])
     overlay = drop.axes[len(runs)]
     np.testing.assert_allclose([line.get_ydata()[-1] for line in overlay.get_lines()], [2, 4, 6])
+    # MaxVio over the batch: the layer mean of 0.1, 0.2, 0.3; per sequence: step / 100.
+    batch, sequence = plots.max_vio_figure(runs).axes
+    assert [line.get_label() for line in batch.get_lines()] == ["a", "b", "c", "0 = balanced"]
+    np.testing.assert_allclose(batch.get_lines()[0].get_ydata(), 0.2)
+    np.testing.assert_allclose(sequence.get_lines()[2].get_ydata(), np.arange(10, 110, 10) / 100)
 
 
 @pytest.mark.parametrize("count", [3, 11, 25])

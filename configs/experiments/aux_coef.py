@@ -30,14 +30,12 @@ to its own cores (on 2 cores, two one-core runs finish more work than one two-co
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import time
 
 import numpy as np
+
+from skymoe_jax.metrics import study
+from skymoe_jax.metrics.study import finished, noise, workdir
 
 STEPS = 600
 COMMON = [
@@ -75,62 +73,8 @@ def arms() -> dict[str, list[str]]:
 PAPER_ARM = "eq4 adaptive 0.01"
 
 
-def workdir(out: str, regime: str, seed: int, arm: str) -> str:
-    return os.path.join(out, regime, f"seed{seed}", arm.replace(" ", "_"))
-
-
-def finished(path: str) -> bool:
-    """Whether the run logged its last step's evaluation."""
-    try:
-        with open(os.path.join(path, "metrics.jsonl"), encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return False
-    return any(r.get("step") == STEPS and "eval_loss" in r for r in records)
-
-
 def train_command(path: str, regime: str, seed: int, flags: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "skymoe_jax.cli",
-        "train",
-        f"--workdir={path}",
-        f"--config.seed={seed}",
-        f"--config.data.shuffle_seed={seed}",
-        *COMMON,
-        *REGIMES[regime],
-        *flags,
-    ]
-
-
-def train_all(jobs: list[tuple[str, list[str]]], parallel: int) -> bool:
-    """Run (workdir, command) jobs, `parallel` at a time, each pinned to its share of the cores; logs in
-    WORKDIR.log. False when one failed."""
-    cores = sorted(os.sched_getaffinity(0))
-    share = max(1, len(cores) // parallel)
-    slots = [cores[i * share : (i + 1) * share] for i in range(parallel)]
-    running: dict[int, tuple[subprocess.Popen, str, object]] = {}
-    pending, ok = list(jobs), True
-    while pending or running:
-        for slot in range(parallel):
-            if slot not in running and pending:
-                path, command = pending.pop(0)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                log = open(path + ".log", "a", encoding="utf-8")
-                pinned = ["taskset", "-c", ",".join(map(str, slots[slot]))] if parallel > 1 else []
-                print(f"training {path}", flush=True)
-                running[slot] = (subprocess.Popen(pinned + command, stdout=log, stderr=subprocess.STDOUT), path, log)
-        time.sleep(2)
-        for slot, (process, path, log) in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[slot]
-            log.close()
-            if process.returncode:
-                print(f"{path} failed (exit {process.returncode}); see {path}.log", flush=True)
-                ok = False
-    return ok
+    return study.train_command(path, seed, [*COMMON, *REGIMES[regime], *flags])
 
 
 def table(out: str, regime: str, seeds: list[int]) -> str:
@@ -141,7 +85,7 @@ def table(out: str, regime: str, seeds: list[int]) -> str:
 
     rows, finals, drops = [], {}, {}
     for arm in arms():
-        done = [s for s in seeds if finished(workdir(out, regime, s, arm))]
+        done = [s for s in seeds if finished(workdir(out, regime, s, arm), STEPS)]
         if not done:
             continue
         runs = [load_run(workdir(out, regime, s, arm)) for s in done]
@@ -166,62 +110,26 @@ def table(out: str, regime: str, seeds: list[int]) -> str:
         "| arm | seeds | eval loss | spread | drop rate % | busiest expert / uniform | Max1/Max2 | alpha | tokens/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    verdicts = ["", *noise("eval loss", finals, "{:+.3f}"), "", *noise("drop rate %", drops, "{:+.1f}")]
+    verdicts = [
+        "",
+        *noise("eval loss", finals, "{:+.3f}", PAPER_ARM),
+        "",
+        *noise("drop rate %", drops, "{:+.1f}", PAPER_ARM),
+    ]
     return "\n".join(head + rows + verdicts)
 
 
-def noise(metric: str, per_arm: dict[str, dict[int, float]], fmt: str) -> list[str]:
-    """Which arms' metric (per arm, per seed) differs from the paper's arm by more than the seed noise: the
-    mean difference over the seeds both finished beyond twice its standard error, and beyond the largest
-    spread (max - min over seeds) of any arm."""
-    paper = per_arm.get(PAPER_ARM, {})
-    if len(paper) < 2:
-        return [f"{metric}: the seed noise needs at least two seeds of the paper's arm"]
-    spread = max(np.ptp(list(v.values())) for v in per_arm.values() if len(v) > 1)
-    lines = [f"{metric}: largest seed spread of any arm {fmt.format(spread).lstrip('+')}"]
-    for arm, values in per_arm.items():
-        common = sorted(set(values) & set(paper))
-        if arm == PAPER_ARM or len(common) < 2:
-            continue
-        diff = np.array([values[s] - paper[s] for s in common])
-        error = diff.std(ddof=1) / np.sqrt(len(common))
-        beyond = abs(diff.mean()) > max(2 * error, spread)
-        lines.append(
-            f"{metric}, {arm} - {PAPER_ARM}: {fmt.format(diff.mean())} over {len(common)} seeds "
-            f"(paired standard error {fmt.format(error).lstrip('+')}): "
-            + ("beyond the seed noise" if beyond else "within the seed noise")
-        )
-    return lines
-
-
 def main() -> int:
-    from skymoe_jax.cli import main as skymoe
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="experiments/aux_coef")
-    parser.add_argument("--regime", default="e8", choices=sorted(REGIMES))
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each pinned to its own cores")
-    parser.add_argument("--only", default="", help="train only the arms whose name contains this text")
-    args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [
-        (path, train_command(path, args.regime, seed, flags))
-        for seed in seeds
-        for arm, flags in arms().items()
-        if args.only in arm and not finished(path := workdir(args.out, args.regime, seed, arm))
-    ]
-    if not train_all(jobs, max(1, args.jobs)):
-        return 1
-    for seed in seeds:
-        done = [workdir(args.out, args.regime, seed, arm) for arm in arms()]
-        done = [w for w in done if finished(w)]
-        if len(done) > 1:
-            report = ["report", f"--workdir={done[0]}", "--compare", *done[1:]]
-            if skymoe([*report, f"--out={os.path.join(args.out, args.regime, f'seed{seed}', 'report')}"]) != 0:
-                return 1
-    print(table(args.out, args.regime, seeds))
-    return 0
+    return study.main(
+        __doc__.split("\n\n")[0],
+        out="experiments/aux_coef",
+        regimes=list(REGIMES),
+        seeds="0,1,2",
+        arms=arms(),
+        command=train_command,
+        tables=table,
+        steps=STEPS,
+    )
 
 
 if __name__ == "__main__":

@@ -155,13 +155,33 @@ def alpha_figure(runs: Sequence[Run]) -> Figure | None:
 
 def router_ratio_figure(runs: Sequence[Run]) -> Figure | None:
     """Max1/Max2 and Max2/Max3 (gate probability ratios, averaged over tokens) side by side."""
-    if not any(run.has("max1_max2") for run in runs):
+    panels = (
+        ("max1_max2", "Max1/Max2 (mean over tokens)", f"Max1/Max2 of the gate probabilities{BAND}"),
+        ("max2_max3", "Max2/Max3 (mean over tokens)", f"Max2/Max3 of the gate probabilities{BAND}"),
+    )
+    return _side_by_side(runs, panels, 1.0, "1 = the two are equal")
+
+
+def max_vio_figure(runs: Sequence[Run]) -> Figure | None:
+    """The load imbalance MaxVio (E x the busiest expert's share of the assignments - 1) over the global batch and
+    per sequence (averaged over sequences), side by side."""
+    panels = (
+        ("max_vio", "MaxVio over the batch", f"Load imbalance over the global batch{BAND}"),
+        ("seq_max_vio", "MaxVio per sequence (mean)", f"Load imbalance within sequences{BAND}"),
+    )
+    return _side_by_side(runs, panels, 0.0, "0 = balanced")
+
+
+def _side_by_side(runs: Sequence[Run], panels, reference: float, meaning: str) -> Figure | None:
+    """A panel of per-layer bands per (key, y label, title), with a dotted line at the reference value; None when
+    no run has the first key."""
+    if not any(run.has(panels[0][0]) for run in runs):
         return None
-    fig, axes = _figure(2)
-    for ax, key, label in ((axes[0], "max1_max2", "Max1/Max2"), (axes[1], "max2_max3", "Max2/Max3")):
+    fig, axes = _figure(len(panels))
+    for ax, (key, ylabel, title) in zip(axes, panels):
         _layer_band(ax, runs, key)
-        ax.axhline(1.0, color="gray", linestyle=":", label="1 = the two are equal")
-        ax.set(ylabel=f"{label} (mean over tokens)", title=f"{label} of the gate probabilities{BAND}")
+        ax.axhline(reference, color="gray", linestyle=":", label=meaning)
+        ax.set(ylabel=ylabel, title=title)
         ax.legend(fontsize=7)
     return fig
 
@@ -243,6 +263,7 @@ FIGURES = (
     ("drop_rate", "Token drop rate per MoE layer", drop_rate_figure),
     ("alpha", "Adaptive aux-loss coefficient per MoE layer", alpha_figure),
     ("router_ratios", "Gate sharpness: Max1/Max2 and Max2/Max3", router_ratio_figure),
+    ("max_vio", "Load imbalance: MaxVio over the batch and per sequence", max_vio_figure),
     ("expert_load", "Expert load", expert_load_figure),
     ("expert_bias", "Expert selection bias (loss-free balancing)", expert_bias_figure),
     ("expert_similarity", "Expert similarity", similarity_figure),
