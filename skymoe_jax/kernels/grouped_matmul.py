@@ -14,6 +14,9 @@ visit loads and multiplies only its own group's weights. The grid is fixed, cdiv
 most a table can hold, with the rows past the last group as one more group that writes zeros); the items a
 table does not use do nothing. Each item loops over K in `block_k` steps, a trip count that depends on its group
 (0 for the zero rows and unused items); Triton lowers the loop with its dynamic bound as an scf.for it pipelines.
+The output column tile varies fastest over the programs in both kernels: the programs running at once
+then share their rows of x (and dy), read from device memory about once and from L2 by the others, as the
+expert's weights are.
 
 Backward: dx = dy w[e]^T is the same kernel on the same table with w read transposed, and dw[e] = x_e^T dy_e
 is a second kernel over (expert, K tile, N tile) that loops over its expert's rows in `block_k` steps (a
@@ -146,7 +149,8 @@ def _gmm(static: _Static, x: jax.Array, w: jax.Array, table: _Table, *, transpos
     return pl.pallas_call(
         functools.partial(_gmm_kernel, k=k, n=n, e=e, tiles=tiles, transpose_w=transpose_w),
         out_shape=out_struct((a, n), x.dtype, x, w, *table),
-        grid=(table.group.shape[0], pl.cdiv(n, tiles.block_n)),
+        # One grid dimension: CUDA limits the second and third to 65,535 programs, which the items could exceed.
+        grid=(pl.cdiv(n, tiles.block_n) * table.group.shape[0],),
         compiler_params=compiler_params(num_warps=_WARPS),
         interpret=static.interpret,
         name="skymoe_grouped_matmul_t" if transpose_w else "skymoe_grouped_matmul",
@@ -157,9 +161,10 @@ def _gmm_kernel(
     group_ref, tile_ref, lo_ref, hi_ref, x_ref, w_ref, out_ref, *, k: int, n: int, e: int, tiles: Tiles, transpose_w
 ):
     bm, bn, bk = tiles
-    item = pl.program_id(0)
+    column_tiles = pl.cdiv(n, bn)
+    item = pl.program_id(0) // column_tiles
     group, lo, hi = group_ref[item], lo_ref[item], hi_ref[item]
-    r0, c0 = tile_ref[item] * bm, pl.program_id(1) * bn
+    r0, c0 = tile_ref[item] * bm, pl.program_id(0) % column_tiles * bn
     rows, cols = r0 + jnp.arange(bm), c0 + jnp.arange(bn)
     row_ok, col_ok = (rows >= lo) & (rows < hi), cols < n
     g = jnp.minimum(group, e - 1)  # group e (the rows past the last group) loads nothing: its trip count is 0
@@ -196,7 +201,7 @@ def _tgmm(static: _Static, x: jax.Array, dy: jax.Array, group_sizes: jax.Array, 
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, k=k, n=n, tiles=tiles),
         out_shape=out_struct((e, k, n), dtype, x, dy, starts, ends),
-        grid=(e, pl.cdiv(k, tiles.block_m), pl.cdiv(n, tiles.block_n)),
+        grid=(pl.cdiv(n, tiles.block_n), pl.cdiv(k, tiles.block_m), e),
         compiler_params=compiler_params(num_warps=_WARPS),
         interpret=static.interpret,
         name="skymoe_grouped_matmul_dw",
@@ -205,9 +210,9 @@ def _tgmm(static: _Static, x: jax.Array, dy: jax.Array, group_sizes: jax.Array, 
 
 def _tgmm_kernel(starts_ref, ends_ref, x_ref, dy_ref, out_ref, *, k: int, n: int, tiles: Tiles):
     bm, bn, bk = tiles
-    group = pl.program_id(0)
+    group = pl.program_id(2)
     start, end = starts_ref[group], ends_ref[group]
-    k0, c0 = pl.program_id(1) * bm, pl.program_id(2) * bn
+    k0, c0 = pl.program_id(1) * bm, pl.program_id(0) * bn
     out_rows, cols = k0 + jnp.arange(bm), c0 + jnp.arange(bn)
     out_ok, col_ok = out_rows < k, cols < n
 
