@@ -10,10 +10,11 @@ table, built by XLA before the call, lists one work item per (row tile, group) p
 straddling groups is visited once per group with its other rows masked off. Tiles aligned to group starts
 (vLLM's fused_moe pads each group to a tile multiple) would need the rows moved into a padded buffer first, a
 gather and up to E partly empty tiles more; straddling tiles cost at most E - 1 extra tile visits, and each
-visit loads and multiplies only its own group's weights. The grid is fixed, cdiv(A, block_m) + E items (the
-most a table can hold, with the rows past the last group as one more group that writes zeros); the items a
-table does not use do nothing. Each item loops over K in `block_k` steps, a trip count that depends on its group
-(0 for the zero rows and unused items); Triton lowers the loop with its dynamic bound as an scf.for it pipelines.
+visit loads and multiplies only its own group's weights. The grid is static, so a table always has
+cdiv(A, block_m) + E items (the most it can need, with the rows past the last group as one more group that
+writes zeros); the items it does not use do nothing. Each item loops over K in `block_k` steps, a trip count
+that depends on its group (0 for the zero rows and unused items); Triton lowers the loop with its dynamic bound
+as an scf.for it pipelines.
 The output column tile varies fastest over the programs in both kernels: the programs running at once
 then share their rows of x (and dy), read from device memory about once and from L2 by the others, as the
 expert's weights are.
