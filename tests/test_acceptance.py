@@ -32,6 +32,11 @@ def test_acceptance_reduced_on_cpu(tmp_path, capsys):
     assert [r["direction"] for r in attention["rows"]] == ["forward", "backward"]
     assert all(r["max_rel_error"] < 1e-5 for r in attention["rows"])  # interpreted: float32 exactly as dense
     assert "flash attention vs dense (1 x 32 tokens" in printed
+    grouped = result["grouped_matmul"]
+    assert grouped["passed"] and grouped["triton_kernels"] == sorted(kernel_acceptance.GROUPED_MATMUL_KERNELS)
+    assert [r["direction"] for r in grouped["rows"]] == ["forward", "backward"]
+    assert all(r["max_rel_error"] < 1e-5 for r in grouped["rows"])  # interpreted: float32 sums in another order
+    assert "grouped matmul vs ragged_dot (200 rows" in printed
 
     assert {(r["impl"], r["stage"]) for r in result["bench_routing"]} == {
         (i, s) for i in ("xla", "pallas") for s in (*STAGES, "sum")

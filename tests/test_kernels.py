@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from skymoe_jax.config import capacity
-from skymoe_jax.kernels import gather
+from skymoe_jax.kernels import gather, grouped_matmul
 from skymoe_jax.kernels.combine import combine
 from skymoe_jax.kernels.common import compiler_params
 from skymoe_jax.kernels.dispatch import dispatch as dispatch_kernel
@@ -356,4 +356,65 @@ def test_vmapped_kernels_lower_for_cuda():
         "skymoe_slot_sources",
         "skymoe_gather_rows",
         "skymoe_gather_sum",
+    ]
+
+
+# Grouped matmul (kernels/grouped_matmul.py). (group sizes, rows, K, N, dtype, tiles): 16-row tiles straddle the
+# groups; empty groups, a group of 1, odd sizes, rows past the last group (they come out zero), one group holding
+# every row; bfloat16 with the default tiles shrunk to the operands.
+GROUPED_CASES = [
+    ([0, 1, 17, 5, 0, 30], 60, 24, 40, jnp.float32, grouped_matmul.Tiles(16, 16, 16)),
+    ([0, 0, 45, 0], 45, 32, 16, jnp.float32, grouped_matmul.Tiles(16, 16, 16)),
+    ([3, 0, 29, 12], 44, 48, 20, jnp.bfloat16, None),
+]
+
+
+def _grouped_reference(x, w, sizes, dy):
+    """(y, dx, dw) of y[rows of e] = x[rows of e] @ w[e] in float64, group by group."""
+    x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
+    y, dx, dw = np.zeros((x.shape[0], w.shape[2])), np.zeros_like(x), np.zeros_like(w)
+    for e, (start, end) in enumerate(zip(np.cumsum(sizes) - sizes, np.cumsum(sizes))):
+        y[start:end] = x[start:end] @ w[e]
+        dx[start:end] = dy[start:end] @ w[e].T
+        dw[e] = x[start:end].T @ dy[start:end]
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("sizes,rows,k,n,dtype,tiles", GROUPED_CASES)
+def test_grouped_matmul_matches_numpy_with_gradients(sizes, rows, k, n, dtype, tiles):
+    """Against float64 numpy of the same (rounded) inputs. float32: sums of at most 60 products, a few ulps of
+    the largest value (rtol 1e-5 of it). bfloat16: the outputs are rounded to bfloat16 (2^-9 of each element)
+    after a float32 accumulation, so 2^-8. Interpret mode poisons unwritten outputs with NaN, which fails too."""
+    rng = np.random.default_rng(len(sizes) + rows)
+    x, dy = (jnp.asarray(rng.normal(size=s), dtype) for s in ((rows, k), (rows, n)))
+    w = jnp.asarray(rng.normal(size=(len(sizes), k, n)), dtype)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+
+    def loss(x, w):
+        y = grouped_matmul.grouped_matmul(x, w, group_sizes, tiles=tiles, interpret=True)
+        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32)), y
+
+    (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, w)
+    rtol = 1e-5 if dtype == jnp.float32 else 2**-8
+    for got, expected in zip((y, dx, dw), _grouped_reference(x, w, np.asarray(sizes), dy)):
+        assert got.dtype == dtype
+        _close(got, expected, rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    "rows,k,n,experts,dtype", [(8192, 512, 1024, 8, jnp.bfloat16), (1000, 96, 300, 6, jnp.float32)]
+)
+def test_grouped_matmul_lowers_for_cuda_through_triton(rows, k, n, experts, dtype):
+    x = jax.ShapeDtypeStruct((rows, k), dtype)
+    w = jax.ShapeDtypeStruct((experts, k, n), dtype)
+    sizes = jax.ShapeDtypeStruct((experts,), jnp.int32)
+
+    def value_and_grads(x, w, sizes):
+        mm = functools.partial(grouped_matmul.grouped_matmul, group_sizes=sizes, interpret=False)
+        return jax.value_and_grad(lambda x, w: jnp.sum(mm(x, w).astype(jnp.float32)), (0, 1))(x, w)
+
+    assert _kernels(_lowered(value_and_grads, x, w, sizes)) == [
+        "skymoe_grouped_matmul",
+        "skymoe_grouped_matmul_t",
+        "skymoe_grouped_matmul_dw",
     ]

@@ -3,8 +3,9 @@
     skymoe acceptance [--out=acceptance.json] [--reduced]
 
 In order, all written to one JSON file:
-1. every Pallas routing kernel against its XLA twin, and the flash attention kernel against dense
-   attention, forward and backward (bench/kernel_checks.py): compiled through Triton on a GPU;
+1. every Pallas routing kernel against its XLA twin, the flash attention kernel against dense attention, and
+   the dropless experts' grouped matmul against jax.lax.ragged_dot, forward and backward
+   (bench/kernel_checks.py): compiled through Triton on a GPU;
 2. `skymoe bench routing`: XLA against Pallas per routing stage, at the bench's shapes;
 3. `skymoe bench step` on configs/gpu_medium.py, which also measures a matmul peak;
 4. a short configs/gpu_medium.py training run, with MFU (the data-sheet peak of a known GPU; on
@@ -83,6 +84,9 @@ def run(out: str, reduced: bool) -> dict[str, Any]:
     result["attention"] = kernel_acceptance.check_attention(
         kernel_acceptance.ATTENTION_CPU_CASE if reduced else kernel_acceptance.ATTENTION_GPU_CASE
     )
+    result["grouped_matmul"] = kernel_acceptance.check_grouped_matmul(
+        kernel_acceptance.GROUPED_CPU_CASE if reduced else kernel_acceptance.GROUPED_GPU_CASE
+    )
     result["bench_routing"] = routing_benchmark(
         REDUCED_ROUTING_SHAPES if reduced else SHAPES, ("xla", "pallas"), repeats=1 if reduced else 5
     )
@@ -96,7 +100,8 @@ def run(out: str, reduced: bool) -> dict[str, Any]:
         summary = train(load_config(CONFIG, [*overrides, *peak]), workdir)
     result["train"] = {k: v for k, v in summary.items() if k != "workdir"}
     trained = bool(np.isfinite(summary["loss"])) and "mfu" in summary
-    result["passed"] = kernels["passed"] and result["attention"]["passed"] and trained
+    checks = (kernels, result["attention"], result["grouped_matmul"])
+    result["passed"] = all(c["passed"] for c in checks) and trained
     result["seconds"] = time.perf_counter() - start
     with open(out, "w") as f:
         json.dump(result, f, indent=1, default=lambda o: np.asarray(o).tolist())
@@ -118,6 +123,7 @@ def describe(result: dict[str, Any], out: str) -> str:
         f"comparisons within {kernel_acceptance.TOLERANCE:g}; Triton calls {len(k['triton_kernels'])} of "
         f"{len(kernel_acceptance.KERNELS)}" + ("".join(f"\n  FAILED {f}" for f in failed)),
         _describe_attention(result["attention"]),
+        _describe_grouped_matmul(result["grouped_matmul"]),
         f"bench step: {result['bench_step']['summary']}",
         f"train {t['steps']} steps: loss {t['loss']:.3f}, {t['tokens_per_sec']:,.0f} tokens/s, "
         f"MFU {100 * t.get('mfu', float('nan')):.1f}%",
@@ -128,13 +134,28 @@ def describe(result: dict[str, Any], out: str) -> str:
 
 def _describe_attention(a: dict[str, Any]) -> str:
     r = a["rows"][0]
-    errors = ", ".join(f"{row['direction']} {row['max_rel_error']:.1e}" for row in a["rows"])
-    missing = "".join(f"\n  FAILED no Triton call {name}" for name in a["missing_kernels"])
-    return (
+    title = (
         f"flash attention vs dense ({r['batch']} x {r['seq_len']} tokens, {r['heads']} heads / {r['kv_heads']} KV, "
-        f"head_dim {r['head_dim']}): {errors} (tolerance {kernel_acceptance.ATTENTION_TOLERANCE:g}), "
-        f"{'passed' if a['passed'] else 'FAILED'}; Triton calls {len(a['triton_kernels'])} of "
-        f"{len(kernel_acceptance.ATTENTION_KERNELS)}{missing}"
+        f"head_dim {r['head_dim']})"
+    )
+    return _describe_check(title, a, kernel_acceptance.ATTENTION_TOLERANCE, kernel_acceptance.ATTENTION_KERNELS)
+
+
+def _describe_grouped_matmul(g: dict[str, Any]) -> str:
+    r = g["rows"][0]
+    title = f"grouped matmul vs ragged_dot ({r['rows']} rows, {r['width']} -> {r['ffn']}, {r['experts']} experts)"
+    return _describe_check(
+        title, g, kernel_acceptance.GROUPED_MATMUL_TOLERANCE, kernel_acceptance.GROUPED_MATMUL_KERNELS
+    )
+
+
+def _describe_check(title: str, check: dict[str, Any], tolerance: float, kernels: tuple[str, ...]) -> str:
+    """One line for a kernel checked against its reference forward and backward, and the Triton calls missing."""
+    errors = ", ".join(f"{row['direction']} {row['max_rel_error']:.1e}" for row in check["rows"])
+    missing = "".join(f"\n  FAILED no Triton call {name}" for name in check["missing_kernels"])
+    return (
+        f"{title}: {errors} (tolerance {tolerance:g}), {'passed' if check['passed'] else 'FAILED'}; "
+        f"Triton calls {len(check['triton_kernels'])} of {len(kernels)}{missing}"
     )
 
 

@@ -1,5 +1,5 @@
-"""Every Pallas routing kernel against its XLA twin, and the flash attention kernel against dense attention,
-forward and backward, as `skymoe acceptance` runs them.
+"""Every Pallas routing kernel against its XLA twin, the flash attention kernel against dense attention, and the
+dropless experts' grouped matmul against jax.lax.ragged_dot, forward and backward, as `skymoe acceptance` runs them.
 
 On a GPU the kernels are compiled (through Triton, which their compiler params select) and
 compared with the twins compiled for the same GPU; the program lowered for the GPU is searched
@@ -24,6 +24,7 @@ from skymoe_jax.kernels import common
 from skymoe_jax.kernels.attention import pallas_attention
 from skymoe_jax.kernels.combine import combine
 from skymoe_jax.kernels.dispatch import dispatch as dispatch_kernel
+from skymoe_jax.kernels.grouped_matmul import grouped_matmul
 from skymoe_jax.kernels.positions import expert_positions
 from skymoe_jax.kernels.route import route
 from skymoe_jax.model.attention import attention_mask
@@ -61,6 +62,23 @@ class AttentionCase(NamedTuple):
 
 ATTENTION_GPU_CASE = AttentionCase(2, 2048, 8, 2, 128)
 ATTENTION_CPU_CASE = AttentionCase(1, 32, 2, 1, 16)  # two tiles of 16, interpreted in seconds
+
+
+# The grouped matmul against jax.lax.ragged_dot in float32: the kernel's dots are IEEE float32, XLA's may run in TF32
+# on the GPU, so attention's bound; a wrong group or a missed row tile is an O(1) error.
+GROUPED_MATMUL_TOLERANCE = ATTENTION_TOLERANCE
+GROUPED_MATMUL_KERNELS = ("skymoe_grouped_matmul", "skymoe_grouped_matmul_t", "skymoe_grouped_matmul_dw")
+
+
+class GroupedCase(NamedTuple):
+    rows: int  # sorted rows, of which the groups hold 7/8 (the rest come out zero)
+    width: int
+    ffn: int
+    experts: int
+
+
+GROUPED_GPU_CASE = GroupedCase(32768, 1024, 2048, 16)  # one gpu_medium layer's 16,384 tokens, top-2
+GROUPED_CPU_CASE = GroupedCase(200, 24, 40, 6)  # several 128-row tiles that straddle groups, interpreted
 
 
 class Case(NamedTuple):
@@ -252,10 +270,55 @@ def check_attention(case: AttentionCase) -> dict[str, Any]:
         for direction, got, want in (("forward", out, want_out), ("backward", grads, want_grads))
     ]
     compiled_flash = run(lambda q, k, v, seg: pallas_attention(q, k, v, seg, "gshard", interpret=False))
-    traced = jax.jit(compiled_flash).trace(q, k, v, segments)
-    text = traced.lower().as_text() if compiled else traced.lower(lowering_platforms=("cuda",)).as_text()
+    return _checked(rows, compiled_flash, (q, k, v, segments), ATTENTION_KERNELS)
+
+
+def check_grouped_matmul(case: GroupedCase) -> dict[str, Any]:
+    """The grouped matmul against jax.lax.ragged_dot on rows sorted into groups of random sizes (one empty, and
+    rows past the last group): values, and gradients of x and w. Same keys as check_attention."""
+    rows, d, f, e = case
+    rng = np.random.default_rng(0)
+    share = rng.dirichlet(np.ones(e))
+    share[1] = 0.0  # an expert no row goes to
+    group_sizes = jnp.asarray(rng.multinomial(rows * 7 // 8, share / share.sum()).astype(np.int32))
+    x = jnp.asarray(rng.normal(size=(rows, d)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(e, d, f)).astype(np.float32) / np.sqrt(d))
+    dy = jnp.asarray(rng.normal(size=(rows, f)).astype(np.float32))
+
+    def run(matmul):
+        def both(x, w, group_sizes):
+            out, vjp = jax.vjp(lambda x, w: matmul(x, w, group_sizes), x, w)
+            return {"out": out}, dict(zip(("d_x", "d_w"), vjp(dy)))
+
+        return both
+
+    kernel = run(lambda x, w, g: grouped_matmul(x, w, g, interpret=not common.on_gpu()))
+    (out, grads), (want_out, want_grads) = (
+        jax.jit(kernel)(x, w, group_sizes),
+        jax.jit(run(jax.lax.ragged_dot))(x, w, group_sizes),
+    )
+    checked = [
+        {
+            **case._asdict(),
+            "stage": "grouped_matmul",
+            "direction": direction,
+            **_difference(got, want, GROUPED_MATMUL_TOLERANCE),
+        }
+        for direction, got, want in (("forward", out, want_out), ("backward", grads, want_grads))
+    ]
+    compiled = run(lambda x, w, g: grouped_matmul(x, w, g, interpret=False))
+    return _checked(checked, compiled, (x, w, group_sizes), GROUPED_MATMUL_KERNELS)
+
+
+def _checked(
+    rows: list[dict[str, Any]], compiled_fn: Callable, args: tuple, kernels: tuple[str, ...]
+) -> dict[str, Any]:
+    """The comparisons' rows with the Triton calls of compiled_fn(*args) lowered for this GPU (for CUDA off one):
+    {'rows', 'triton_kernels', 'missing_kernels', 'passed'}."""
+    traced = jax.jit(compiled_fn).trace(*args)
+    text = traced.lower().as_text() if common.on_gpu() else traced.lower(lowering_platforms=("cuda",)).as_text()
     found = triton_calls(text)
-    missing = sorted(set(ATTENTION_KERNELS) - set(found))
+    missing = sorted(set(kernels) - set(found))
     return {
         "rows": rows,
         "triton_kernels": found,

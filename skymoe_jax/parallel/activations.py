@@ -327,8 +327,12 @@ def _traced_layer_bytes(
     experts_backward = 0.0
     if spec.num_experts:
         group = spec.group_size or seq
-        per_group = group if spec.dropless else capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
-        slots = spec.num_experts * per_group * (rows * seq // (expert if edp else 1)) // group
+        tokens_here = rows * seq // (expert if edp else 1)
+        if spec.dropless and spec.dropless_impl == "ragged" and expert == 1:
+            slots = spec.top_k * tokens_here  # the rows sorted by expert, one per assignment
+        else:
+            per_group = group if spec.dropless else capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
+            slots = spec.num_experts * per_group * tokens_here // group
         experts_backward = slots * (3 * spec.expert_ffn_dim + spec.d_model) * dtype.itemsize
     layer_recomputed = max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0
     if pipelined and common.platform() == "cpu" and cpu_ffi.usable(x):

@@ -15,7 +15,7 @@ Each stage has one name across the XLA functions and their Pallas twins (kernels
   matmul (dropless `padded`: room for the whole group in every expert).
 - ExpertParallelDispatcher: the same slots sent by all-to-all over the expert axis to the devices holding
   their experts, and back; dropless `ragged` exchanges worst-case slots and computes only the filled ones.
-- RaggedDispatcher: dropless on one device: every assignment sorted by expert through jax.lax.ragged_dot.
+- RaggedDispatcher: dropless on one device: every assignment sorted by expert through a grouped matmul.
 
 `moe_tokens` is the whole layer on one shard of tokens. Without a device mesh it sees every token; under a
 mesh, model/moe/expert_parallel.py runs it inside shard_map and `Comm` tells it how to reach the other

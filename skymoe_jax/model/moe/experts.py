@@ -1,6 +1,6 @@
 """Stacked expert feed-forward weights [E, ...] and the ways to apply them: to
 fixed-capacity slot buffers (batched matmul), to expert-sorted rows (grouped
-matmul with jax.lax.ragged_dot), or to partly filled slot buffers compacted first."""
+matmul: jax.lax.ragged_dot, the Pallas kernel on GPUs), or to partly filled slot buffers compacted first."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from skymoe_jax.kernels import cpu_expert_ffn, cpu_ffi
-from skymoe_jax.kernels.common import vary_like
+from skymoe_jax.kernels.common import on_gpu, vary_like
 from skymoe_jax.kernels.cpu_matmul import trans_a_matmul
+from skymoe_jax.kernels.grouped_matmul import grouped_matmul
 from skymoe_jax.model.layers import param, swiglu, swiglu_backward
 from skymoe_jax.model.spec import ModelSpec
 
@@ -90,8 +91,11 @@ _batched.defvjp(_batched_fwd, _batched_bwd)
 
 def ragged(w: ExpertWeights, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """x [A, d] sorted by expert, group_sizes [E] rows per expert (rows past their sum are not computed)."""
-    h = swiglu(jax.lax.ragged_dot(x, w.gate, group_sizes), jax.lax.ragged_dot(x, w.up, group_sizes))
-    return jax.lax.ragged_dot(h, w.down, group_sizes)
+    # XLA:GPU turns ragged_dot into a dense matmul over every expert's copy of x (E times the work and memory):
+    # traced for a GPU, the grouped matmul is the Pallas kernel.
+    matmul = grouped_matmul if on_gpu() else jax.lax.ragged_dot
+    h = swiglu(matmul(x, w.gate, group_sizes), matmul(x, w.up, group_sizes))
+    return matmul(h, w.down, group_sizes)
 
 
 def compact_ragged(w: ExpertWeights, x: jax.Array, filled: jax.Array) -> jax.Array:
