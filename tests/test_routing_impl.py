@@ -180,5 +180,5 @@ def test_bench_routing_and_ragged(capsys):
         assert out.count(f" {stage} ") == 2, stage  # an xla and a pallas row
     assert main(["bench", "routing", "--ragged", *shape]) == 0
     out = capsys.readouterr().out
-    assert "ragged_dot" in out and "padded" in out
+    assert "ragged" in out and "padded" in out
     assert main(["bench", "routing", "--tokens=200"]) == 2

@@ -7,9 +7,10 @@ Times route, positions, dispatch and combine (each jitted alone, median of --rep
 after a warm-up) and their sum, and reports effective bandwidth: the bytes a stage must
 move at least (each input read once, each output written once) over its time. Off a GPU
 the Pallas kernels run in interpret mode, which measures the interpreter rather than the
-kernels; the output says so. `--ragged` instead times the dropless expert FFN:
-jax.lax.ragged_dot over expert-sorted rows against the batched matmul over slot buffers
-with room for every token in every expert (moe.dropless_impl ragged vs padded).
+kernels; the output says so. `--ragged` instead times the dropless expert FFN: the grouped
+matmul over expert-sorted rows (experts.ragged: the CPU kernels in float32 on the CPU,
+jax.lax.ragged_dot otherwise) against the batched matmul over slot buffers with room for
+every token in every expert (moe.dropless_impl ragged vs padded).
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def routing_benchmark(
 def ragged_benchmark(
     shapes: Sequence[Shape], ffn: int = 0, dtype: str = "bfloat16", repeats: int = 5
 ) -> list[dict[str, Any]]:
-    """Dropless expert FFN: ragged_dot over T*k sorted rows vs the batched matmul over [E, T, d] slots.
+    """Dropless expert FFN: the grouped matmul over T*k sorted rows vs the batched matmul over [E, T, d] slots.
 
     ffn 0: half the width per expert (fine-grained experts, as in the shapes of the issue).
     """
@@ -158,7 +159,7 @@ def ragged_benchmark(
         slots = jnp.asarray(rng.normal(size=(e, t, d)), dt)  # padded: every expert has room for all T tokens
         flops = 2 * 3 * d * f  # per row: gate, up and down projections
         for impl, fn, args, used_rows in (
-            ("ragged_dot", jax.jit(experts.ragged), (w, sorted_rows, order.group_sizes), t * k),
+            ("ragged", jax.jit(experts.ragged), (w, sorted_rows, order.group_sizes), t * k),
             ("padded", jax.jit(experts.batched), (w, slots), e * t),
         ):
             seconds = _median_seconds(fn, args, repeats)
@@ -237,7 +238,7 @@ def main(argv: Sequence[str]) -> int:
             "impls": Flag("xla,pallas", "implementations to time, comma-separated"),
             "dtype": Flag("bfloat16", "bfloat16 or float32"),
             "repeats": Flag(5, "timed repeats per case"),
-            "ragged": Flag(False, "time the dropless expert matmuls (ragged_dot against padded) instead"),
+            "ragged": Flag(False, "time the dropless expert matmuls (ragged against padded) instead"),
             "ffn": Flag(0, "expert FFN width for --ragged (0: 2 x width)"),
             "json": Flag(False, "print one JSON object"),
         },

@@ -53,7 +53,7 @@ from skymoe_jax.model.layers import Head, RMSNorm, SwiGLU
 from skymoe_jax.model.loss import cross_entropy
 from skymoe_jax.model.mesh_layout import MeshLayout
 from skymoe_jax.model.moe.block import moe_tokens
-from skymoe_jax.model.moe.experts import Experts
+from skymoe_jax.model.moe.experts import Experts, dropless_impl
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import REMAT_POLICIES
 from skymoe_jax.parallel.mesh import layout_rules, partition_spec
@@ -329,6 +329,8 @@ def _traced_layer_bytes(
         group = spec.group_size or seq
         per_group = group if spec.dropless else capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
         slots = spec.num_experts * per_group * (rows * seq // (expert if edp else 1)) // group
+        if moe_spec.dropless and dropless_impl(moe_spec.dropless_impl, dtype) == "ragged":
+            slots = spec.top_k * rows * seq  # the assignments sorted by expert: nothing padded
         experts_backward = slots * (3 * spec.expert_ffn_dim + spec.d_model) * dtype.itemsize
     layer_recomputed = max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0
     if pipelined and common.platform() == "cpu" and cpu_ffi.usable(x):
