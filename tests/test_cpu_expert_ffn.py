@@ -1,6 +1,6 @@
 """The CPU expert-FFN kernel (kernels/cpu_expert_ffn.py): the experts' output and gradients against a float64
-reference at the default config's shapes and odd ones, that the compiled gradient runs it, and XLA's einsums
-where the kernels are off."""
+reference at the default config's shapes and odd ones, on slot buffers and on rows sorted by expert, that the
+compiled gradient runs it, and XLA's einsums where the kernels are off."""
 
 from __future__ import annotations
 

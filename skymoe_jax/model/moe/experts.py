@@ -43,7 +43,7 @@ class Experts(nnx.Module):
 def dropless_impl(impl: str, dtype: jnp.dtype) -> str:
     """moe.dropless_impl for the platform being traced, `auto` resolved from measurements (docs/BENCHMARKS.md):
     the grouped matmul on the sorted rows (`ragged`) wherever it runs as one, which on the CPU means the kernels
-    (float32, built: faster than the padded matmul and a quarter of its temporaries at the default shapes), and
+    (float32, built: 3.9x faster than the padded matmul forward, and the step 0.37x its temporaries), and
     on GPUs, whose padded matmul does E / k times the rows; `padded` on a CPU without them, where XLA's ragged_dot
     ran 2.5-8x slower than the padded matmul."""
     if impl != "auto":
