@@ -39,6 +39,6 @@ def get_config():
     e.aux_scope = "sequence"
     config.aux_coef.mode = "fixed"
     config.aux_coef.initial_alpha = 1e-4
-    # V3 drops no tokens; here tokens beyond the capacity factor of 1.25 drop, as in the other configs, since the
-    # CPU's dropless path is slower (docs/BENCHMARKS.md): --config.moe.dropless=True trains without dropping.
+    # V3 drops no tokens; here tokens beyond the capacity factor of 1.25 drop, as in the other configs:
+    # --config.moe.dropless=True trains without dropping.
     return config

@@ -101,7 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.moe.group_size = 512  # tokens per routing group (capacity is per expert per group); 0 = one sequence
     c.moe.drop_policy = "position"  # position: earliest tokens keep their slot | probs: highest gate prob
     c.moe.dropless = False
-    c.moe.dropless_impl = "ragged"  # ragged: jax.lax.ragged_dot | padded: every expert sized for the whole group
+    # auto: ragged where the grouped matmul is fast (the CPU kernels, GPUs), else padded | ragged: the assignments
+    # sorted by expert through a grouped matmul | padded: every expert sized for the whole group
+    c.moe.dropless_impl = "auto"
     # auto: XLA until the Pallas kernels pass `skymoe acceptance` on a GPU | xla | pallas (interpreted off GPU)
     c.moe.routing_impl = "auto"
 
@@ -296,7 +298,7 @@ _CHOICES = {
     "moe.score": ("softmax", "sigmoid"),
     "moe.balance": ("aux", "bias", "aux+bias"),
     "moe.drop_policy": ("position", "probs"),
-    "moe.dropless_impl": ("ragged", "padded"),
+    "moe.dropless_impl": ("auto", "ragged", "padded"),
     "moe.routing_impl": ("auto", "xla", "pallas"),
     "aux_coef.mode": ("adaptive", "fixed"),
     "optim.schedule": ("cosine", "wsd", "constant"),

@@ -2,6 +2,7 @@
 other meshes, non-finite guards, and damaged or mismatched checkpoints."""
 
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -279,13 +280,19 @@ def resumed_at_step_4(tmp_path, flags, capsys) -> tuple[dict, dict, str]:
     return a, b, resumed
 
 
-def test_dense_run_resumes_exactly_and_evaluates(tmp_path, capsys):
-    # A dense state has no alpha: the checkpoint holds none, and restoring must not ask for one.
-    a, b, resumed = resumed_at_step_4(tmp_path, ["--config.moe.num_experts=0"], capsys)
+# A dense state has no alpha: the checkpoint holds none, and restoring must not ask for one. A dropless run's
+# experts take the sorted rows (the CPU kernels where they build) in training and in eval; about 20 s, so in the
+# long profile (the fuzzer's drawn configs train, resume and evaluate dropless too).
+@pytest.mark.parametrize(
+    "flag, eval_drop_rates",
+    [("--config.moe.num_experts=0", 0), pytest.param("--config.moe.dropless=True", 2, marks=pytest.mark.long)],
+)
+def test_dense_and_dropless_runs_resume_exactly_and_evaluate(tmp_path, capsys, flag, eval_drop_rates):
+    a, b, resumed = resumed_at_step_4(tmp_path, [flag], capsys)
     assert [a[s]["loss"] for s in range(5, 9)] == [b[s]["loss"] for s in range(5, 9)]
     assert len(read_jsonl(os.path.join(resumed, "metrics.jsonl"))) == 12
     code, out, _ = _eval_json(resumed, capsys)
-    assert code == 0 and '"step": 8' in out and '"eval_drop_rate": []' in out
+    assert code == 0 and '"step": 8' in out and len(json.loads(out)["eval_drop_rate"]) == eval_drop_rates
 
 
 def test_partial_checkpoint(trained, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The CPU expert-FFN kernel (kernels/cpu_expert_ffn.py): the experts' output and gradients against a float64
-reference at the default config's shapes and odd ones, that the compiled gradient runs it, and XLA's einsums
-where the kernels are off."""
+reference at the default config's shapes and odd ones, on slot buffers and on rows sorted by expert, that the
+compiled gradient runs it, and XLA's einsums where the kernels are off."""
 
 from __future__ import annotations
 
@@ -86,6 +86,38 @@ def test_output_and_gradients_match_a_float64_reference(shape, segments):
     if used is not None:  # the skipped rows come out exactly zero, as the matmuls of zero rows give
         empty = ~(np.arange(c // used.shape[1])[None, None, :] < used[:, :, None]).reshape(e, c)
         assert not np.asarray(y)[empty].any() and not np.asarray(dx)[empty].any()
+
+
+@needs_kernels
+# Empty experts, one row, a block and a bit; then every row in one expert; and rows past the sizes' sum.
+@pytest.mark.parametrize("sizes, spare", [((0, 1, 130, 7, 0), 0), ((0, 0, 300, 0, 0), 3)])
+def test_sorted_rows_with_group_sizes_match_a_float64_reference(sizes, spare):
+    """The dropless layout: rows sorted by expert [A, d] with group sizes [E] (experts.ragged), each expert's rows
+    against the float64 reference of that expert alone."""
+    w, _, _ = _operands(len(sizes), 1, 16, 24)
+    rng = np.random.default_rng(4)
+    x, dy = (rng.standard_normal((sum(sizes) + spare, 16), dtype=np.float32) for _ in range(2))
+    group_sizes = np.array(sizes, np.int32)
+    y, vjp = jax.jit(lambda w, x: jax.vjp(lambda w, x: experts.ragged(w, x, group_sizes), w, x))(w, x)
+    d_w, dx = vjp(dy)
+    eps = np.finfo(np.float32).eps
+    start = 0
+    for e, n in enumerate(sizes):
+        rows = slice(start, start + n)
+        want_y, want_dw, want_dx = _reference([a[e : e + 1] for a in w], x[None, rows], dy[None, rows])
+        # Tolerances as in the test above; the weight gradients of an expert with no rows are exactly zero.
+        np.testing.assert_allclose(
+            np.asarray(y)[rows], want_y[0], rtol=0, atol=8 * np.sqrt(24) * eps * np.abs(want_y).max(initial=1)
+        )
+        np.testing.assert_allclose(
+            np.asarray(dx)[rows], want_dx[0], rtol=0, atol=8 * np.sqrt(24) * eps * np.abs(want_dx).max(initial=1)
+        )
+        for got, want in zip(d_w, want_dw):
+            np.testing.assert_allclose(
+                np.asarray(got)[e], want[0], rtol=0, atol=8 * np.sqrt(max(n, 1)) * eps * np.abs(want).max(initial=1)
+            )
+        start += n
+    assert not np.asarray(y)[start:].any() and not np.asarray(dx)[start:].any()  # rows of no expert
 
 
 @needs_kernels

@@ -90,6 +90,22 @@ def test_rows_past_those_in_use_are_skipped():
         cpu_matmul.trans_a_matmul(x, g, np.ones((3, 7), np.int32))
 
 
+@pytest.mark.parametrize("kernels", [pytest.param(True, marks=needs_kernel), False])
+def test_rows_sorted_by_expert_contract_each_experts_rows(monkeypatch, kernels):
+    """x [A, M], g [A, N] with group sizes [E] (the dropless layout): expert e's rows contracted; sizes of 0, 1 and
+    a rest, and two rows past their sum that count for no expert. Without the kernels, XLA's ragged dot."""
+    if not kernels:
+        monkeypatch.setattr(cpu_ffi, "available", lambda: False)
+    x, g = (a[0] for a in _operands(1, 40, 5, 4, seed=4))
+    sizes = np.array([0, 1, 37, 0], np.int32)
+    fresh = lambda *a: cpu_matmul.trans_a_matmul(*a)  # a function no jit has traced with the other setting
+    out = jax.jit(fresh)(x, g, sizes)
+    assert bool(_custom_calls(fresh, x, g, sizes)) is kernels
+    starts = np.cumsum(sizes) - sizes
+    want = np.stack([_reference(x[None, s : s + n], g[None, s : s + n])[0] for s, n in zip(starts, sizes)])
+    np.testing.assert_allclose(np.asarray(out), want, rtol=0, atol=2 * 40 * np.finfo(np.float32).eps)
+
+
 def test_other_dtypes_and_empty_operands_take_the_einsum_and_bad_shapes_are_refused():
     x, g = (a.astype(jnp.bfloat16) for a in _operands(2, 8, 4, 3))
     assert not _custom_calls(cpu_matmul.trans_a_matmul, x, g)

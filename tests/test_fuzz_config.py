@@ -78,7 +78,7 @@ def draw(seed: int) -> dict[str, object]:
         c["moe.eval_capacity_factor"] = float(_pick(rng, [1.0, 2.0]))
         c["moe.drop_policy"] = _pick(rng, ["position", "probs"])
         c["moe.dropless"] = bool(rng.random() < 0.25)
-        c["moe.dropless_impl"] = _pick(rng, ["ragged", "padded"])
+        c["moe.dropless_impl"] = _pick(rng, ["auto", "ragged", "padded"])
         c["moe.gate_norm"] = bool(rng.random() < 0.8)
         c["moe.gate_norm_lambda"] = float(_pick(rng, [0.5, 1.0, 2.0]))
         c["moe.gate_norm_ddof"] = int(_pick(rng, [0, 1]))

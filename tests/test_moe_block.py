@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from skymoe_jax.config import base_config
+from skymoe_jax.kernels import cpu_expert_ffn, cpu_ffi
 from skymoe_jax.model.layers import SwiGLU
 from skymoe_jax.model.moe import router
 from skymoe_jax.model.moe.block import MoEBlock
@@ -326,3 +327,69 @@ def test_identical_experts_equal_the_dense_ffn(impl):
     y, _ = block(x, train=True)
     # Same float32 ops; only the k-way weighted sum (weights summing to 1 within an ulp) differs.
     np.testing.assert_allclose(y, dense(x), rtol=1e-5, atol=1e-5)
+
+
+def _jnp_per_token_moe(params, x, spec):
+    """Each token through its k experts in plain jnp, no sorting, slots or dispatch: the router as router.py
+    computes it (gate normalization, float32 softmax, top-k, renormalized) and every assignment's expert weights
+    gathered for it, [T, k, d, f]."""
+    tokens = x.reshape(-1, D)
+    z = tokens @ params["gate"][...]
+    z = (
+        spec.gate_norm_lambda
+        * (z - z.mean(-1, keepdims=True))
+        / (jnp.std(z, axis=-1, keepdims=True) + spec.gate_norm_eps)
+    )
+    weights, chosen = jax.lax.top_k(jax.nn.softmax(z), K)
+    weights = weights / weights.sum(-1, keepdims=True)
+    w = params["experts"]
+    gate = jnp.einsum("td,tkdf->tkf", tokens, w["w_gate"][...][chosen])
+    up = jnp.einsum("td,tkdf->tkf", tokens, w["w_up"][...][chosen])
+    out = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(gate) * up, w["w_down"][...][chosen])
+    return jnp.einsum("tk,tkd->td", weights, out).reshape(x.shape), chosen
+
+
+@pytest.mark.parametrize("routing", ["random", "skewed"])
+@pytest.mark.parametrize("impl", ["auto", "ragged_xla", "padded"])
+def test_dropless_loss_and_gradients_equal_each_token_through_its_experts(monkeypatch, impl, routing):
+    """Dropless output, and the gradient of a loss on it for x, the router and every expert weight, against the
+    per-token reference. `skewed`: every token picks expert 0 and none picks expert 3, the empty and the full
+    group. auto is the CPU kernels on sorted rows (where they build); ragged_xla the same layout through XLA's
+    ragged_dot; padded the slot buffers."""
+    if impl == "ragged_xla":
+        monkeypatch.setattr(cpu_ffi, "available", lambda: False)
+    layouts = []  # the rank of each x the CPU kernels' forward is traced with: 2 for sorted rows, 3 for slots
+    kernel = cpu_expert_ffn.forward
+    monkeypatch.setattr(cpu_expert_ffn, "forward", lambda *a: layouts.append(a[3].ndim) or kernel(*a))
+    spec = _spec(dropless=True, dropless_impl=impl.removesuffix("_xla"), capacity_factor=0.5)
+    block = _block(spec)
+    x = _x()
+    if routing == "skewed":
+        x[..., 0] = np.abs(x[..., 0]) + 2.0
+        gate = np.array(block.gate[...])
+        gate[0, 0], gate[0, 3] = 5.0, -5.0
+        block.gate[...] = jnp.asarray(gate)
+    graphdef, params = nnx.split(block)
+    r = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), jnp.float32)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x, train=True)[0] * r)
+
+    def reference(params, x):
+        return jnp.sum(_jnp_per_token_moe(params, x, spec)[0] * r)
+
+    counts = np.bincount(np.asarray(_jnp_per_token_moe(params, x, spec)[1]).ravel(), minlength=E)
+    if routing == "skewed":
+        assert counts[0] == B * S and counts[3] == 0
+    (got, got_grads), (want, want_grads) = (
+        jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x) for f in (loss, reference)
+    )
+    assert layouts == ([2 if impl == "auto" else 3] if cpu_ffi.available() else [])
+    # float32 on both sides, summed in other orders over at most T * k = 32 assignments of O(1) terms (errors of a
+    # few 1e-6); a wrong row, expert or combine weight moves them by O(0.1).
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree_util.tree_map_with_path(
+        lambda path, a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path)),
+        got_grads,
+        want_grads,
+    )

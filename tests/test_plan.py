@@ -85,6 +85,11 @@ def _small(mesh, layout="gshard", seq=128, batch=16, remat="none", experts=8, mi
     return c
 
 
+def _dropless(c):
+    c.moe.dropless = True
+    return c
+
+
 def _default_on(mesh):
     c = base_config()
     c.parallel.mesh = mesh
@@ -104,13 +109,15 @@ def _circular(mesh, layers, **kw):
 
 
 # Meshes with and without a pipeline (GPipe and circular, up to 17 ticks), both layouts, ZeRO-1 / FSDP, every
-# remat mode, the dense and the chunked attention (from 1,024 tokens), MoE and dense models, and the default config.
+# remat mode, the dense and the chunked attention (from 1,024 tokens), MoE and dense models, dropless on one device
+# (the assignments sorted by expert), and the default config.
 MEMORY_CASES = {
     "dp8": _small((1, 8, 1)),
     "gshard-ep2-full-s1024": _small((1, 4, 2), seq=1024, batch=8, remat="full"),
     "edp4-dots-s512": _small((1, 2, 4), layout="edp", remat="dots", seq=512, batch=8),
     "dp8-dots-s2048": _small((1, 8, 1), seq=2048, batch=8, remat="dots"),
     "dense-ep2-zero1": _small((1, 4, 2), experts=0, zero1=True),
+    "dropless-1dev": _dropless(_small((1, 1, 1))),
     "pp2-mb2": _small((2, 4, 1), microbatches=2),
     "pp2xdp2xedp2-zero1": _small((2, 2, 2), layout="edp", microbatches=2, zero1=True),
     "pp4-mb4-full": _small((4, 2, 1), microbatches=4, remat="full"),

@@ -8,9 +8,9 @@ after a warm-up) and their sum, and reports effective bandwidth: the bytes a sta
 move at least (each input read once, each output written once) over its time. Off a GPU
 the Pallas kernels run in interpret mode, which measures the interpreter rather than the
 kernels; the output says so. `--ragged` instead times the dropless expert FFN: the grouped
-matmul over expert-sorted rows (jax.lax.ragged_dot; on a GPU the Pallas kernel) against the
-batched matmul over slot buffers with room for every token in every expert (moe.dropless_impl
-ragged vs padded).
+matmul over expert-sorted rows (experts.ragged: the CPU kernels in float32 on the CPU, the
+Pallas kernel on a GPU, jax.lax.ragged_dot otherwise) against the batched matmul over slot
+buffers with room for every token in every expert (moe.dropless_impl ragged vs padded).
 """
 
 from __future__ import annotations

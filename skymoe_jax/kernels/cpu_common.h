@@ -1,7 +1,9 @@
 // What the CPU kernels share: running tasks on XLA's intra-op pool, per-thread scratch, an exp the compiler
-// vectorizes, and the clones their elementwise loops are built as.
+// vectorizes, the clones their elementwise loops are built as, and which rows of an experts' buffer each expert
+// owns.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -23,6 +25,12 @@ namespace skymoe {
 // fought XLA's for the cores, and one that blocked an XLA thread left the other core idle (docs/BENCHMARKS.md).
 template <typename Task>
 xla::ffi::Future RunTasks(xla::ffi::ThreadPool& pool, int64_t count, Task task) {
+  if (count == 0) {  // a count-down promise needs a positive count
+    xla::ffi::CountDownPromise done(1);
+    xla::ffi::Future future(done);
+    done.CountDown(1);
+    return future;
+  }
   xla::ffi::CountDownPromise done(count);
   xla::ffi::Future future(done);
   for (int64_t i = 0; i < count; ++i) {
@@ -67,6 +75,47 @@ inline float exp_nonpositive(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return underflow ? 0.0f : p * scale;
+}
+
+// Rows [start, start + rows) of an experts' buffer, of which the first `live` are in use.
+struct RowRange {
+  int64_t start, rows, live;
+};
+
+// Which rows of an experts' buffer belong to which expert, in the two layouts the expert kernels take, told apart
+// by the rank of the counts:
+// - slot buffers x [E, C, width] with used [E, K]: each expert's C rows are K equal runs (routing groups, source
+//   devices) that fill from their first row, used[e, k] of them; the rest are empty slots (zero rows).
+// - sorted rows x [A, width] with group_sizes [E]: the rows sorted by expert, expert e's the group_sizes[e] after
+//   the earlier experts'; all in use. Rows past their sum belong to no expert.
+// Counts out of range are clamped, so no range leaves the buffer.
+struct RowRanges {
+  int64_t experts, per_expert;  // expert e's ranges: ranges[e * per_expert, (e + 1) * per_expert)
+  std::vector<RowRange> ranges;
+  int64_t owned_rows, total_rows;  // rows [owned_rows, total_rows) belong to no expert
+};
+
+template <typename Dims>
+RowRanges RangesOf(const Dims& x_dims, const xla::ffi::Buffer<xla::ffi::S32>& counts) {
+  const auto c = counts.dimensions();
+  const int32_t* n = counts.typed_data();
+  RowRanges t{c[0], 1, {}, 0, 0};
+  if (c.size() == 2) {
+    const int64_t rows = x_dims[1], segments = c[1], seg = rows / segments;
+    t.per_expert = segments;
+    for (int64_t i = 0; i < t.experts * segments; ++i) {
+      t.ranges.push_back({i / segments * rows + i % segments * seg, seg, std::clamp<int64_t>(n[i], 0, seg)});
+    }
+    t.owned_rows = t.total_rows = t.experts * rows;
+    return t;
+  }
+  t.total_rows = x_dims[0];
+  for (int64_t e = 0; e < t.experts; ++e) {
+    const int64_t size = std::clamp<int64_t>(n[e], 0, t.total_rows - t.owned_rows);
+    t.ranges.push_back({t.owned_rows, size, size});
+    t.owned_rows += size;
+  }
+  return t;
 }
 
 }  // namespace skymoe

@@ -1,18 +1,21 @@
-// The SwiGLU experts' feed-forward on fixed-capacity slot buffers, forward and the backward up to the weight
-// gradients, for kernels/cpu_expert_ffn.py: x [E, C, d], w_gate and w_up [E, d, f], w_down [E, f, d] (float32,
+// The SwiGLU experts' feed-forward, forward and the backward up to the weight gradients, for
+// kernels/cpu_expert_ffn.py: x is an experts' row buffer, w_gate and w_up [E, d, f], w_down [E, f, d] (float32,
 // row-major). Forward: gate = x w_gate, up = x w_up, y = (silu(gate) * up) w_down, keeping gate and up for the
 // backward. Backward, from dy: dh = dy w_down^T; d_gate = dh * up * silu'(gate); d_up = dh * silu(gate);
 // dx = d_gate w_gate^T + d_up w_up^T, and h = silu(gate) * up again for the down projection's weight gradient
 // (the weight gradients themselves are cpu_matmul.cc's).
 //
-// Each expert's C slot rows are `segments` equal runs (one per routing group, and per source device under expert
-// parallelism) that fill from their first row: used [E, segments] says how many rows of each are in use, and
-// the rest, empty slots, are skipped (about a fifth of them at capacity factor 1.25). Each (expert, block of up
-// to kRowBlock rows of a segment) is a task on XLA's intra-op pool running single-threaded OpenBLAS sgemms, and the SwiGLU between them runs on the block while it is in cache: XLA's CPU backend makes each
+// The buffer is one of two layouts (cpu_common.h's RowRanges): fixed-capacity slot buffers [E, C, d] with the rows
+// in use of each run, used [E, K], whose empty slots are skipped (about a fifth of them at capacity factor 1.25);
+// or the assignments sorted by expert [A, d] with group sizes [E] (dropless), of which nothing is padding. Each
+// (expert, block of up to kRowBlock of its rows) is a task on XLA's intra-op pool running single-threaded OpenBLAS
+// sgemms, and the SwiGLU between them runs on the block while it is in cache: XLA's CPU backend makes each
 // elementwise step a pass over the whole [E, C, f] buffer, and those passes took as long as the expert matmuls'
 // forward (docs/BENCHMARKS.md).
 #include <algorithm>
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 #include "cpu_blas.h"
 #include "cpu_common.h"
@@ -47,28 +50,28 @@ SKYMOE_CLONES void swiglu_grad(const float* gate, const float* up, float* h, flo
   }
 }
 
-struct Shape {
-  int64_t experts, rows, d, f, segments;
-  int64_t segment_rows() const { return rows / segments; }
-};
+using skymoe::RowRanges;
 
-Shape ShapeOf(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w_gate, const ffi::Buffer<ffi::S32>& used) {
-  const auto dx = x.dimensions();
-  return {dx[0], dx[1], dx[2], w_gate.dimensions()[2], used.dimensions()[1]};
-}
-
-// Runs task(e, r0, n, live) for every expert e and block of n <= kRowBlock rows from r0 within one of its
-// segments, of which the first `live` are in use, on the pool; the future completes when all have. The rows of
-// each segment past used[e, segment] are empty slots (zero rows, with zero gradients): the task computes nothing
-// for them and writes zeros, as the matmuls would.
+// Runs task(e, r0, n, live) on the pool for every expert e and block of n <= kRowBlock rows from row r0 of one of
+// its ranges, of which the first `live` are in use; the future completes when all have. Rows past `live` are
+// empty slots (zero rows, with zero gradients): the task computes nothing for them and writes zeros, as the
+// matmuls would.
 template <typename Task>
-ffi::Future ForEachBlock(ffi::ThreadPool& pool, const Shape& sh, const int32_t* used, Task task) {
-  const int64_t seg = sh.segment_rows(), blocks = (seg + kRowBlock - 1) / kRowBlock;
-  return skymoe::RunTasks(pool, sh.experts * sh.segments * blocks, [=](int64_t i) {
-    const int64_t e = i / (sh.segments * blocks), s = i / blocks % sh.segments, b = i % blocks * kRowBlock;
-    const int64_t in_use = std::clamp<int64_t>(used[e * sh.segments + s], 0, seg);
-    const int64_t n = std::min(kRowBlock, seg - b);
-    task(e, s * seg + b, n, std::clamp<int64_t>(in_use - b, 0, n));
+ffi::Future ForEachBlock(ffi::ThreadPool& pool, const RowRanges& table, Task task) {
+  struct Block {
+    int64_t expert, r0, n, live;
+  };
+  auto blocks = std::make_shared<std::vector<Block>>();
+  for (int64_t i = 0; i < static_cast<int64_t>(table.ranges.size()); ++i) {
+    const skymoe::RowRange& r = table.ranges[i];
+    for (int64_t b = 0; b < r.rows; b += kRowBlock) {
+      const int64_t n = std::min(kRowBlock, r.rows - b);
+      blocks->push_back({i / table.per_expert, r.start + b, n, std::clamp<int64_t>(r.live - b, 0, n)});
+    }
+  }
+  return skymoe::RunTasks(pool, blocks->size(), [=](int64_t i) {
+    const Block& b = (*blocks)[i];
+    task(b.expert, b.r0, b.n, b.live);
   });
 }
 
@@ -77,19 +80,25 @@ void ZeroTail(float* block, int64_t live, int64_t n, int64_t width) {
   std::fill(block + live * width, block + n * width, 0.0f);
 }
 
+// Zeroes the rows of an output that belong to no expert (sorted rows past the group sizes' sum).
+void ZeroUnowned(float* out, const RowRanges& table, int64_t width) {
+  std::fill(out + table.owned_rows * width, out + table.total_rows * width, 0.0f);
+}
+
 ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_gate,
-                    ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down, ffi::Buffer<ffi::S32> used,
+                    ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down, ffi::Buffer<ffi::S32> counts,
                     ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> gate, ffi::ResultBuffer<ffi::F32> up) {
-  const Shape sh = ShapeOf(x, w_gate, used);
+  const RowRanges table = skymoe::RangesOf(x.dimensions(), counts);
+  const int64_t d = w_gate.dimensions()[1], f = w_gate.dimensions()[2];
   const float *px = x.typed_data(), *pwg = w_gate.typed_data(), *pwu = w_up.typed_data();
   const float* pwd = w_down.typed_data();
   float *py = y->typed_data(), *pg = gate->typed_data(), *pu = up->typed_data();
-  return ForEachBlock(pool, sh, used.typed_data(), [=](int64_t e, int64_t r0, int64_t n, int64_t live) {
-    const int64_t d = sh.d, f = sh.f;
-    const float* X = px + (e * sh.rows + r0) * d;
-    float* G = pg + (e * sh.rows + r0) * f;
-    float* U = pu + (e * sh.rows + r0) * f;
-    float* Y = py + (e * sh.rows + r0) * d;
+  ZeroUnowned(py, table, d);
+  ZeroUnowned(pg, table, f);
+  ZeroUnowned(pu, table, f);
+  return ForEachBlock(pool, table, [=](int64_t e, int64_t r0, int64_t n, int64_t live) {
+    const float* X = px + r0 * d;
+    float *G = pg + r0 * f, *U = pu + r0 * f, *Y = py + r0 * d;
     ZeroTail(G, live, n, f);
     ZeroTail(U, live, n, f);
     ZeroTail(Y, live, n, d);
@@ -104,23 +113,25 @@ ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 
 ffi::Future Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w_gate,
                      ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down, ffi::Buffer<ffi::F32> gate,
-                     ffi::Buffer<ffi::F32> up, ffi::Buffer<ffi::S32> used, ffi::ResultBuffer<ffi::F32> dx,
+                     ffi::Buffer<ffi::F32> up, ffi::Buffer<ffi::S32> counts, ffi::ResultBuffer<ffi::F32> dx,
                      ffi::ResultBuffer<ffi::F32> d_gate, ffi::ResultBuffer<ffi::F32> d_up,
                      ffi::ResultBuffer<ffi::F32> h) {
-  const Shape sh = ShapeOf(dy, w_gate, used);
+  const RowRanges table = skymoe::RangesOf(dy.dimensions(), counts);
+  const int64_t d = w_gate.dimensions()[1], f = w_gate.dimensions()[2];
   const float *pdy = dy.typed_data(), *pwg = w_gate.typed_data(), *pwu = w_up.typed_data();
   const float *pwd = w_down.typed_data(), *pg = gate.typed_data(), *pu = up.typed_data();
   float *pdx = dx->typed_data(), *pdg = d_gate->typed_data(), *pdu = d_up->typed_data(), *ph = h->typed_data();
-  return ForEachBlock(pool, sh, used.typed_data(), [=](int64_t e, int64_t r0, int64_t n, int64_t live) {
-    const int64_t d = sh.d, f = sh.f, wide = (e * sh.rows + r0) * f, narrow = (e * sh.rows + r0) * d;
-    float *dG = pdg + wide, *dU = pdu + wide, *H = ph + wide, *dX = pdx + narrow;
+  ZeroUnowned(pdx, table, d);
+  for (float* out : {pdg, pdu, ph}) ZeroUnowned(out, table, f);
+  return ForEachBlock(pool, table, [=](int64_t e, int64_t r0, int64_t n, int64_t live) {
+    float *dG = pdg + r0 * f, *dU = pdu + r0 * f, *H = ph + r0 * f, *dX = pdx + r0 * d;
     ZeroTail(dG, live, n, f);
     ZeroTail(dU, live, n, f);
     ZeroTail(H, live, n, f);
     ZeroTail(dX, live, n, d);
     if (live == 0) return;
-    sgemm(kRowMajor, kNoTrans, kTrans, live, f, d, 1.0f, pdy + narrow, d, pwd + e * f * d, d, 0.0f, dG, f);
-    swiglu_grad(pg + wide, pu + wide, H, dG, dU, live * f);
+    sgemm(kRowMajor, kNoTrans, kTrans, live, f, d, 1.0f, pdy + r0 * d, d, pwd + e * f * d, d, 0.0f, dG, f);
+    swiglu_grad(pg + r0 * f, pu + r0 * f, H, dG, dU, live * f);
     sgemm(kRowMajor, kNoTrans, kTrans, live, d, f, 1.0f, dG, f, pwg + e * d * f, f, 0.0f, dX, d);
     sgemm(kRowMajor, kNoTrans, kTrans, live, d, f, 1.0f, dU, f, pwu + e * d * f, f, 1.0f, dX, d);
   });

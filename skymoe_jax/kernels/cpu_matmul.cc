@@ -1,17 +1,19 @@
-// out[b] = x[b]^T @ g[b] for x [B, C, M] and g [B, C, N] (float32, row-major): the weight gradient of a
-// batched matmul, which contracts over the rows of both operands. Each batch entry's C rows are `segments` equal
-// runs of which only the first used[b, segment] rows count (the experts' slot buffers fill from the first row of
-// each routing group's run; the rest are zero), so the sum skips the others. XLA's CPU backend gives this dot to
-// Eigen (YNNPACK takes no transposed left operand), at 50-60 GFLOP/s a core on the expert FFN's shapes against
-// OpenBLAS's 88 (docs/BENCHMARKS.md). Built and loaded by kernels/cpu_ffi.py.
+// out[e] = x_e^T @ g_e, expert e's rows of x [.., M] and g [.., N] (float32, row-major), summed: the weight
+// gradient of the experts' matmuls, which contracts over the rows of both operands. The rows are either slot
+// buffers [E, C, .] with used [E, K] (each expert's C rows are K equal runs that fill from their first row, the
+// rest zero, so the sum skips them) or the rows sorted by expert [A, .] with group sizes [E] (cpu_common.h's
+// RowRanges). XLA's CPU backend gives this dot to Eigen (YNNPACK takes no transposed left operand), at 50-60
+// GFLOP/s a core on the expert FFN's shapes against OpenBLAS's 88 (docs/BENCHMARKS.md), and has no grouped form
+// of it. Built and loaded by kernels/cpu_ffi.py.
 //
-// Each batch entry is a task of single-threaded sgemms on XLA's own intra-op thread pool (cpu_common.h): with
+// Each expert is a task of single-threaded sgemms on XLA's own intra-op thread pool (cpu_common.h): with
 // threads of its own the kernel made the step take 1.42x as long, blocking an XLA thread 1.09x; as pool tasks it
 // made the step faster.
 #include <dlfcn.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 
 #include "cpu_blas.h"
 #include "cpu_common.h"
@@ -28,21 +30,19 @@ namespace {
 using skymoe::kNoTrans, skymoe::kRowMajor, skymoe::kTrans, skymoe::sgemm;
 
 ffi::Future TransAMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                         ffi::Buffer<ffi::S32> used, ffi::ResultBuffer<ffi::F32> out) {
-  const auto dims_x = x.dimensions();
-  const int64_t batch = dims_x[0], rows = dims_x[1], m = dims_x[2], n = g.dimensions()[2];
-  const int64_t segments = used.dimensions()[1], seg = rows / segments;
+                         ffi::Buffer<ffi::S32> counts, ffi::ResultBuffer<ffi::F32> out) {
+  const auto table = std::make_shared<const skymoe::RowRanges>(skymoe::RangesOf(x.dimensions(), counts));
+  const int64_t m = x.dimensions().back(), n = g.dimensions().back();
   const float* px = x.typed_data();
   const float* pg = g.typed_data();
-  const int32_t* pused = used.typed_data();
   float* po = out->typed_data();
-  return skymoe::RunTasks(pool, batch, [=](int64_t b) {
-    float* o = po + b * m * n;
+  return skymoe::RunTasks(pool, table->experts, [=](int64_t e) {
+    float* o = po + e * m * n;
     std::fill(o, o + m * n, 0.0f);
-    for (int64_t s = 0; s < segments; ++s) {
-      const int64_t live = std::clamp<int64_t>(pused[b * segments + s], 0, seg), r0 = b * rows + s * seg;
-      if (live == 0) continue;
-      sgemm(kRowMajor, kTrans, kNoTrans, m, n, live, 1.0f, px + r0 * m, m, pg + r0 * n, n, 1.0f, o, n);
+    for (int64_t i = e * table->per_expert; i < (e + 1) * table->per_expert; ++i) {
+      const skymoe::RowRange& r = table->ranges[i];
+      if (r.live == 0) continue;
+      sgemm(kRowMajor, kTrans, kNoTrans, m, n, r.live, 1.0f, px + r.start * m, m, pg + r.start * n, n, 1.0f, o, n);
     }
   });
 }

@@ -53,7 +53,7 @@ from skymoe_jax.model.layers import Head, RMSNorm, SwiGLU
 from skymoe_jax.model.loss import cross_entropy
 from skymoe_jax.model.mesh_layout import MeshLayout
 from skymoe_jax.model.moe.block import moe_tokens
-from skymoe_jax.model.moe.experts import Experts
+from skymoe_jax.model.moe.experts import Experts, dropless_impl
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import REMAT_POLICIES
 from skymoe_jax.parallel.mesh import layout_rules, partition_spec
@@ -328,8 +328,8 @@ def _traced_layer_bytes(
     if spec.num_experts:
         group = spec.group_size or seq
         tokens_here = rows * seq // (expert if edp else 1)
-        if spec.dropless and spec.dropless_impl == "ragged" and expert == 1:
-            slots = spec.top_k * tokens_here  # the rows sorted by expert, one per assignment
+        if moe_spec.dropless and dropless_impl(moe_spec.dropless_impl, dtype) == "ragged":
+            slots = spec.top_k * tokens_here  # the assignments sorted by expert, one row each: nothing padded
         else:
             per_group = group if spec.dropless else capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
             slots = spec.num_experts * per_group * tokens_here // group

@@ -15,7 +15,8 @@ Each stage has one name across the XLA functions and their Pallas twins (kernels
   matmul (dropless `padded`: room for the whole group in every expert).
 - ExpertParallelDispatcher: the same slots sent by all-to-all over the expert axis to the devices holding
   their experts, and back; dropless `ragged` exchanges worst-case slots and computes only the filled ones.
-- RaggedDispatcher: dropless on one device: every assignment sorted by expert through a grouped matmul.
+- RaggedDispatcher: dropless on one device: every assignment sorted by expert, through a grouped matmul
+  (the CPU kernels, the Pallas kernel on GPUs, or jax.lax.ragged_dot).
 
 `moe_tokens` is the whole layer on one shard of tokens. Without a device mesh it sees every token; under a
 mesh, model/moe/expert_parallel.py runs it inside shard_map and `Comm` tells it how to reach the other
@@ -192,18 +193,17 @@ def statistics(
 def dispatcher(spec: ModelSpec, comm: Comm, ops: RoutingOps, group: int, cap: int):
     """The dispatch path of this layer on this mesh."""
     n = spec.num_experts
+    ragged = spec.dropless and experts.dropless_impl(spec.dropless_impl, spec.compute_dtype) == "ragged"
     if not spec.dropless:
         slots = cap
-    elif spec.dropless_impl == "ragged" and not comm.expert_axis:
+    elif ragged and not comm.expert_axis:
         return RaggedDispatcher(n)
     else:
         slots = group  # room for the whole group in every expert: nothing can drop
     if comm.expert_axis:
         # Dropless across devices is the capacity-bounded exchange of worst-case slots; `ragged` then
         # computes only the used ones.
-        return ExpertParallelDispatcher(
-            n, slots, ops, comm.expert_axis, compact=spec.dropless and spec.dropless_impl == "ragged"
-        )
+        return ExpertParallelDispatcher(n, slots, ops, comm.expert_axis, compact=ragged)
     return SlotDispatcher(n, slots, ops)
 
 
