@@ -6,6 +6,7 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+from test_parallel import _config as _parallel_config
 
 from skymoe_jax.bench import hlo
 from skymoe_jax.config import load_config
@@ -105,3 +106,17 @@ def test_the_checks_catch_a_float32_head_and_a_host_callback(monkeypatch):
     monkeypatch.setattr(layers.Head, "__call__", logits_with_a_callback)
     _, s = _summary("configs/default.py", ["--config.model.dtype=bfloat16", "--config.parallel.mesh=(1,1,1)"], 1, "cpu")
     assert s.host_transfers
+
+
+def test_dropless_under_an_expert_axis_sends_exactly_the_assigned_rows_by_ragged_all_to_all():
+    """The step of a small dropless model on (1, 2, 4) gshard, compiled for 8 H100s: the rows travel by
+    ragged-all-to-all (the dispatch, the combine and their transposes), a dense all-to-all moves only the [4] int32
+    offsets that the transposes swap, and no receive buffer ([ep x tokens x k, d], 256 x 32) is all-reduced (a
+    buffer typed as replicated would get its gradient summed over the mesh)."""
+    c = _parallel_config((1, 2, 4), dropless=True)
+    text = compile_train_step(c, targets.devices("H100-80GB", 8)).compiled.as_text()
+    ragged = re.findall(r"= \(\((f32\[\d+,\d+\])[^\n]* ragged-all-to-all-start\(", text)
+    assert sorted(ragged) == ["f32[256,32]"] * 2 + ["f32[64,32]"] * 2, ragged
+    dense = re.findall(r"= \(\(([^)]*)\)[^\n]* all-to-all-start\(", text)
+    assert dense and set(dense) == {"s32[4]{0}"}, dense
+    assert not re.search(r"f32\[256,32\][^\n]* all-reduce-start\(", text)
