@@ -123,13 +123,14 @@ CASES = [
     pytest.param((1, 8, 1), "edp", {}, marks=pytest.mark.long),
     # EDP splits heads and the dense FFNs' width over the expert axis: the full-width QK-norm's mean and the shared
     # experts (split like a dense FFN) then span devices. DeepSeek-V3's routing rides along: sigmoid scores, groups
-    # of experts (each group on one device of the expert axis), and the per-sequence aux loss from rows whose tokens
-    # the expert axis splits.
+    # of experts (each group on one device of the expert axis), the per-sequence aux loss from rows whose tokens
+    # the expert axis splits, and no dropping (each device's share of the tokens sends its assigned rows).
     (
         (1, 4, 2),
         "edp",
         {
             "fsdp": True,
+            "dropless": True,
             "num_shared_experts": 1,
             "shared_expert_gate": "sigmoid",
             "qk_norm": "full",
