@@ -277,3 +277,8 @@ def test_plan_splits_bytes_by_the_rules():
     tokens = 16 * 16 // 8
     buffer = 8 * (tokens // 16) * 4 * 32 * 4  # capacity ceil(1.0 * 16 * 2 / 8) = 4
     assert ep.all_to_all_bytes == 2 * 4 * buffer * (2 - 1) / 2
+    # Dropless: a device's k x tokens assigned rows where the platform has ragged-all-to-all; on the CPU the per-peer
+    # buffers of the worst case, each tokens x min(k, local experts) rows.
+    c.moe.dropless = True
+    assert plan(c, (1, 4, 2), "gpu").all_to_all_bytes == 2 * 4 * (2 * tokens * 32 * 4) * (2 - 1) / 2
+    assert plan(c, (1, 4, 2), "cpu").all_to_all_bytes == 2 * 4 * (2 * tokens * 2 * 32 * 4) * (2 - 1) / 2

@@ -139,18 +139,16 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int], platform
     a2a, exchange = 0.0, ""
     if spec.num_experts and expert > 1:
         group = spec.group_size or config.data.seq_len
+        runs_on = platform or common.platform()
         if not spec.dropless:
-            exchange = "all-to-all of capacity slots"
-            rows = (
-                spec.num_experts
-                * (tokens // group)
-                * capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
-            )
-        elif ragged_exchange.native(platform or common.platform()):
-            exchange = "ragged all-to-all of the assigned rows"
+            exchange = "capacity slots by all-to-all"
+            slots = capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
+            rows = spec.num_experts * (tokens // group) * slots
+        elif ragged_exchange.native(runs_on):
+            exchange = "assigned rows by ragged all-to-all"
             rows = spec.top_k * tokens
         else:
-            exchange = "all-to-all of the assigned rows padded per peer to the worst case (no ragged-all-to-all here)"
+            exchange = f"assigned rows in worst-case buffers per peer by all-to-all: no ragged all-to-all on {runs_on}"
             rows = ragged_exchange.receive_rows(tokens, spec.top_k, spec.num_experts, expert)
         buffer = rows * spec.d_model * spec.compute_dtype.itemsize
         moe_layers_per_stage = max(stages) * planned.parallel.pipeline_repeats if spec.num_moe_layers else 0
