@@ -67,7 +67,6 @@ def regroup(counts: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
     """counts [ep source, local experts]: the received rows, packed by source then expert, in a buffer of `rows`.
     -> (the position of each row when grouped by local expert (sources in order within an expert; the unused rows
     after every expert's, where they were), rows per local expert)."""
-    sources, experts = counts.shape
     flat = counts.reshape(-1)
     ends = jnp.cumsum(flat)
     segment = jnp.searchsorted(ends, jnp.arange(rows, dtype=flat.dtype), side="right")
@@ -97,14 +96,12 @@ def padded_all_to_all(
     return output.at[target.reshape(-1)].set(received.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
-def transport(
-    operand: jax.Array, rows: int, exchange: Exchange, *, axis_name: str, chunk: int, platform: str | None = None
-) -> jax.Array:
+def transport(operand: jax.Array, rows: int, exchange: Exchange, *, axis_name: str, chunk: int) -> jax.Array:
     """operand's rows sent as `exchange` says, into a zeroed buffer of `rows` on each receiver, by the traced
     platform's transport (chunk: the most rows one peer sends another, which the fallback's buffers hold)."""
     # Typed to vary like the rows it receives: ragged_all_to_all's result takes the type of this buffer, and one
     # typed invariant would have its gradient summed over the mesh.
     output = common.vary_like(jnp.zeros((rows, *operand.shape[1:]), operand.dtype), operand)
-    if native(platform or common.platform()):
+    if native(common.platform()):
         return jax.lax.ragged_all_to_all(operand, output, *exchange, axis_name=axis_name)
     return padded_all_to_all(operand, output, exchange, axis_name=axis_name, chunk=chunk)
