@@ -407,6 +407,7 @@ def cmd_params(argv: Sequence[str]) -> int:
             "grads_bytes": p.grads_bytes,
             "optimizer_bytes": p.optimizer_bytes,
             "all_to_all_bytes_per_step": p.all_to_all_bytes,
+            "expert_exchange": p.exchange,
             "tokens_per_device": p.tokens_per_device,
             "stage_layers": p.stage_layers,
             "stage_flops_per_token": p.stage_flops_per_token,
@@ -425,7 +426,7 @@ def cmd_params(argv: Sequence[str]) -> int:
             f"{p.layout}, {opts}: parameters {p.params_bytes / gib:.2f} GiB, gradients "
             f"{p.grads_bytes / gib:.2f} GiB, Adam state {p.optimizer_bytes / gib:.2f} GiB "
             f"(total {p.total_bytes / gib:.2f} GiB); all-to-all {p.all_to_all_bytes / gib:.2f} GiB sent "
-            f"per step for {p.tokens_per_device} tokens"
+            f"per step for {p.tokens_per_device} tokens" + (f" ({p.exchange})" if p.exchange else "")
         )
         terms = ", ".join(f"{name} {v / gib:.2f}" for name, v in p.activations.terms().items())
         lines.append(

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_parallel import _config as _parallel_config
 
 from skymoe_jax.bench import hlo
 from skymoe_jax.config import load_config
@@ -175,3 +176,17 @@ def test_gpu_medium_dropless_step_runs_its_experts_in_grouped_matmuls():
     )
     assert step.memory.temporaries <= 1.1 * (capacity.grads_bytes + capacity.activations.total)
     assert planned.grads_bytes + planned.activations.total == pytest.approx(step.memory.temporaries, rel=0.15)
+
+
+def test_dropless_under_an_expert_axis_sends_exactly_the_assigned_rows_by_ragged_all_to_all():
+    """The step of a small dropless model on (1, 2, 4) gshard, compiled for 8 H100s: the rows travel by
+    ragged-all-to-all (the dispatch, the combine and their transposes), a dense all-to-all moves only the [4] int32
+    offsets that the transposes swap, and no receive buffer ([ep x tokens x k, d], 256 x 32) is all-reduced (a
+    buffer typed as replicated would get its gradient summed over the mesh)."""
+    c = _parallel_config((1, 2, 4), dropless=True)
+    text = compile_train_step(c, targets.devices("H100-80GB", 8)).compiled.as_text()
+    ragged = re.findall(r"= \(\((f32\[\d+,\d+\])[^\n]* ragged-all-to-all-start\(", text)
+    assert sorted(ragged) == ["f32[256,32]"] * 2 + ["f32[64,32]"] * 2, ragged
+    dense = re.findall(r"= \(\(([^)]*)\)[^\n]* all-to-all-start\(", text)
+    assert dense and set(dense) == {"s32[4]{0}"}, dense
+    assert not re.search(r"f32\[256,32\][^\n]* all-reduce-start\(", text)

@@ -60,15 +60,19 @@ def test_params_compile_prints_what_the_program_does(capsys):
     assert compiled["host_transfers"] == []
 
 
-@pytest.mark.parametrize("remat", ["none", "dots", "full"])
-def test_the_planned_all_to_all_is_what_the_compiled_step_exchanges(remat):
+@pytest.mark.parametrize("remat, dropless", [("none", False), ("dots", True), ("full", False)])
+def test_the_planned_all_to_all_is_what_the_compiled_step_exchanges(remat, dropless):
     """The planner's all-to-all bytes (what a device sends, (E - 1) / E of each exchange) against the exchanges in
     the compiled step's HLO, on the default config with an expert axis of 2, under each remat policy (`dots`
-    recomputes the exchange, as `full` does)."""
-    c = load_config("configs/default.py", ["--config.parallel.mesh=(1,4,2)", f"--config.model.remat={remat}"])
+    recomputes the exchange, as `full` does); dropless, the CPU's padded exchange of the assigned rows."""
+    c = load_config(
+        "configs/default.py",
+        ["--config.parallel.mesh=(1,4,2)", f"--config.model.remat={remat}", f"--config.moe.dropless={dropless}"],
+    )
     exchanged = hlo.summarize(compile_train_step(c, jax.devices()).compiled.as_text()).collectives["all-to-all"]
     planned = plan(c, (1, 4, 2)).all_to_all_bytes * 2  # sent = half of each exchange on 2 devices
-    # The CPU kernels also exchange each group's counts of rows in use, [experts, groups] int32 (a few KiB).
+    # The CPU kernels also exchange each group's counts of rows in use, [experts, groups] int32 (a few KiB); the
+    # dropless exchange the offsets where each device's rows land, [devices] int32.
     assert planned <= exchanged["bytes"] <= 1.01 * planned
 
 

@@ -2,6 +2,8 @@
 reference: every expert computed on every token, weighted by the renormalized top-k gate,
 with dropped assignments (found by the policy rule, in numpy) weighted 0."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from flax import nnx
 
 from skymoe_jax.config import base_config
 from skymoe_jax.kernels import cpu_expert_ffn, cpu_ffi
+from skymoe_jax.model.axes import AXES, batch_axes
 from skymoe_jax.model.layers import SwiGLU
 from skymoe_jax.model.moe import router
 from skymoe_jax.model.moe.block import MoEBlock
@@ -393,3 +396,56 @@ def test_dropless_loss_and_gradients_equal_each_token_through_its_experts(monkey
         got_grads,
         want_grads,
     )
+
+
+def _on_mesh(block, x, mesh, layout):
+    """(params, x) placed as the runtime places them: experts split over the expert axis, the batch over the
+    layout's batch axes, the rest replicated."""
+    block.layout = layout
+    graphdef, params = nnx.split(block)
+    expert_split = jax.NamedSharding(mesh, jax.P("expert"))
+    params = jax.tree.map(
+        lambda a: jax.device_put(a, expert_split if a.ndim == 3 else jax.NamedSharding(mesh, jax.P())), params
+    )
+    return graphdef, params, jax.device_put(x, jax.NamedSharding(mesh, jax.P(batch_axes(layout))))
+
+
+@functools.cache
+def _loss_and_grads(graphdef):
+    """((loss, (y, drop rate)), gradients) of params, x, r: the layer's output against r, plus its aux and z-losses
+    as training weighs them. One compiled program per module structure and mesh, for every batch."""
+
+    def loss(params, x, r):
+        y, stats = nnx.merge(graphdef, params)(x, train=True)
+        aux = router.aux_loss_from_means(stats["mean_probs"], stats["expert_load"], "paper")
+        return jnp.sum(y * r) + 100.0 * aux + 10.0 * stats["z_loss"], (y, stats["drop_rate"])
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+# Dropless under an expert axis exchanges exactly the assigned rows (model/moe/ragged_exchange.py; on the CPU its
+# padded fallback). Two batches of 64 tokens: random, and one where every token picks experts 0 and 1 and experts 2
+# and 3 get none, which fills the receive buffer of the device holding experts 0 and 1 to its worst case.
+@pytest.mark.parametrize("mesh, layout", [((1, 2, 4), "gshard"), ((1, 4, 2), "edp"), ((2, 2, 2), "gshard")])
+def test_dropless_under_an_expert_axis_equals_the_dense_reference_and_the_unsharded_gradients(mesh, layout):
+    spec = _spec(dropless=True, capacity_factor=0.5)
+    rng = np.random.default_rng(4)
+    shape = (8, S, D)
+    r = rng.normal(size=shape).astype(np.float32)
+    skewed = _one_hot_tokens(np.full(shape[:2], CLASS_A)) + 0.05 * rng.normal(size=shape).astype(np.float32)
+    devices = jax.make_mesh(mesh, AXES, devices=jax.devices()[:8])
+    for block, x in ((_block(spec), _x(shape=shape)), (_hand_routed_block(spec, HAND_LOGITS), skewed)):
+        expected, _, experts = _np_moe(block, x)
+        graphdef, params = nnx.split(block)
+        (loss0, (_, drop0)), grads0 = _loss_and_grads(graphdef)(params, x, r)
+        with jax.set_mesh(devices):
+            graphdef, params, x = _on_mesh(block, x, devices, layout)
+            (loss, (y, drop)), grads = _loss_and_grads(graphdef)(params, x, r)
+        np.testing.assert_allclose(y, expected, **TOL)
+        assert drop == drop0
+        # float32 sums of up to 64 tokens' terms in another order (the weights' gradients add up over devices): a
+        # few ulps of the largest term, within 1e-6 of each array's largest value (measured up to 2e-7 of it).
+        np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+        for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+            np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-6 * np.abs(g0).max())
+    assert set(experts.reshape(-1)) == {0, 1}  # the skewed batch routed as intended

@@ -123,13 +123,14 @@ CASES = [
     pytest.param((1, 8, 1), "edp", {}, marks=pytest.mark.long),
     # EDP splits heads and the dense FFNs' width over the expert axis: the full-width QK-norm's mean and the shared
     # experts (split like a dense FFN) then span devices. DeepSeek-V3's routing rides along: sigmoid scores, groups
-    # of experts (each group on one device of the expert axis), and the per-sequence aux loss from rows whose tokens
-    # the expert axis splits.
+    # of experts (each group on one device of the expert axis), the per-sequence aux loss from rows whose tokens
+    # the expert axis splits, and no dropping (each device's share of the tokens sends its assigned rows).
     (
         (1, 4, 2),
         "edp",
         {
             "fsdp": True,
+            "dropless": True,
             "num_shared_experts": 1,
             "shared_expert_gate": "sigmoid",
             "qk_norm": "full",
@@ -276,3 +277,8 @@ def test_plan_splits_bytes_by_the_rules():
     tokens = 16 * 16 // 8
     buffer = 8 * (tokens // 16) * 4 * 32 * 4  # capacity ceil(1.0 * 16 * 2 / 8) = 4
     assert ep.all_to_all_bytes == 2 * 4 * buffer * (2 - 1) / 2
+    # Dropless: a device's k x tokens assigned rows where the platform has ragged-all-to-all; on the CPU the per-peer
+    # buffers of the worst case, each tokens x min(k, local experts) rows.
+    c.moe.dropless = True
+    assert plan(c, (1, 4, 2), "gpu").all_to_all_bytes == 2 * 4 * (2 * tokens * 32 * 4) * (2 - 1) / 2
+    assert plan(c, (1, 4, 2), "cpu").all_to_all_bytes == 2 * 4 * (2 * tokens * 2 * 32 * 4) * (2 - 1) / 2

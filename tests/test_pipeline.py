@@ -53,8 +53,9 @@ def reference():
     return step
 
 
-# DeepSeek-V3's routing on one case: sigmoid scores, groups of experts, the per-sequence aux loss from microbatches.
-DEEPSEEK = {"moe": {"score": "sigmoid", "num_groups": 4, "top_groups": 2, "aux_scope": "sequence"}}
+# DeepSeek-V3's routing on one case: sigmoid scores, groups of experts, the per-sequence aux loss from microbatches,
+# no dropping (the assigned rows exchanged over the expert axis inside the pipeline's stages).
+DEEPSEEK = {"moe": {"score": "sigmoid", "num_groups": 4, "top_groups": 2, "aux_scope": "sequence", "dropless": True}}
 
 
 CASES = [

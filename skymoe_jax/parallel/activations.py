@@ -45,15 +45,15 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from skymoe_jax.config import capacity
 from skymoe_jax.kernels import common, cpu_ffi
 from skymoe_jax.model.attention import Attention, resolve_attention_impl
 from skymoe_jax.model.chunked_attention import preferred_block
 from skymoe_jax.model.layers import Head, RMSNorm, SwiGLU
 from skymoe_jax.model.loss import cross_entropy
 from skymoe_jax.model.mesh_layout import MeshLayout
-from skymoe_jax.model.moe.block import moe_tokens
-from skymoe_jax.model.moe.experts import Experts, dropless_impl
+from skymoe_jax.model.moe.block import expert_rows, moe_tokens
+from skymoe_jax.model.moe.expert_parallel import Comm
+from skymoe_jax.model.moe.experts import Experts
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import REMAT_POLICIES
 from skymoe_jax.parallel.mesh import layout_rules, partition_spec
@@ -79,14 +79,17 @@ class Activations:
         return dataclasses.asdict(self)
 
 
-def saved_bytes(fn: Callable, *args, remat: str = "none", fills: bool = False) -> int:
+def saved_bytes(
+    fn: Callable, *args, remat: str = "none", fills: bool = False, axis_env: tuple[tuple[str, int], ...] = ()
+) -> int:
     """Bytes of the residuals fn's VJP keeps for the backward pass under a remat policy, not counting
     fn's inputs (those are held anyway), nor scalars broadcast to a full shape (the fill of a masked
     select) unless `fills`: XLA fuses those into their users, except where a pipeline's tick loop
-    copies every residual out of its cond."""
+    copies every residual out of its cond. axis_env: (name, size) of the mesh axes fn's collectives name, which
+    it is traced as one device of."""
     if remat != "none":
         fn = jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
-    jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(fn, *a)[1])(*args).jaxpr
+    jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(fn, *a)[1], axis_env=list(axis_env))(*args).jaxpr
     inputs = {id(v) for v in jaxpr.invars}
     fused = set()
     if not fills:
@@ -252,11 +255,15 @@ def _traced_layer_bytes(
         norm, attn = nnx.merge(attn_def, state)
         return attn(norm(x), positions, segment_ids)
 
-    halves = {"attention": (attention, (attn_state, x, ints, ints))}
+    # name: (function, abstract arguments, the mesh axes its collectives name)
+    halves = {"attention": (attention, (attn_state, x, ints, ints), ())}
     if spec.num_experts:
         moe_def, moe_state = nnx.split(nnx.eval_shape(lambda: (RMSNorm(spec), Experts(spec, nnx.Rngs(0)))))
-        # Under an expert axis the dropless layer exchanges worst-case (group-sized) slot buffers.
-        moe_spec = dataclasses.replace(spec, dropless_impl="padded") if spec.dropless and expert > 1 else spec
+        # Under an expert axis the dropless layer is traced as one device of it: what it keeps depends on the size
+        # of its receive buffer (model/moe/ragged_exchange.py).
+        exchanged = spec.dropless and expert > 1
+        if exchanged:
+            moe_state = _tensor_parallel(moe_state, spec, layout, expert)
         tokens = _abstract((rows * seq // (expert if edp else 1), spec.d_model), dtype)
         gate = _abstract((spec.d_model, spec.num_experts), jnp.float32)
 
@@ -268,13 +275,14 @@ def _traced_layer_bytes(
                 norm(tokens),
                 gate,
                 experts.weights(),
-                moe_spec,
+                spec,
                 train=True,
                 group=spec.group_size or seq,
                 seq_len=rows_of,
+                comm=Comm(expert_axis="expert") if exchanged else Comm(),
             )
 
-        halves["moe"] = (moe, (moe_state, gate, tokens))
+        halves["moe"] = (moe, (moe_state, gate, tokens), (("expert", expert),) if exchanged else ())
     if spec.num_layers > spec.num_moe_layers:
         dense_def, dense_state = split(lambda: (RMSNorm(spec), SwiGLU(spec, spec.ffn_dim, nnx.Rngs(0))))
 
@@ -282,10 +290,13 @@ def _traced_layer_bytes(
             norm, ffn = nnx.merge(dense_def, state)
             return ffn(norm(x))
 
-        halves["dense"] = (dense, (dense_state, x))
+        halves["dense"] = (dense, (dense_state, x), ())
 
     def saved(remat: str) -> dict[str, float]:
-        out = {name: saved_bytes(fn, *args, remat=remat, fills=pipelined) for name, (fn, args) in halves.items()}
+        out = {
+            name: saved_bytes(fn, *args, remat=remat, fills=pipelined, axis_env=axes)
+            for name, (fn, args, axes) in halves.items()
+        }
         if spec.attention_impl == "xla" and remat == "none":
             # The traced backward keeps the masked scores, their exponent and the probabilities, [rows, heads, S, S]
             # each; XLA (CPU and GPU alike) recomputes one of the three in a fusion and stores two.
@@ -326,13 +337,7 @@ def _traced_layer_bytes(
         blocks = CHUNKED_BACKWARD_BLOCKS * rows * heads * chunk * chunk * 4
     experts_backward = 0.0
     if spec.num_experts:
-        group = spec.group_size or seq
-        tokens_here = rows * seq // (expert if edp else 1)
-        if moe_spec.dropless and dropless_impl(moe_spec.dropless_impl, dtype) == "ragged":
-            slots = spec.top_k * tokens_here  # the assignments sorted by expert, one row each: nothing padded
-        else:
-            per_group = group if spec.dropless else capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
-            slots = spec.num_experts * per_group * tokens_here // group
+        slots = expert_rows(spec, rows * seq // (expert if edp else 1), spec.group_size or seq, expert)
         experts_backward = slots * (3 * spec.expert_ffn_dim + spec.d_model) * dtype.itemsize
     layer_recomputed = max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0
     if pipelined and common.platform() == "cpu" and cpu_ffi.usable(x):

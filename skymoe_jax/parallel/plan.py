@@ -8,7 +8,11 @@ final norm and head are not split over `pipeline`: every stage holds them (the e
 pipeline region, model/pipeline.py). Per-stage training FLOPs per token and the pipeline's utilization
 (1 - bubble, with stage imbalance; GPipe or circular) come from metrics/flops.py for parallel.num_microbatches.
 All-to-all bytes are what one device sends per step: each MoE layer exchanges its slot buffer twice in each
-forward pass and twice in the backward; `exchange_passes` says how many forwards of it a step runs.
+forward pass and twice in the backward; `exchange_passes` says how many forwards of it a step runs. Dropless,
+the buffer is the device's assigned rows (k x tokens; each is sent once, whatever the balance) where the platform
+has ragged-all-to-all, and XLA:CPU's fallback's per-peer buffers of the worst case elsewhere
+(model/moe/ragged_exchange.py); the share that stays on the device is taken as 1 / expert, as with balanced
+routing.
 Activations (what the backward keeps, per term) come from parallel/activations.py; the peak per device
 is the state (parameters, gradients, Adam) plus the activations.
 """
@@ -25,8 +29,10 @@ from flax import nnx
 
 from skymoe_jax.config import capacity, validate
 from skymoe_jax.errors import ConfigError
+from skymoe_jax.kernels import common
 from skymoe_jax.metrics.flops import pipeline_utilization, stage_flops_per_token
 from skymoe_jax.model.mesh_layout import MeshLayout
+from skymoe_jax.model.moe import ragged_exchange
 from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.model.transformer import build_model
 from skymoe_jax.parallel.activations import Activations, activation_memory
@@ -41,6 +47,7 @@ class Plan:
     grads_bytes: float
     optimizer_bytes: float
     all_to_all_bytes: float  # sent per device per step
+    exchange: str  # how the MoE layers reach the experts on other devices ("" without an expert axis)
     tokens_per_device: int
     stage_layers: tuple[int, ...]  # per virtual stage (pipeline x repeats of them) when pipelined
     stage_flops_per_token: tuple[float, ...]  # training FLOPs per token of each virtual stage (head on the last)
@@ -129,11 +136,21 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int], platform
     opt_bytes = per_device(optimizer_rules(planned.parallel), lambda v: 2 * v.dtype.itemsize)
 
     tokens = config.data.batch_size * config.data.seq_len // (data * expert)
-    a2a = 0.0
+    a2a, exchange = 0.0, ""
     if spec.num_experts and expert > 1:
         group = spec.group_size or config.data.seq_len
-        cap = group if spec.dropless else capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
-        buffer = spec.num_experts * (tokens // group) * cap * spec.d_model * spec.compute_dtype.itemsize
+        runs_on = platform or common.platform()
+        if not spec.dropless:
+            exchange = "capacity slots by all-to-all"
+            slots = capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
+            rows = spec.num_experts * (tokens // group) * slots
+        elif ragged_exchange.native(runs_on):
+            exchange = "assigned rows by ragged all-to-all"
+            rows = spec.top_k * tokens
+        else:
+            exchange = f"assigned rows in worst-case buffers per peer by all-to-all: no ragged all-to-all on {runs_on}"
+            rows = ragged_exchange.receive_rows(tokens, spec.top_k, spec.num_experts, expert)
+        buffer = rows * spec.d_model * spec.compute_dtype.itemsize
         moe_layers_per_stage = max(stages) * planned.parallel.pipeline_repeats if spec.num_moe_layers else 0
         exchanges = 2 * exchange_passes(spec.remat, pipeline > 1) + 2
         a2a = moe_layers_per_stage * exchanges * buffer * (expert - 1) / expert
@@ -147,6 +164,7 @@ def plan(config: ml_collections.ConfigDict, mesh: tuple[int, int, int], platform
         grads_bytes=grad_bytes,
         optimizer_bytes=opt_bytes,
         all_to_all_bytes=a2a,
+        exchange=exchange,
         tokens_per_device=tokens,
         stage_layers=stages,
         stage_flops_per_token=tuple(per_stage),

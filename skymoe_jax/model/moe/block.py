@@ -14,9 +14,11 @@ Each stage has one name across the XLA functions and their Pallas twins (kernels
 - SlotDispatcher: capacity-bounded slot buffers [E, G*cap, d] on this device, the experts as a batched
   matmul (dropless `padded`: room for the whole group in every expert).
 - ExpertParallelDispatcher: the same slots sent by all-to-all over the expert axis to the devices holding
-  their experts, and back; dropless `ragged` exchanges worst-case slots and computes only the filled ones.
+  their experts, and back.
 - RaggedDispatcher: dropless on one device: every assignment sorted by expert, through a grouped matmul
   (the CPU kernels, the Pallas kernel on GPUs, or jax.lax.ragged_dot).
+- RaggedExchangeDispatcher: dropless under an expert axis: exactly the assigned rows sent to the devices holding
+  their experts and back (ragged_exchange.py), the grouped matmul on the rows each device receives.
 
 `moe_tokens` is the whole layer on one shard of tokens. Without a device mesh it sees every token; under a
 mesh, model/moe/expert_parallel.py runs it inside shard_map and `Comm` tells it how to reach the other
@@ -34,7 +36,7 @@ from flax import nnx
 from skymoe_jax.config import capacity
 from skymoe_jax.kernels.ops import RoutingOps, interpreted, routing_ops
 from skymoe_jax.model.layers import SwiGLU, param
-from skymoe_jax.model.moe import dispatch, expert_parallel, experts, router
+from skymoe_jax.model.moe import dispatch, expert_parallel, experts, ragged_exchange, router
 from skymoe_jax.model.moe.expert_parallel import Comm
 from skymoe_jax.model.moe.experts import Experts, ExpertWeights
 from skymoe_jax.model.spec import ModelSpec
@@ -193,24 +195,30 @@ def statistics(
 def dispatcher(spec: ModelSpec, comm: Comm, ops: RoutingOps, group: int, cap: int):
     """The dispatch path of this layer on this mesh."""
     n = spec.num_experts
-    ragged = spec.dropless and experts.dropless_impl(spec.dropless_impl, spec.compute_dtype) == "ragged"
-    if not spec.dropless:
-        slots = cap
-    elif ragged and not comm.expert_axis:
+    if spec.dropless and comm.expert_axis:
+        return RaggedExchangeDispatcher(n, comm.expert_axis)
+    if spec.dropless and experts.dropless_impl(spec.dropless_impl, spec.compute_dtype) == "ragged":
         return RaggedDispatcher(n)
-    else:
-        slots = group  # room for the whole group in every expert: nothing can drop
+    slots = group if spec.dropless else cap  # dropless `padded`: room for the whole group in every expert
     if comm.expert_axis:
-        # Dropless across devices is the capacity-bounded exchange of worst-case slots; `ragged` then
-        # computes only the used ones.
-        return ExpertParallelDispatcher(n, slots, ops, comm.expert_axis, compact=ragged)
+        return ExpertParallelDispatcher(n, slots, ops, comm.expert_axis)
     return SlotDispatcher(n, slots, ops)
+
+
+def expert_rows(spec: ModelSpec, tokens: int, group: int, devices: int) -> int:
+    """Rows the experts' FFN runs on in one device whose shard routes `tokens` tokens under an expert axis of
+    `devices`, as `dispatcher` picks the path: dropless across devices the receive buffer, on one device the
+    assignments (`ragged`) or every expert sized for the group (`padded`), else the capacity's slots."""
+    if spec.dropless and devices > 1:
+        return ragged_exchange.receive_rows(tokens, spec.top_k, spec.num_experts, devices)
+    if spec.dropless and experts.dropless_impl(spec.dropless_impl, spec.compute_dtype) == "ragged":
+        return tokens * spec.top_k
+    per_group = group if spec.dropless else capacity(group, spec.num_experts, spec.top_k, spec.capacity_factor)
+    return spec.num_experts * per_group * (tokens // group)
 
 
 class SlotDispatcher:
     """Groups [G, S_g, d] -> slot buffers [E, G*cap, d] -> experts -> combine, on this device."""
-
-    compact = False
 
     def __init__(self, num_experts: int, capacity: int, ops: RoutingOps):
         self.num_experts, self.capacity, self.ops = num_experts, capacity, ops
@@ -221,11 +229,7 @@ class SlotDispatcher:
         tokens_g = tokens.reshape(g, -1, tokens.shape[-1])
         slots = dispatch.slot_indices(placement.experts, placement.positions, cap)
         buf = _expert_major(jax.vmap(self.ops.dispatch, in_axes=(0, 0, None))(tokens_g, slots, n * cap), n)
-        if self.compact:
-            filled = _expert_major(jax.vmap(dispatch.filled_slots, in_axes=(0, None))(slots, n * cap), n)
-            buf, filled = self.send(buf, filled)
-            out = experts.compact_ragged(weights, buf, filled)
-        elif experts.skips_empty_slots(weights, buf):
+        if experts.skips_empty_slots(weights, buf):
             # An expert's slots in a group fill from the first: the rows each group uses, [E, G], let the CPU
             # kernels skip the empty ones. Elsewhere they are neither counted nor sent.
             buf, used = self.send(buf, jnp.minimum(placement.counts, cap).T)
@@ -236,8 +240,8 @@ class SlotDispatcher:
         return jax.vmap(self.ops.combine)(_group_major(self.receive(out), g), slots, placement.weights)
 
     def send(self, *arrays: jax.Array) -> tuple[jax.Array, ...]:
-        """The slot buffer [E, R, d], and what describes its rows ([E, R] filled, or [E, G] rows used), to the
-        devices holding the experts."""
+        """The slot buffer [E, R, d], and the rows each group uses ([E, G]) where counted, to the devices holding
+        the experts."""
         return arrays
 
     def receive(self, out: jax.Array) -> jax.Array:
@@ -248,9 +252,9 @@ class ExpertParallelDispatcher(SlotDispatcher):
     """The slot path with the experts on other devices: an all-to-all sends each expert's slots to the
     device holding it ([E, R, d] -> [E/ep, ep*R, d]) and a second one brings the outputs back."""
 
-    def __init__(self, num_experts: int, capacity: int, ops: RoutingOps, axis: str, *, compact: bool):
+    def __init__(self, num_experts: int, capacity: int, ops: RoutingOps, axis: str):
         super().__init__(num_experts, capacity, ops)
-        self.axis, self.compact = axis, compact
+        self.axis = axis
 
     def send(self, *arrays: jax.Array) -> tuple[jax.Array, ...]:
         return tuple(jax.lax.all_to_all(a, self.axis, 0, 1, tiled=True) for a in arrays)
@@ -269,6 +273,38 @@ class RaggedDispatcher:
         order = dispatch.sort_by_expert(routing.experts, self.num_experts)
         rows = dispatch.gather_sorted(tokens, order, routing.experts.shape[-1])
         return dispatch.combine_sorted(experts.ragged(weights, rows, order.group_sizes), order, routing.weights)
+
+
+class RaggedExchangeDispatcher:
+    """Dropless with the experts split over `axis`: each device's assignments sorted by expert, exactly the rows
+    for each device's experts sent there, regrouped by local expert for the grouped matmul, and back."""
+
+    def __init__(self, num_experts: int, axis: str):
+        self.num_experts, self.axis = num_experts, axis
+
+    def __call__(self, tokens: jax.Array, routing: router.Routing, placement: Placement, weights: ExpertWeights):
+        t, k = routing.experts.shape
+        devices = jax.lax.axis_size(self.axis)
+        order, counts, (forward, backward) = self.exchange(routing.experts)
+        size = ragged_exchange.receive_rows(t, k, self.num_experts, devices)
+        chunk = ragged_exchange.chunk_rows(t, k, self.num_experts // devices)
+        rows = dispatch.gather_sorted(tokens, order, k)
+        received = ragged_exchange.transport(rows, size, forward, axis_name=self.axis, chunk=chunk)
+        position, group_sizes = ragged_exchange.regroup(counts[:, jax.lax.axis_index(self.axis)], size)
+        grouped = received[jnp.zeros_like(position).at[position].set(jnp.arange(size, dtype=position.dtype))]
+        out = experts.ragged(weights, grouped, group_sizes)[position]
+        back = ragged_exchange.transport(out, t * k, backward, axis_name=self.axis, chunk=chunk)
+        return dispatch.combine_sorted(back, order, routing.weights)
+
+    def exchange(
+        self, chosen: jax.Array
+    ) -> tuple[dispatch.SortedAssignments, jax.Array, tuple[ragged_exchange.Exchange, ragged_exchange.Exchange]]:
+        """chosen [T, k] experts -> (this device's assignments sorted by expert; counts [ep, ep, local experts]: the
+        rows device i sends to local expert e of device j; the dispatch's and the combine's exchanges)."""
+        devices = jax.lax.axis_size(self.axis)
+        order = dispatch.sort_by_expert(chosen, self.num_experts)
+        counts = jax.lax.all_gather(order.group_sizes, self.axis).reshape(devices, devices, -1)
+        return order, counts, ragged_exchange.exchanges(jnp.sum(counts, axis=-1), jax.lax.axis_index(self.axis))
 
 
 def _expert_major(a: jax.Array, num_experts: int) -> jax.Array:

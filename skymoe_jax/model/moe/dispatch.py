@@ -44,12 +44,6 @@ def slot_indices(experts: jax.Array, positions: jax.Array, capacity: int) -> jax
     return jnp.where(positions < capacity, experts * capacity + positions, -1)
 
 
-def filled_slots(slots: jax.Array, num_slots: int) -> jax.Array:
-    """[num_slots] bool: which slots an assignment occupies."""
-    target = jnp.where(slots.reshape(-1) >= 0, slots.reshape(-1), num_slots)
-    return jnp.zeros((num_slots + 1,), bool).at[target].set(True)[:num_slots]
-
-
 def dispatch(x: jax.Array, slots: jax.Array, num_slots: int) -> jax.Array:
     """Gather token rows [S, d] into expert slots [num_slots, d]; empty slots are zero.
 

@@ -1,12 +1,13 @@
 """Running the MoE layer over a device mesh with shard_map.
 
-Each device routes its own shard of tokens; slot buffers travel to the devices
-holding their experts by all-to-all over the `expert` axis and come back the same
-way (block.py). Under the Skywork EDP layout the tokens arrive replicated over the
-expert axis (attention there is tensor-parallel); each expert-axis device then
-takes a 1/ep share of them, as sequence parallelism does, runs the same
-all-to-all path, and the outputs are all-gathered back. Statistics are averaged
-over every token axis, so losses, drop rates and metrics do not depend on the mesh.
+Each device routes its own shard of tokens; slot buffers (dropless: exactly the
+assigned rows, ragged_exchange.py) travel to the devices holding their experts by
+all-to-all over the `expert` axis and come back the same way (block.py). Under the
+Skywork EDP layout the tokens arrive replicated over the expert axis (attention
+there is tensor-parallel); each expert-axis device then takes a 1/ep share of them,
+as sequence parallelism does, runs the same all-to-all path, and the outputs are
+all-gathered back. Statistics are averaged over every token axis, so losses, drop
+rates and metrics do not depend on the mesh.
 """
 
 from __future__ import annotations

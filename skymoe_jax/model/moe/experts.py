@@ -1,8 +1,6 @@
-"""Stacked expert feed-forward weights [E, ...] and the ways to apply them: to
-fixed-capacity slot buffers (batched matmul), to expert-sorted rows (grouped
-matmul), or to partly filled slot buffers compacted first. One custom gradient
-serves both layouts: the CPU kernels take either (kernels/cpu_expert_ffn.py),
-XLA's batched or ragged dot elsewhere; on GPUs the sorted rows go through the
+"""Stacked expert feed-forward weights [E, ...] and the ways to apply them: to fixed-capacity slot buffers (batched
+matmul) or to expert-sorted rows (grouped matmul). One custom gradient serves both layouts: the CPU kernels take
+either (kernels/cpu_expert_ffn.py), XLA's batched or ragged dot elsewhere; on GPUs the sorted rows go through the
 Pallas grouped matmul (kernels/grouped_matmul.py)."""
 
 from __future__ import annotations
@@ -131,18 +129,3 @@ def _experts_bwd(saved, dy: jax.Array):
 
 
 _experts.defvjp(_experts_fwd, _experts_bwd)
-
-
-def compact_ragged(w: ExpertWeights, x: jax.Array, filled: jax.Array) -> jax.Array:
-    """x [E, R, d] slot buffers of which `filled` [E, R] are in use: only the used rows are computed.
-
-    Used rows are moved to the front in expert order (a stable sort), run through the grouped
-    matmul, and moved back; unused rows come out zero.
-    """
-    e, r, d = x.shape
-    expert = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32)[:, None], (e, r))
-    key = jnp.where(filled, expert, e).reshape(-1)  # unused rows sort after every expert's rows
-    order = jnp.argsort(key, stable=True)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    y = ragged(w, x.reshape(e * r, d)[order], jnp.sum(filled, axis=1, dtype=jnp.int32))
-    return jnp.where(filled[..., None], y[inverse].reshape(e, r, d), 0)
