@@ -38,6 +38,8 @@ from skymoe_jax.metrics import study
 from skymoe_jax.metrics.study import finished, noise, workdir
 
 STEPS = 600
+OUT = "experiments/aux_coef"
+SEEDS = "0,1,2"
 COMMON = [
     f"--config.train.steps={STEPS}",
     f"--config.train.checkpoint_every={STEPS // 4}",
@@ -77,7 +79,7 @@ def train_command(path: str, regime: str, seed: int, flags: list[str]) -> list[s
     return study.train_command(path, seed, [*COMMON, *REGIMES[regime], *flags])
 
 
-def table(out: str, regime: str, seeds: list[int]) -> str:
+def tables(out: str, regime: str, seeds: list[int]) -> str:
     """Per arm over the seeds that finished it: mean and (max - min) of the final eval loss, and the means of
     the routing columns (last 20% of steps); then which eval-loss and drop-rate differences from the paper's
     arm exceed the seed noise."""
@@ -120,16 +122,7 @@ def table(out: str, regime: str, seeds: list[int]) -> str:
 
 
 def main() -> int:
-    return study.main(
-        __doc__.split("\n\n")[0],
-        out="experiments/aux_coef",
-        regimes=list(REGIMES),
-        seeds="0,1,2",
-        arms=arms(),
-        command=train_command,
-        tables=table,
-        steps=STEPS,
-    )
+    return study.main(sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from skymoe_jax.metrics.study import drift, finished, noise, windows, workdir
 STEPS = 600
 WINDOW = 100
 OUT = "experiments/balance"
+SEEDS = "0"
 COMMON = [
     f"--config.train.steps={STEPS}",
     f"--config.train.checkpoint_every={STEPS // 4}",
@@ -161,16 +162,7 @@ def tables(out: str, regime: str, seeds: list[int]) -> str:
 
 
 def main() -> int:
-    return study.main(
-        __doc__.split("\n\n")[0],
-        out=OUT,
-        regimes=list(REGIMES),
-        seeds="0",
-        arms=arms(),
-        command=train_command,
-        tables=tables,
-        steps=STEPS,
-    )
+    return study.main(sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -137,19 +138,13 @@ def drift(run: Run, key: str, width: int) -> float:
     return (last - before) / before if before else float("nan")
 
 
-def main(
-    description: str,
-    *,
-    out: str,
-    regimes: Sequence[str],
-    seeds: str,
-    arms: dict[str, list[str]],
-    command: Callable[[str, str, int, list[str]], list[str]],
-    tables: Callable[[str, str, list[int]], str],
-    steps: int,
-) -> int:
-    """A study's command line: train the arms not yet finished (--jobs at a time, at --nice), write each seed's
-    report, and print the tables. command(workdir, regime, seed, flags) is an arm's training command."""
+def main(script: types.ModuleType) -> int:
+    """A study script's command line: train the arms not yet finished (--jobs at a time, at --nice), write each
+    seed's report, and print the tables. The script names its study: OUT, REGIMES (the first is the default),
+    SEEDS, STEPS, arms() -> {arm: flags}, train_command(workdir, regime, seed, flags) and tables(out, regime,
+    seeds); its docstring's first paragraph is the description."""
+    description, out, regimes, seeds = script.__doc__.split("\n\n")[0], script.OUT, list(script.REGIMES), script.SEEDS
+    arms, command, tables, steps = script.arms(), script.train_command, script.tables, script.STEPS
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default=out)
     parser.add_argument("--regime", default=regimes[0], choices=sorted(regimes))
