@@ -46,6 +46,10 @@ setup(
         # MLflow's client without its server and UI: a run logs to a tracking server or a local store.
         "wandb": ["wandb>=0.31"],
         "mlflow": ["mlflow-skinny>=3.18"],
+        # Workdirs on object storage (checkpoint/storage.py; docs/checkpoints.md): the small files through fsspec.
+        # Checkpoints go through tensorstore's own s3 and gcs drivers. s3fs: the version the tests have seen.
+        "s3": ["s3fs>=2026.9"],
+        "gcs": ["gcsfs"],
         # `skymoe report` and the figures in the notebook.
         "report": ["matplotlib>=3.8"],
         # notebooks/quickstart.ipynb: figures, and ipywidgets for rich's progress bar in Jupyter.
@@ -61,8 +65,10 @@ setup(
             "ipykernel>=6",
             "pyyaml>=6",
             "ruff>=0.6",
+            "s3fs>=2026.9",
+            "moto[server]>=5.2",
         ],  # pytest-xdist: the README's command runs the tests in 2 processes; pyyaml: tests/test_launch.py reads
-        # the Kubernetes manifest; ruff: test_lint
+        # the Kubernetes manifest; ruff: test_lint; s3fs and moto's S3 server: tests/test_object_store.py
         # Only for tests/test_hf_import.py, which compares imported models with transformers' PyTorch ones.
         "hf": ["torch>=2.4", "transformers>=4.45"],
     },

@@ -60,14 +60,16 @@ PLAN_MFU = 0.4  # what skymoe plan assumes of the step's compute unless --mfu sa
 TRAIN_ABOUT = "Train on a config (the built-in default without --config); resumes when --workdir holds checkpoints."
 TRAIN_FLAGS = {  # also read by the launch tests, which parse the commands in the launch manifests
     "workdir": Flag(
-        "", "the run's directory: checkpoints, metrics.jsonl, config", shown="runs/NAME, the config's name"
+        "",
+        "the run's directory, or s3://BUCKET/PATH or gs://BUCKET/PATH: checkpoints, metrics.jsonl, config",
+        shown="runs/NAME, the config's name",
     ),
     "stop_exit_code": Flag(0, "exit status after a stop by signal, so a launcher restarts the run"),
 }
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    from skymoe_jax.checkpoint.manager import checkpoint_dir, saved_config
+    from skymoe_jax.checkpoint.manager import has_checkpoint, saved_config
     from skymoe_jax.config import DEFAULT_CONFIG, apply_overrides, load_file, resolve_config_path, shape_changes
     from skymoe_jax.parallel.distributed import initialize
     from skymoe_jax.run.loop import train
@@ -85,8 +87,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     # Over a file-size limit (ulimit -f) a write then fails with EFBIG, which the run reports in one line, instead
     # of the signal killing the process mid-save.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    ckpts = checkpoint_dir(workdir)
-    if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
+    if has_checkpoint(workdir):
         # Resume: the saved config wins; overrides may change how the run continues, not the model's shapes.
         saved = saved_config(workdir)
         config = apply_overrides(saved, args.overrides)

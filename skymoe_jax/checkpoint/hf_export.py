@@ -33,6 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh
 
+from skymoe_jax.checkpoint import storage
 from skymoe_jax.checkpoint.hf_names import Tensor, layer_tensors, outside_tensors
 from skymoe_jax.checkpoint.manager import Checkpointer, saved_config, split_checkpoint_path
 from skymoe_jax.errors import CheckpointError, ConfigError
@@ -226,7 +227,7 @@ def _dense_config(m: ml_collections.ConfigDict, common: dict) -> dict:
 def _locate(path: str, step: int | None) -> tuple[str, int]:
     """(workdir, step): --step, the step in the path, or the latest."""
     workdir, in_path = split_checkpoint_path(path)
-    if not os.path.isdir(workdir):
+    if not storage.isdir(workdir):
         raise CheckpointError(f"{path}: no such directory; give a workdir or WORKDIR/checkpoints/STEP")
     if step is not None and in_path is not None and step != in_path:
         raise ConfigError(f"--step={step} disagrees with the checkpoint path {path}; give one of them")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import ml_collections
@@ -12,6 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from skymoe_jax.checkpoint import storage
 from skymoe_jax.checkpoint.manager import Checkpointer, saved_config, split_checkpoint_path
 from skymoe_jax.errors import CheckpointError
 from skymoe_jax.model.axes import AXES
@@ -33,7 +33,7 @@ def load_model(path: str, device: jax.Device | None = None) -> tuple[Transformer
     (moe.balance=bias or aux+bias) routes with its saved selection bias (`model.selection_bias`).
     """
     workdir, step = split_checkpoint_path(path)
-    if not os.path.isdir(workdir):
+    if not storage.isdir(workdir):
         raise CheckpointError(f"{path}: no such directory; give a workdir or WORKDIR/checkpoints/STEP")
     config = saved_config(workdir, step)
     source = Checkpointer(workdir)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import types
 from typing import Any
@@ -24,6 +23,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from skymoe_jax.checkpoint import object_store, storage
 from skymoe_jax.checkpoint.fingerprint import fingerprints
 from skymoe_jax.config import base_config, validate
 from skymoe_jax.errors import CheckpointError, ConfigError, RunFailure, first_line, write_failed
@@ -52,18 +52,36 @@ def _drop_abandoned_io(hook):
 
 
 sys.unraisablehook = _drop_abandoned_io(sys.unraisablehook)
+object_store.install()
+
+# On object storage orbax writes a checkpoint in place and marks it complete with this file last (there is no
+# atomic rename); one without it is an unfinished save.
+_COMMITTED = "commit_success.txt"
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return storage.join(storage.absolute(workdir), "checkpoints")
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """The workdir holds a finished save."""
+    directory = checkpoint_dir(workdir)
+    return any(name.isdigit() and not _unfinished(directory, name) for name in storage.listdir(directory))
+
+
+def _unfinished(directory: str, name: str) -> bool:
+    """The entry `name` of a checkpoint directory is a save that did not finish."""
+    if storage.is_url(directory):
+        return name.isdigit() and not storage.exists(storage.join(directory, name, _COMMITTED))
+    return ".orbax-checkpoint-tmp" in name
 
 
 def split_checkpoint_path(path: str) -> tuple[str, int | None]:
     """A workdir, or one of its checkpoints (WORKDIR/checkpoints/STEP) -> (workdir, step or None for latest)."""
-    path = os.path.abspath(path)
-    parent, name = os.path.split(path)
-    if name.isdigit() and os.path.basename(parent) == "checkpoints":
-        return os.path.dirname(parent), int(name)
+    path = storage.absolute(path)
+    parent, name = storage.split(path)
+    if name.isdigit() and storage.split(parent)[1] == "checkpoints":
+        return storage.split(parent)[0], int(name)
     return path, None
 
 
@@ -84,12 +102,18 @@ class Checkpointer:
         """create: make WORKDIR/checkpoints (a writer); readers leave a mistyped workdir uncreated.
         asynchronous: a save returns once the state is copied to the host, and a thread writes it.
         failure_log: where the run keeps the libraries' own report of a failed write (named in the failure)."""
+        storage.check(workdir)
         self.directory = checkpoint_dir(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep or None,
             keep_period=keep_every or None,
             enable_async_checkpointing=asynchronous,
             create=create,
+            atomicity_options=(
+                ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+                if storage.is_url(self.directory)
+                else None
+            ),
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.every = every
@@ -98,11 +122,12 @@ class Checkpointer:
         self.failure_log = failure_log
 
     def remove_partial(self) -> list[str]:
-        """Remove the unfinished saves a killed or failed run left (orbax's *.orbax-checkpoint-tmp*); their names.
-        Only the workdir's one writer may call this: another run's save in progress looks the same."""
-        names = sorted(n for n in os.listdir(self.directory) if ".orbax-checkpoint-tmp" in n)
+        """Remove the unfinished saves a killed or failed run left (orbax's *.orbax-checkpoint-tmp*; on object
+        storage, a step without its commit file); their names. Only the workdir's one writer may call this: another
+        run's save in progress looks the same."""
+        names = [name for name in storage.listdir(self.directory) if _unfinished(self.directory, name)]
         for name in names:
-            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            storage.remove_tree(storage.join(self.directory, name))
         return names
 
     def latest_step(self) -> int | None:
@@ -112,7 +137,7 @@ class Checkpointer:
         return bool(self.every) and step % self.every == 0
 
     def path(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def save(self, step: int, state, config: ml_collections.ConfigDict, data_iter=None) -> None:
         """Save state, config and (if given) data position at `step`: start it, when asynchronous."""
@@ -164,14 +189,14 @@ class Checkpointer:
         A checkpoint without a data position (e.g. written by `skymoe upcycle`) leaves the iterator at its start.
         """
         where = self.path(step)
-        if not os.path.isdir(os.path.join(where, "state")):
+        if not storage.isdir(storage.join(where, "state")):
             raise CheckpointError(
                 f"checkpoint {where} has no saved state (partial or deleted); remove the "
                 "directory to resume from an earlier checkpoint"
             )
         self._check_shapes(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state), **self._fingerprint_item(step)}
-        if data_iter is not None and os.path.isdir(os.path.join(where, "data")):
+        if data_iter is not None and storage.isdir(storage.join(where, "data")):
             items["data"] = grain.checkpoint.CheckpointRestore(DataPosition(data_iter))
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -187,7 +212,7 @@ class Checkpointer:
         """The fingerprints to restore with the state; none for checkpoints written before they were saved."""
         return (
             {"fingerprints": ocp.args.JsonRestore()}
-            if os.path.isdir(os.path.join(self.path(step), "fingerprints"))
+            if storage.isdir(storage.join(self.path(step), "fingerprints"))
             else {}
         )
 

@@ -14,11 +14,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from skymoe_jax.checkpoint import storage
 from skymoe_jax.checkpoint.initial import initial_state
 from skymoe_jax.checkpoint.manager import Checkpointer
 from skymoe_jax.config import require_extras
 from skymoe_jax.data.inputs import make_datasets
-from skymoe_jax.errors import TrackerError, write_failed
+from skymoe_jax.errors import TrackerError, UserError, write_failed
 from skymoe_jax.metrics.flops import flops_per_token, peak_flops, pipeline_utilization, stage_flops_per_token
 from skymoe_jax.metrics.similarity import similarity_fn
 from skymoe_jax.metrics.tensorboard import TensorBoardWriter
@@ -29,6 +30,7 @@ from skymoe_jax.model.spec import ModelSpec
 from skymoe_jax.run import compile_cache, library_logs, workdir_lock
 from skymoe_jax.run.actions import FiniteGuard, Recorder, Saver, Schedule
 from skymoe_jax.run.host_memory import release_free_heap
+from skymoe_jax.run.staging import Staging
 from skymoe_jax.training import runtime as runtime_lib
 from skymoe_jax.training.preemption import StopSignals
 
@@ -65,19 +67,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     compile_cache.enable(t.compilation_cache_dir)
     runtime = runtime_lib.build(config)  # a mesh that does not fit stops here
     train_ds, val_ds = _datasets(config)  # and bad data here, before anything is written
-    library_log = os.path.join(workdir, "logs", f"process_{jax.process_index()}.log")
+    storage.check(workdir)  # and an object store that cannot be used here
     # A second run on a live workdir stops here, having written nothing.
-    with workdir_lock.held(workdir) as lock, library_logs.logged_to(library_log):
-        val_batches = list(itertools.islice(iter(val_ds), t.eval_batches))
-        train_iter = iter(train_ds)
-        with jax.set_mesh(runtime.mesh):
-            return _train(
-                config, workdir, runtime, train_iter, [runtime.batch(b) for b in val_batches], lock, library_log
-            )
+    with workdir_lock.held(workdir) as lock, Staging(workdir) as files:
+        with library_logs.logged_to(_library_log(files)):
+            val_batches = list(itertools.islice(iter(val_ds), t.eval_batches))
+            train_iter = iter(train_ds)
+            with jax.set_mesh(runtime.mesh):
+                return _train(
+                    config, workdir, runtime, train_iter, [runtime.batch(b) for b in val_batches], lock, files
+                )
 
 
 def _train(
-    config, workdir, runtime, train_iter, val_batches, lock: workdir_lock.WorkdirLock | None, library_log: str
+    config, workdir, runtime, train_iter, val_batches, lock: workdir_lock.WorkdirLock | None, files: Staging
 ) -> dict[str, Any]:
     t = config.train
     ckpt = Checkpointer(
@@ -87,7 +90,7 @@ def _train(
         t.keep_every,
         create=True,
         asynchronous=t.async_checkpointing,
-        failure_log=library_log,
+        failure_log=_library_log(files),
     )
     notes = [lock.took_over] if lock is not None and lock.took_over else []
     # Saves a killed or failed run left unfinished: with the lock held, no other run's save can be in progress.
@@ -100,7 +103,7 @@ def _train(
         state, origin = ckpt.restore(latest, runtime.abstract_state(), train_iter), f"resuming at step {latest}"
     start = latest or 0
     spec = ModelSpec.from_config(config)
-    writers = _writers(config, workdir, ckpt)
+    writers = _writers(config, files.directory, ckpt)
     console = Console(t.steps, start, progress_bar=t.progress)
     flops_tok = flops_per_token(spec, config.data.seq_len)
     similarity = similarity_fn(spec, runtime.mesh) if spec.num_experts else None
@@ -149,6 +152,8 @@ def _train(
                 due = schedule.at(step)
                 for action in actions:
                     action(due, state, metrics)
+                if due.save or due.stop:
+                    _push(files, ckpt)
                 # What evaluations, similarity and saves allocated and freed (compiles, host copies) would stay
                 # under every later step. An asynchronous save frees its host copy of the state when its
                 # background write ends, so that is trimmed again then.
@@ -173,6 +178,7 @@ def _train(
         for writer in writers:
             writer.close(failed)
         console.close()
+    _push(files, ckpt)
 
     summary = {
         "steps": t.steps,
@@ -183,6 +189,20 @@ def _train(
     }
     console.print(summary_line(summary))
     return summary
+
+
+def _library_log(files: Staging) -> str:
+    return files.path("logs", f"process_{jax.process_index()}.log")
+
+
+def _push(files: Staging, ckpt: Checkpointer) -> None:
+    """Upload the metrics and logs written since the last push, when the workdir is on object storage."""
+    try:
+        files.push()
+    except UserError:
+        raise
+    except Exception as e:  # s3fs and gcsfs raise their clients' types for a refused write
+        raise write_failed(f"uploading the run's metrics and logs to {files.workdir}", e, ckpt.kept()) from None
 
 
 def _give_up(ckpt: Checkpointer, lock: workdir_lock.WorkdirLock | None, signal_name: str, gone: list[int]) -> None:

@@ -13,6 +13,11 @@ instead of failing. Ages are read against a file written just then in the same d
 clock is compared with itself, not with this host's. Taking over renames the stale file away (one rename wins) and
 checks that what it moved was the stale lock; a holder that finds another token in the file when it renews has
 lost the lock, and the run stops before it writes again (`check`).
+
+On object storage (an `s3://` or `gs://` workdir) the same protocol runs on objects (checkpoint/storage.py): the lock
+is created with a conditional write (If-None-Match: *), renewed by writing it again, and aged by last-modified times
+against a probe object, by the store's clock. There is no rename: a run taking over first creates a claim object named
+after the stale lock's token, with the same conditional write, so one run alone replaces a given stale lock.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from skymoe_jax.checkpoint import storage
 from skymoe_jax.errors import RunFailure, WorkdirError
 
 LOCK_NAME = "skymoe.lock"
@@ -54,9 +60,7 @@ class Holder:
     def read(path: str) -> Holder | None:
         """The holder written in path, or None if it is gone or not a lock this code wrote."""
         try:
-            with open(path) as f:
-                fields = json.load(f)
-            return Holder(**fields)
+            return Holder(**json.loads(storage.read_bytes(path)))
         except (OSError, ValueError, TypeError):
             return None
 
@@ -82,13 +86,12 @@ def _alive_here(holder: Holder) -> bool:
 
 def _age_s(directory: str, path: str) -> float:
     """Seconds since path was last renewed, by the clock of the filesystem that holds it."""
-    probe = os.path.join(directory, f".{LOCK_NAME}.probe-{secrets.token_hex(4)}")
-    with open(probe, "w"):
-        pass
+    probe = storage.join(directory, f".{LOCK_NAME}.probe-{secrets.token_hex(4)}")
+    storage.write_bytes(probe, b"")
     try:
-        return os.stat(probe).st_mtime - os.stat(path).st_mtime
+        return storage.modified(probe) - storage.modified(path)
     finally:
-        os.unlink(probe)
+        storage.remove(probe)
 
 
 class WorkdirLock:
@@ -96,8 +99,8 @@ class WorkdirLock:
     `release()` at the end (a context manager does both)."""
 
     def __init__(self, workdir: str, *, renew_s: float = RENEW_S, stale_s: float = STALE_S):
-        self.directory = os.path.abspath(workdir)
-        self.path = os.path.join(self.directory, LOCK_NAME)
+        self.directory = storage.absolute(workdir)
+        self.path = storage.join(self.directory, LOCK_NAME)
         self.renew_s, self.stale_s = renew_s, stale_s
         now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
         self.holder = Holder(
@@ -111,6 +114,7 @@ class WorkdirLock:
         self._lost: str | None = None  # who holds the lock now, once this run lost it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._claims: list[str] = []  # on object storage, the claims of the stale locks this run took over
 
     def __enter__(self) -> WorkdirLock:
         self.acquire()
@@ -120,7 +124,7 @@ class WorkdirLock:
         self.release()
 
     def acquire(self) -> None:
-        os.makedirs(self.directory, exist_ok=True)
+        storage.makedirs(self.directory)
         for _ in range(40):  # a lock being written, released or taken over just now: look again
             if self._create():
                 self._thread = threading.Thread(target=self._renew, name="workdir-lock", daemon=True)
@@ -143,13 +147,7 @@ class WorkdirLock:
         )
 
     def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.holder.__dict__, f)
-        return True
+        return storage.create(self.path, json.dumps(self.holder.__dict__).encode())
 
     def _stale(self, other: Holder) -> str | None:
         """Why other's lock is stale, or None when its run is alive; waits up to STALE_S on another host's lock."""
@@ -157,12 +155,12 @@ class WorkdirLock:
             return None if _alive_here(other) else "its process is gone"
         said = False
         try:
-            renewed = os.stat(self.path).st_mtime
+            renewed = storage.modified(self.path)
             while True:
                 age = _age_s(self.directory, self.path)
                 if age > self.stale_s:
                     return f"it was not renewed for {age:.0f} s"
-                if os.stat(self.path).st_mtime != renewed:
+                if storage.modified(self.path) != renewed:
                     return None
                 if not said:
                     print(
@@ -176,15 +174,25 @@ class WorkdirLock:
             return "it was released"
 
     def _take_over(self, other: Holder, why: str) -> None:
-        moved = f"{self.path}.stale-{self.holder.token}"
-        try:
-            os.rename(self.path, moved)
-        except FileNotFoundError:
-            return
-        if Holder.read(moved) != other:  # another run took it over first: that lock is live, put it back
-            os.rename(moved, self.path)
-            return
-        os.unlink(moved)
+        if storage.is_url(self.path):
+            # The claim is the conditional write only one run wins; the lock read again is still the stale one.
+            claim = f"{self.path}.claim-{other.token}"
+            if not storage.create(claim, self.holder.token.encode()):
+                return
+            self._claims.append(claim)
+            if Holder.read(self.path) != other:
+                return
+            storage.remove(self.path)
+        else:
+            moved = f"{self.path}.stale-{self.holder.token}"
+            try:
+                os.rename(self.path, moved)
+            except FileNotFoundError:
+                return
+            if Holder.read(moved) != other:  # another run took it over first: that lock is live, put it back
+                os.rename(moved, self.path)
+                return
+            os.unlink(moved)
         if why != "it was released":
             self.took_over = (
                 f"took over the workdir lock of a run that ended without releasing it ({other.describe()}; {why})"
@@ -197,7 +205,7 @@ class WorkdirLock:
                 self._lost = holder.describe() if holder else "its lock file was removed"
                 return
             with contextlib.suppress(FileNotFoundError):
-                os.utime(self.path)
+                storage.touch(self.path)
 
     def check(self) -> None:
         """Stop the run if another run took this lock (after this run stopped renewing it for STALE_S)."""
@@ -212,8 +220,9 @@ class WorkdirLock:
         if self._thread is not None:
             self._thread.join()
         if Holder.read(self.path) == self.holder:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            storage.remove(self.path)
+        for claim in self._claims:  # no run can claim a lock with that token again: it ended
+            storage.remove(claim)
 
 
 @contextlib.contextmanager
