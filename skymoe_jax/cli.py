@@ -754,6 +754,7 @@ def bench_layers(argv: Sequence[str]) -> int:
 
 
 def cmd_report(argv: Sequence[str]) -> int:
+    from skymoe_jax.checkpoint.storage import is_url
     from skymoe_jax.metrics.report import write_report
     from skymoe_jax.metrics.runs import load_runs, summary_table
 
@@ -772,6 +773,12 @@ def cmd_report(argv: Sequence[str]) -> int:
         raise ConfigError(
             "skymoe report takes --workdir=DIR (a run's workdir), optionally --compare DIR ... "
             "(runs to overlay) and --out=DIR (default: WORKDIR/report)"
+        )
+    remote = [w for w in [args.workdir, *compare] if is_url(w)]
+    if remote:
+        raise ConfigError(
+            f"skymoe report reads local workdirs only; copy {remote[0]}/metrics.jsonl into a local directory and "
+            "give that"
         )
     runs = load_runs([args.workdir, *compare])  # bad input stops here, before anything is written
     written = write_report(runs, args.out or os.path.join(args.workdir, "report"))

@@ -167,10 +167,11 @@ def test_a_flipped_byte_in_a_checkpoint_object_is_refused(trained, capsys):
         ("credentials", "no credentials for s3://"),
         ("endpoint", "cannot be reached (endpoint http://127.0.0.1:"),
         ("package", "needs the s3fs package: pip install 'skymoe-jax[s3]'"),
+        ("report", "skymoe report reads local workdirs only; copy s3://"),
     ],
 )
 def test_what_keeps_an_s3_workdir_from_working_is_said_in_one_line(aws, case, words, monkeypatch, capsys):
-    workdir = f"s3://{BUCKET}/runs/moe"
+    workdir, command = f"s3://{BUCKET}/runs/moe", "eval"
     if case == "bucket":
         workdir = "s3://no-such-bucket/run"
     elif case == "credentials":
@@ -179,6 +180,8 @@ def test_what_keeps_an_s3_workdir_from_working_is_said_in_one_line(aws, case, wo
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
         monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
         monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    elif case == "report":
+        command = "report"
     elif case == "endpoint":
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
     else:
@@ -186,7 +189,7 @@ def test_what_keeps_an_s3_workdir_from_working_is_said_in_one_line(aws, case, wo
         monkeypatch.setitem(sys.modules, "s3fs", None)  # as when it is not installed
     s3fs.S3FileSystem.clear_instance_cache()  # built from the environment it was first made in
     try:
-        assert main(["eval", f"--workdir={workdir}"]) == 2
+        assert main([command, f"--workdir={workdir}"]) == 2
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
     lines = own_stderr(capsys.readouterr().err).strip().splitlines()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -178,6 +179,9 @@ def _train(
         for writer in writers:
             writer.close(failed)
         console.close()
+        if failed:  # the metrics and logs up to the failure, if the store takes them: the failure is what is said
+            with contextlib.suppress(Exception):
+                files.push()
     _push(files, ckpt)
 
     summary = {

@@ -200,12 +200,16 @@ class WorkdirLock:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.renew_s):
-            holder = Holder.read(self.path)
-            if holder != self.holder:
-                self._lost = holder.describe() if holder else "its lock file was removed"
-                return
-            with contextlib.suppress(FileNotFoundError):
-                storage.touch(self.path)
+            try:
+                holder = Holder.read(self.path)
+                if holder == self.holder:
+                    with contextlib.suppress(FileNotFoundError):
+                        storage.touch(self.path)
+                    continue
+            except WorkdirError:  # an object store that did not answer: the next round renews, if it answers by then
+                continue
+            self._lost = holder.describe() if holder else "its lock file was removed"
+            return
 
     def check(self) -> None:
         """Stop the run if another run took this lock (after this run stopped renewing it for STALE_S)."""
@@ -219,10 +223,13 @@ class WorkdirLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if Holder.read(self.path) == self.holder:
-            storage.remove(self.path)
-        for claim in self._claims:  # no run can claim a lock with that token again: it ended
-            storage.remove(claim)
+        # A lock the store does not let this run remove goes stale and is taken over; the run's own outcome (a save
+        # that failed on the same store, say) is what it reports.
+        with contextlib.suppress(OSError, WorkdirError):
+            if Holder.read(self.path) == self.holder:
+                storage.remove(self.path)
+            for claim in self._claims:  # no run can claim a lock with that token again: it ended
+                storage.remove(claim)
 
 
 @contextlib.contextmanager
