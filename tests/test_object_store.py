@@ -214,6 +214,24 @@ def test_a_stale_lock_on_s3_is_taken_over_once_and_renewed(aws):
     assert storage.listdir(url) == []  # the lock and its claim are gone
 
 
+def test_a_renewal_the_store_does_not_answer_keeps_the_lock(aws, monkeypatch):
+    url = f"s3://{BUCKET}/locks/flaky"
+    with WorkdirLock(url, renew_s=0.1) as lock:
+        with monkeypatch.context() as m:
+
+            def unreachable(path):
+                raise WorkdirError(f"the object store of {path} cannot be reached")
+
+            m.setattr(storage, "read_bytes", unreachable)
+            time.sleep(0.5)  # a few renewals fail
+        renewed = storage.modified(lock.path)
+        time.sleep(1.2)  # last-modified has a resolution of seconds
+        assert storage.modified(lock.path) > renewed  # the renewals went on
+        lock.check()  # and the lock was not taken for lost
+        assert Holder.read(lock.path) == lock.holder
+    assert not storage.exists(lock.path)
+
+
 def test_create_is_exclusive_and_staging_uploads_what_changed(aws, tmp_path):
     url = f"s3://{BUCKET}/files"
     for base in (str(tmp_path), url):

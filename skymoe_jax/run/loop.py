@@ -20,7 +20,7 @@ from skymoe_jax.checkpoint.initial import initial_state
 from skymoe_jax.checkpoint.manager import Checkpointer
 from skymoe_jax.config import require_extras
 from skymoe_jax.data.inputs import make_datasets
-from skymoe_jax.errors import TrackerError, UserError, write_failed
+from skymoe_jax.errors import TrackerError, write_failed
 from skymoe_jax.metrics.flops import flops_per_token, peak_flops, pipeline_utilization, stage_flops_per_token
 from skymoe_jax.metrics.similarity import similarity_fn
 from skymoe_jax.metrics.tensorboard import TensorBoardWriter
@@ -203,9 +203,7 @@ def _push(files: Staging, ckpt: Checkpointer) -> None:
     """Upload the metrics and logs written since the last push, when the workdir is on object storage."""
     try:
         files.push()
-    except UserError:
-        raise
-    except Exception as e:  # s3fs and gcsfs raise their clients' types for a refused write
+    except Exception as e:  # s3fs and gcsfs raise their clients' types; a store gone mid-run is no user mistake
         raise write_failed(f"uploading the run's metrics and logs to {files.workdir}", e, ckpt.kept()) from None
 
 
