@@ -56,7 +56,6 @@ def aws():
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_MAX_ATTEMPTS": "1",  # a refused connection is said at once, not after botocore's retries
     }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
@@ -184,6 +183,7 @@ def test_what_keeps_an_s3_workdir_from_working_is_said_in_one_line(aws, case, wo
         command = "report"
     elif case == "endpoint":
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # said at once, not after botocore's retries (9 s)
     else:
         monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3")  # fsspec keeps the classes it imported
         monkeypatch.setitem(sys.modules, "s3fs", None)  # as when it is not installed
