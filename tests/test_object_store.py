@@ -130,6 +130,24 @@ def test_a_killed_run_on_s3_resumes_bit_for_bit_like_a_local_run(trained, tmp_pa
     assert exported[0] == exported[1]
 
 
+@pytest.mark.long
+def test_a_two_process_run_on_s3_writes_one_checkpoint_that_restores(aws, capsys):
+    """Two processes of 4 devices on an expert-parallel mesh: each writes its shards to the store, process 0 the
+    commit files, the metrics and the lock; the checkpoint restores on this process's 8 devices with every tensor's
+    fingerprint matching."""
+    from faults import start_processes
+
+    url = f"s3://{BUCKET}/runs/two-processes"
+    mesh = ["--config.parallel.mesh=(1,4,2)", "--config.parallel.layout=edp", "--config.train.steps=4"]
+    env = {k: v for k, v in _env(aws).items() if k != "XLA_FLAGS"}
+    for proc in start_processes([*_train(url), *mesh], 2, 4, env):
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+    assert [r["step"] for r in _records(url)] == [1, 2, 3, 4]
+    assert main(["eval", f"--workdir={url}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 4
+
+
 def test_a_second_run_on_a_live_s3_workdir_is_refused_and_writes_nothing(trained, capsys):
     _, url, _ = trained
     fs = s3fs.S3FileSystem()
