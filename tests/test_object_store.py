@@ -185,6 +185,7 @@ def test_a_flipped_byte_in_a_checkpoint_object_is_refused(trained, capsys):
         ("endpoint", "cannot be reached (endpoint http://127.0.0.1:"),
         ("package", "needs the s3fs package: pip install 'skymoe-jax[s3]'"),
         ("report", "skymoe report reads local workdirs only; copy s3://"),
+        ("gcs-package", "gs://b/run is on object storage, which needs the gcsfs package: pip install 'skymoe-jax[gcs]"),
     ],
 )
 def test_what_keeps_an_s3_workdir_from_working_is_said_in_one_line(aws, case, words, monkeypatch, capsys):
@@ -199,6 +200,10 @@ def test_what_keeps_an_s3_workdir_from_working_is_said_in_one_line(aws, case, wo
         monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     elif case == "report":
         command = "report"
+    elif case == "gcs-package":
+        workdir = "gs://b/run"
+        monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "gs", raising=False)
+        monkeypatch.setitem(sys.modules, "gcsfs", None)  # as when it is not installed (gcsfs is not here anyway)
     elif case == "endpoint":
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # said at once, not after botocore's retries (9 s)
