@@ -30,7 +30,8 @@ def _grads(attend, weights):
     return jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * weights), argnums=(0, 1, 2)))
 
 
-@pytest.mark.parametrize("block", [16, 48, 7])  # three blocks; one; a non-divisor (6 blocks of 8 are used)
+# Three blocks (the long profile's: the non-divisor case has six); one; a non-divisor (6 blocks of 8 are used).
+@pytest.mark.parametrize("block", [pytest.param(16, marks=pytest.mark.long), 48, 7])
 def test_values_and_gradients_equal_the_dense_reference(block):
     q, k, v, segments = _inputs()
     weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)

@@ -143,6 +143,8 @@ MEMORY_CASES = {
 # default-model-scanned the scan of dp8. XLA:GPU compiles each case again: the default run keeps there a pipeline
 # of each kind (17 ticks, circular), the default model and gpu_medium.
 LONG_MEMORY_CASES = ("dp8", "pp2-mb2", "edp4-dots-s512", "default-model-scanned")
+# Held on XLA:GPU in the default run (GPU_DEFAULT_CASES), so XLA:CPU's compile of them is the long profile's.
+LONG_ON_CPU_CASES = ("pp2-r2", "pp2xdp2xedp2-mb16-full")
 GPU_DEFAULT_CASES = ("pp2xdp2xedp2-mb16-full", "pp2-r2", "default-model-scanned", "gpu-medium-pallas")
 # 65,536 bf16 tokens a step: long on XLA:CPU, for nothing the CPU cases lack.
 GPU_ONLY_CASES = ("gpu-medium-pallas",)
@@ -169,7 +171,8 @@ def no_compilation_cache_writes():
 def _memory_params():
     for name in MEMORY_CASES:
         if name not in GPU_ONLY_CASES:
-            yield pytest.param(name, "cpu", marks=[pytest.mark.long] if name in LONG_MEMORY_CASES else [])
+            long = name in LONG_MEMORY_CASES or name in LONG_ON_CPU_CASES
+            yield pytest.param(name, "cpu", marks=[pytest.mark.long] if long else [])
         if name not in CPU_ONLY_CASES:
             marks = [needs_xla_gpu] + ([] if name in GPU_DEFAULT_CASES else [pytest.mark.long])
             yield pytest.param(name, "A800-80GB", marks=marks)
@@ -222,7 +225,8 @@ SMALL_DEFAULT = [
 
 @pytest.mark.parametrize(
     "remat, overrides, bound",
-    [("full", SMALL_DEFAULT, 0.6), ("dots", SMALL_DEFAULT, 0.6), ("full", [], 0.7)],
+    # full on the small model is the long profile's: the defaults' case runs full, the small one dots.
+    [pytest.param("full", SMALL_DEFAULT, 0.6, marks=pytest.mark.long), ("dots", SMALL_DEFAULT, 0.6), ("full", [], 0.7)],
     ids=["full-small", "dots-small", "full-defaults"],
 )
 def test_remat_shrinks_the_step_of_the_unrolled_default_config(remat, overrides, bound):

@@ -131,7 +131,12 @@ def test_upcycled_model_computes_the_dense_function(dense_dir, tmp_path, flags):
     "source,flags",
     [
         ("dense_dir", []),
-        ("pipelined_dense_dir", ["--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=32"]),
+        # A pipelined dense source, fine-grained: the long profile's (the slots are read by the same code).
+        pytest.param(
+            "pipelined_dense_dir",
+            ["--config.init.upcycle_mode=fine_grained", "--config.moe.expert_ffn_dim=32"],
+            marks=pytest.mark.long,
+        ),
     ],
     ids=["plain-to-pipelined-copy", "pipelined-to-pipelined-fine"],
 )
