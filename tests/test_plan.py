@@ -143,8 +143,9 @@ MEMORY_CASES = {
 # default-model-scanned the scan of dp8. XLA:GPU compiles each case again: the default run keeps there a pipeline
 # of each kind (17 ticks, circular), the default model and gpu_medium.
 LONG_MEMORY_CASES = ("dp8", "pp2-mb2", "edp4-dots-s512", "default-model-scanned")
-# Held on XLA:GPU in the default run (GPU_DEFAULT_CASES), so XLA:CPU's compile of them is the long profile's.
-LONG_ON_CPU_CASES = ("pp2-r2", "pp2xdp2xedp2-mb16-full")
+# Held on XLA:GPU in the default run (GPU_DEFAULT_CASES), so XLA:CPU's compile of them is the long profile's; and
+# pp4-mb4-full, whose four stages under full remat pp4-r2-full runs too.
+LONG_ON_CPU_CASES = ("pp2-r2", "pp2xdp2xedp2-mb16-full", "pp4-mb4-full")
 GPU_DEFAULT_CASES = ("pp2xdp2xedp2-mb16-full", "pp2-r2", "default-model-scanned", "gpu-medium-pallas")
 # 65,536 bf16 tokens a step: long on XLA:CPU, for nothing the CPU cases lack.
 GPU_ONLY_CASES = ("gpu-medium-pallas",)
