@@ -60,8 +60,8 @@ def _partly_used(x, dy, segments: int, seed: int = 0):
 @pytest.mark.parametrize(
     "shape",
     [
-        (8, 1280, 128, 256),  # the default config's slot buffers: 10 blocks of 128 rows an expert
-        (3, 130, 16, 24),  # a last block of 2 rows
+        (8, 1280, 128, 256),  # the default config's slot buffers: 5 blocks of 256 rows an expert
+        (3, 530, 16, 24),  # rows in use split into blocks of 176 and 177 rows
         (2, 5, 4, 2),  # less than one block
     ],
 )
@@ -89,8 +89,9 @@ def test_output_and_gradients_match_a_float64_reference(shape, segments):
 
 
 @needs_kernels
-# Empty experts, one row, a block and a bit; then every row in one expert; and rows past the sizes' sum.
-@pytest.mark.parametrize("sizes, spare", [((0, 1, 130, 7, 0), 0), ((0, 0, 300, 0, 0), 3)])
+# Empty experts, one row, a block and a bit (two blocks of 129 and 130 rows); then every row in one expert; and rows
+# past the sizes' sum.
+@pytest.mark.parametrize("sizes, spare", [((0, 1, 259, 7, 0), 0), ((0, 0, 300, 0, 0), 3)])
 def test_sorted_rows_with_group_sizes_match_a_float64_reference(sizes, spare):
     """The dropless layout: rows sorted by expert [A, d] with group sizes [E] (experts.ragged), each expert's rows
     against the float64 reference of that expert alone."""

@@ -1,6 +1,7 @@
 """Dispatch (skymoe_jax/model/moe/dispatch.py) on hand-written routings with hand-computed
 slots and drops, plus a plain-Python reference of both drop policies on random routings."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -104,3 +105,31 @@ def test_sorted_dispatch_round_trip():
     y = rows * (1.0 + np.repeat(np.arange(e), sizes))[:, None].astype(np.float32)
     expected = np.einsum("tk,td->td", w * (1.0 + experts), x)
     np.testing.assert_allclose(dispatch.combine_sorted(y, order, w), expected, rtol=1e-6)
+
+
+def test_sorted_gather_and_combine_gradients_match_loops():
+    """Their custom gradients (gathers through the inverse permutation) against the transposes written as loops
+    over the assignments: a token's gradient sums its assignments' rows; a sorted row's is its token's output
+    gradient times its weight; a weight's is the dot of its token's output gradient with its row."""
+    rng = np.random.default_rng(2)
+    t, k, e, d = 8, 2, 4, 3
+    experts = 1 + np.stack([rng.permutation(e - 1)[:k] for _ in range(t)]).astype(np.int32)  # expert 0 gets none
+    x, d_out = rng.normal(size=(2, t, d)).astype(np.float32)
+    y, d_rows = rng.normal(size=(2, t * k, d)).astype(np.float32)
+    w = rng.uniform(size=(t, k)).astype(np.float32)
+    order = dispatch.sort_by_expert(experts, e)
+    sorted_pos = {int(a): i for i, a in enumerate(np.asarray(order.order))}  # assignment -> its sorted row
+
+    (d_x,) = jax.vjp(lambda x: dispatch.gather_sorted(x, order, k), x)[1](d_rows)
+    want_x = np.zeros_like(x)
+    for a, i in sorted_pos.items():
+        want_x[a // k] += d_rows[i]
+    np.testing.assert_allclose(d_x, want_x, rtol=1e-6)
+
+    d_y, d_w = jax.vjp(lambda y, w: dispatch.combine_sorted(y, order, w), y, w)[1](d_out)
+    want_y, want_w = np.zeros_like(y), np.zeros_like(w)
+    for a, i in sorted_pos.items():
+        want_y[i] = w[a // k, a % k] * d_out[a // k]
+        want_w[a // k, a % k] = d_out[a // k] @ y[i]
+    np.testing.assert_allclose(d_y, want_y, rtol=1e-6)
+    np.testing.assert_allclose(d_w, want_w, rtol=1e-5)

@@ -8,7 +8,7 @@
 // The buffer is one of two layouts (cpu_common.h's RowRanges): fixed-capacity slot buffers [E, C, d] with the rows
 // in use of each run, used [E, K], whose empty slots are skipped (about a fifth of them at capacity factor 1.25);
 // or the assignments sorted by expert [A, d] with group sizes [E] (dropless), of which nothing is padding. Each
-// (expert, block of up to kRowBlock of its rows) is a task on XLA's intra-op pool running single-threaded OpenBLAS
+// (expert, block of up to kMaxRowBlock of its rows) is a task on XLA's intra-op pool running single-threaded OpenBLAS
 // sgemms, and the SwiGLU between them runs on the block while it is in cache: XLA's CPU backend makes each
 // elementwise step a pass over the whole [E, C, f] buffer, and those passes took as long as the expert matmuls'
 // forward (docs/BENCHMARKS.md).
@@ -27,8 +27,11 @@ namespace {
 
 using skymoe::kNoTrans, skymoe::kRowMajor, skymoe::kTrans, skymoe::sgemm;
 
-// 128 rows x f = 256 floats of the widest block is 128 KiB: the block's gate, up and h stay in L2.
-constexpr int64_t kRowBlock = 128;
+// The most rows of a block. OpenBLAS's single-threaded sgemm on the expert shapes runs 10-15% more FLOPs per CPU
+// second with 256 rows than with 128, and a fifth fewer with 32 (docs/BENCHMARKS.md); a block of 256 rows of the
+// larger config (x and y of width 256, gate, up and h of 256) is 1.25 MiB, which with the expert's 0.75 MiB of
+// weights stays in this machine's 2 MiB L2 per core.
+constexpr int64_t kMaxRowBlock = 256;
 
 // sigmoid(g) without overflow: e^-|g| is at most 1.
 inline float sigmoid(float g) {
@@ -52,10 +55,12 @@ SKYMOE_CLONES void swiglu_grad(const float* gate, const float* up, float* h, flo
 
 using skymoe::RowRanges;
 
-// Runs task(e, r0, n, live) on the pool for every expert e and block of n <= kRowBlock rows from row r0 of one of
-// its ranges, of which the first `live` are in use; the future completes when all have. Rows past `live` are
-// empty slots (zero rows, with zero gradients): the task computes nothing for them and writes zeros, as the
-// matmuls would.
+// Runs task(e, r0, n, live) on the pool for every expert e and block of its rows: rows [r0, r0 + n) of one of its
+// ranges, of which the first `live` are in use; the future completes when all have. Rows past `live` are empty
+// slots (zero rows, with zero gradients): the task computes nothing for them and writes zeros, as the matmuls
+// would. A range's rows in use are split into equal blocks of at most kMaxRowBlock (sizes one apart), the last
+// also holding the empty slots after them: fixed blocks left a small last one (a sorted expert's 530 rows gave
+// blocks of 256, 256 and 18), on which sgemm runs at a fraction of its speed.
 template <typename Task>
 ffi::Future ForEachBlock(ffi::ThreadPool& pool, const RowRanges& table, Task task) {
   struct Block {
@@ -64,9 +69,11 @@ ffi::Future ForEachBlock(ffi::ThreadPool& pool, const RowRanges& table, Task tas
   auto blocks = std::make_shared<std::vector<Block>>();
   for (int64_t i = 0; i < static_cast<int64_t>(table.ranges.size()); ++i) {
     const skymoe::RowRange& r = table.ranges[i];
-    for (int64_t b = 0; b < r.rows; b += kRowBlock) {
-      const int64_t n = std::min(kRowBlock, r.rows - b);
-      blocks->push_back({i / table.per_expert, r.start + b, n, std::clamp<int64_t>(r.live - b, 0, n)});
+    if (r.rows == 0) continue;
+    const int64_t count = std::max<int64_t>(1, (r.live + kMaxRowBlock - 1) / kMaxRowBlock);
+    for (int64_t b = 0; b < count; ++b) {
+      const int64_t lo = r.live * b / count, hi = r.live * (b + 1) / count;
+      blocks->push_back({i / table.per_expert, r.start + lo, (b + 1 == count ? r.rows : hi) - lo, hi - lo});
     }
   }
   return skymoe::RunTasks(pool, blocks->size(), [=](int64_t i) {

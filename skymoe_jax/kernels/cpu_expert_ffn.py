@@ -4,7 +4,7 @@ forward, and the backward up to the weight gradients (which are cpu_matmul.py's)
 The experts' rows come in one of two layouts, told apart by the counts: slot buffers x [E, C, d] with the rows in
 use of each of K runs, used [E, K] (an expert's slots in a routing group fill from the first; the rest are
 skipped), or the assignments sorted by expert x [A, d] with group sizes [E] (dropless: every row is computed,
-none is padding). Each (expert, block of up to 128 of its rows) is a task on XLA's intra-op pool: single-threaded
+none is padding). Each (expert, block of up to 256 of its rows) is a task on XLA's intra-op pool: single-threaded
 OpenBLAS sgemms with the SwiGLU, or its gradient, applied to the block between them while it is in cache, where
 XLA makes each elementwise step a pass over the whole [E, C, f] buffer (docs/BENCHMARKS.md).
 model/moe/experts.py calls these for float32 on the CPU (`cpu_ffi.usable`) and keeps XLA's ops elsewhere.

@@ -8,6 +8,7 @@ k-way gather-sum. An assignment is one (token, chosen expert) pair, token-major.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -82,11 +83,61 @@ def sort_by_expert(experts: jax.Array, num_experts: int) -> SortedAssignments:
 
 def gather_sorted(x: jax.Array, sorted_: SortedAssignments, top_k: int) -> jax.Array:
     """Token rows [T, d] -> one row per assignment in expert order [T*k, d]."""
-    return x[sorted_.order // top_k]
+    return _gather_sorted(x, sorted_.order, sorted_.inverse, top_k)
 
 
 def combine_sorted(y_sorted: jax.Array, sorted_: SortedAssignments, weights: jax.Array) -> jax.Array:
     """Expert-ordered outputs [T*k, d] -> weighted sum per token [T, d]."""
-    t, k = weights.shape
-    per_assignment = y_sorted[sorted_.inverse].reshape(t, k, -1)
-    return jnp.einsum("tkd,tk->td", per_assignment, weights.astype(y_sorted.dtype))
+    return _combine_sorted(y_sorted, weights, sorted_.order, sorted_.inverse)
+
+
+# The sorted order is a permutation of the assignments, so each gather's gradient is gathers through the inverse
+# permutation, where autodiff would transpose it into a scatter-add: on the CPU (4,096 tokens, top-2, width 256)
+# the combine's forward and backward took 3.6 ms with it against 2.0-2.3 with gathers, the sorted gather's 0.9
+# against 0.5, each once per MoE layer.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_sorted(x: jax.Array, order: jax.Array, inverse: jax.Array, top_k: int) -> jax.Array:
+    return x[order // top_k]
+
+
+def _gather_sorted_fwd(x: jax.Array, order: jax.Array, inverse: jax.Array, top_k: int):
+    return _gather_sorted(x, order, inverse, top_k), inverse
+
+
+def _gather_sorted_bwd(top_k: int, inverse: jax.Array, d_rows: jax.Array):
+    # A token's gradient: the sum of its k assignments' rows.
+    return _assignment_rows(d_rows, inverse, top_k, lambda j, rows: rows), None, None
+
+
+_gather_sorted.defvjp(_gather_sorted_fwd, _gather_sorted_bwd)
+
+
+@jax.custom_vjp
+def _combine_sorted(y_sorted: jax.Array, weights: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+    w = weights.astype(y_sorted.dtype)
+    return _assignment_rows(y_sorted, inverse, weights.shape[1], lambda j, rows: rows * w[:, j, None])
+
+
+def _combine_sorted_fwd(y_sorted: jax.Array, weights: jax.Array, order: jax.Array, inverse: jax.Array):
+    return _combine_sorted(y_sorted, weights, order, inverse), (y_sorted, weights, order, inverse)
+
+
+def _combine_sorted_bwd(saved, d_out: jax.Array):
+    y_sorted, weights, order, inverse = saved
+    k = weights.shape[1]
+    # Sorted row i is assignment order[i]: token order[i] // k's choice order[i] % k.
+    d_token = d_out[order // k].astype(y_sorted.dtype)
+    d_y = d_token * weights.reshape(-1)[order][:, None].astype(y_sorted.dtype)
+    d_weights = jnp.sum(d_token * y_sorted, axis=-1)[inverse].reshape(weights.shape)
+    return d_y, d_weights.astype(weights.dtype), None, None
+
+
+_combine_sorted.defvjp(_combine_sorted_fwd, _combine_sorted_bwd)
+
+
+def _assignment_rows(rows: jax.Array, inverse: jax.Array, top_k: int, term) -> jax.Array:
+    """sum over j < top_k of term(j, the rows of every token's j-th assignment [T, d]): k row gathers through the
+    inverse permutation, which XLA fuses with the sum into one pass (a gather of [T, k, d] reduced after took 2-3x
+    as long on the CPU)."""
+    by_choice = inverse.reshape(-1, top_k)
+    return sum(term(j, rows[by_choice[:, j]]) for j in range(top_k))
