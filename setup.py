@@ -47,9 +47,9 @@ setup(
         "wandb": ["wandb>=0.31"],
         "mlflow": ["mlflow-skinny>=3.18"],
         # Workdirs on object storage (checkpoint/storage.py; docs/checkpoints.md): the small files through fsspec.
-        # Checkpoints go through tensorstore's own s3 and gcs drivers. s3fs: the version the tests have seen.
-        "s3": ["s3fs>=2026.9"],
-        "gcs": ["gcsfs"],
+        # Checkpoints go through tensorstore's own s3 and gcs drivers; fsspec and s3fs at the versions tests have seen.
+        "s3": ["fsspec>=2026.9", "s3fs>=2026.9"],
+        "gcs": ["fsspec>=2026.9", "gcsfs"],
         # `skymoe report` and the figures in the notebook.
         "report": ["matplotlib>=3.8"],
         # notebooks/quickstart.ipynb: figures, and ipywidgets for rich's progress bar in Jupyter.
