@@ -16,9 +16,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # A persistent compilation cache for this pytest process, new each run, here and in the `skymoe` processes
 # its tests start (they inherit the environment): many tests compile the same small programs again (a resumed
-# run, `skymoe eval` after `skymoe train`, the reference step of each mesh). Measured on the 2-core machine,
+# run, `skymoe eval` after `skymoe train`, the reference step of each mesh; train() and evaluate() keep programs over
+# several CPU devices out, run/compile_cache.py). Measured on the 2-core machine before that,
 # it took the checkpoint, CLI and upcycling tests from 333 to 257 s. XLA compiles the same module with the
-# same options to the same executable, so a test sees what a fresh compile would have given it. A size limit
+# same options to the same executable, so a test sees what a fresh compile would have given it (but for the
+# order of a several-device program's collectives, which XLA:CPU loses on loading). A size limit
 # makes JAX lock the cache (with filelock) around each read and write, as the processes of a multi-process
 # test write it at the same time.
 CACHE_DIR = tempfile.mkdtemp(prefix="skymoe-tests-xla-cache-")

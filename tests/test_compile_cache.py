@@ -1,10 +1,14 @@
 """train.compilation_cache_dir: training and evaluation point JAX's persistent compilation cache at it, unless
-the environment chose one; a second run loads the programs the first compiled."""
+the environment chose one; a second run loads the programs the first compiled, except programs over more than one
+CPU device, which XLA:CPU would load without the order of their collectives."""
 
 import os
 
 import jax
+import numpy as np
 import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from test_cli import _skymoe
 
 from skymoe_jax.errors import ConfigError
@@ -53,10 +57,35 @@ def test_a_directory_that_cannot_be_made_is_a_config_error(no_cache_chosen, tmp_
     assert jax.config.jax_compilation_cache_dir is None
 
 
+def _entries_named(name: str) -> list[str]:
+    """This test process's cache entries (tests/conftest.py's directory) of the program jit names after name."""
+    return [p for p in os.listdir(jax.config.jax_compilation_cache_dir) if p.startswith(f"jit_{name}-")]
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+def test_programs_over_several_cpu_devices_are_kept_out_of_the_cache(devices):
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("d",))
+    assert compile_cache.loads_safely(mesh) == (devices == 1)
+
+    def total(x):
+        return jax.lax.psum(x, "d")
+
+    total.__name__ = name = f"kept_out_probe_{devices}"  # a program no other test compiles
+    program = jax.jit(jax.shard_map(total, mesh=mesh, in_specs=P("d"), out_specs=P()))
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    with compile_cache.kept_out(mesh):
+        np.testing.assert_array_equal(program(np.arange(devices * 2.0)), np.arange(devices * 2.0).reshape(-1, 2).sum(0))
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == before
+    # conftest.py writes every program to this process's cache; the context keeps the several-device one out.
+    assert bool(_entries_named(name)) == (devices == 1)
+
+
 def _no_cache_env():
     """This process's environment without the test run's cache settings (tests/conftest.py): a user's, so JAX's
-    own thresholds decide what is cached (programs that compile in 1 s or more)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    own thresholds decide what is cached (programs that compile in 1 s or more). One CPU device: the programs of
+    several are kept out of the cache (the test above)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    return {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
 def _train(workdir, cache):

@@ -74,7 +74,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         with library_logs.logged_to(_library_log(files)):
             val_batches = list(itertools.islice(iter(val_ds), t.eval_batches))
             train_iter = iter(train_ds)
-            with jax.set_mesh(runtime.mesh):
+            with jax.set_mesh(runtime.mesh), compile_cache.kept_out(runtime.mesh):
                 return _train(
                     config, workdir, runtime, train_iter, [runtime.batch(b) for b in val_batches], lock, files
                 )
@@ -300,7 +300,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     runtime = runtime_lib.build(config)
     ckpt = Checkpointer(workdir)
     step = ckpt.latest_step()
-    with jax.set_mesh(runtime.mesh):
+    with jax.set_mesh(runtime.mesh), compile_cache.kept_out(runtime.mesh):
         state = ckpt.restore(step, runtime.abstract_state())
         result = _evaluate(runtime.eval_step, state, [runtime.batch(b) for b in val_batches])
     ckpt.close()
