@@ -8,10 +8,23 @@ import tempfile
 # all arrived within 40 s ("Termination timeout ... of 40 seconds exceeded"): a loaded 2-core machine reached that
 # in the long fuzz run. A real hang still ends, after 10 minutes.
 FLAGS = {"--xla_force_host_platform_device_count": "8", "--xla_cpu_collective_call_terminate_timeout_seconds": "600"}
-os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] not in FLAGS]
-    + [f"{k}={v}" for k, v in FLAGS.items()]
-)
+# The tests compile hundreds of small programs and run each for a few steps, so LLVM's optimisation of the
+# generated code costs more than it saves: at level 0 the suite took 16% less CPU time (docs/development.md). Both
+# sides of every comparison in the suite compile at the same level; level 0 rounds some results differently from
+# XLA's default 3 in the last bits, so a test comparing with the default names it (tests/test_runtime.py). A
+# developer's own XLA_FLAGS setting of the level wins.
+OPTIMIZATION = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a process a test starts with `devices` CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {OPTIMIZATION}"
+
+
+_own = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] not in FLAGS]
+if not any(f.startswith(OPTIMIZATION.split("=")[0]) for f in _own):
+    _own.append(OPTIMIZATION)
+os.environ["XLA_FLAGS"] = " ".join(_own + [f"{k}={v}" for k, v in FLAGS.items()])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # A persistent compilation cache for this pytest process, new each run, here and in the `skymoe` processes

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import time
 
+from conftest import xla_flags
+
 from skymoe_jax.metrics.writers import read_jsonl
 
 
@@ -46,7 +48,7 @@ def start_processes(command: list[str], count: int, devices: int, env: dict[str,
         **env,
         "SKYMOE_COORDINATOR": f"127.0.0.1:{port}",
         "SKYMOE_NUM_PROCESSES": str(count),
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags(devices),
     }
     return [
         subprocess.Popen(

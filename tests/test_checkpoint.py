@@ -12,6 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 from faults import digest, logged, wait_for
 
 from skymoe_jax.checkpoint.manager import Checkpointer, DataPosition
@@ -48,7 +49,7 @@ def _cmd(workdir, *flags, model=TINY):
 
 def _env():
     # One device per process: these tests are about checkpoints, and small meshes start faster.
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
 
 
 def _last_per_step(workdir):

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import own_stderr
+from conftest import own_stderr, xla_flags
 from faults import digest, logged, start_processes, wait_for
 
 from skymoe_jax.checkpoint.manager import Checkpointer
@@ -26,7 +26,7 @@ def _train(workdir, *flags):
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKYMOE_")}
     # One device: the default config's mesh takes what there is, and one device compiles fastest.
-    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **extra}
+    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1), **extra}
 
 
 def _one_line(stderr: str) -> str:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import xla_flags
 
 from skymoe_jax.metrics.writers import read_jsonl
 
@@ -63,7 +64,7 @@ def test_two_processes_match_one(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        env=_env(XLA_FLAGS=xla_flags(8)),
     )
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(

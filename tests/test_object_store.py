@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import own_stderr
+from conftest import own_stderr, xla_flags
 
 from skymoe_jax.checkpoint import object_store, storage
 from skymoe_jax.checkpoint.manager import Checkpointer
@@ -70,7 +70,7 @@ def aws():
 def _env(aws):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKYMOE_")}
     # One device: the default config's mesh takes what there is, and one device compiles fastest.
-    return {**env, **aws, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return {**env, **aws, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
 
 
 def _train(workdir) -> list[str]:
