@@ -1,5 +1,6 @@
 """The CPU weight-gradient kernel (kernels/cpu_matmul.py): its values against a float64 reference, that XLA
-calls it, and the einsum where the kernels are off (how they build: test_cpu_ffi.py)."""
+calls it (the dense projections' weight gradients on one device included), and the einsum where the kernels are
+off (how they build: test_cpu_ffi.py)."""
 
 from __future__ import annotations
 
@@ -55,24 +56,42 @@ def test_kernel_inside_shard_map_over_8_devices_matches_the_einsum():
 
 
 @needs_kernel
-def test_gradients_through_the_expert_ffn_use_the_kernel_and_match_the_einsum(monkeypatch):
-    from skymoe_jax.model.moe import experts
+@pytest.mark.parametrize(
+    "spec, x_shape, w_shape",
+    [
+        ("bsd,dhk->bshk", (2, 24, 16), (16, 4, 8)),  # the attention's query, key and value projections
+        ("bshk,hkd->bsd", (2, 24, 4, 8), (4, 8, 16)),  # its output projection
+        ("...d,df->...f", (3, 5, 7, 16), (16, 20)),  # a dense feed-forward's, over any leading axes
+    ],
+)
+def test_dense_projections_take_their_weight_gradient_from_the_kernel(spec, x_shape, w_shape):
+    """layers.project on one device: the einsum's value, and its gradients against a float64 reference, the weight's
+    from the kernel; across a mesh of two devices XLA's own dots (the partitioner would gather a call's operands)."""
+    from skymoe_jax.model.layers import project
 
-    rng = np.random.default_rng(2)
-    w = experts.ExpertWeights(
-        *(jnp.asarray(rng.normal(0, 0.1, s), jnp.float32) for s in [(4, 16, 32)] * 2 + [(4, 32, 16)])
+    rng = np.random.default_rng(5)
+    x, w = (rng.standard_normal(s, dtype=np.float32) for s in (x_shape, w_shape))
+    dy = rng.standard_normal(np.einsum(spec, x, w).shape, dtype=np.float32)
+
+    def run(x, w):
+        y, vjp = jax.vjp(lambda x, w: project(spec, x, w), x, w)
+        return (y, *vjp(dy))
+
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+    contracted = (w.ndim - dy.ndim + x.ndim) // 2
+    lead, outs = x.ndim - contracted, w.ndim - contracted
+    want = (
+        np.einsum(spec, x64, w64),
+        np.tensordot(dy64, w64, (list(range(lead, dy.ndim)), list(range(w.ndim - outs, w.ndim)))),
+        np.tensordot(x64, dy64, (list(range(lead)), list(range(lead)))),
     )
-    x = jnp.asarray(rng.normal(size=(4, 40, 16)), jnp.float32)
-
-    def loss(w, x):
-        return jnp.sum(jnp.sin(experts.batched(w, x)))
-
-    grads = jax.jit(jax.grad(loss))(w, x)
-    assert len(_custom_calls(jax.grad(loss), w, x)) == 3  # gate, up and down
-    monkeypatch.setattr(experts, "trans_a_matmul", lambda a, b, used: jnp.einsum("bcm,bcn->bmn", a, b))
-    expected = jax.jit(jax.grad(loss))(w, x)
-    for got, want in zip(grads, expected):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert _custom_calls(run, x, w), "the weight gradient does not call the kernel"
+    for got, ref in zip(jax.jit(run)(x, w), want):
+        # float32 sums of at most 105 unit-normal products: errors ~ sqrt(terms) * eps * their size, far below this.
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=2 * 105 * np.finfo(np.float32).eps)
+    with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
+        assert not _custom_calls(run, x, w)
+        np.testing.assert_allclose(np.asarray(jax.jit(run)(x, w)[2]), want[2], rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

@@ -46,7 +46,7 @@ xla::ffi::Future RunTasks(xla::ffi::ThreadPool& pool, int64_t count, Task task) 
 // is over glibc's mmap threshold at the default shapes, and mapping, zeroing and unmapping it each time cost
 // the step as much as the kernels saved. `slot` tells apart buffers a task needs at once.
 inline float* scratch(int slot, int64_t n) {
-  thread_local std::vector<float> buffers[2];
+  thread_local std::vector<float> buffers[3];
   std::vector<float>& buffer = buffers[slot];
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
   return buffer.data();

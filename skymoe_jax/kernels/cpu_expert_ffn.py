@@ -1,12 +1,13 @@
 """The SwiGLU experts on the CPU, through a compiled kernel (cpu_expert_ffn.cc; built and loaded by cpu_ffi.py): the
-forward, and the backward up to the weight gradients (which are cpu_matmul.py's).
+forward, and the backward with the weight gradients.
 
 The experts' rows come in one of two layouts, told apart by the counts: slot buffers x [E, C, d] with the rows in
 use of each of K runs, used [E, K] (an expert's slots in a routing group fill from the first; the rest are
 skipped), or the assignments sorted by expert x [A, d] with group sizes [E] (dropless: every row is computed,
-none is padding). Each (expert, block of up to 256 of its rows) is a task on XLA's intra-op pool: single-threaded
-OpenBLAS sgemms with the SwiGLU, or its gradient, applied to the block between them while it is in cache, where
-XLA makes each elementwise step a pass over the whole [E, C, f] buffer (docs/BENCHMARKS.md).
+none is padding). Each (expert, block of up to 256 of its rows) is a task on XLA's intra-op pool (in the backward,
+each expert, its blocks in turn): single-threaded OpenBLAS sgemms with the SwiGLU, or its gradient, applied to the
+block between them while it is in cache, where XLA makes each elementwise step a pass over the whole [E, C, f]
+buffer; the backward adds the block's share of the weight gradients while it is still there (docs/BENCHMARKS.md).
 model/moe/experts.py calls these for float32 on the CPU (`cpu_ffi.usable`) and keeps XLA's ops elsewhere.
 """
 
@@ -54,16 +55,18 @@ def backward(
     w_gate: jax.Array,
     w_up: jax.Array,
     w_down: jax.Array,
+    x: jax.Array,
     gate: jax.Array,
     up: jax.Array,
     dy: jax.Array,
     counts: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """From the forward's gate and up and the output's gradient dy (like x; zero on the rows not in use): (dx like
-    x, d_gate, d_up, h like gate), h = silu(gate) * up, for the weight gradients x^T d_gate, x^T d_up and h^T dy.
-    counts as in `forward`."""
+    """From the forward's input x, its gate and up and the output's gradient dy (like x; zero on the rows not in
+    use): (dx like x, and the weights' gradients like w_gate, w_up and w_down), each expert's weight gradients
+    summed over its rows. counts as in `forward`."""
     cpu_ffi.require("expert_ffn backward")
     _check_counts(dy, counts)
-    d, f = dy.shape[-1], gate.shape[-1]
-    outs = jax.ffi.ffi_call(BACKWARD, _types(dy.shape[:-1], d, f, f, f))(dy, w_gate, w_up, w_down, gate, up, counts)
-    return tuple(vary_like(a, dy, w_gate, w_up, w_down, gate, up, counts) for a in outs)
+    shapes = (dy.shape, w_gate.shape, w_up.shape, w_down.shape)
+    out_types = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
+    outs = jax.ffi.ffi_call(BACKWARD, out_types)(dy, x, w_gate, w_up, w_down, gate, up, counts)
+    return tuple(vary_like(a, dy, x, w_gate, w_up, w_down, gate, up, counts) for a in outs)

@@ -1,5 +1,6 @@
-// out[e] = x_e^T @ g_e, expert e's rows of x [.., M] and g [.., N] (float32, row-major), summed: the weight
-// gradient of the experts' matmuls, which contracts over the rows of both operands. The rows are either slot
+// out[e] = x_e^T @ g_e, expert e's rows of x [.., M] and g [.., N] (float32, row-major), summed: a weight gradient,
+// which contracts over the rows of both operands (the dense projections' on one device, as one entry of all rows;
+// the experts' own are summed inside cpu_expert_ffn.cc's backward). The rows are either slot
 // buffers [E, C, .] with used [E, K] (each expert's C rows are K equal runs that fill from their first row, the
 // rest zero, so the sum skips them) or the rows sorted by expert [A, .] with group sizes [E] (cpu_common.h's
 // RowRanges). XLA's CPU backend gives this dot to Eigen (YNNPACK takes no transposed left operand), at 50-60

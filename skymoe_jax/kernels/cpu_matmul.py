@@ -1,11 +1,13 @@
-"""The weight gradient of the experts' matmuls on the CPU, through a small compiled kernel (cpu_matmul.cc).
+"""Weight gradients on the CPU, through a small compiled kernel (cpu_matmul.cc).
 
 `trans_a_matmul(x, g)` is `einsum("bcm,bcn->bmn", x, g)` on slot buffers, and on rows sorted by expert with group
 sizes it is the grouped form, each expert's rows contracted (`jax.lax.ragged_dot_general`). On the CPU it calls
 OpenBLAS through `jax.ffi`, single-threaded sgemms per expert on XLA's intra-op pool; everywhere else, and on a
-CPU where the kernels cannot be built or loaded (kernels/cpu_ffi.py), it is XLA's op. The expert FFN's backward
-takes its three weight gradients from it: XLA gives that dot to Eigen, 30-40% slower per core than OpenBLAS on
-these shapes (docs/BENCHMARKS.md).
+CPU where the kernels cannot be built or loaded (kernels/cpu_ffi.py), it is XLA's op. XLA's CPU backend runs
+that dot either on Eigen, 30-40% slower per core than OpenBLAS, or as a transposed copy of x and a YNNPACK dot
+(docs/BENCHMARKS.md). `weight_gradient` is a dense layer's (model/layers.py's `project`, the output head): on one
+device through the kernel. The experts' FFN sums its weight gradients in its own backward kernel on the CPU
+(cpu_expert_ffn.py) and takes them from here only elsewhere, as XLA's ops.
 """
 
 from __future__ import annotations
@@ -56,3 +58,19 @@ def trans_a_matmul(x: jax.Array, g: jax.Array, counts: jax.Array | None = None) 
         full = jnp.full((x.shape[0], 1), x.shape[1], jnp.int32)
         return _kernel(x, g, full if counts is None else counts.astype(jnp.int32))
     return _einsum(x, g)
+
+
+def on_one_device(*operands: jax.Array) -> bool:
+    """Whether `weight_gradient` runs the kernel for these operands: `cpu_ffi.usable` and no mesh of several
+    devices in context (jax.set_mesh, as the runtime traces its steps), whose partitioner would gather a call's
+    operands onto every device."""
+    return cpu_ffi.usable(*operands) and jax.sharding.get_abstract_mesh().size <= 1
+
+
+def weight_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+    """x [..., M], g [..., N] -> [M, N] = x^T g summed over every leading axis (float32): a dense layer's weight
+    gradient. The compiled kernel on one CPU device (`on_one_device`), where XLA runs this dot as a transposed
+    copy of x and a YNNPACK dot (docs/BENCHMARKS.md); XLA's op elsewhere."""
+    if on_one_device(x, g):
+        return trans_a_matmul(x.reshape(1, -1, x.shape[-1]), g.reshape(1, -1, g.shape[-1]))[0]
+    return jnp.einsum("...m,...n->mn", x, g, preferred_element_type=jnp.float32)

@@ -22,7 +22,7 @@ from skymoe_jax.kernels import common, cpu_attention, cpu_ffi
 from skymoe_jax.kernels.attention import pallas_attention
 from skymoe_jax.model.blocked_attention import blocked_attention
 from skymoe_jax.model.chunked_attention import chunked_attention
-from skymoe_jax.model.layers import RMSNorm, param, rotary
+from skymoe_jax.model.layers import RMSNorm, param, project, rotary
 from skymoe_jax.model.spec import ModelSpec
 
 # Measured in docs/BENCHMARKS.md ("Attention", CPU): at 1,024 tokens chunked was already faster and smaller; at
@@ -89,9 +89,9 @@ class Attention(nnx.Module):
         """Queries [B, S, heads, head_dim], keys and values [B, S, kv_heads, head_dim] of x [B, S, d], rotated to
         their positions, which lie in [0, length) (default: [0, S); model/decode.py's cache is longer)."""
         dt = self.dtype
-        q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
-        k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
-        v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
+        q = project("bsd,dhk->bshk", x, self.wq[...].astype(dt))
+        k = project("bsd,dhk->bshk", x, self.wk[...].astype(dt))
+        v = project("bsd,dhk->bshk", x, self.wv[...].astype(dt))
         if self.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         if self.qk_norm != "none":
@@ -100,7 +100,7 @@ class Attention(nnx.Module):
 
     def output(self, out: jax.Array) -> jax.Array:
         """The heads' outputs [B, S, heads, head_dim] back to the model's width [B, S, d]."""
-        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(self.dtype))
+        return project("bshk,hkd->bsd", out, self.wo[...].astype(self.dtype))
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         dt = self.dtype

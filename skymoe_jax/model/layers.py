@@ -3,10 +3,13 @@ embeddings, SwiGLU feed-forward, token embedding and output head."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from skymoe_jax.kernels.cpu_matmul import on_one_device, weight_gradient
 from skymoe_jax.model.spec import ModelSpec
 
 
@@ -100,7 +103,9 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        return swiglu(x @ self.w_gate[...].astype(dt), x @ self.w_up[...].astype(dt)) @ self.w_down[...].astype(dt)
+        gate, up = (project("...d,df->...f", x, w[...].astype(dt)) for w in (self.w_gate, self.w_up))
+        h = swiglu(gate, up)
+        return project("...f,fd->...d", h, self.w_down[...].astype(dt))
 
 
 class Embed(nnx.Module):
@@ -141,8 +146,39 @@ def _float32_logits_bwd(saved, g):
     x, w = saved
     g = g.astype(x.dtype)
     dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.einsum("...d,...v->dv", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    dw = weight_gradient(x, g).astype(w.dtype)
     return dx, dw
 
 
 float32_logits.defvjp(_float32_logits_fwd, _float32_logits_bwd)
+
+
+def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """jnp.einsum(spec, x, w) for a dense projection: w's leading axes contract x's trailing ones, w's other axes
+    follow x's leading ones ("bsd,dhk->bshk", "bshk,hkd->bsd"). Where the CPU kernels take the weight's gradient
+    (kernels/cpu_matmul.py's weight_gradient) it is theirs; elsewhere the einsum's own."""
+    if not on_one_device(x, w):
+        return jnp.einsum(spec, x, w)
+    x_axes = spec.split(",")[0]
+    return _project(x, w, sum(a in x_axes for a in spec.split(",")[1].split("->")[0]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project(x: jax.Array, w: jax.Array, contracted: int) -> jax.Array:
+    return jnp.tensordot(x, w, contracted)
+
+
+def _project_fwd(x, w, contracted):
+    return _project(x, w, contracted), (x, w)
+
+
+def _project_bwd(contracted, saved, g):
+    x, w = saved
+    outs = w.ndim - contracted
+    dx = jnp.tensordot(g, w, (tuple(range(g.ndim - outs, g.ndim)), tuple(range(contracted, w.ndim))))
+    rows = x.shape[: x.ndim - contracted]
+    dw = weight_gradient(x.reshape(*rows, -1), g.reshape(*rows, -1))
+    return dx, dw.reshape(w.shape)
+
+
+_project.defvjp(_project_fwd, _project_bwd)

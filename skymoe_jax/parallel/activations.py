@@ -173,10 +173,12 @@ def activation_memory(
         # remat, as configs/default.py runs) have no loop, and their gradients are reduced as they are made.
         looped = spec.scan_layers or spec.remat != "none"
         reduced = looped and (data > 1 or (expert > 1 and not edp))
+        # Under full remat each layer is recomputed in the loop's backward, after the loss's has finished.
+        recomputed = spec.remat == "full"
         return Activations(
             layers=sum(layer.kept[is_moe] for is_moe in spec.moe_layers),
-            head=layer.head,
-            backward=layer.backward,
+            head=0.0 if recomputed else layer.head,
+            backward=max(layer.backward, layer.head) if recomputed else layer.backward,
             pipeline=0.0,
             reduction=layer_gradient_bytes if reduced else 0.0,
         )
@@ -325,7 +327,8 @@ def _traced_layer_bytes(
 
     # The backward of a layer runs its FFN half, then its attention half: under remat the whole layer's
     # residuals are recomputed first; chunked attention's blocks exist only in the second phase. The experts'
-    # backward makes h, d_gate and d_up [slots, f] for the weight gradients, and dx, all at once.
+    # backward makes h, d_gate and d_up [slots, f] for the weight gradients, and dx, all at once; the CPU kernel
+    # sums the weight gradients block by block, and of those makes only dx.
     recomputed = dict.fromkeys(halves, 0.0)
     if spec.remat != "none":
         # What the forward kept (dots' outputs under `dots`) is not made again.
@@ -335,12 +338,13 @@ def _traced_layer_bytes(
     if spec.attention_impl == "chunked":
         heads = spec.num_heads // expert if edp and spec.num_heads % expert == 0 else spec.num_heads
         blocks = CHUNKED_BACKWARD_BLOCKS * rows * heads * chunk * chunk * 4
+    on_kernels = common.platform() == "cpu" and cpu_ffi.usable(x)
     experts_backward = 0.0
     if spec.num_experts:
         slots = expert_rows(spec, rows * seq // (expert if edp else 1), spec.group_size or seq, expert)
-        experts_backward = slots * (3 * spec.expert_ffn_dim + spec.d_model) * dtype.itemsize
+        experts_backward = slots * (spec.d_model + (0 if on_kernels else 3 * spec.expert_ffn_dim)) * dtype.itemsize
     layer_recomputed = max(per_layer(recomputed, "none").values()) if spec.remat != "none" else 0.0
-    if pipelined and common.platform() == "cpu" and cpu_ffi.usable(x):
+    if pipelined and on_kernels:
         # The CPU kernels' backward of the experts ran beside the recomputed layer in the compiled pipelines.
         layer_recomputed += experts_backward
     backward = max(layer_recomputed, recomputed["attention"] + blocks, experts_backward)

@@ -115,15 +115,15 @@ def _experts_fwd(w: ExpertWeights, x: jax.Array, counts: jax.Array):
 
 def _experts_bwd(saved, dy: jax.Array):
     # Keeps x and the two projections and recomputes the SwiGLU output for the down projection's gradient
-    # (autodiff keeps it too: a tensor of the widest shape per layer), behind the incoming gradient.
-    # The weight gradients contract over each expert's rows; trans_a_matmul runs them faster than XLA's dot on
-    # the CPU.
+    # (autodiff keeps it too: a tensor of the widest shape per layer), behind the incoming gradient. On the CPU
+    # the kernel adds each block's weight gradients while the block is in cache; elsewhere they contract over
+    # each expert's rows in XLA's ops.
     w, x, counts, gate, up = saved
     if cpu_ffi.usable(dy, *w):
-        dx, d_gate, d_up, h = cpu_expert_ffn.backward(*w, gate, up, dy, counts)
-    else:
-        h, d_gate, d_up = swiglu_backward(gate, up, _matmul(dy, _transposed(w.down), counts))
-        dx = _matmul(d_gate, _transposed(w.gate), counts) + _matmul(d_up, _transposed(w.up), counts)
+        dx, *grads = cpu_expert_ffn.backward(*w, x, gate, up, dy, counts)
+        return ExpertWeights(*grads), dx, None
+    h, d_gate, d_up = swiglu_backward(gate, up, _matmul(dy, _transposed(w.down), counts))
+    dx = _matmul(d_gate, _transposed(w.gate), counts) + _matmul(d_up, _transposed(w.up), counts)
     grads = (trans_a_matmul(x, d_gate, counts), trans_a_matmul(x, d_up, counts), trans_a_matmul(h, dy, counts))
     return ExpertWeights(*grads), dx, None
 
