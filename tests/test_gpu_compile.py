@@ -92,6 +92,10 @@ def test_the_all_to_all_payloads_are_the_planners(gpu_medium):
     assert s.collectives["all-to-all"]["bytes"] == pytest.approx(planned, rel=0.01)
 
 
+# The broken variants need one layer and the head: the checks read every matmul and transfer of the program alike.
+BROKEN = ["--config.model.dtype=bfloat16", "--config.parallel.mesh=(1,1,1)", "--config.model.num_layers=1"]
+
+
 def test_the_checks_catch_a_float32_head_and_a_host_callback(monkeypatch):
     """Deliberately broken: the head's matmul by autodiff (its backward widened to float32, as before
     layers.float32_logits) and a host callback in the loss (compiled for the CPU: JAX lowers a callback only for a
@@ -101,7 +105,7 @@ def test_the_checks_catch_a_float32_head_and_a_host_callback(monkeypatch):
         "__call__",
         lambda self, x: jnp.dot(x, self.w[...].astype(self.dtype), preferred_element_type=jnp.float32),
     )
-    c, s = _summary("configs/default.py", ["--config.model.dtype=bfloat16", "--config.parallel.mesh=(1,1,1)"], 1)
+    c, s = _summary("configs/default.py", BROKEN, 1)
     assert _float32_matmuls(s, c.moe.num_experts)
 
     def logits_with_a_callback(self, x):
@@ -109,7 +113,7 @@ def test_the_checks_catch_a_float32_head_and_a_host_callback(monkeypatch):
         return layers.float32_logits(x, self.w[...].astype(self.dtype))
 
     monkeypatch.setattr(layers.Head, "__call__", logits_with_a_callback)
-    _, s = _summary("configs/default.py", ["--config.model.dtype=bfloat16", "--config.parallel.mesh=(1,1,1)"], 1, "cpu")
+    _, s = _summary("configs/default.py", BROKEN, 1, "cpu")
     assert s.host_transfers
 
 

@@ -30,6 +30,9 @@ namespace {
 
 using skymoe::kNoTrans, skymoe::kRowMajor, skymoe::kTrans, skymoe::sgemm;
 
+// Tasks enough to keep XLA's pool busy whatever the scheduling (it has a thread per core).
+constexpr int64_t kMinTasks = 8;
+
 ffi::Future TransAMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                          ffi::Buffer<ffi::S32> counts, ffi::ResultBuffer<ffi::F32> out) {
   const auto table = std::make_shared<const skymoe::RowRanges>(skymoe::RangesOf(x.dimensions(), counts));
@@ -37,13 +40,20 @@ ffi::Future TransAMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const float* px = x.typed_data();
   const float* pg = g.typed_data();
   float* po = out->typed_data();
-  return skymoe::RunTasks(pool, table->experts, [=](int64_t e) {
-    float* o = po + e * m * n;
-    std::fill(o, o + m * n, 0.0f);
+  // Few experts (a dense layer's gradient is one) leave pool threads idle with a task per expert: their output
+  // columns are split into parts, in multiples of 16 (a quiet step ran the dense gradients on one core).
+  const int64_t parts = std::max<int64_t>(1, std::min((kMinTasks + table->experts - 1) / table->experts, n / 64));
+  const int64_t width = (n + parts - 1) / parts + 15 & ~int64_t{15};
+  return skymoe::RunTasks(pool, table->experts * parts, [=](int64_t t) {
+    const int64_t e = t / parts, c0 = t % parts * width, w = std::min(width, n - c0);
+    if (w <= 0) return;
+    float* o = po + e * m * n + c0;
+    for (int64_t row = 0; row < m; ++row) std::fill(o + row * n, o + row * n + w, 0.0f);
     for (int64_t i = e * table->per_expert; i < (e + 1) * table->per_expert; ++i) {
       const skymoe::RowRange& r = table->ranges[i];
       if (r.live == 0) continue;
-      sgemm(kRowMajor, kTrans, kNoTrans, m, n, r.live, 1.0f, px + r.start * m, m, pg + r.start * n, n, 1.0f, o, n);
+      sgemm(kRowMajor, kTrans, kNoTrans, m, w, r.live, 1.0f, px + r.start * m, m, pg + r.start * n + c0, n, 1.0f, o,
+            n);
     }
   });
 }
