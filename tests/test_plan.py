@@ -146,8 +146,16 @@ LONG_MEMORY_CASES = ("dp8", "pp2-mb2", "edp4-dots-s512", "default-model-scanned"
 # Held on XLA:GPU in the default run (GPU_DEFAULT_CASES), so XLA:CPU's compile of them is the long profile's; and
 # pp4-mb4-full, whose four stages under full remat pp4-r2-full runs too.
 LONG_ON_CPU_CASES = ("pp2-r2", "pp2xdp2xedp2-mb16-full", "pp4-mb4-full")
-# dropless-1dev too: the dropless buffers' count is held to XLA:GPU's compile in the default run, not only XLA:CPU's.
-GPU_DEFAULT_CASES = ("pp2xdp2xedp2-mb16-full", "pp2-r2", "default-model-scanned", "gpu-medium-pallas", "dropless-1dev")
+# dropless-1dev too: the dropless buffers' count is held to XLA:GPU's compile in the default run, not only XLA:CPU's;
+# and gshard-ep2-full-s1024, the unpipelined full remat, whose loss and layer working sets the planner overlaps.
+GPU_DEFAULT_CASES = (
+    "pp2xdp2xedp2-mb16-full",
+    "pp2-r2",
+    "default-model-scanned",
+    "gpu-medium-pallas",
+    "dropless-1dev",
+    "gshard-ep2-full-s1024",
+)
 # 65,536 bf16 tokens a step: long on XLA:CPU, for nothing the CPU cases lack.
 GPU_ONLY_CASES = ("gpu-medium-pallas",)
 # XLA:GPU keeps less of the unrolled default config's layers than the planner traces (planned 1.19x its temporaries
