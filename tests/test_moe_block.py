@@ -159,6 +159,10 @@ def test_per_sequence_statistics_against_numpy(form):
     per_row = ((1 / E - row_probs) ** 2).sum(-1) if form == "paper" else E * (row_load * row_probs).sum(-1)
     np.testing.assert_allclose(stats["seq_aux_loss"], per_row.mean(), rtol=1e-5)
     np.testing.assert_allclose(stats["seq_max_vio"], (E * row_load.max(-1) - 1).mean(), rtol=1e-6)
+    # The same imbalance of rows mixed from the sequences: position j of row r from row (r + j) mod B.
+    assigned = np.eye(E)[experts].sum(1).reshape(B, S, E)
+    mixed = np.stack([[assigned[(r + j) % B, j] for j in range(S)] for r in range(B)])
+    np.testing.assert_allclose(stats["seq_max_vio_shuffled"], (E * (mixed.mean(1) / K).max(-1) - 1).mean(), rtol=1e-6)
     # Rows differ, so the mean of the rows' losses is not the loss of the batch means.
     whole = router.aux_loss_from_means(stats["mean_probs"], stats["expert_load"], form)
     assert abs(float(stats["seq_aux_loss"]) - float(whole)) > 1e-4

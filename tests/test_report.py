@@ -98,6 +98,13 @@ def test_compared_runs_are_overlaid(tmp_path, capsys):
     assert [line.get_label() for line in batch.get_lines()] == ["a", "b", "c", "0 = balanced"]
     np.testing.assert_allclose(batch.get_lines()[0].get_ydata(), 0.2)
     np.testing.assert_allclose(sequence.get_lines()[2].get_ydata(), np.arange(10, 110, 10) / 100)
+    # A run that logged the imbalance of rows mixed from its sequences adds that panel, with its values.
+    records = [{**r, "seq_max_vio_shuffled": [0.05 * (i + 1) for i in range(LAYERS)]} for r in _records(0.01)]
+    mixed_run = load_run(_workdir(tmp_path, "mixed", records))
+    *_, mixed = plots.max_vio_figure([*runs, mixed_run]).axes
+    assert [line.get_label() for line in mixed.get_lines()] == ["mixed", "0 = balanced"]
+    np.testing.assert_allclose(mixed.get_lines()[0].get_ydata(), 0.1)
+    assert len(plots.max_vio_figure(runs).axes) == 2
 
 
 @pytest.mark.parametrize("count", [3, 11, 25])

@@ -244,6 +244,21 @@ def test_group_limited_routing_matches_numpy(score, groups, top_groups, k):
     assert used(r.experts).max() <= top_groups < used(free.experts).max()
 
 
+def test_interleaved_rows_mix_the_sequences_and_keep_the_positions():
+    """Position j of row r comes from row (r + j) mod rows: each row one token of each position, a loop's answer."""
+    rows, seq_len = 3, 7
+    tokens = np.stack(np.meshgrid(np.arange(rows), np.arange(seq_len), indexing="ij"), -1).reshape(-1, 2)
+    mixed = np.asarray(router.interleaved_rows(jnp.asarray(tokens), seq_len)).reshape(rows, seq_len, 2)
+    for r in range(rows):
+        for j in range(seq_len):
+            assert tuple(mixed[r, j]) == ((r + j) % rows, j)
+    # Rows that each keep to one expert are as unbalanced as can be; mixed, each row sees every sequence's expert.
+    one_expert_per_row = jax.nn.one_hot(np.repeat(np.arange(rows), seq_len), rows)
+    row_load = router.interleaved_rows(one_expert_per_row, seq_len).reshape(rows, seq_len, rows).mean(1)
+    np.testing.assert_allclose(router.max_violation(one_expert_per_row.reshape(rows, seq_len, rows).mean(1)), rows - 1)
+    np.testing.assert_allclose(router.max_violation(row_load), rows * 3 / 7 - 1, rtol=1e-6)
+
+
 def test_max_violation_matches_numpy():
     load = np.random.default_rng(7).dirichlet(np.ones(E), size=3).astype(np.float32)
     np.testing.assert_allclose(router.max_violation(load), load.max(-1) / load.mean(-1) - 1, rtol=1e-6)

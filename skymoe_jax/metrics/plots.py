@@ -163,12 +163,14 @@ def router_ratio_figure(runs: Sequence[Run]) -> Figure | None:
 
 
 def max_vio_figure(runs: Sequence[Run]) -> Figure | None:
-    """The load imbalance MaxVio (E x the busiest expert's share of the assignments - 1) over the global batch and
-    per sequence (averaged over sequences), side by side."""
+    """The load imbalance MaxVio (E x the busiest expert's share of the assignments - 1) over the global batch,
+    per sequence (averaged over sequences), and per row of tokens mixed from the sequences, side by side."""
     panels = (
         ("max_vio", "MaxVio over the batch", f"Load imbalance over the global batch{BAND}"),
         ("seq_max_vio", "MaxVio per sequence (mean)", f"Load imbalance within sequences{BAND}"),
     )
+    if any(run.has("seq_max_vio_shuffled") for run in runs):
+        panels += (("seq_max_vio_shuffled", "MaxVio per mixed row (mean)", f"Rows mixed from the sequences{BAND}"),)
     return _side_by_side(runs, panels, 0.0, "0 = balanced")
 
 

@@ -83,6 +83,7 @@ COLUMNS = (
     ("busiest expert / uniform", "expert_load", "busiest"),
     ("MaxVio", "max_vio", "tail"),
     ("seq MaxVio", "seq_max_vio", "tail"),
+    ("seq MaxVio shuffled", "seq_max_vio_shuffled", "tail"),
     ("alpha", "alpha", "last"),
     ("expert bias spread", "expert_bias", "spread"),
     ("expert similarity", "expert_similarity", "last"),

@@ -38,6 +38,7 @@ LAYER_METRICS = {
     "expert_load": "expert_load",
     "max_vio": "max_vio",
     "seq_max_vio": "seq_max_vio",
+    "seq_max_vio_shuffled": "seq_max_vio_shuffled",
 }
 
 
@@ -157,7 +158,7 @@ def make_train_step(
             "alpha": alpha,
             "finite": finite,
         }
-        metrics.update({name: moe[key] for key, name in LAYER_METRICS.items() if moe})
+        metrics.update({name: moe[key] for key, name in LAYER_METRICS.items() if key in moe})
         if bias is not None:
             metrics["expert_bias"] = bias
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, alpha=alpha, bias=bias)

@@ -180,12 +180,19 @@ def statistics(
     routing: router.Routing, placement: Placement, spec: ModelSpec, comm: Comm, seq_len: int
 ) -> dict[str, jax.Array]:
     """Token means over the global batch, and per-sequence ones (a sequence: one row of seq_len tokens) averaged
-    over its rows: the load imbalance, and with moe.aux_scope=sequence the aux loss."""
+    over its rows: the load imbalance, and with moe.aux_scope=sequence the aux loss. seq_max_vio_shuffled is the
+    per-sequence imbalance of rows mixed from different sequences (router.interleaved_rows), where a shard holds
+    two whole rows or more: what remains of seq_max_vio without the sequences' own content."""
     mean = comm.mean
     stats = router.router_stats(routing.probs, routing.experts, mean)
     stats.update(z_loss=router.z_loss(routing.logits, mean), drop_rate=mean(placement.dropped) / spec.top_k)
-    row_load = comm.sequence_means(router.assignments(routing.experts, spec.num_experts), seq_len) / spec.top_k
+    assigned = router.assignments(routing.experts, spec.num_experts)
+    row_load = comm.sequence_means(assigned, seq_len) / spec.top_k
     stats["seq_max_vio"] = comm.row_mean(router.max_violation(row_load))
+    # Rows mixed from this shard's own sequences; a shard of fewer than two whole rows has none to mix.
+    if assigned.shape[0] % seq_len == 0 and assigned.shape[0] >= 2 * seq_len:
+        mixed_load = comm.sequence_means(router.interleaved_rows(assigned, seq_len), seq_len) / spec.top_k
+        stats["seq_max_vio_shuffled"] = comm.row_mean(router.max_violation(mixed_load))
     if spec.aux_scope == "sequence":
         row_probs = comm.sequence_means(routing.probs, seq_len)
         stats["seq_aux_loss"] = comm.row_mean(router.aux_loss_from_means(row_probs, row_load, spec.aux_loss))

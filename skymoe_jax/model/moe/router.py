@@ -146,6 +146,17 @@ def max_violation(load: jax.Array) -> jax.Array:
     return load.shape[-1] * jnp.max(load, axis=-1) - 1.0
 
 
+def interleaved_rows(a: jax.Array, seq_len: int) -> jax.Array:
+    """Per-token values a [T, ...] in rows of seq_len tokens -> the same tokens regrouped so that position j of
+    row r comes from row (r + j) mod rows: every row keeps one token of each position but mixes the sequences.
+    The per-sequence load of such rows is what the batch's load and the positions imply without any
+    sequence's own content (the `seq_max_vio_shuffled` statistic)."""
+    rows = a.shape[0] // seq_len
+    x = a.reshape(rows, seq_len, *a.shape[1:])
+    positions = jnp.arange(seq_len)[None, :]
+    return x[(jnp.arange(rows)[:, None] + positions) % rows, positions].reshape(a.shape)
+
+
 def aux_loss_from_means(mean_probs: jax.Array, fractions: jax.Array, form: str) -> jax.Array:
     """The aux loss from its two token means, P_j = mean_t g_tj and f_j (see expert_fractions), over the last axis
     (so [rows, E] means give one loss per row).
