@@ -3,6 +3,7 @@ that differs from the regime's config only in its balancing settings, and no two
 
 import importlib.util
 
+import numpy as np
 import pytest
 
 from skymoe_jax.config import DEFAULT_CONFIG, load_config
@@ -41,3 +42,33 @@ def test_every_arm_is_a_valid_config_with_its_own_balancing(regime):
         assert setting not in seen, arm
         seen.add(setting)
     assert len(seen) == 14 and study.PAPER_ARM in study.arms()
+
+
+oscillation_spec = importlib.util.spec_from_file_location("oscillation", "configs/experiments/bias_oscillation.py")
+oscillation = importlib.util.module_from_spec(oscillation_spec)
+oscillation_spec.loader.exec_module(oscillation)
+
+
+def test_the_oscillation_runs_log_every_step_with_the_bias_alone_at_each_rate():
+    for arm, flags in oscillation.arms().items():
+        command = oscillation.train_command("/tmp/unused", "f64", 0, flags)
+        path = [a.split("=", 1)[1] for a in command if a.startswith("--config=")][0]
+        c = load_config(path, overrides=[a for a in command if a.startswith("--config.")])
+        assert (c.moe.num_experts, c.moe.top_k, c.moe.balance) == (64, 8, "bias")
+        assert c.train.log_every == 1 and c.train.eval_every == c.train.steps == oscillation.STEPS
+        assert arm == f"bias {c.moe.bias_update_rate:.0e}".replace("e-0", "e-")
+
+
+def test_step_to_step_statistics_of_an_overshooting_and_a_steady_load():
+    """Two experts that swap the load every step: each moves by the whole swing and its error flips sign (lag-1
+    autocorrelation -1); a load that does not move: no move, no change of the busiest."""
+    swing = np.array([[[0.75, 0.25]], [[0.25, 0.75]]] * 5)  # [steps, layers, experts]
+    stats = oscillation.step_to_step(swing, np.full((10, 1), 0.1))
+    assert stats["load move / uniform"] == pytest.approx(0.5 * 2)
+    assert stats["lag-1 autocorrelation"] == pytest.approx(-0.9)  # 9 pairs over 10 squares, every pair opposite
+    assert stats["busiest changes"] == 1 and stats["above 2x uniform %"] == 0 and stats["drop move (points)"] == 0
+    steady = oscillation.step_to_step(
+        np.tile([[[0.7, 0.3]]], (10, 1, 1)) + 1e-3 * np.arange(10)[:, None, None] * [1, -1], np.full((10, 1), 0.1)
+    )
+    assert steady["busiest changes"] == 0 and steady["load move / uniform"] == pytest.approx(1e-3 * 2)
+    assert steady["lag-1 autocorrelation"] > 0.5
