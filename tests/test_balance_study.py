@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from skymoe_jax.config import DEFAULT_CONFIG, load_config
+from skymoe_jax.metrics import study as study_lib
 
 spec = importlib.util.spec_from_file_location("balance_study", "configs/experiments/balance.py")
 study = importlib.util.module_from_spec(spec)
@@ -24,7 +25,7 @@ def test_every_arm_is_a_valid_config_with_its_own_balancing(regime):
     seen = set()
     for arm, flags in study.arms().items():
         c = _config(regime, flags)  # validates
-        assert c.train.steps == study.STEPS and c.seed == 1 and c.data.shuffle_seed == 1
+        assert c.train.steps == study.STEPS[regime] and c.seed == 1 and c.data.shuffle_seed == 1
         e = c.moe
         assert (e.num_experts, e.top_k) == ((8, 2) if regime == "e8" else (64, 8))
         assert e.dropless == regime.endswith("dropless")
@@ -72,3 +73,13 @@ def test_step_to_step_statistics_of_an_overshooting_and_a_steady_load():
     )
     assert steady["busiest changes"] == 0 and steady["load move / uniform"] == pytest.approx(1e-3 * 2)
     assert steady["lag-1 autocorrelation"] > 0.5
+
+
+def test_an_unknown_arm_name_is_one_line_naming_the_arms(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("sys.argv", ["balance.py", f"--out={tmp_path}", "--arms=bias 1e-3,bias 1e-4"])
+    with pytest.raises(SystemExit) as exit_:
+        study_lib.main(study)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no arm named 'bias 1e-4'" in err and "bias+eq4 adaptive" in err
+    assert not list(tmp_path.iterdir())  # nothing trained

@@ -18,10 +18,13 @@ Arms, per regime and seed (the same initialisation and batches for every arm of 
 all with gate normalization (lambda 1, the default), and the bias and Switch arms also without it ("... no gn").
 Regimes: e8 is the default model; f64 is configs/fine_grained.py (64 experts of width 32, top-8, 2 shared experts),
 which drops tokens beyond capacity factor 1.25; f64-dropless is the same model without dropping (its drop rate is
-what the capacity would have dropped). Every run is STEPS steps: the aux-coefficient study found the default's
-drop rates still falling at step 300; whether MaxVio has settled by the end is the table's `MaxVio drift` column.
+what the capacity would have dropped); f64-long is f64 at 1,200 steps. Every run is 600 steps (1,200 in f64-long):
+the aux-coefficient study found the default's drop rates still falling at step 300; whether MaxVio has settled by
+the end is the table's `MaxVio drift` column, and f64-long says whether the f64 arms that had not are ranked the
+same once they have.
 
     python configs/experiments/balance.py [--regime=e8] [--seeds=0] [--jobs=2] [--nice=0] [--only=TEXT]
+                                          [--arms=NAME,NAME]
 
 trains the runs that are not finished into experiments/balance/<regime>/seed<N>/<arm> (a run cut short resumes from
 its last checkpoint; the finished runs' metrics.jsonl are kept in the repository and their checkpoints are not, so
@@ -42,22 +45,19 @@ import numpy as np
 from skymoe_jax.metrics import study
 from skymoe_jax.metrics.study import drift, finished, noise, windows, workdir
 
-STEPS = 600
 WINDOW = 100
 OUT = "experiments/balance"
 SEEDS = "0"
-COMMON = [
-    f"--config.train.steps={STEPS}",
-    f"--config.train.checkpoint_every={STEPS // 4}",
-    f"--config.train.eval_every={WINDOW}",
-    "--config.train.progress=False",
-]
+COMMON = [f"--config.train.eval_every={WINDOW}", "--config.train.progress=False"]
 FINE_GRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fine_grained.py")
 REGIMES = {
     "e8": [],
     "f64": [f"--config={os.path.normpath(FINE_GRAINED)}"],
     "f64-dropless": [f"--config={os.path.normpath(FINE_GRAINED)}", "--config.moe.dropless=True"],
+    "f64-long": [f"--config={os.path.normpath(FINE_GRAINED)}"],
 }
+# f64-long: the f64 runs at twice the length, for whether f64's arms have settled by 600 steps.
+STEPS = {"e8": 600, "f64": 600, "f64-dropless": 600, "f64-long": 1200}
 PAPER_ARM = "eq4 adaptive"
 
 
@@ -93,7 +93,9 @@ def arms() -> dict[str, list[str]]:
 
 
 def train_command(path: str, regime: str, seed: int, flags: list[str]) -> list[str]:
-    return study.train_command(path, seed, [*REGIMES[regime], *COMMON, *flags])
+    steps = STEPS[regime]
+    length = [f"--config.train.steps={steps}", f"--config.train.checkpoint_every={steps // 4}"]
+    return study.train_command(path, seed, [*REGIMES[regime], *length, *COMMON, *flags])
 
 
 def mean_load_max_vio(run) -> float:
@@ -121,7 +123,7 @@ def tables(out: str, regime: str, seeds: list[int]) -> str:
 
     rows, trajectories, per_metric = [], [], {"eval loss": {}, "drop rate %": {}, "MaxVio": {}}
     for arm in arms():
-        done = [s for s in seeds if finished(workdir(out, regime, s, arm), STEPS)]
+        done = [s for s in seeds if finished(workdir(out, regime, s, arm), STEPS[regime])]
         if not done:
             continue
         runs = [load_run(workdir(out, regime, s, arm)) for s in done]
@@ -155,10 +157,10 @@ def tables(out: str, regime: str, seeds: list[int]) -> str:
             f"{'bias spread' if biased else 'alpha'} {_fmt(*moved)} |"
         )
     head = [
-        f"{regime}, {STEPS} steps; eval loss at the last step; the routing columns average the last 20% of steps and "
-        "the MoE layers (of the mean load: the MaxVio of the expert load averaged over those steps, the part of the "
-        "imbalance that persists from batch to batch; mixed rows: the per-sequence MaxVio of rows mixed from the "
-        "batch's sequences); alpha (mean "
+        f"{regime}, {STEPS[regime]} steps; eval loss at the last step; the routing columns average the last 20% of "
+        "steps and the MoE layers (of the mean load: the MaxVio of the expert load averaged over those steps, the "
+        "part of the imbalance that persists from batch to batch; mixed rows: the per-sequence MaxVio of rows mixed "
+        "from the batch's sequences); alpha (mean "
         "over layers) and the bias spread (max - min over experts, mean over layers) at "
         f"the end; MaxVio drift: its mean over the last {WINDOW} steps against the {WINDOW} before",
         "",

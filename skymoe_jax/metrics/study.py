@@ -138,13 +138,18 @@ def drift(run: Run, key: str, width: int) -> float:
     return (last - before) / before if before else float("nan")
 
 
+def regime_steps(script: types.ModuleType, regime: str) -> int:
+    """A study's run length in `regime`: its STEPS, or STEPS[regime] where the regimes differ."""
+    return script.STEPS if isinstance(script.STEPS, int) else script.STEPS[regime]
+
+
 def main(script: types.ModuleType) -> int:
     """A study script's command line: train the arms not yet finished (--jobs at a time, at --nice), write each
     seed's report, and print the tables. The script names its study: OUT, REGIMES (the first is the default),
-    SEEDS, STEPS, arms() -> {arm: flags}, train_command(workdir, regime, seed, flags) and tables(out, regime,
-    seeds); its docstring's first paragraph is the description."""
+    SEEDS, STEPS (an int, or per regime a dict), arms() -> {arm: flags}, train_command(workdir, regime, seed, flags)
+    and tables(out, regime, seeds); its docstring's first paragraph is the description."""
     description, out, regimes, seeds = script.__doc__.split("\n\n")[0], script.OUT, list(script.REGIMES), script.SEEDS
-    arms, command, tables, steps = script.arms(), script.train_command, script.tables, script.STEPS
+    arms, command, tables = script.arms(), script.train_command, script.tables
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default=out)
     parser.add_argument("--regime", default=regimes[0], choices=sorted(regimes))
@@ -152,13 +157,21 @@ def main(script: types.ModuleType) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each pinned to its own cores")
     parser.add_argument("--nice", type=int, default=0, help="niceness of the trainings (0-19)")
     parser.add_argument("--only", default="", help="train only the arms whose name contains this text")
+    parser.add_argument("--arms", default="", help="train only these arms (comma-separated names)")
     args = parser.parse_args()
     chosen = [int(s) for s in args.seeds.split(",")]
+    named = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(named) - set(arms))
+    if unknown:
+        parser.error(f"--arms: no arm named {', '.join(map(repr, unknown))}; the arms: {', '.join(arms)}")
+    steps = regime_steps(script, args.regime)
     jobs = [
         (path, command(path, args.regime, seed, flags))
         for seed in chosen
         for arm, flags in arms.items()
-        if args.only in arm and not finished(path := workdir(args.out, args.regime, seed, arm), steps)
+        if args.only in arm
+        and (not named or arm in named)
+        and not finished(path := workdir(args.out, args.regime, seed, arm), steps)
     ]
     if not train_all(jobs, max(1, args.jobs), args.nice):
         return 1
