@@ -142,6 +142,17 @@ def test_summary_averages_the_tail_and_takes_the_last_eval():
     assert s["drop rate %"] == pytest.approx(2.0)  # layers at 1, 2, 3 %
     assert s["expert similarity"] == pytest.approx(0.4)
     assert s["busiest expert / uniform"] == pytest.approx((1 / EXPERTS + 0.1) * EXPERTS)  # expert 0, every layer
+    # The load averaged over the tail, then its MaxVio; with a per-record swap of the two busiest experts the
+    # average is even between them, where each record's own MaxVio stays high.
+    records = _records(0.01)
+    for i, r in enumerate(records):
+        load = np.full((LAYERS, EXPERTS), 1 / EXPERTS)
+        load[:, i % 2] += 0.1
+        load[:, 2] -= 0.1
+        r["expert_load"] = load.tolist()
+    swapped = summarize(Run("r", ".", records))
+    assert swapped["busiest expert / uniform"] == pytest.approx((1 / EXPERTS + 0.1) * EXPERTS)
+    assert swapped["MaxVio of the mean load"] == pytest.approx((1 / EXPERTS + 0.05) * EXPERTS - 1)
     assert s["MaxVio"] == pytest.approx(np.mean([0.1 * (i + 1) for i in range(LAYERS)]))
     assert s["seq MaxVio"] == pytest.approx(np.mean([0.9, 1.0]))
     assert s["expert bias spread"] == pytest.approx(2e-3 * 2)  # step 100's: 2e-3 x layers 1, 2, 3 averaged

@@ -82,6 +82,7 @@ COLUMNS = (
     ("Max2/Max3", "max2_max3", "tail"),
     ("busiest expert / uniform", "expert_load", "busiest"),
     ("MaxVio", "max_vio", "tail"),
+    ("MaxVio of the mean load", "expert_load", "mean load"),
     ("seq MaxVio", "seq_max_vio", "tail"),
     ("seq MaxVio shuffled", "seq_max_vio_shuffled", "tail"),
     ("alpha", "alpha", "last"),
@@ -95,7 +96,8 @@ COLUMNS = (
 def summarize(run: Run) -> dict[str, float]:
     """Final values: 'last' = the last record holding the key ('spread': of max - min over the experts);
     'tail' = mean over the records of the last 20% of steps ('busiest': of the busiest expert's share over the
-    uniform share); per-layer values are averaged over layers. Percent columns are scaled."""
+    uniform share; 'mean load': MaxVio of each layer's load averaged over those records, the imbalance that
+    persists from batch to batch); per-layer values are averaged over layers. Percent columns are scaled."""
     out = {}
     for heading, key, how in COLUMNS:
         if not run.has(key):
@@ -107,6 +109,9 @@ def summarize(run: Run) -> dict[str, float]:
         if how == "spread":  # [steps, layers, experts] -> max - min over the experts
             values = values.max(-1) - values.min(-1)
         chosen = values[-1:] if how in ("last", "spread") or not tail.any() else values[tail]
+        if how == "mean load":  # [steps, layers, experts] -> MaxVio of the load averaged over the chosen steps
+            mean = chosen.mean(axis=0)
+            chosen = mean.shape[-1] * mean.max(axis=-1) - 1
         out[heading] = float(np.nanmean(chosen)) * (100 if heading.endswith("%") else 1)
     return out
 
